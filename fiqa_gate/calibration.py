@@ -1,0 +1,82 @@
+"""Monotone maps from a scorer's raw output to the [0, 1] contract scale.
+
+A calibration is fitted by isotonic regression (pool-adjacent-violators) of a binary
+outcome, "this face matched a good reference at FMR 1e-3", on the raw score, and
+stored as knots for linear interpolation: small, readable JSON and no dependency.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Calibration:
+    x: list[float]
+    y: list[float]
+    recognizer: str = ""
+    note: str = ""
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        raw = np.asarray(raw, dtype=np.float64)
+        out = np.interp(raw, self.x, self.y)
+        return np.where(np.isfinite(raw), np.clip(out, 0.0, 1.0), np.nan)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        x, y = list(map(float, data["x"])), list(map(float, data["y"]))
+        if len(x) != len(y) or len(x) < 2 or any(b < a for a, b in zip(x, x[1:], strict=False)):
+            raise ValueError("calibration knots must be two equal-length lists, x increasing")
+        return cls(x=x, y=y, recognizer=str(data.get("recognizer", "")),
+                   note=str(data.get("note", "")))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def isotonic_fit(raw: np.ndarray, target: np.ndarray, max_knots: int = 64) -> tuple[list, list]:
+    """Non-decreasing least-squares fit of `target` on `raw` (PAV), as interpolation knots."""
+    order = np.argsort(raw, kind="stable")
+    xs = np.asarray(raw, dtype=np.float64)[order]
+    ys = np.asarray(target, dtype=np.float64)[order]
+    # blocks: value, weight, first x, last x
+    vals: list[float] = []
+    wts: list[float] = []
+    lo: list[float] = []
+    hi: list[float] = []
+    for x, y in zip(xs, ys, strict=True):
+        vals.append(y)
+        wts.append(1.0)
+        lo.append(x)
+        hi.append(x)
+        while len(vals) > 1 and vals[-2] >= vals[-1]:
+            w = wts[-2] + wts[-1]
+            v = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / w
+            vals[-2:] = [v]
+            wts[-2:] = [w]
+            lo[-2:] = [lo[-2]]
+            hi[-2:] = [hi[-1]]
+    # Knots at block centres; interpolation between blocks keeps the map strictly usable
+    # as a ranking (ties only inside a block).
+    kx = [(a + b) / 2 for a, b in zip(lo, hi, strict=True)]
+    ky = list(vals)
+    if len(kx) == 1:
+        kx, ky = [kx[0] - 1e-6, kx[0] + 1e-6], [ky[0], ky[0]]
+    if len(kx) > max_knots:
+        idx = np.unique(np.linspace(0, len(kx) - 1, max_knots).round().astype(int))
+        kx, ky = [kx[i] for i in idx], [ky[i] for i in idx]
+    return [float(v) for v in kx], [float(v) for v in ky]
+
+
+def fit_calibration(raw: np.ndarray, matched: np.ndarray, recognizer: str,
+                    note: str = "") -> Calibration:
+    x, y = isotonic_fit(raw, matched.astype(np.float64))
+    return Calibration(x=x, y=y, recognizer=recognizer, note=note)

@@ -1,0 +1,30 @@
+"""Typed errors: every failure a user can cause has a class and a readable message."""
+
+
+class FiqaGateError(Exception):
+    """Base class for every error fiqa-gate raises on purpose."""
+
+
+class ImageLoadError(FiqaGateError):
+    """A file could not be read as an image; `reason` is short and stable (for manifests)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class NoFaceError(FiqaGateError):
+    """The detector found no face in an image."""
+
+
+class ModelError(FiqaGateError):
+    """A model file is missing, fails its checksum, or has the wrong inputs/outputs."""
+
+
+class PluginError(FiqaGateError):
+    """A plugin is unknown, misbehaves or registers something invalid."""
+
+
+class GalleryError(FiqaGateError):
+    """A gallery is missing, corrupt, locked or built with another recognizer."""

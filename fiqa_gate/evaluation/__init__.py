@@ -1,0 +1,1 @@
+"""Measuring what a quality score does for recognition (EDC, ERC, identification)."""

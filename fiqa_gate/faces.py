@@ -1,0 +1,93 @@
+"""The unit of work: one aligned face, where it came from, and what the detector said."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ALIGNED_SIZE = 112
+
+# insightface's ArcFace template for a 112x112 crop: eyes, nose, mouth corners
+# (subject's right eye first, as the image shows it on the left).
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float64,
+)
+
+
+@dataclass
+class Detection:
+    """A face found in an image: box (x, y, w, h), five landmarks (x, y), confidence."""
+
+    box: tuple[float, float, float, float]
+    landmarks: np.ndarray
+    score: float
+
+
+@dataclass
+class Face:
+    """An aligned 112x112 RGB crop ready for scoring and embedding."""
+
+    crop: np.ndarray
+    source: str = ""
+    index: int = 0
+    detection: Detection | None = None
+    meta: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def det_score(self) -> float | None:
+        return None if self.detection is None else self.detection.score
+
+    @property
+    def face_id(self) -> str:
+        return f"{self.source}#{self.index}"
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, shift) mapping src onto dst.
+
+    Umeyama (1991), closed form; returns the 2x3 matrix for cv2.warpAffine.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s0, d0 = src - mu_s, dst - mu_d
+    cov = d0.T @ s0 / len(src)
+    u, sig, vt = np.linalg.svd(cov)
+    sign = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[1, 1] = -1
+    rot = u @ sign @ vt
+    var_s = (s0**2).sum() / len(src)
+    scale = float(np.trace(np.diag(sig) @ sign) / var_s) if var_s > 0 else 1.0
+    shift = mu_d - scale * rot @ mu_s
+    return np.hstack([scale * rot, shift[:, None]])
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
+    """Warp `image` so its five landmarks land on the ArcFace template (size x size).
+
+    Black borders, as insightface's norm_crop, so recognizers see what they were trained on.
+    """
+    import cv2
+
+    template = ARCFACE_TEMPLATE * (size / ALIGNED_SIZE)
+    matrix = similarity_transform(np.asarray(landmarks, dtype=np.float64).reshape(5, 2), template)
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def as_aligned_crop(image: np.ndarray) -> np.ndarray:
+    """Treat an image as an already aligned crop: resize to 112x112 if needed."""
+    if image.shape[:2] == (ALIGNED_SIZE, ALIGNED_SIZE):
+        return image
+    import cv2
+
+    return cv2.resize(image, (ALIGNED_SIZE, ALIGNED_SIZE), interpolation=cv2.INTER_AREA)

@@ -1,0 +1,111 @@
+"""One loader for every image that enters fiqa-gate, and one folder walker.
+
+Whatever the file (EXIF-rotated JPEG, CMYK, 16-bit PNG, palette GIF with transparency,
+animated image), callers get an RGB uint8 array or an `ImageLoadError` with a short reason.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fiqa_gate.errors import ImageLoadError
+
+# 50 Mpx: far above any camera frame a gate sees, far below a decompression bomb.
+DEFAULT_MAX_PIXELS = 50_000_000
+MIN_SIDE = 8
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and float grey: scale the actual range to 8 bits instead of clipping.
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        arr8 = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read `path` as an upright RGB uint8 array of shape (H, W, 3).
+
+    Raises ImageLoadError for anything that is not a complete, sane image.
+    """
+    p = os.fspath(path)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns before it errors on bombs; we enforce our own limit instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with open(p, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    raise ImageLoadError(p, "empty file (0 bytes)")
+                with Image.open(fh) as img:
+                    w, h = img.size
+                    if w * h > max_pixels:
+                        raise ImageLoadError(
+                            p, f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}"
+                        )
+                    if min(w, h) < MIN_SIDE:
+                        raise ImageLoadError(p, f"image too small: {w}x{h}")
+                    img.seek(0)  # animated images: the first frame
+                    img.load()
+                    img = ImageOps.exif_transpose(img) or img
+                    rgb = _to_rgb(img)
+                    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError(p, "file not found (deleted or a dangling link?)") from None
+    except IsADirectoryError:
+        raise ImageLoadError(p, "is a directory") from None
+    except PermissionError:
+        raise ImageLoadError(p, "permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(p, "not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(p, f"image too large: {exc}") from None
+    except OSError as exc:
+        # Pillow reports truncated and corrupt data as OSError.
+        raise ImageLoadError(p, f"corrupt or truncated image: {exc}") from None
+    except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise ImageLoadError(p, f"unreadable image: {type(exc).__name__}: {exc}") from None
+
+
+def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
+    """Every file under `paths`, each once, in a stable order.
+
+    Directories are walked (following links, guarding against loops); files given
+    by name are yielded even if they do not exist or are not images, so that the
+    caller reports them instead of skipping them silently.
+    """
+    seen_dirs: set[tuple[int, int]] = set()
+    for raw in paths:
+        top = os.fspath(raw)
+        if not os.path.isdir(top):
+            yield top
+            continue
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+            try:
+                st = os.stat(dirpath)
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen_dirs:  # a symlink loop, or the same folder twice
+                dirnames[:] = []
+                continue
+            seen_dirs.add(key)
+            dirnames.sort()
+            for name in sorted(filenames):
+                yield os.path.join(dirpath, name)

@@ -1,0 +1,189 @@
+"""Plugin loading and the registries of detectors, recognizers and scorers.
+
+The core never imports a plugin by name: everything comes through entry points.
+`FIQA_GATE_PLUGINS=a,b` is an allow-list of third-party entry-point names and
+`FIQA_GATE_NO_PLUGINS=1` (or `--no-plugins`) loads first-party plugins only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import pluggy
+
+from fiqa_gate import hookspecs
+from fiqa_gate.errors import PluginError
+
+log = logging.getLogger("fiqa_gate")
+
+FIRST_PARTY_PREFIX = "fiqa_gate_plugins."
+DEFAULT_DETECTOR = "yunet"
+DEFAULT_RECOGNIZER = "sface"
+DEFAULT_SCORER = "student"
+
+
+@dataclass
+class Entry:
+    name: str
+    factory: Callable[..., Any]
+    description: str
+    plugin: str
+
+
+@dataclass
+class Registry:
+    detectors: dict[str, Entry] = field(default_factory=dict)
+    recognizers: dict[str, Entry] = field(default_factory=dict)
+    scorers: dict[str, Entry] = field(default_factory=dict)
+
+
+_pm: pluggy.PluginManager | None = None
+_registry: Registry | None = None
+_failed: dict[str, str] = {}
+
+
+def _plugin_allowed(ep_name: str, ep_value: str) -> bool:
+    if ep_value.startswith(FIRST_PARTY_PREFIX):
+        return True
+    if os.environ.get("FIQA_GATE_NO_PLUGINS", "") not in ("", "0"):
+        return False
+    allow = os.environ.get("FIQA_GATE_PLUGINS")
+    if allow is None:
+        return True
+    return ep_name in {a.strip() for a in allow.split(",") if a.strip()}
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, loading entry points on first use."""
+    global _pm
+    if _pm is None:
+        pm = pluggy.PluginManager("fiqa_gate")
+        pm.add_hookspecs(hookspecs)
+        for ep in sorted(entry_points(group="fiqa_gate"), key=lambda e: e.name):
+            if not _plugin_allowed(ep.name, ep.value) or pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as exc:  # a broken plugin must not take the core down
+                _failed[ep.name] = f"{type(exc).__name__}: {exc}"
+                log.warning("plugin %s failed to load: %s", ep.name, exc)
+        _pm = pm
+    return _pm
+
+
+def reset() -> None:
+    """Forget loaded plugins (tests, or after changing the environment)."""
+    global _pm, _registry
+    _pm = None
+    _registry = None
+    _failed.clear()
+
+
+def failed_plugins() -> dict[str, str]:
+    plugin_manager()
+    return dict(_failed)
+
+
+def _collect(hook_name: str) -> dict[str, Entry]:
+    pm = plugin_manager()
+    found: dict[str, Entry] = {}
+    hook = getattr(pm.hook, hook_name)
+    for impl in hook.get_hookimpls():
+        plugin = impl.plugin_name
+
+        def register(name: str, factory: Callable[..., Any], description: str = "",
+                     _plugin: str = plugin) -> None:
+            if name in found and found[name].plugin != _plugin:
+                log.warning("%s %r from plugin %s replaces the one from %s",
+                            hook_name, name, _plugin, found[name].plugin)
+            found[name] = Entry(name, factory, description, _plugin)
+
+        try:
+            impl.function(register=register)
+        except Exception as exc:
+            log.warning("plugin %s failed in %s: %s", plugin, hook_name, exc)
+    return found
+
+
+def registry() -> Registry:
+    global _registry
+    if _registry is None:
+        _registry = Registry(
+            detectors=_collect("register_detectors"),
+            recognizers=_collect("register_recognizers"),
+            scorers=_collect("register_scorers"),
+        )
+    return _registry
+
+
+def _lookup(kind: str, table: dict[str, Entry], name: str) -> Entry:
+    if name not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise PluginError(f"unknown {kind} {name!r}; available: {known} "
+                          "(see `fiqa-gate plugins`)")
+    return table[name]
+
+
+_instances: dict[tuple[str, str], Any] = {}
+
+
+def get_detector(name: str = DEFAULT_DETECTOR) -> Any:
+    key = ("detector", name)
+    if key not in _instances:
+        _instances[key] = _lookup("detector", registry().detectors, name).factory()
+    return _instances[key]
+
+
+def get_recognizer(name: str = DEFAULT_RECOGNIZER) -> Any:
+    key = ("recognizer", name)
+    if key not in _instances:
+        _instances[key] = _lookup("recognizer", registry().recognizers, name).factory()
+    return _instances[key]
+
+
+@dataclass
+class ScorerContext:
+    """What a scorer factory may ask for; the recognizer loads only when asked."""
+
+    recognizer_name: str = DEFAULT_RECOGNIZER
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def recognizer(self) -> Any:
+        return get_recognizer(self.recognizer_name)
+
+
+def get_scorer(name: str = DEFAULT_SCORER, context: ScorerContext | None = None) -> Any:
+    ctx = context or ScorerContext()
+    return _lookup("scorer", registry().scorers, name).factory(ctx)
+
+
+def emit(event: str, **kwargs: Any) -> None:
+    """Call an event hook on every plugin; one plugin's exception is logged, not raised."""
+    hook = getattr(plugin_manager().hook, event)
+    for impl in hook.get_hookimpls():
+        try:
+            impl.function(**{k: kwargs[k] for k in impl.argnames})
+        except Exception as exc:
+            log.warning("plugin %s raised in %s: %s: %s", impl.plugin_name, event,
+                        type(exc).__name__, exc)
+
+
+def policy_decision(face: Any, score: float, threshold: float,
+                    stage: str) -> tuple[bool, str] | None:
+    """Ask the `gate_decision` policy hooks, newest plugin first; first non-None wins."""
+    hook = plugin_manager().hook.gate_decision
+    for impl in reversed(hook.get_hookimpls()):
+        args = {"face": face, "score": score, "threshold": threshold, "stage": stage}
+        result = impl.function(**{k: args[k] for k in impl.argnames})
+        if result is None:
+            continue
+        if isinstance(result, bool):
+            return result, f"policy {impl.plugin_name}"
+        accepted, reason = result
+        return bool(accepted), f"policy {impl.plugin_name}: {reason}"
+    return None
