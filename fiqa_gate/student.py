@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fiqa_gate import models_dir
 from fiqa_gate.assets import onnx_session, verify_sha256
 from fiqa_gate.calibration import Calibration
 from fiqa_gate.components import Scorer, stack_crops
 from fiqa_gate.errors import ModelError
 from fiqa_gate.faces import ALIGNED_SIZE, Face
 
-SHIPPED_STUDENT = Path(__file__).parent / "models" / "student.onnx"
+SHIPPED_STUDENT = models_dir() / "student.onnx"
 
 
 class OnnxStudentScorer(Scorer):

@@ -78,9 +78,9 @@ def repaired_sface_path():
     target = cache_dir() / f"sface_fixed_v{FIX_VERSION}_{PINNED_SHA256[MODEL][:12]}.onnx"
     digest_file = target.with_suffix(".sha256")
     with _fix_lock:
-        if target.is_file() and digest_file.is_file():
-            if sha256_file(target) == digest_file.read_text().strip():
-                return target
+        if (target.is_file() and digest_file.is_file()
+                and sha256_file(target) == digest_file.read_text().strip()):
+            return target
         data = repair_sface(str(src))
         atomic_write_bytes(target, data)
         import hashlib

@@ -20,6 +20,7 @@ class YuNetDetector(Detector):
     def __init__(self, score_threshold: float = 0.6, max_side: int = 1600):
         import cv2
 
+        cv2.setLogLevel(2)  # errors only: OpenCV 5 warns about targets on every net
         self.score_threshold = score_threshold
         self.max_side = max_side
         self._net = cv2.FaceDetectorYN.create(

@@ -1,0 +1,436 @@
+"""The `fiqa-gate` command line.
+
+Machine-readable results go to a file or stdout (CSV); progress and summaries go to
+stderr. Exit codes: 0 success, 1 some inputs failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import click
+
+from fiqa_gate import registry
+from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError
+from fiqa_gate.images import iter_files
+
+log = logging.getLogger("fiqa_gate")
+
+SCORE_COLUMNS = ["path", "score", "raw_score", "face", "box_x", "box_y", "box_w", "box_h",
+                 "det_score", "error"]
+FILTER_COLUMNS = ["path", "score", "raw_score", "decision", "threshold", "faces", "reason",
+                  "error", "copied_to"]
+
+
+class Failures:
+    """Counts per-input failures to pick the exit code."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def exit(self) -> None:
+        sys.exit(1 if self.count else 0)
+
+
+def _progress(items: Sequence, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file", file=sys.stderr, disable=None,
+                dynamic_ncols=True)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ImageLoadError):
+        return exc.reason
+    if isinstance(exc, NoFaceError):
+        return "no face found"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _relpath(path: str, roots: Sequence[str]) -> str:
+    for root in roots:
+        if os.path.isdir(root):
+            rel = os.path.relpath(path, root)
+            if not rel.startswith(".."):
+                return rel
+    return os.path.basename(path)
+
+
+# -- shared options ---------------------------------------------------------------------
+def pipeline_options(fn):
+    for opt in reversed([
+        click.option("--aligned", is_flag=True,
+                     help="Inputs are already 112x112 aligned crops: no detection."),
+        click.option("--scorer", default=registry.DEFAULT_SCORER, show_default=True,
+                     help="Quality scorer (see `fiqa-gate plugins`)."),
+        click.option("--model", type=click.Path(dir_okay=False),
+                     help="A student model file (.onnx with its .json) instead of the shipped."),
+        click.option("--detector", default=registry.DEFAULT_DETECTOR, show_default=True),
+        click.option("--recognizer", default=registry.DEFAULT_RECOGNIZER, show_default=True,
+                     help="Recognizer the score is calibrated for / embeddings come from."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+class Pipeline:
+    """What a command needs: detector (unless aligned), scorer, lazily the recognizer."""
+
+    def __init__(self, aligned: bool, scorer: str, model: str | None, detector: str,
+                 recognizer: str):
+        self.detector = None if aligned else registry.get_detector(detector)
+        self.recognizer_name = recognizer
+        ctx = registry.ScorerContext(recognizer_name=recognizer,
+                                     options={"model": model} if model else {})
+        self.scorer = registry.get_scorer(scorer, ctx)
+
+    def faces(self, path: str):
+        from fiqa_gate.pipeline import faces_from_file
+
+        return faces_from_file(path, self.detector)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FiqaGateError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="fiqa-gate")
+@click.option("--no-plugins", is_flag=True,
+              help="Load first-party plugins only (also FIQA_GATE_NO_PLUGINS=1).")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr.")
+def cli(no_plugins: bool, verbose: int) -> None:
+    """Face image quality gate for face-recognition pipelines."""
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else
+                        logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# -- score --------------------------------------------------------------------------------
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-o", "--output", default="-", show_default=True,
+              help="CSV file to write ('-' for stdout).")
+@click.option("--resume", is_flag=True, help="Append to OUTPUT, skipping files already in it.")
+@pipeline_options
+def score(paths, output, resume, aligned, scorer, model, detector, recognizer):
+    """Score every image file under PATHS: one CSV row per face (or per failed file)."""
+    from fiqa_gate.manifest import open_manifest
+
+    pipe = Pipeline(aligned, scorer, model, detector, recognizer)
+    failures = Failures()
+    files = list(iter_files(paths))
+    with open_manifest(output, SCORE_COLUMNS, resume=resume) as manifest:
+        for path in _progress([f for f in files if f not in manifest.done], "score"):
+            try:
+                faces = pipe.faces(path)
+                scores = pipe.scorer.score(faces)
+            except Exception as exc:  # one bad file never stops the run
+                failures.count += 1
+                manifest.write_rows([{"path": path, "error": _error_text(exc)}])
+                continue
+            rows = []
+            for face, cal, raw in zip(faces, scores.calibrated, scores.raw, strict=True):
+                det = face.detection
+                box = det.box if det else (None,) * 4
+                rows.append({"path": path, "score": f"{cal:.6f}", "raw_score": f"{raw:.6f}",
+                             "face": face.index,
+                             **{k: ("" if v is None else f"{v:.1f}")
+                                for k, v in zip(("box_x", "box_y", "box_w", "box_h"), box,
+                                                strict=True)},
+                             "det_score": "" if det is None else f"{det.score:.4f}",
+                             "error": ""})
+            manifest.write_rows(rows)
+    click.echo(f"scored {len(files)} files, {failures.count} failed", err=True)
+    failures.exit()
+
+
+# -- filter -------------------------------------------------------------------------------
+def _place_copy(src: str, dest: Path, move: bool) -> str:
+    """Copy src to dest via a temporary file and an atomic, non-overwriting link."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copystat(src, tmp)
+        try:
+            os.link(tmp, dest)  # fails if dest exists: never overwrite silently
+        except FileExistsError:
+            if _same_content(tmp, dest):
+                return "already present"
+            raise FileExistsError(f"{dest} exists with other content; not overwritten") \
+                from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    dir_fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if move:
+        os.unlink(src)
+    return "moved" if move else "copied"
+
+
+def _same_content(a: str | Path, b: str | Path) -> bool:
+    from fiqa_gate.assets import sha256_file
+
+    return os.path.getsize(a) == os.path.getsize(b) and sha256_file(a) == sha256_file(b)
+
+
+@cli.command(name="filter")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="Accept faces whose calibrated score is at least this.")
+@click.option("-o", "--manifest", "output", default="-", show_default=True,
+              help="Manifest CSV of every input ('-' for stdout).")
+@click.option("--accepted-dir", type=click.Path(file_okay=False),
+              help="Copy accepted files here (relative paths kept).")
+@click.option("--rejected-dir", type=click.Path(file_okay=False),
+              help="Copy rejected and failed files here.")
+@click.option("--move", is_flag=True,
+              help="Remove each source after its copy is complete and synced.")
+@click.option("--resume", is_flag=True, help="Append to the manifest, skipping files in it.")
+@pipeline_options
+def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, aligned,
+            scorer, model, detector, recognizer):
+    """Decide accept/reject for every image under PATHS (largest face decides).
+
+    Inputs are only read, never changed or deleted (unless --move with a target dir).
+    """
+    from fiqa_gate.gate import Gate
+    from fiqa_gate.manifest import open_manifest
+    from fiqa_gate.pipeline import primary_face
+
+    if move and not (accepted_dir or rejected_dir):
+        raise click.UsageError("--move needs --accepted-dir and/or --rejected-dir")
+    pipe = Pipeline(aligned, scorer, model, detector, recognizer)
+    gate = Gate(pipe.scorer, threshold=threshold, stage="filter")
+    failures = Failures()
+    files = list(iter_files(paths))
+    counts = {"accepted": 0, "rejected": 0, "error": 0}
+    with open_manifest(output, FILTER_COLUMNS, resume=resume) as manifest:
+        for path in _progress([f for f in files if f not in manifest.done], "filter"):
+            row: dict = {"path": path, "threshold": threshold}
+            try:
+                faces = pipe.faces(path)
+                decision = gate.decide_one(primary_face(faces))
+                row.update(score=f"{decision.score:.6f}", raw_score=f"{decision.raw_score:.6f}",
+                           decision="accept" if decision.accepted else "reject",
+                           faces=len(faces), reason=decision.reason)
+            except Exception as exc:
+                failures.count += 1
+                row.update(decision="error", error=_error_text(exc))
+            counts[{"accept": "accepted", "reject": "rejected"}.get(row["decision"], "error")] += 1
+            target = accepted_dir if row["decision"] == "accept" else rejected_dir
+            if target and os.path.isfile(path):
+                try:
+                    dest = Path(target) / _relpath(path, paths)
+                    row["copied_to"] = f"{dest} ({_place_copy(path, dest, move)})"
+                except OSError as exc:
+                    failures.count += 1
+                    row["error"] = (row.get("error", "") + f"; copy failed: {exc}").lstrip("; ")
+            manifest.write_rows([row])
+    click.echo(f"{len(files)} files: {counts['accepted']} accepted, {counts['rejected']} "
+               f"rejected, {counts['error']} failed (threshold {threshold})", err=True)
+    failures.exit()
+
+
+# -- enroll / search --------------------------------------------------------------------
+def _identity_folders(root: str) -> list[tuple[str, list[str]]]:
+    if not os.path.isdir(root):
+        raise click.UsageError(f"{root}: not a directory (expected DIR/<identity>/images)")
+    out = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir():
+            out.append((entry.name, list(iter_files([entry.path]))))
+    if not out:
+        raise click.UsageError(f"{root}: no identity folders (expected DIR/<identity>/images)")
+    return out
+
+
+@cli.command()
+@click.argument("root")
+@click.option("--index", "index_path", required=True, help="Gallery folder (created if new).")
+@click.option("--gate/--no-gate", default=True, show_default=True,
+              help="Gate faces before enrollment (--no-gate to compare).")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
+@click.option("--factory", default="Flat", show_default=True,
+              help="FAISS index factory for a new gallery: Flat, HNSW32, IVF64,Flat ...")
+@click.option("-o", "--manifest", "output", help="CSV of every image's outcome.")
+@pipeline_options
+def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, model, detector,
+           recognizer):
+    """Enroll ROOT/<identity>/images into the gallery at --index."""
+    from fiqa_gate.gallery import Enrollment, Gallery
+    from fiqa_gate.gate import Gate
+    from fiqa_gate.manifest import open_manifest
+    from fiqa_gate.pipeline import primary_face
+
+    folders = _identity_folders(root)
+    pipe = Pipeline(aligned, scorer, model, detector, recognizer) if gate else None
+    detector_obj = (pipe.detector if pipe else
+                    None if aligned else registry.get_detector(detector))
+    rec = registry.get_recognizer(recognizer)
+    gallery = Gallery.create(index_path, rec.name, rec.dim, rec.threshold, factory)
+    the_gate = Gate(pipe.scorer, threshold, stage="enroll") if pipe else None
+    failures = Failures()
+    columns = ["path", "identity", "decision", "score", "reason", "error", "face_id"]
+    manifest = open_manifest(output, columns) if output else None
+    n_in = 0
+    from fiqa_gate.pipeline import faces_from_file
+
+    for identity, files in _progress(folders, "enroll"):
+        items, rows = [], []
+        for path in files:
+            row = {"path": path, "identity": identity}
+            try:
+                face = primary_face(faces_from_file(path, detector_obj))
+                if the_gate is not None:
+                    decision = the_gate.decide_one(face)
+                    row.update(score=f"{decision.score:.6f}", reason=decision.reason)
+                    if not decision.accepted:
+                        row["decision"] = "reject"
+                        rows.append(row)
+                        continue
+                emb = rec.embed(face.crop[None])[0]
+                items.append(Enrollment(identity, emb, path, row.get("score") and
+                                        float(row["score"])))
+                row["decision"] = "enroll"
+            except Exception as exc:
+                failures.count += 1
+                row.update(decision="error", error=_error_text(exc))
+            rows.append(row)
+        ids = gallery.enroll(items)  # one transaction per identity
+        n_in += len(ids)
+        id_by_source = {it.source: fid for it, fid in zip(items, ids, strict=True)}
+        for row in rows:
+            if row["path"] in id_by_source:
+                row["face_id"] = id_by_source[row["path"]]
+                registry.emit("face_enrolled", identity=identity, face_id=str(row["face_id"]))
+            if manifest:
+                manifest.write_rows([row])
+    if manifest:
+        manifest.close()
+    click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path} "
+               f"({len(gallery)} faces in the gallery)", err=True)
+    failures.exit()
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--index", "index_path", required=True, help="Gallery folder.")
+@click.option("-k", "--top-k", default=5, show_default=True)
+@click.option("--gate/--no-gate", default=False, show_default=True,
+              help="Gate probes (stage 'probe') before searching.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
+@click.option("-o", "--output", default="-", show_default=True)
+@pipeline_options
+def search(paths, index_path, top_k, gate, threshold, output, aligned, scorer, model, detector,
+           recognizer):
+    """Search the gallery for the faces in PATHS; CSV rows of ranked hits."""
+    from fiqa_gate.gallery import Gallery
+    from fiqa_gate.gate import Gate
+    from fiqa_gate.manifest import open_manifest
+    from fiqa_gate.pipeline import faces_from_file
+
+    gallery = Gallery.open(index_path)
+    rec = registry.get_recognizer(recognizer)
+    detector_obj = None if aligned else registry.get_detector(detector)
+    the_gate = (Gate(Pipeline(True, scorer, model, detector, recognizer).scorer, threshold,
+                     stage="probe") if gate else None)
+    failures = Failures()
+    columns = ["path", "face", "rank", "identity", "similarity", "match", "source", "error"]
+    with open_manifest(output, columns) as out:
+        for path in iter_files(paths):
+            try:
+                faces = faces_from_file(path, detector_obj)
+                if the_gate is not None:
+                    decisions = the_gate.decide(faces)
+                    rejected = [f for f, d in zip(faces, decisions, strict=True) if not d.accepted]
+                    for f in rejected:
+                        out.write_rows([{"path": path, "face": f.index,
+                                         "error": "probe rejected by the gate"}])
+                    faces = [f for f, d in zip(faces, decisions, strict=True) if d.accepted]
+                if not faces:
+                    continue
+                import numpy as np
+
+                hits = gallery.search(rec.embed(np.stack([f.crop for f in faces])), rec.name,
+                                      k=top_k)
+            except Exception as exc:
+                failures.count += 1
+                out.write_rows([{"path": path, "error": _error_text(exc)}])
+                continue
+            for face, face_hits in zip(faces, hits, strict=True):
+                out.write_rows([{"path": path, "face": face.index, "rank": r + 1,
+                                 "identity": h.identity, "similarity": f"{h.similarity:.4f}",
+                                 "match": int(h.match), "source": h.source}
+                                for r, h in enumerate(face_hits)])
+    failures.exit()
+
+
+# -- plugins ------------------------------------------------------------------------------
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def plugins(as_json):
+    """List loaded plugins, their hooks, and what each registers."""
+    pm = registry.plugin_manager()
+    reg = registry.registry()
+    out = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda x: str(x[0])):
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        provides = {kind: sorted(n for n, e in getattr(reg, kind).items() if e.plugin == name)
+                    for kind in ("detectors", "recognizers", "scorers")}
+        out.append({"name": name, "module": getattr(plugin, "__name__", str(plugin)),
+                    "hooks": hooks, **{k: v for k, v in provides.items() if v}})
+    failed = registry.failed_plugins()
+    if as_json:
+        click.echo(json.dumps({"plugins": out, "failed": failed}, indent=2))
+        return
+    for p in out:
+        extras = "; ".join(f"{k}: {', '.join(v)}" for k, v in p.items()
+                           if k in ("detectors", "recognizers", "scorers"))
+        click.echo(f"{p['name']} ({p['module']})\n  hooks: {', '.join(p['hooks'])}"
+                   + (f"\n  {extras}" if extras else ""))
+    for name, why in failed.items():
+        click.echo(f"{name}: FAILED to load: {why}")
+
+
+def _add_plugin_commands(group: click.Group) -> None:
+    try:
+        from fiqa_gate_training.cli import train
+    except ImportError:
+        pass
+    else:
+        group.add_command(train)
+    for impl in registry.plugin_manager().hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=group)
+        except Exception as exc:
+            log.warning("plugin %s failed to add commands: %s", impl.plugin_name, exc)
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # Plugins register commands before parsing, so --no-plugins must act first.
+    if "--no-plugins" in args[: args.index("--") if "--" in args else len(args)]:
+        os.environ["FIQA_GATE_NO_PLUGINS"] = "1"
+        registry.reset()
+    _add_plugin_commands(cli)
+    cli.main(args=args, prog_name="fiqa-gate")
