@@ -309,7 +309,8 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
                         rows.append(row)
                         continue
                 emb = rec.embed(face.crop[None])[0]
-                items.append(Enrollment(identity, emb, path, row.get("score") and
+                items.append(Enrollment(identity, emb, os.path.abspath(path),
+                                        row.get("score") and
                                         float(row["score"])))
                 row["decision"] = "enroll"
             except Exception as exc:
@@ -320,8 +321,9 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
         n_in += len(ids)
         id_by_source = {it.source: fid for it, fid in zip(items, ids, strict=True)}
         for row in rows:
-            if row["path"] in id_by_source:
-                row["face_id"] = id_by_source[row["path"]]
+            face_id = id_by_source.get(os.path.abspath(row["path"]))
+            if face_id is not None:
+                row["face_id"] = face_id
                 registry.emit("face_enrolled", identity=identity, face_id=str(row["face_id"]))
             if manifest:
                 manifest.write_rows([row])
@@ -344,6 +346,8 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
 def search(paths, index_path, top_k, gate, threshold, output, aligned, scorer, model, detector,
            recognizer):
     """Search the gallery for the faces in PATHS; CSV rows of ranked hits."""
+    import numpy as np
+
     from fiqa_gate.gallery import Gallery
     from fiqa_gate.gate import Gate
     from fiqa_gate.manifest import open_manifest
@@ -351,6 +355,7 @@ def search(paths, index_path, top_k, gate, threshold, output, aligned, scorer, m
 
     gallery = Gallery.open(index_path)
     rec = registry.get_recognizer(recognizer)
+    gallery.search(np.zeros((1, rec.dim), np.float32), rec.name, k=1)  # refuses a mismatch
     detector_obj = None if aligned else registry.get_detector(detector)
     the_gate = (Gate(Pipeline(True, scorer, model, detector, recognizer).scorer, threshold,
                      stage="probe") if gate else None)
@@ -369,8 +374,6 @@ def search(paths, index_path, top_k, gate, threshold, output, aligned, scorer, m
                     faces = [f for f, d in zip(faces, decisions, strict=True) if d.accepted]
                 if not faces:
                     continue
-                import numpy as np
-
                 hits = gallery.search(rec.embed(np.stack([f.crop for f in faces])), rec.name,
                                       k=top_k)
             except Exception as exc:

@@ -176,9 +176,10 @@ class Gallery:
         """Top-k faces for each L2-normalised query; `match` uses the gallery's threshold."""
         if recognizer != self.recognizer:
             raise GalleryError(f"{self.path}: gallery holds {self.recognizer!r} embeddings; "
-                               f"it cannot be searched with {recognizer!r}")
+                               f"it cannot be searched with {recognizer!r} "
+                               f"(use --recognizer {self.recognizer})")
         q = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
-        if q.shape[1] != self.dim:
+        if q.ndim != 2 or q.shape[1] != self.dim:
             raise GalleryError(f"query dimension {q.shape[1]} != gallery dimension {self.dim}")
         index = self.index()
         if index.ntotal == 0:

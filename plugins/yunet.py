@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -20,7 +21,8 @@ class YuNetDetector(Detector):
     def __init__(self, score_threshold: float = 0.6, max_side: int = 1600):
         import cv2
 
-        cv2.setLogLevel(2)  # errors only: OpenCV 5 warns about targets on every net
+        with contextlib.suppress(AttributeError):  # OpenCV 5 warns about targets on every net
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         self.score_threshold = score_threshold
         self.max_side = max_side
         self._net = cv2.FaceDetectorYN.create(

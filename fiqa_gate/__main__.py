@@ -1,0 +1,3 @@
+from fiqa_gate.cli import main
+
+main()

@@ -1,0 +1,151 @@
+"""The CLI contracts of DESIGN.md, run as a user runs them (a subprocess, real models)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+FIQA = [sys.executable, "-m", "fiqa_gate"]
+
+
+def run(*args: str, cwd: Path | None = None, env: dict | None = None):
+    return subprocess.run([*FIQA, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.fixture
+def mixed_dir(tmp_path, orl_root, sample_photo) -> Path:
+    """Faces, a group photo, a non-face, and broken files."""
+    d = tmp_path / "mixed"
+    (d / "sub").mkdir(parents=True)
+    shutil.copy(orl_root / "s31" / "1.pgm", d / "face.pgm")
+    shutil.copy(orl_root / "s32" / "2.pgm", d / "sub" / "face2.pgm")
+    shutil.copy(sample_photo, d / "group.jpg")
+    Image.new("RGB", (200, 150), (90, 140, 200)).save(d / "sky.png")
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.jpg").write_text("not an image")
+    (d / "half.jpg").write_bytes(sample_photo.read_bytes()[:4000])
+    return d
+
+
+def test_score_contract(mixed_dir, tmp_path):
+    out = tmp_path / "s.csv"
+    res = run("score", str(mixed_dir), "--scorer", "detector-confidence", "--output", str(out))
+    assert res.returncode == 1, res.stderr  # some inputs failed
+    header = out.read_text().splitlines()[0]
+    assert header.startswith("path,score")
+    table = rows(out)
+    by_path: dict[str, list[dict]] = {}
+    for r in table:
+        by_path.setdefault(r["path"], []).append(r)
+    files = {str(p) for p in mixed_dir.rglob("*") if p.is_file()}
+    assert set(by_path) == files  # every file, path = directory joined with relative path
+    assert len(by_path[str(mixed_dir / "group.jpg")]) == 6  # one row per face
+    for name in ("empty.jpg", "notes.jpg", "half.jpg", "sky.png"):
+        (r,) = by_path[str(mixed_dir / name)]
+        assert r["score"] == "" and r["error"]
+    (face,) = by_path[str(mixed_dir / "face.pgm")]
+    assert 0.0 <= float(face["score"]) <= 1.0 and face["error"] == ""
+
+
+def test_score_aligned_crops(tmp_path, orl_root):
+    d = tmp_path / "aligned"
+    d.mkdir()
+    for i in range(3):
+        Image.open(orl_root / "s33" / f"{i + 1}.pgm").resize((112, 112)).save(d / f"{i}.png")
+    out = tmp_path / "a.csv"
+    res = run("score", str(d), "--aligned", "--scorer", "sharpness", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    table = rows(out)
+    assert len(table) == 3 and all(r["det_score"] == "" and r["score"] for r in table)
+
+
+def test_filter_never_touches_inputs(mixed_dir, tmp_path):
+    before = digests(mixed_dir)
+    manifest = tmp_path / "m.csv"
+    acc, rej = tmp_path / "acc", tmp_path / "rej"
+    res = run("filter", "--threshold", "0.5", str(mixed_dir), "--scorer", "detector-confidence",
+              "-o", str(manifest), "--accepted-dir", str(acc), "--rejected-dir", str(rej))
+    assert res.returncode == 1, res.stderr
+    assert digests(mixed_dir) == before  # byte-identical, nothing removed
+    table = rows(manifest)
+    assert sorted(r["path"] for r in table) == sorted(before)  # each input exactly once
+    decisions = {Path(r["path"]).name: r["decision"] for r in table}
+    assert decisions["face.pgm"] == "accept" and decisions["group.jpg"] == "accept"
+    assert decisions["empty.jpg"] == decisions["notes.jpg"] == decisions["sky.png"] == "error"
+    assert (acc / "face.pgm").read_bytes() == (mixed_dir / "face.pgm").read_bytes()
+    assert (acc / "sub" / "face2.pgm").is_file()
+    assert (rej / "empty.jpg").is_file()
+    # Run again into the same folders: identical copies are recognised, never overwritten.
+    res2 = run("filter", str(mixed_dir), "--scorer", "detector-confidence", "-o",
+               str(tmp_path / "m2.csv"), "--accepted-dir", str(acc))
+    assert "already present" in (tmp_path / "m2.csv").read_text()
+    assert res2.returncode == 1
+
+
+def test_filter_threshold_rejects(tmp_path, orl_root):
+    d = tmp_path / "f"
+    d.mkdir()
+    shutil.copy(orl_root / "s34" / "1.pgm", d / "a.pgm")
+    res = run("filter", "--threshold", "0.99", str(d), "--scorer", "detector-confidence")
+    assert res.returncode == 0, res.stderr
+    (r,) = list(csv.DictReader(res.stdout.splitlines()))
+    assert r["decision"] == "reject" and "low quality" in r["reason"]
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert run("filter", "--threshold", "1.5", str(tmp_path)).returncode == 2
+    assert run("search", str(tmp_path), "--index", str(tmp_path / "none")).returncode == 2
+    assert run("score", str(tmp_path), "--scorer", "no-such-scorer").returncode == 2
+
+
+def test_enroll_search_orl_rank1(orl_split_dirs, tmp_path):
+    enroll_dir, probe_dir = orl_split_dirs
+    gallery = tmp_path / "gallery"
+    res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate")
+    assert res.returncode == 0, res.stderr
+    hits = tmp_path / "hits.csv"
+    res = run("search", str(probe_dir), "--index", str(gallery), "-k", "1", "-o", str(hits))
+    assert res.returncode == 0, res.stderr
+    table = rows(hits)
+    assert len(table) == 50
+    correct = sum(Path(r["path"]).parent.name == r["identity"] for r in table)
+    assert correct / 50 >= 0.95
+    res = run("search", str(probe_dir / "s31" / "6.pgm"), "--index", str(gallery),
+              "--recognizer", "dlib")
+    assert res.returncode == 2 and "cannot be searched" in res.stderr
+
+
+def test_plugins_lists_first_party():
+    res = run("plugins", "--json")
+    assert res.returncode == 0
+    import json
+
+    data = json.loads(res.stdout)
+    names = {p["name"]: p for p in data["plugins"]}
+    assert names["sface"]["recognizers"] == ["sface"]
+    assert set(names["baselines"]["scorers"]) == {"sharpness", "detector-confidence",
+                                                  "embedding-norm"}
+
+
+def test_import_is_torch_free():
+    code = "import fiqa_gate, fiqa_gate.cli, fiqa_gate.gate, sys; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
