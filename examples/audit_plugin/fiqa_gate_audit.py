@@ -1,0 +1,67 @@
+"""Example third-party plugin for fiqa-gate.
+
+- Audit log: every scored, rejected and enrolled face is appended as one JSON line to
+  $FIQA_GATE_AUDIT_LOG (default ./fiqa-gate-audit.jsonl).
+- Policy: enrollment is stricter than probing. A face is enrolled only if its score
+  reaches $FIQA_GATE_ENROLL_THRESHOLD (default 0.8); probes and filters keep the
+  command's threshold.
+- Command: `fiqa-gate audit-summary` counts the log's events.
+
+Install with `pip install examples/audit_plugin`; nothing in fiqa-gate names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+
+import click
+
+from fiqa_gate.hookspecs import hookimpl
+
+
+def _log_path() -> str:
+    return os.environ.get("FIQA_GATE_AUDIT_LOG", "fiqa-gate-audit.jsonl")
+
+
+def _append(event: str, **fields) -> None:
+    with open(_log_path(), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"t": time.time(), "event": event, **fields}) + "\n")
+
+
+@hookimpl
+def face_scored(face, score):
+    _append("scored", face=face.face_id, score=score.score, accepted=score.accepted)
+
+
+@hookimpl
+def face_rejected(face, score, reason):
+    _append("rejected", face=face.face_id, score=score.score, reason=reason)
+
+
+@hookimpl
+def face_enrolled(identity, face_id):
+    _append("enrolled", identity=identity, face_id=face_id)
+
+
+@hookimpl
+def gate_decision(face, score, threshold, stage):
+    if stage != "enroll":
+        return None
+    strict = float(os.environ.get("FIQA_GATE_ENROLL_THRESHOLD", "0.8"))
+    if score >= max(strict, threshold):
+        return True, f"score {score:.3f} >= enrollment threshold {strict:.2f}"
+    return False, f"score {score:.3f} < enrollment threshold {strict:.2f}"
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command(name="audit-summary")
+    def audit_summary():
+        """Count the events in the audit log."""
+        with open(_log_path(), encoding="utf-8") as fh:
+            counts = Counter(json.loads(line)["event"] for line in fh if line.strip())
+        for event, n in sorted(counts.items()):
+            click.echo(f"{event}\t{n}")

@@ -1,0 +1,93 @@
+"""The FAISS + SQLite gallery with real SFace embeddings of ORL faces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fiqa_gate import registry
+from fiqa_gate.errors import GalleryError
+from fiqa_gate.faces import align_face
+from fiqa_gate.gallery import Enrollment, Gallery
+from fiqa_gate.images import load_image
+
+
+@pytest.fixture(scope="module")
+def orl_embeddings(orl_root):
+    """SFace embeddings of s31-s36, images 1-10: {identity: [10 x 128]}."""
+    det, rec = registry.get_detector("yunet"), registry.get_recognizer("sface")
+    out = {}
+    for s in range(31, 37):
+        crops = []
+        for i in range(1, 11):
+            img = load_image(orl_root / f"s{s}" / f"{i}.pgm")
+            crops.append(align_face(img, det.detect(img)[0].landmarks))
+        out[f"s{s}"] = rec.embed(np.stack(crops))
+    return out
+
+
+def _enroll_first_five(gallery, embs):
+    for ident, e in embs.items():
+        gallery.enroll([Enrollment(ident, e[i], f"{ident}/{i + 1}.pgm", 0.9) for i in range(5)])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF2,Flat"])
+def test_enroll_search_persist(tmp_path, orl_embeddings, factory):
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383, factory)
+    _enroll_first_five(g, orl_embeddings)
+    assert len(g) == 30 and g.identities() == {f"s{s}": 5 for s in range(31, 37)}
+    probes = np.concatenate([e[5:] for e in orl_embeddings.values()])
+    truth = [ident for ident in orl_embeddings for _ in range(5)]
+    hits = g.search(probes, "sface", k=3)
+    rank1 = np.mean([h[0].identity == t for h, t in zip(hits, truth, strict=True)])
+    assert rank1 >= 0.95
+    assert all(h[0].match for h in hits if h[0].similarity >= 0.383)
+    g.close()
+    again = Gallery.open(tmp_path / "g")  # reload from disk
+    hits2 = again.search(probes, "sface", k=3)
+    assert [h[0].face_id for h in hits2] == [h[0].face_id for h in hits]
+
+
+def test_remove_identity(tmp_path, orl_embeddings):
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    _enroll_first_five(g, orl_embeddings)
+    assert g.remove_identity("s31") == 5
+    hits = g.search(orl_embeddings["s31"][5:], "sface", k=1)
+    assert all(h[0].identity != "s31" for h in hits)
+    assert "s31" not in Gallery.open(tmp_path / "g").identities()
+
+
+def test_other_recognizer_refused(tmp_path, orl_embeddings):
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    _enroll_first_five(g, orl_embeddings)
+    with pytest.raises(GalleryError, match="cannot be searched"):
+        g.search(orl_embeddings["s31"][:1], "dlib")
+    with pytest.raises(GalleryError, match="built with recognizer"):
+        Gallery.create(tmp_path / "g", "dlib", 128, 0.93)
+
+
+def test_stale_or_missing_index_is_rebuilt(tmp_path, orl_embeddings):
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    _enroll_first_five(g, orl_embeddings)
+    for f in (tmp_path / "g").glob("index.*.faiss"):
+        f.write_bytes(b"garbage")  # a damaged derived file
+    g2 = Gallery.open(tmp_path / "g")
+    assert g2.index().ntotal == 30
+    for f in (tmp_path / "g").glob("index.*.faiss"):
+        f.unlink()
+    assert Gallery.open(tmp_path / "g").index().ntotal == 30
+
+
+def test_corrupt_database_is_a_clear_error(tmp_path):
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "meta.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(GalleryError, match="corrupt"):
+        Gallery.open(tmp_path / "g")
+
+
+def test_bad_factory_and_dimension(tmp_path):
+    with pytest.raises(GalleryError, match="factory"):
+        Gallery.create(tmp_path / "g", "sface", 128, 0.383, "NoSuchIndex")
+    g = Gallery.create(tmp_path / "h", "sface", 128, 0.383)
+    with pytest.raises(GalleryError, match="shape"):
+        g.enroll([Enrollment("x", np.zeros(64, np.float32), "x.jpg")])

@@ -1,0 +1,141 @@
+"""The gate API on real faces: decisions, wrapping a recognizer, policy hooks, the
+insightface FaceAnalysis adapter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fiqa_gate import registry
+from fiqa_gate.gate import Gate
+from fiqa_gate.hookspecs import hookimpl
+from fiqa_gate.images import load_image
+from fiqa_gate.pipeline import faces_from_file, faces_in_image
+
+
+@pytest.fixture(scope="module")
+def group_faces(sample_photo):
+    return faces_from_file(str(sample_photo), registry.get_detector("yunet"))
+
+
+def test_decisions_follow_threshold(group_faces):
+    scorer = registry.get_scorer("detector-confidence")
+    scores = [f.det_score for f in group_faces]
+    cut = float(np.median(scores))
+    decisions = Gate(scorer, threshold=cut).decide(group_faces)
+    assert [d.accepted for d in decisions] == [s >= cut for s in scores]
+    assert all(d.threshold == cut and d.reason for d in decisions)
+    assert any(not d.accepted and "low quality" in d.reason for d in decisions)
+
+
+def test_wrap_never_embeds_rejected_faces(group_faces):
+    rec = registry.get_recognizer("sface")
+    seen: list[int] = []
+
+    def embed(crops: np.ndarray) -> np.ndarray:
+        seen.append(len(crops))
+        return rec.embed(crops)
+
+    scores = sorted(f.det_score for f in group_faces)
+    gate = Gate(registry.get_scorer("detector-confidence"), threshold=scores[3])
+    gated = gate.wrap(embed)
+    out = gated(group_faces)
+    accepted = [d.accepted for d in gated.last_decisions]
+    assert sum(accepted) == 3 and seen == [3]
+    assert [e is not None for e in out] == accepted
+    i = accepted.index(True)
+    np.testing.assert_allclose(out[i], rec.embed(group_faces[i].crop[None])[0], atol=1e-6)
+
+
+class _Policy:
+    def __init__(self, result=None, error=False):
+        self.result, self.error = result, error
+
+    @hookimpl
+    def gate_decision(self, face, score, threshold, stage):
+        if self.error:
+            raise RuntimeError("policy bug")
+        return self.result if stage == "probe" else None
+
+
+@pytest.fixture
+def policy():
+    pm = registry.plugin_manager()
+    plugins = []
+
+    def add(p):
+        pm.register(p, name=f"test-policy-{len(plugins)}")
+        plugins.append(p)
+        return p
+
+    yield add
+    for p in plugins:
+        pm.unregister(p)
+
+
+def test_policy_overrides_and_failures(group_faces, policy):
+    scorer = registry.get_scorer("detector-confidence")
+    face = group_faces[0]
+    assert Gate(scorer, 0.0, stage="probe").decide_one(face).accepted
+    policy(_Policy(result=(False, "camera 7 needs more")))
+    d = Gate(scorer, 0.0, stage="probe").decide_one(face)
+    assert not d.accepted and d.reason.endswith("camera 7 needs more")
+    assert Gate(scorer, 0.0, stage="enroll").decide_one(face).accepted  # other stage
+    policy(_Policy(error=True))
+    d = Gate(scorer, 0.0, stage="probe").decide_one(face)
+    assert not d.accepted and "policy plugin error" in d.reason
+
+
+def test_event_hook_errors_do_not_stop_the_gate(group_faces, policy):
+    class Broken:
+        @hookimpl
+        def face_scored(self, face, score):
+            raise ValueError("audit disk full")
+
+    policy(Broken())
+    decisions = Gate(registry.get_scorer("sharpness"), 0.0).decide(group_faces)
+    assert len(decisions) == len(group_faces)
+
+
+class _YuNetAsInsightface:
+    """insightface's det_model interface over the real YuNet detector."""
+
+    def __init__(self):
+        self.yunet = registry.get_detector("yunet")
+
+    def detect(self, img_bgr, max_num=0):
+        dets = self.yunet.detect(np.ascontiguousarray(img_bgr[:, :, ::-1]))
+        bboxes = np.array([[d.box[0], d.box[1], d.box[0] + d.box[2], d.box[1] + d.box[3],
+                            d.score] for d in dets], np.float32)
+        return bboxes, np.stack([d.landmarks for d in dets]).astype(np.float32)
+
+
+def test_faceanalysis_adapter(sample_photo):
+    from insightface.model_zoo import get_model
+
+    from fiqa_gate.insightface_adapter import GatedFaceAnalysis
+    from fiqa_gate_plugins.sface import repaired_sface_path
+
+    recognition = get_model(str(repaired_sface_path()))
+    recognition.input_mean, recognition.input_std = 0.0, 1.0  # SFace: raw 0..255 RGB
+    recognition.prepare(ctx_id=-1)
+
+    class App:
+        det_model = _YuNetAsInsightface()
+        models = {"recognition": recognition}
+
+    rgb = load_image(sample_photo)
+    scores = sorted(d.score for d in App.det_model.yunet.detect(rgb))
+    gate = Gate(registry.get_scorer("detector-confidence"), threshold=scores[2])
+    faces = GatedFaceAnalysis(App(), gate).get(np.ascontiguousarray(rgb[:, :, ::-1]))
+    assert len(faces) == 6
+    for f in faces:
+        assert (f.embedding is not None) == f.gate_decision.accepted
+    assert sum(f.embedding is not None for f in faces) == 4
+    # the adapter's embedding equals the one from our own pipeline for the same face
+    ours = faces_in_image(rgb, App.det_model.yunet)
+    rec = registry.get_recognizer("sface")
+    kept = next(f for f in faces if f.embedding is not None)
+    match = max(ours, key=lambda o: -abs(o.detection.score - float(kept.det_score)))
+    e = kept.embedding / np.linalg.norm(kept.embedding)
+    assert float(e @ rec.embed(match.crop[None])[0]) > 0.95

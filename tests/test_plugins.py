@@ -1,0 +1,74 @@
+"""A third-party plugin package, built and installed from a temporary directory, changes
+decisions through the policy hook without any change to fiqa-gate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "audit_plugin"
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("src") / "audit_plugin"
+    shutil.copytree(EXAMPLE, src)
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--target", str(site), str(src)], check=True, timeout=600)
+    assert list(site.glob("fiqa_gate_audit-*.dist-info"))
+    return site
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def fiqa(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fiqa_gate", *args], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=600)
+
+
+def test_policy_plugin_changes_enrollment(plugin_site, orl_split_dirs, tmp_path):
+    enroll_dir, _ = orl_split_dirs
+    log = tmp_path / "audit.jsonl"
+    env = {"PYTHONPATH": str(plugin_site), "FIQA_GATE_AUDIT_LOG": str(log),
+           "FIQA_GATE_ENROLL_THRESHOLD": "0.99"}
+    listed = json.loads(fiqa("plugins", "--json", env=env).stdout)
+    audit = next(p for p in listed["plugins"] if p["name"] == "audit")
+    assert "gate_decision" in audit["hooks"]
+
+    common = ["--scorer", "detector-confidence", "--threshold", "0.5"]
+    res = fiqa("enroll", str(enroll_dir), "--index", str(tmp_path / "g1"), *common,
+               "-o", str(tmp_path / "m1.csv"), env=env)
+    assert res.returncode == 0, res.stderr
+    rows = _rows(tmp_path / "m1.csv")
+    # YuNet confidences on ORL are ~0.9: the plugin's 0.99 enrollment bar rejects them all.
+    assert len(rows) == 50 and {r["decision"] for r in rows} == {"reject"}
+    assert all(r["reason"].startswith("policy audit: score") for r in rows)
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert events.count("rejected") == events.count("scored") > 0
+
+    # The same run without the plugin (operator switch) enrolls every face.
+    res = fiqa("--no-plugins", "enroll", str(enroll_dir), "--index",
+               str(tmp_path / "g2"), *common, "-o", str(tmp_path / "m2.csv"), env=env)
+    assert res.returncode == 0, res.stderr
+    assert {r["decision"] for r in _rows(tmp_path / "m2.csv")} == {"enroll"}
+    # And the plugin's own command is there only when it is loaded.
+    assert "scored" in fiqa("audit-summary", env=env).stdout
+    assert fiqa("--no-plugins", "audit-summary", env=env).returncode == 2
+
+
+def test_allow_list_excludes_plugin(plugin_site):
+    env = {"PYTHONPATH": str(plugin_site), "FIQA_GATE_PLUGINS": "someone-else"}
+    listed = json.loads(fiqa("plugins", "--json", env=env).stdout)
+    assert "audit" not in {p["name"] for p in listed["plugins"]}
+    assert "sface" in {p["name"] for p in listed["plugins"]}
