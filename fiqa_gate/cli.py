@@ -417,6 +417,13 @@ def plugins(as_json):
 
 def _add_plugin_commands(group: click.Group) -> None:
     try:
+        from fiqa_gate.evaluation.cli import bench, demo, evaluate
+    except ImportError as exc:  # evaluation is part of the core; say why it is missing
+        log.warning("evaluation commands unavailable: %s", exc)
+    else:
+        for command in (evaluate, bench, demo):
+            group.add_command(command)
+    try:
         from fiqa_gate_training.cli import train
     except ImportError:
         pass
