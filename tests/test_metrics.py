@@ -1,0 +1,517 @@
+"""EDC / pAUC / ERC / agreement metrics: hand-computed cases, a slow reference, properties."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from fiqa_gate.evaluation.metrics import (
+    EDCCurve,
+    agreement,
+    bootstrap_pauc_norm,
+    choose_fmr_target,
+    edc,
+    erc,
+    fmr_threshold,
+    oracle_curve,
+    pair_quality,
+    pauc,
+)
+
+# ----------------------------------------------------------------------------- fixtures
+
+# The hand case. Non-mated scores 0..9 (n = 10) at fmr_target = 0.1: k = floor(0.1 * 10)
+# = 1 false match allowed, so tau sits just above the 2nd-highest non-mated score (8):
+# tau = nextafter(8, inf); only 9 is a false match (FMR 1/10).
+# Mated pairs, sorted by quality:
+#   q     0.1   0.2   0.2   0.5   0.9
+#   s     20    8     8.5   20    3
+#   match yes   NO    yes   yes   NO     (8 < tau: non-match; 8.5 >= tau: match)
+# N = 5, 2 non-matches. Distinct qualities 0.1 | 0.2 0.2 | 0.5 | 0.9, so d in {0, 1, 3, 4}:
+#   d=0: kept 5, errors 2 -> 2/5 = 0.4,  x = 0
+#   d=1: kept 4, errors 2 -> 2/4 = 0.5,  x = 0.2
+#   d=3: kept 2, errors 1 -> 1/2 = 0.5,  x = 0.6   (the tied 0.2 pair goes as one block)
+#   d=4: kept 1, errors 1 -> 1/1 = 1.0,  x = 0.8
+#   end: (1.0, 0.0)
+# pAUC_0.2 = 0.4 * (0.2 - 0)                         = 0.08 -> norm 0.08 / (0.4*0.2) = 1.0
+# pAUC_0.3 = 0.4 * (0.2 - 0) + 0.5 * (0.3 - 0.2)     = 0.13 -> norm 0.13 / 0.12    = 13/12
+# FNMR@10% = value of the step starting at x=0   = 0.4;  FNMR@20% = step at x=0.2 = 0.5
+# Oracle (discards the 2 errors first), grid d/5: d=0 2/5 = 0.4, d=1 1/4 = 0.25, d=2 0,
+#   then (1, 0). pAUC_0.2 = 0.4*0.2 = 0.08 -> 1.0; pAUC_0.3 = 0.08 + 0.25*0.1 = 0.105
+#   -> 0.105 / 0.12 = 0.875.
+HAND_MATED_Q = [0.1, 0.2, 0.2, 0.5, 0.9]
+HAND_MATED_S = [20.0, 8.0, 8.5, 20.0, 3.0]
+HAND_NON_S = [float(v) for v in range(10)]
+
+
+def hand_case(nonmated_quality: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s = np.array(HAND_MATED_S + HAND_NON_S)
+    m = np.array([True] * 5 + [False] * 10)
+    q = np.array(HAND_MATED_Q + [nonmated_quality] * 10)
+    return s, m, q
+
+
+def synthetic(
+    seed: int, n_mated: int = 2000, n_non: int = 3000, mated_mean: float = 0.45
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian genuine / impostor scores; tau at 1e-3 is ~0.3, so e0 is about 15 %."""
+    rng = np.random.default_rng(seed)
+    s = np.concatenate([rng.normal(mated_mean, 0.15, n_mated), rng.normal(0.0, 0.1, n_non)])
+    m = np.arange(n_mated + n_non) < n_mated
+    return s, m
+
+
+def reference_edc(s, m, q, tau):
+    """Slow, literal EDC: loop over the distinct quality values as discard boundaries."""
+    s, m, q = np.asarray(s), np.asarray(m, bool), np.asarray(q)
+    sm, qm = s[m], q[m]
+    n = sm.size
+    xs, fs = [], []
+    for cut in sorted(set(qm.tolist())):  # discard everything strictly below `cut`
+        kept = qm >= cut
+        xs.append((n - kept.sum()) / n)
+        fs.append(np.sum(sm[kept] < tau) / kept.sum())
+    return np.array([*xs, 1.0]), np.array([*fs, 0.0])
+
+
+# ----------------------------------------------------------------------------- EDC by hand
+
+
+def test_edc_hand_case_curve_with_ties():
+    s, m, q = hand_case()
+    r = edc(s, m, q, fmr_target=0.1)
+    assert r.tau == np.nextafter(8.0, np.inf)
+    assert r.warning is None
+    assert (r.n_mated, r.n_nonmated) == (5, 10)
+    np.testing.assert_allclose(r.curve.x, [0.0, 0.2, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(r.curve.fnmr, [0.4, 0.5, 0.5, 1.0, 0.0])
+    # splitting the 0.2 tie would have produced a point at x = 2/5
+    assert not np.any(np.isclose(r.curve.x, 0.4))
+    assert r.e0 == pytest.approx(0.4)
+
+
+def test_edc_hand_case_pauc_and_normalisation():
+    r = edc(*hand_case(), fmr_target=0.1)
+    assert r.pauc[0.2] == pytest.approx(0.08)
+    assert r.pauc[0.3] == pytest.approx(0.13)
+    assert r.pauc_norm[0.2] == pytest.approx(1.0)
+    assert r.pauc_norm[0.3] == pytest.approx(13 / 12)
+    assert r.fnmr_at == {0.1: pytest.approx(0.4), 0.2: pytest.approx(0.5)}
+
+
+def test_edc_hand_case_oracle():
+    r = edc(*hand_case(), fmr_target=0.1)
+    np.testing.assert_allclose(r.oracle_curve.x, [0.0, 0.2, 0.4, 1.0])
+    np.testing.assert_allclose(r.oracle_curve.fnmr, [0.4, 0.25, 0.0, 0.0])
+    assert r.oracle_pauc_norm[0.2] == pytest.approx(1.0)
+    assert r.oracle_pauc_norm[0.3] == pytest.approx(0.875)
+
+
+def test_mated_score_equal_to_tau_is_a_match():
+    s, m, q = hand_case()
+    s[1] = np.nextafter(8.0, np.inf)  # exactly tau: s >= tau is a match
+    r = edc(s, m, q, fmr_target=0.1)
+    assert r.tau == s[1]
+    assert r.e0 == pytest.approx(1 / 5)
+
+
+def test_edc_ignores_nonmated_quality_with_fixed_threshold():
+    a = edc(*hand_case(nonmated_quality=0.0), fmr_target=0.1)
+    b = edc(*hand_case(nonmated_quality=1.0), fmr_target=0.1)
+    np.testing.assert_array_equal(a.curve.fnmr, b.curve.fnmr)
+    assert a.pauc == b.pauc
+
+
+def test_curve_ends_with_one_zero_even_when_last_block_fails():
+    # Every mated pair is a non-match: FNMR is 1 at every kept fraction, then (1, 0).
+    s = np.array([0.0, 0.0, 0.0] + [5.0] * 10)
+    m = np.array([True] * 3 + [False] * 10)
+    q = np.array([0.3, 0.1, 0.2] + [0.0] * 10)
+    r = edc(s, m, q, fmr_target=0.1)
+    np.testing.assert_allclose(r.curve.x, [0.0, 1 / 3, 2 / 3, 1.0])
+    np.testing.assert_allclose(r.curve.fnmr, [1.0, 1.0, 1.0, 0.0])
+    # one quality value for all: no interior boundary, just (0, e0) and (1, 0)
+    r1 = edc(s, m, np.zeros(13), fmr_target=0.1)
+    np.testing.assert_allclose(r1.curve.x, [0.0, 1.0])
+    np.testing.assert_allclose(r1.curve.fnmr, [1.0, 0.0])
+    assert r1.pauc[0.3] == pytest.approx(0.3)
+
+
+def test_pauc_arithmetic_on_explicit_step_function():
+    # steps: 0.5 on [0, 0.1), 0.3 on [0.1, 0.25), 0.2 on [0.25, 1), 0 at 1
+    c = EDCCurve(x=np.array([0.0, 0.1, 0.25, 1.0]), fnmr=np.array([0.5, 0.3, 0.2, 0.0]))
+    # L=0.2: 0.5*0.1 + 0.3*(0.2-0.1)                 = 0.05 + 0.03         = 0.08
+    # L=0.3: 0.5*0.1 + 0.3*0.15 + 0.2*(0.3-0.25)     = 0.05 + 0.045 + 0.01 = 0.105
+    # L=1.0: 0.05 + 0.045 + 0.2*0.75                                         = 0.245
+    assert pauc(c, 0.2) == pytest.approx(0.08)
+    assert pauc(c, 0.3) == pytest.approx(0.105)
+    assert pauc(c, 1.0) == pytest.approx(0.245)
+    assert c.at(0.0) == 0.5
+    assert c.at(0.1) == 0.3  # right-continuous: a point at exactly x belongs to its step
+    assert c.at(0.2499) == 0.3
+    with pytest.raises(ValueError):
+        pauc(c, 0.0)
+
+
+def test_e0_zero_gives_nan_normalisation_and_strict_json():
+    s = np.array([10.0, 11.0, 12.0, *HAND_NON_S])
+    m = np.array([True] * 3 + [False] * 10)
+    q = np.array([0.1, 0.2, 0.3] + [0.5] * 10)
+    r = edc(s, m, q, fmr_target=0.1)
+    assert r.e0 == 0.0
+    assert math.isnan(r.pauc_norm[0.2]) and math.isnan(r.oracle_pauc_norm[0.3])
+    d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
+    assert d["pauc_norm"] == {"0.2": None, "0.3": None}
+    assert d["pauc"] == {"0.2": 0.0, "0.3": 0.0}
+    assert d["curve"]["x"][-1] == 1.0 and d["curve"]["fnmr"][-1] == 0.0
+
+
+def test_to_dict_roundtrips_the_hand_case():
+    d = json.loads(json.dumps(edc(*hand_case(), fmr_target=0.1).to_dict(), allow_nan=False))
+    assert d["curve"]["fnmr"] == pytest.approx([0.4, 0.5, 0.5, 1.0, 0.0])
+    assert d["pauc_norm"]["0.3"] == pytest.approx(13 / 12)
+    assert d["fnmr_at"] == {"0.1": pytest.approx(0.4), "0.2": pytest.approx(0.5)}
+    assert d["n_mated"] == 5 and d["warning"] is None
+
+
+# ----------------------------------------------------------------------------- threshold
+
+
+def test_tau_picks_the_second_highest_of_1000():
+    rng = np.random.default_rng(3)
+    non = rng.permutation(np.arange(1000, dtype=float))  # 0..999, shuffled
+    tau = fmr_threshold(non, 1e-3)
+    # k = floor(1e-3 * 1000) = 1 allowed false match: tau just above 998, only 999 passes
+    assert tau == np.nextafter(998.0, np.inf)
+    assert np.mean(non >= tau) == pytest.approx(1e-3)
+    # it is the smallest such float: one ulp lower lets 998 through (FMR 2e-3)
+    assert np.mean(non >= np.nextafter(tau, -np.inf)) > 1e-3
+
+
+def test_tau_order_statistic_for_other_sizes_and_ties():
+    rng = np.random.default_rng(4)
+    non = rng.normal(size=2500)
+    # k = floor(2.5) = 2: tau just above the 3rd-highest score
+    assert fmr_threshold(non, 1e-3) == np.nextafter(np.sort(non)[-3], np.inf)
+    # three tied top scores cannot be split: FMR would be 3e-3 > 1e-3, so tau clears them
+    tied = np.concatenate([np.zeros(997), [5.0, 5.0, 5.0]])
+    assert fmr_threshold(tied, 1e-3) == np.nextafter(5.0, np.inf)
+    # fewer than 1/target scores: k = 0, tau just above the maximum
+    assert fmr_threshold([0.1, 0.7, 0.3], 1e-3) == np.nextafter(0.7, np.inf)
+
+
+def test_choose_fmr_target_fallback():
+    assert choose_fmr_target(1000) == (1e-3, None)
+    assert choose_fmr_target(50_000) == (1e-3, None)
+    target, warning = choose_fmr_target(999)
+    assert target == 1e-2 and warning is not None and "999" in warning
+    assert "fewer than 100" not in warning  # 999 still supports 1e-2: no second complaint
+    _, warning = choose_fmr_target(40)
+    assert warning is not None and "fewer than 100" in warning
+
+
+def test_edc_falls_back_to_1e2_with_warning_when_nonmated_few():
+    s, m = synthetic(0, n_mated=200, n_non=500)
+    q = np.random.default_rng(0).random(s.size)
+    r = edc(s, m, q)
+    assert r.fmr_target == 1e-2
+    assert r.warning is not None and "1e-2" not in r.warning and "0.01" in r.warning
+    assert r.tau == fmr_threshold(s[~m], 1e-2)
+    s, m = synthetic(0, n_mated=200, n_non=1000)
+    q = np.random.default_rng(0).random(s.size)
+    r = edc(s, m, q)
+    assert r.fmr_target == 1e-3 and r.warning is None
+    # an explicit target is honoured, but its weak support is still reported
+    r = edc(s, m, q, fmr_target=1e-4)
+    assert r.fmr_target == 1e-4 and r.warning is not None
+
+
+# ----------------------------------------------------------------------------- random / oracle
+
+
+def test_random_quality_normalised_pauc_is_about_one():
+    s, m = synthetic(1)
+    values = {0.2: [], 0.3: []}
+    for seed in range(30):
+        q = np.random.default_rng(100 + seed).random(s.size)
+        r = edc(s, m, q, fmr_target=1e-3)
+        for lim in values:
+            values[lim].append(r.pauc_norm[lim])
+    assert 0.05 < r.e0 < 0.5  # the test only means something with errors to discard
+    for lim, v in values.items():
+        assert np.mean(v) == pytest.approx(1.0, abs=0.03), lim
+
+
+def test_oracle_quality_reproduces_the_oracle_curve():
+    s, m = synthetic(2)
+    # Quality = similarity puts every non-match (s < tau) below every match: an oracle.
+    r = edc(s, m, s, fmr_target=1e-3)
+    grid = np.concatenate([r.curve.x, r.oracle_curve.x])
+    got = [r.curve.at(x) for x in grid]
+    want = [r.oracle_curve.at(x) for x in grid]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    # and the closed form max(0, (e0 - x) / (1 - x)) on the discard grid
+    x = r.curve.x[:-1]
+    np.testing.assert_allclose(r.curve.fnmr[:-1], np.maximum(0, (r.e0 - x) / (1 - x)), atol=1e-12)
+    for lim in (0.2, 0.3):
+        assert r.pauc_norm[lim] == pytest.approx(r.oracle_pauc_norm[lim])
+        assert r.pauc_norm[lim] < 0.6
+    # inverse oracle (worst errors kept longest) is worse than random
+    assert edc(s, m, -s, fmr_target=1e-3).pauc_norm[0.2] > 1.0
+
+
+def test_oracle_curve_function():
+    c = oracle_curve(0.5, 4)  # 2 errors of 4: 2/4, 1/3, 0, then (1, 0)
+    np.testing.assert_allclose(c.x, [0.0, 0.25, 0.5, 1.0])
+    np.testing.assert_allclose(c.fnmr, [0.5, 1 / 3, 0.0, 0.0])
+    c = oracle_curve(1.0, 3)  # all errors: FNMR stays 1 until nothing is left
+    np.testing.assert_allclose(c.x, [0.0, 1 / 3, 2 / 3, 1.0])
+    np.testing.assert_allclose(c.fnmr, [1.0, 1.0, 1.0, 0.0])
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_interval_is_seeded_and_sensible():
+    s, m = synthetic(5, n_mated=600, n_non=1500)
+    q = np.random.default_rng(6).random(s.size)
+    lo, hi = bootstrap_pauc_norm(s, m, q, n_boot=60, seed=7)
+    assert (lo, hi) == bootstrap_pauc_norm(s, m, q, n_boot=60, seed=7)
+    assert (lo, hi) == bootstrap_pauc_norm(s, m, q, n_boot=60, seed=np.random.default_rng(7))
+    assert (lo, hi) != bootstrap_pauc_norm(s, m, q, n_boot=60, seed=8)
+    assert lo < hi
+    assert lo < 1.0 < hi  # random quality: the interval covers the "knows nothing" value
+    # the oracle's interval sits far below 1
+    _, hi_o = bootstrap_pauc_norm(s, m, s, n_boot=60, seed=7)
+    assert hi_o < lo
+
+
+def test_bootstrap_recomputes_tau_per_resample():
+    # Mated scores all 0.5; non-mated [0.6, 0.4, 0 x 8] at FMR 0.1 (k = 1). On the full
+    # data tau is just above 0.4, every mated pair matches, e0 = 0: nothing to normalise.
+    # A resample holding 0.6 twice or more (p ~ 0.26) puts tau above 0.6, all mated pairs
+    # fail, e0 = 1 and the normalised pAUC is exactly 1. With tau frozen from the full
+    # data every resample would be NaN.
+    s = np.array([0.5] * 6 + [0.6, 0.4] + [0.0] * 8)
+    m = np.arange(16) < 6
+    q = np.arange(16.0)
+    assert edc(s, m, q, fmr_target=0.1).e0 == 0.0
+    assert bootstrap_pauc_norm(s, m, q, fmr_target=0.1, n_boot=50, seed=1) == (1.0, 1.0)
+
+
+def test_bootstrap_all_nan_when_no_errors():
+    s = np.array([10.0, 11.0, 12.0, *HAND_NON_S])
+    m = np.array([True] * 3 + [False] * 10)
+    lo, hi = bootstrap_pauc_norm(s, m, np.arange(13.0), n_boot=5, fmr_target=0.1)
+    assert math.isnan(lo) and math.isnan(hi)
+
+
+# ----------------------------------------------------------------------------- ERC
+
+
+def test_erc_hand_case():
+    # 40 pairs with qualities 0..39; even i = 2j mated with score j + 5, odd i = 2j+1
+    # non-mated with score 19 - j (j = 0..19). Step k drops floor(40 k / 20) = 2k pairs,
+    # i.e. j < k of both kinds. FMR 1e-3 on <= 20 impostors allows 0 false matches, so
+    # tau_k is just above max_{j>=k}(19 - j) = 19 - k. A mated j >= k fails iff
+    # j + 5 <= 19 - k, i.e. j in [k, 14 - k]: 15 - 2k failures (0 from k = 8) out of
+    # 20 - k kept mated pairs.
+    i = np.arange(40)
+    j = i // 2
+    mated = i % 2 == 0
+    s = np.where(mated, j + 5.0, 19.0 - j)
+    r = erc(s, mated, i.astype(float))
+    k = np.arange(20)
+    want = np.maximum(0, 15 - 2 * k) / (20 - k)
+    np.testing.assert_allclose(r.discard_fractions, k / 20)
+    np.testing.assert_allclose(r.fnmr, want)
+    np.testing.assert_allclose(r.tau, np.nextafter(19.0 - k, np.inf))
+    area = sum((want[a] + want[a + 1]) / 2 * 0.05 for a in range(19))
+    assert r.area == pytest.approx(area)
+    assert r.fnmr[0] == pytest.approx(0.75) and r.fnmr[7] == pytest.approx(1 / 13)
+
+
+def test_erc_discard_count_is_floored():
+    # n = 30: step 1 drops floor(1.5) = 1 pair, step 2 floor(3.0) = 3. Sorted by quality:
+    # non-mated 10, non-mated 9, then mated 5 / non-mated 0 alternating. FMR 1e-3 on
+    # <= 15 impostors allows none: tau clears the highest kept non-mated score.
+    #   step 0: tau > 10 -> all mated fail (1.0); step 1 (drop 1): tau > 9 -> 1.0;
+    #   step 2 (drop 3): tau > 0 -> all mated match (0.0). Rounding 1.5 up would give 0.
+    s = np.array([10.0, 9.0] + [5.0, 0.0] * 14)
+    m = np.array([False, False] + [True, False] * 14)
+    r = erc(s, m, np.arange(30.0))
+    np.testing.assert_allclose(r.fnmr[:3], [1.0, 1.0, 0.0])
+
+
+def test_erc_recomputes_threshold_unlike_edc():
+    # Dropping one low-quality impostor lowers tau and rescues a mated pair under ERC;
+    # the fixed-threshold EDC cannot see that (non-mated qualities do not enter it).
+    s = np.concatenate([[0.5, 0.9], np.zeros(38)])
+    m = np.arange(40) == 0
+    q = np.concatenate([[1.0, 0.0], np.linspace(0.1, 0.9, 38)])
+    r = erc(s, m, q)
+    assert r.fnmr[0] == 1.0 and r.fnmr[1] == 0.0  # 5 % = 2 pairs dropped, incl. the 0.9
+    assert edc(s, m, q, fmr_target=1e-2).curve.fnmr[0] == 1.0
+
+
+def test_erc_nan_when_a_side_runs_out():
+    s = np.array([0.9, 0.1, 0.8, 0.2])
+    m = np.array([True, False, True, False])
+    r = erc(s, m, np.array([0.4, 0.3, 0.2, 0.1]))
+    # the last step keeps 4 - floor(19*4/20) = 1 pair: one side empty -> NaN, area NaN
+    assert math.isnan(r.fnmr[-1]) and math.isnan(r.area)
+    assert r.fnmr[0] == 0.0
+    assert json.dumps(r.to_dict(), allow_nan=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("s", "m", "q", "match"),
+    [
+        ([0.1, 0.2], [True, False], [0.5], "equal lengths"),
+        ([0.1, 0.2], [False, False], [0.5, 0.5], "no mated"),
+        ([0.1, 0.2], [True, True], [0.5, 0.5], "no non-mated"),
+        ([0.1, math.nan], [True, False], [0.5, 0.5], "similarity.*NaN"),
+        ([0.1, 0.2], [True, False], [math.nan, 0.5], "quality_pair.*NaN"),
+        ([0.1, 0.2], [1.0, math.nan], [0.5, 0.5], "mated"),
+        ([0.1, 0.2], [0.5, 0.0], [0.5, 0.5], "mated"),
+        ([[0.1, 0.2]], [[True, False]], [[0.5, 0.5]], "one-dimensional"),
+    ],
+)
+def test_input_validation(s, m, q, match):
+    for fn in (edc, erc, bootstrap_pauc_norm):
+        with pytest.raises(ValueError, match=match):
+            fn(s, m, q)
+
+
+def test_bad_targets_and_limits():
+    s, m, q = hand_case()
+    with pytest.raises(ValueError, match="fmr_target"):
+        edc(s, m, q, fmr_target=0.0)
+    with pytest.raises(ValueError, match="fmr_target"):
+        erc(s, m, q, fmr_target=1.5)
+    with pytest.raises(ValueError, match="limit"):
+        edc(s, m, q, fmr_target=0.1, limits=(0.2, 1.5))
+
+
+def test_integer_mated_flags_and_pair_quality():
+    s, m, q = hand_case()
+    a = edc(s, m.astype(int), q, fmr_target=0.1)
+    np.testing.assert_array_equal(a.curve.fnmr, edc(s, m, q, fmr_target=0.1).curve.fnmr)
+    np.testing.assert_array_equal(pair_quality([0.2, 0.9], [0.5, 0.1]), [0.2, 0.1])
+    with pytest.raises(ValueError):
+        pair_quality([0.1, 0.2], [0.3])
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+def test_agreement_monotone_transform():
+    x = np.linspace(-2, 3, 40)
+    r = agreement(x, np.exp(x))
+    assert r["srcc"] == pytest.approx(1.0) and r["krcc"] == pytest.approx(1.0)
+    r = agreement(x, -(x**3))
+    assert r["srcc"] == pytest.approx(-1.0) and r["krcc"] == pytest.approx(-1.0)
+
+
+def test_agreement_logistic_fit_recovers_a_logistic():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 10, 200)
+    y = (4.0 - 1.0) / (1 + np.exp(-(x - 5.0) / 0.8)) + 1.0  # b1=4, b2=1, b3=5, b4=0.8
+    r = agreement(x, y)
+    assert r["logistic_fit"] is True
+    assert r["plcc"] == pytest.approx(1.0, abs=1e-6)
+    assert r["rmse"] == pytest.approx(0.0, abs=1e-4)
+    assert stats.pearsonr(x, y).statistic < 0.99  # so the fit really did something
+    assert r["score"] == pytest.approx((r["srcc"] + r["plcc"]) / 2)
+    # decreasing relation: the fit flips sign, PLCC follows
+    r = agreement(x, -y)
+    assert r["logistic_fit"] is True and r["plcc"] == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_agreement_falls_back_to_pearson_when_fit_impossible():
+    p, t = np.array([0.0, 1.0, 2.0]), np.array([0.0, 2.0, 1.0])  # 3 points, 4 parameters
+    r = agreement(p, t)
+    assert r["logistic_fit"] is False
+    assert r["plcc"] == pytest.approx(stats.pearsonr(p, t).statistic)
+    # RMSE of the least-squares line y = 0.5 + 0.5 x: residuals -0.5, 1, -0.5
+    assert r["rmse"] == pytest.approx(math.sqrt(0.5))
+
+
+def test_agreement_validation():
+    with pytest.raises(ValueError, match="equal lengths"):
+        agreement([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="NaN"):
+        agreement([1, 2, math.nan], [1, 2, 3])
+    with pytest.raises(ValueError, match="vary"):
+        agreement([1, 1, 1], [1, 2, 3])
+
+
+# ----------------------------------------------------------------------------- properties
+
+# Small integer grids so ties in both similarity and quality are common.
+pairs = st.integers(min_value=1, max_value=25).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.integers(0, 6), min_size=n, max_size=n),
+        st.lists(st.booleans(), min_size=n, max_size=n),
+        st.lists(st.integers(0, 4), min_size=n, max_size=n),
+        st.permutations(list(range(n + 2))),
+    )
+)
+
+
+def _arrays(sim, mated, qual):
+    # two fixed pairs guarantee both a mated and a non-mated comparison
+    s = np.array([*sim, 3, 3], dtype=float)
+    m = np.array([*mated, True, False])
+    q = np.array([*qual, 2, 2], dtype=float) / 4
+    return s, m, q
+
+
+@settings(max_examples=150, deadline=None)
+@given(pairs)
+def test_edc_properties(data):
+    sim, mated, qual, perm = data
+    s, m, q = _arrays(sim, mated, qual)
+    r = edc(s, m, q, fmr_target=0.2)
+    x, f = r.curve.x, r.curve.fnmr
+    assert x[0] == 0.0 and x[-1] == 1.0 and f[-1] == 0.0
+    assert np.all(np.diff(x) > 0) and np.all((x >= 0) & (x <= 1))
+    assert np.all((f >= 0) & (f <= 1))
+    for lim in (0.2, 0.3):
+        assert 0.0 <= r.pauc[lim] <= lim + 1e-12
+        if r.e0 > 0:
+            assert r.oracle_pauc_norm[lim] <= r.pauc_norm[lim] + 1e-9
+    ref_x, ref_f = reference_edc(s, m, q, r.tau)
+    np.testing.assert_allclose(x, ref_x)
+    np.testing.assert_allclose(f, ref_f)
+    # permutation invariance: reordering the pairs changes nothing
+    p = np.array(perm)
+    rp = edc(s[p], m[p], q[p], fmr_target=0.2)
+    assert rp.tau == r.tau
+    np.testing.assert_array_equal(rp.curve.x, x)
+    np.testing.assert_array_equal(rp.curve.fnmr, f)
+    assert rp.pauc == r.pauc
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs)
+def test_erc_properties(data):
+    sim, mated, qual, perm = data
+    s, m, q = _arrays(sim, mated, qual)
+    q = q + np.arange(q.size) * 1e-6  # distinct qualities: ERC breaks ties by input order
+    r = erc(s, m, q)
+    finite = r.fnmr[np.isfinite(r.fnmr)]
+    assert np.isfinite(r.fnmr[0])
+    assert np.all((finite >= 0) & (finite <= 1))
+    p = np.array(perm)
+    rp = erc(s[p], m[p], q[p])
+    np.testing.assert_array_equal(rp.fnmr, r.fnmr)
