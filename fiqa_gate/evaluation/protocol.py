@@ -1,0 +1,106 @@
+"""The verification protocol: which faces are compared, and how a set of scores is judged.
+
+Test set (built-in): ORL identities s31-s40, never trained or tuned on. Each of the 100
+images gives its clean face plus `TEST_VARIANTS` degradations drawn with `TEST_SEED`
+(fiqa_gate.degradations, every kind and combinations, severity ~ U(0, 1)), so the set
+mixes good and bad faces as a real enrollment queue does. A different seed from any
+training seed, and identities no training run ever sees.
+
+Comparisons: every pair of faces except two faces cut from the same source image (a
+degraded copy matched against its own original says nothing about recognition). Mated =
+same identity. Pair quality = min of the two scores; EDC at the recognizer's FMR 1e-3
+threshold computed on these non-mated pairs (metrics.edc).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fiqa_gate.components import Detector
+from fiqa_gate.datasets import (
+    ORL_TEST,
+    Samples,
+    build_samples,
+    detect_sources,
+    identity_folder,
+    orl_items,
+)
+from fiqa_gate.evaluation.metrics import EDCResult, edc, pair_quality
+
+TEST_SEED = 314159
+TEST_VARIANTS = 3
+
+
+def load_test_set(detector: Detector, root: str | Path | None = None,
+                  variants: int = TEST_VARIANTS, seed: int = TEST_SEED,
+                  cache: Path | None = None, progress: str | None = None) -> Samples:
+    """ORL s31-s40 (or an identity folder) with its seeded degradations; cached as .npz."""
+    if cache is not None and cache.is_file():
+        return Samples.load(cache)
+    items = orl_items(ORL_TEST) if root is None else identity_folder(root)
+    sources = detect_sources(items, detector)
+    samples = build_samples(sources, detector, variants=variants, seed=seed, progress=progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        samples.save(cache)
+    return samples
+
+
+def verification_pairs(identity: Sequence[str | None], source: Sequence[str]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, mated) for all pairs a < b whose faces come from different source images."""
+    n = len(identity)
+    a, b = np.triu_indices(n, k=1)
+    src = np.unique(np.asarray(source), return_inverse=True)[1]
+    ident = np.unique(np.asarray([str(i) for i in identity]), return_inverse=True)[1]
+    keep = src[a] != src[b]
+    a, b = a[keep], b[keep]
+    return a, b, ident[a] == ident[b]
+
+
+def similarities(embeddings: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
+    return np.einsum("ij,ij->i", e[a], e[b])
+
+
+def edc_by_scorer(similarity: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
+                  qualities: Mapping[str, np.ndarray], fmr_target: float | None = None
+                  ) -> dict[str, EDCResult]:
+    """The fixed-threshold EDC of every scorer on the same comparisons."""
+    return {name: edc(similarity, mated, pair_quality(q[a], q[b]), fmr_target=fmr_target)
+            for name, q in qualities.items()}
+
+
+def random_quality(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random(n)
+
+
+def as_faces(samples: Samples) -> list:
+    """Samples as runtime Face objects (the detector's confidence kept for its baseline)."""
+    from fiqa_gate.faces import Detection, Face
+
+    return [Face(crop=c, source=s, index=0,
+                 detection=Detection((0.0, 0.0, 0.0, 0.0), np.zeros((5, 2)), float(d)))
+            for c, s, d in zip(samples.crops, samples.source, samples.det_score, strict=True)]
+
+
+def raw_qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
+                  options: Mapping[str, Mapping[str, object]] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """Raw output of each named scorer plugin on every sample (`random` is built in)."""
+    from fiqa_gate.registry import ScorerContext, get_scorer
+
+    faces = as_faces(samples)
+    out: dict[str, np.ndarray] = {}
+    for name in scorers:
+        if name == "random":
+            out[name] = random_quality(len(samples))
+            continue
+        ctx = ScorerContext(recognizer_name=recognizer, options=dict((options or {}).get(name, {})))
+        scorer = get_scorer(name, ctx)
+        out[name] = np.concatenate([scorer.raw_scores(faces[i:i + 256])
+                                    for i in range(0, len(faces), 256)])
+    return out

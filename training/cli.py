@@ -1,0 +1,86 @@
+"""`fiqa-gate train ...`: the recipe from the command line (torch is imported only here,
+when a training command actually runs, so the runtime CLI stays torch-free)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+STAGE_NAMES = ("data", "teacher", "pseudo_a", "enhanced", "pseudo_b", "student", "calibrate",
+               "export", "report")
+
+
+def _need_torch() -> None:
+    missing = [m for m in ("torch", "timm", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"training needs {', '.join(missing)}: pip install 'fiqa-gate[train]'")
+
+
+def _log_to(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("fiqa_gate.training")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # one line per event, not one per handler up the tree
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    for handler in (logging.FileHandler(out / "train.log"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+
+
+@click.group()
+def train() -> None:
+    """Train, self-train, distil, calibrate and export a student (needs [train])."""
+
+
+@train.command("run")
+@click.argument("config")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default runs/CONFIG). Re-running resumes.")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(STAGE_NAMES),
+              help="Run only these stages (default: all, in order).")
+@click.option("--install/--no-install", default=False,
+              help="Copy the exported student into fiqa_gate/models/ (the shipped default).")
+def run_command(config: str, out: Path | None, stages: tuple[str, ...], install: bool) -> None:
+    """Run the recipe CONFIG (a built-in name: cpu, paper, smoke; or a JSON file)."""
+    _need_torch()
+    from fiqa_gate_training import recipe
+
+    try:
+        cfg = recipe.load_config(config)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    out = out or Path("runs") / cfg["name"]
+    _log_to(out)
+    chosen = tuple(s for s in recipe.STAGES if not stages or s in stages)
+    run = recipe.run_recipe(cfg, out, chosen)
+    click.echo(json.dumps(run.times, indent=2), err=True)
+    if install:
+        install_student(out / "export")
+
+
+def install_student(export: Path) -> None:
+    """Copy student.{onnx,json,md} into the package: it becomes the default scorer."""
+    from fiqa_gate import models_dir
+    from fiqa_gate.student import OnnxStudentScorer
+
+    OnnxStudentScorer(export / "student.onnx")  # refuse to install what would not load
+    dest = models_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("student.onnx", "student.json", "student.md"):
+        if (export / name).exists():
+            shutil.copy(export / name, dest / name)
+    click.echo(f"installed {export / 'student.onnx'} -> {dest}", err=True)
+
+
+@train.command("configs")
+def configs_command() -> None:
+    """List the built-in configs."""
+    for path in sorted((Path(__file__).parent / "configs").glob("*.json")):
+        click.echo(f"{path.stem:8s} {json.loads(path.read_text()).get('description', '')}")

@@ -1,0 +1,68 @@
+"""Export a trained quality network: ONNX for the runtime, safetensors for the weights.
+
+No pickle leaves this module: weights are safetensors, the graph is ONNX, the metadata
+JSON. The ONNX graph is checked against torch on real faces before it is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fiqa_gate_training.models import QualityNet
+from fiqa_gate_training.train import predict, to_input
+
+from fiqa_gate.assets import sha256_file
+
+MAX_ABS_DIFF = 1e-4
+
+
+def save_weights(model: QualityNet, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_weights(model: QualityNet, path: Path) -> QualityNet:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def export_onnx(model: QualityNet, path: Path, input_size: int, check_crops: np.ndarray
+                ) -> float:
+    """Write `path` (input "input" [N,3,S,S] 0..255 RGB, output "quality" [N]) and return
+    the largest |ONNX - torch| on `check_crops`; refuses the export above MAX_ABS_DIFF."""
+    import onnxruntime as ort
+
+    model.eval()
+    tmp = path.with_name(path.stem + ".tmp.onnx")
+    dummy = torch.zeros(2, 3, input_size, input_size)
+    torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"],
+                      output_names=["quality"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}, "quality": {0: "batch"}})
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    x = to_input(check_crops, input_size).numpy()
+    got = np.concatenate([session.run(None, {"input": x[i:i + 32]})[0].reshape(-1)
+                          for i in range(0, len(x), 32)])
+    want = predict(model, check_crops, input_size)
+    diff = float(np.abs(got - want).max())
+    if diff > MAX_ABS_DIFF:
+        tmp.unlink()
+        raise RuntimeError(f"ONNX export differs from torch by {diff:.2e} > {MAX_ABS_DIFF}")
+    tmp.replace(path)
+    return diff
+
+
+def write_metadata(onnx_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    meta = {**meta, "sha256": sha256_file(onnx_path)}
+    tmp = onnx_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(onnx_path.with_suffix(".json"))
+    return meta

