@@ -110,7 +110,7 @@ def _apply_lowlight(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndar
 
 
 def _draw_jpeg(sev: float, rng: np.random.Generator, scale: float) -> Params:
-    return {"quality": int(round(_lerp(30, 3, sev)))}
+    return {"quality": round(_lerp(30, 3, sev))}
 
 
 def _apply_jpeg(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:

@@ -73,7 +73,8 @@ def install_student(export: Path) -> None:
     OnnxStudentScorer(export / "student.onnx")  # refuse to install what would not load
     dest = models_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("student.onnx", "student.json", "student.md"):
+    for name in ("student.onnx", "student.json", "student.md", "student.safetensors",
+                 "baselines.json"):
         if (export / name).exists():
             shutil.copy(export / name, dest / name)
     click.echo(f"installed {export / 'student.onnx'} -> {dest}", err=True)

@@ -148,7 +148,7 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def label_edc(samples: Samples, embeddings: np.ndarray, label: np.ndarray) -> dict[str, Any]:
     """How close ordering by the label comes to the oracle EDC (validation identities)."""
-    a, b, mated = verification_pairs(samples.identity, samples.source)
+    a, b, mated = verification_pairs(samples.identity, samples.source, samples.clean)
     sim = similarities(embeddings, a, b)
     res = edc(sim, mated, pair_quality(label[a], label[b]))
     rnd = np.random.default_rng(0).random(len(label))

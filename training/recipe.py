@@ -156,25 +156,33 @@ def stage_student(run: Run) -> None:
 
 
 def stage_calibrate(run: Run) -> None:
+    """Isotonic maps from raw output to P(match) on the validation identities, for the
+    student and for the baselines (so every scorer can gate at the same --threshold)."""
     from fiqa_gate_training.data import reference_pairs
     from fiqa_gate_training.train import predict
 
     from fiqa_gate.calibration import fit_calibration
+    from fiqa_gate.evaluation.protocol import raw_qualities, similarities
     from fiqa_gate.registry import get_recognizer
 
     val = run.samples("labelled_val")
     rec_name = run.cfg["data"]["recognizer"]
     recognizer = get_recognizer(rec_name)
-    raw = predict(_load(run, "student", "student"), val.crops, run.cfg["student"]["input_size"])
     faces, refs = reference_pairs(val)
-    emb = recognizer.embed(val.crops)
-    from fiqa_gate.evaluation.protocol import similarities
+    matched = similarities(recognizer.embed(val.crops), faces, refs) >= recognizer.threshold
+    note = f"isotonic, {len(faces)} face-reference comparisons of the validation identities"
+    raw = {"student": predict(_load(run, "student", "student"), val.crops,
+                              run.cfg["student"]["input_size"]),
+           **raw_qualities(val, BASELINE_SCORERS, rec_name)}
+    fitted = {name: fit_calibration(np.nan_to_num(r[faces], nan=-1e9), matched, rec_name,
+                                    note=note).to_dict() for name, r in raw.items()}
+    (run.out / "calibration.json").write_text(json.dumps(fitted.pop("student"), indent=2))
+    (run.out / "baselines.json").write_text(json.dumps(
+        {rec_name: {k: {"x": v["x"], "y": v["y"], "note": note} for k, v in fitted.items()}},
+        indent=2))
 
-    matched = similarities(emb, faces, refs) >= recognizer.threshold
-    cal = fit_calibration(raw[faces], matched, rec_name,
-                          note=f"isotonic, {len(faces)} face-reference comparisons of the "
-                               "validation identities")
-    (run.out / "calibration.json").write_text(json.dumps(cal.to_dict(), indent=2))
+
+BASELINE_SCORERS = ("sharpness", "detector-confidence", "embedding-norm")
 
 
 def stage_export(run: Run) -> None:
@@ -188,6 +196,7 @@ def stage_export(run: Run) -> None:
     check = run.samples("labelled_val").crops[:64]
     diff = export_onnx(model, out / "student.onnx", spec["input_size"], check)
     shutil.copy(run.out / "student.safetensors", out / "student.safetensors")
+    shutil.copy(run.out / "baselines.json", out / "baselines.json")
     cal = json.loads((run.out / "calibration.json").read_text())
     write_metadata(out / "student.onnx", {
         "name": f"fiqa-gate student ({run.cfg['name']} recipe)",

@@ -139,8 +139,9 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            value = loss.item()
+            total += value * len(idx)
+            bar.set_postfix(loss=f"{value:.4f}")
             if max_steps is not None and step + 1 >= max_steps:
                 break
         log.info("%s epoch %d/%d: loss %.4f (%.0f s)", desc, epoch + 1, epochs,

@@ -6,10 +6,10 @@ images gives its clean face plus `TEST_VARIANTS` degradations drawn with `TEST_S
 mixes good and bad faces as a real enrollment queue does. A different seed from any
 training seed, and identities no training run ever sees.
 
-Comparisons: every pair of faces except two faces cut from the same source image (a
-degraded copy matched against its own original says nothing about recognition). Mated =
-same identity. Pair quality = min of the two scores; EDC at the recognizer's FMR 1e-3
-threshold computed on these non-mated pairs (metrics.edc).
+Comparisons: every face against every clean face (the references an enrollment gallery
+holds) cut from another source image (a degraded copy matched against its own original
+says nothing about recognition). Mated = same identity. Pair quality = min of the two
+scores; EDC at the FMR 1e-3 threshold of these non-mated comparisons (metrics.edc).
 """
 
 from __future__ import annotations
@@ -49,14 +49,23 @@ def load_test_set(detector: Detector, root: str | Path | None = None,
     return samples
 
 
-def verification_pairs(identity: Sequence[str | None], source: Sequence[str]
+def verification_pairs(identity: Sequence[str | None], source: Sequence[str],
+                       clean: Sequence[bool] | np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(a, b, mated) for all pairs a < b whose faces come from different source images."""
+    """(a, b, mated): every face `a` against every clean reference `b` from another source
+    image (each clean-clean pair once). Without `clean`, every face is a reference.
+
+    Comparing against clean references is what an enrollment gallery does, and it keeps
+    junk-versus-junk comparisons (two black frames look alike to any recognizer) from
+    setting the impostor threshold.
+    """
     n = len(identity)
-    a, b = np.triu_indices(n, k=1)
+    ref = np.ones(n, bool) if clean is None else np.asarray(clean, dtype=bool)
+    a, b = np.meshgrid(np.arange(n), np.flatnonzero(ref), indexing="ij")
+    a, b = a.ravel(), b.ravel()
     src = np.unique(np.asarray(source), return_inverse=True)[1]
     ident = np.unique(np.asarray([str(i) for i in identity]), return_inverse=True)[1]
-    keep = src[a] != src[b]
+    keep = (src[a] != src[b]) & ~(ref[a] & (a > b))
     a, b = a[keep], b[keep]
     return a, b, ident[a] == ident[b]
 

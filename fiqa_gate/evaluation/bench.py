@@ -1,0 +1,157 @@
+"""`fiqa-gate bench`: what the gate costs next to what it saves, measured in one run.
+
+Everything runs on real faces (ORL test identities, the insightface group photo) on this
+machine; each figure is the median over repeats (timing.measure).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fiqa_gate import models_dir, registry
+from fiqa_gate.evaluation.timing import measure
+
+log = logging.getLogger("fiqa_gate")
+
+PAPER_SIZE = 352
+
+
+def _faces(n: int) -> tuple[np.ndarray, list[str]]:
+    from fiqa_gate.datasets import ORL_TEST, orl_items
+    from fiqa_gate.pipeline import faces_from_file, primary_face
+
+    detector = registry.get_detector()
+    paths = [str(p) for _, p in orl_items(ORL_TEST)][:n]
+    crops = np.stack([primary_face(faces_from_file(p, detector)).crop for p in paths])
+    return crops, paths
+
+
+def _batch(crops: np.ndarray, size: int) -> np.ndarray:
+    return crops[np.arange(size) % len(crops)]
+
+
+def _torch_student(size: int):
+    """The shipped student's weights in torch (needs the [train] extra)."""
+    import json
+
+    from fiqa_gate_training.models import build_model
+    from safetensors.torch import load_file
+
+    meta = json.loads((models_dir() / "student.json").read_text())
+    model = build_model({"backbone": meta["architecture"], "input_size": size})
+    model.load_state_dict(load_file(str(models_dir() / "student.safetensors")))
+    return model.eval()
+
+
+def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
+    from fiqa_gate.evaluation.cli import machine
+    from fiqa_gate.student import OnnxStudentScorer
+
+    out: dict[str, Any] = {"machine": machine(), "repeats": repeats, "unit": "ms per face",
+                           "timings": {}}
+    t = out["timings"]
+
+    def rec(name: str, fn, faces: int) -> None:
+        timing = measure(name, fn, faces, repeats=repeats)
+        t[name] = timing.to_dict()
+        log.info("%s: %.3f ms/face", name, timing.ms_per_face)
+
+    crops, paths = _faces(64)
+    x1, x64 = _batch(crops, 1), _batch(crops, 64)
+
+    student = OnnxStudentScorer(model, batch_size=64, threads=None)
+    rec("student onnxruntime 112 px, batch 1", lambda: student.raw_from_crops(x1), 1)
+    rec("student onnxruntime 112 px, batch 64", lambda: student.raw_from_crops(x64), 64)
+
+    has_torch = all(importlib.util.find_spec(m) for m in ("torch", "timm", "safetensors"))
+    if has_torch and model is None and (models_dir() / "student.safetensors").exists():
+        import torch
+        from fiqa_gate_training.export import export_onnx
+        from fiqa_gate_training.train import to_input
+
+        for size in (112, PAPER_SIZE):
+            net = _torch_student(size)
+            for batch, xs in ((1, x1), (64, x64)):
+                inp = to_input(xs, size)
+
+                def fwd(net=net, inp=inp):
+                    with torch.no_grad():
+                        return net(inp)
+
+                rec(f"student torch {size} px, batch {batch}", fwd, batch)
+        # The same weights exported at the paper's input size, run like the shipped one.
+        with tempfile.TemporaryDirectory() as tmp:
+            import onnxruntime as ort
+
+            path = Path(tmp) / "student352.onnx"
+            export_onnx(_torch_student(PAPER_SIZE), path, PAPER_SIZE, crops[:4])
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            for batch, xs in ((1, x1), (64, x64)):
+                arr = to_input(xs, PAPER_SIZE).numpy()
+                rec(f"student onnxruntime {PAPER_SIZE} px, batch {batch}",
+                    lambda arr=arr: sess.run(None, {"input": arr}), batch)
+    else:
+        out["torch"] = ("not installed (pip install 'fiqa-gate[train]'): torch and "
+                        f"{PAPER_SIZE} px rows skipped")
+
+    # Detection: one ORL portrait and the group photo with six faces.
+    from fiqa_gate.images import load_image
+
+    detector = registry.get_detector()
+    portrait = load_image(paths[0])
+    rec("detection (YuNet) ORL 92x112 image", lambda: detector.detect(portrait), 1)
+    photo_path = Path(importlib.util.find_spec("insightface").origin).parent / "data" / \
+        "images" / "t1.jpg"
+    photo = load_image(str(photo_path))
+    n_photo = len(detector.detect(photo))
+    rec(f"detection (YuNet) 1280x886 photo, per face ({n_photo} faces)",
+        lambda: detector.detect(photo), n_photo)
+
+    recognizers = {}
+    for name in registry.registry().recognizers:
+        try:
+            recognizers[name] = registry.get_recognizer(name)
+        except Exception as exc:  # a missing optional recognizer is a note, not a failure
+            out.setdefault("skipped", {})[name] = str(exc).splitlines()[0]
+    for name, r in recognizers.items():
+        rec(f"embedding {name}, batch 1", lambda r=r: r.embed(x1), 1)
+        rec(f"embedding {name}, batch 64", lambda r=r: r.embed(x64), 64)
+
+    # The pipeline per image of one face: load, detect, align, (score,) embed.
+    from fiqa_gate.gate import Gate
+    from fiqa_gate.pipeline import faces_from_file
+
+    sface = recognizers.get("sface")
+    if sface is not None:
+        gate = Gate(student, threshold=0.5, use_plugins=False)
+        few = paths[:16]
+
+        def ungated():
+            faces = [f for p in few for f in faces_from_file(p, detector)]
+            sface.embed(np.stack([f.crop for f in faces]))
+
+        def gated():
+            faces = [f for p in few for f in faces_from_file(p, detector)]
+            decisions = gate.decide(faces)
+            kept = [f for f, d in zip(faces, decisions, strict=True) if d.accepted]
+            if kept:
+                sface.embed(np.stack([f.crop for f in kept]))
+
+        rec("pipeline without gate (load+detect+align+embed sface)", ungated, len(few))
+        rec("pipeline with gate (load+detect+align+score+embed accepted)", gated, len(few))
+        for batch in (1, 64):
+            gate_ms = t[f"student onnxruntime 112 px, batch {batch}"]["ms_per_face"]
+            emb_ms = t[f"embedding sface, batch {batch}"]["ms_per_face"]
+            out[f"gate_to_sface_cost_ratio_batch_{batch}"] = gate_ms / emb_ms
+    if f"student onnxruntime {PAPER_SIZE} px, batch 64" in t:
+        for batch in (1, 64):
+            out[f"speedup_112_vs_{PAPER_SIZE}_onnxruntime_batch_{batch}"] = (
+                t[f"student onnxruntime {PAPER_SIZE} px, batch {batch}"]["ms_per_face"]
+                / t[f"student onnxruntime 112 px, batch {batch}"]["ms_per_face"])
+    return out

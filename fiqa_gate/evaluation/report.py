@@ -1,0 +1,180 @@
+"""Evaluation report: JSON (everything), Markdown (the tables), PNGs (EDC, score histograms)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fiqa_gate.evaluation.metrics import EDCResult
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
+        else f"{v:.{digits}f}"
+
+
+def edc_rows(results: dict[str, EDCResult], ci: dict[str, tuple[float, float]]
+             ) -> list[dict[str, Any]]:
+    rows = []
+    for name, r in sorted(results.items(), key=lambda kv: np.nan_to_num(kv[1].pauc_norm[0.2],
+                                                                        nan=9.0)):
+        lo, hi = ci.get(name, (math.nan, math.nan))
+        rows.append({"scorer": name, "pauc_norm_20": r.pauc_norm[0.2],
+                     "ci95_20": [lo, hi], "pauc_norm_30": r.pauc_norm[0.3],
+                     "fnmr_at_10": r.fnmr_at[0.1], "fnmr_at_20": r.fnmr_at[0.2]})
+    return rows
+
+
+def plot_edc(results: dict[str, EDCResult], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
+    any_r = next(iter(results.values()))
+    for name, r in sorted(results.items()):
+        style = {"random": dict(color="grey", ls="--")}.get(name, {})
+        ax.step(r.curve.x, r.curve.fnmr, where="post",
+                label=f"{name} ({_f(r.pauc_norm[0.2])})", lw=2 if name == "student" else 1.2,
+                **style)
+    oc = any_r.oracle_curve
+    ax.plot(oc.x, oc.fnmr, color="black", ls=":", label="oracle")
+    ax.axhline(any_r.e0, color="grey", lw=0.6)
+    ax.axvline(0.2, color="grey", lw=0.6, ls="--")
+    ax.set_xlim(0, 0.5)
+    ax.set_ylim(0, max(any_r.e0 * 1.25, 1e-3))
+    ax.set_xlabel("fraction of mated comparisons discarded (lowest quality first)")
+    ax.set_ylabel(f"FNMR at fixed tau = {any_r.tau:.3f} (FMR {any_r.fmr_target:g})")
+    ax.set_title(title)
+    ax.legend(title="scorer (normalised pAUC 20 %)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_scores(qualities: dict[str, np.ndarray], matched: np.ndarray, path: Path,
+                title: str) -> Path:
+    """Per scorer: histograms of its score for faces that match their references and not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in qualities if n != "random"]
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), dpi=110,
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        q = qualities[name]
+        ok = np.isfinite(q)
+        bins = np.linspace(np.nanmin(q[ok]), np.nanmax(q[ok]) + 1e-9, 30) if ok.any() else 10
+        ax.hist(q[ok & matched], bins=bins, alpha=0.6, label="matched", color="tab:green")
+        ax.hist(q[ok & ~matched], bins=bins, alpha=0.6, label="not matched", color="tab:red")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# fiqa-gate evaluation: {report['dataset']}", "",
+             f"Recognizer **{report['recognizer']}**; {report['faces']} faces, "
+             f"{report['verification']['n_mated']} mated / "
+             f"{report['verification']['n_nonmated']} non-mated comparisons; tau "
+             f"{report['verification']['tau']:.4f} at FMR {report['verification']['fmr_target']:g}"
+             f"; FNMR with nothing discarded {report['verification']['e0']:.4f}. "
+             f"Machine: {report['machine']}.", ""]
+    if report["verification"].get("warning"):
+        lines += [f"> warning: {report['verification']['warning']}", ""]
+    lines += ["## Verification: EDC at a fixed threshold (normalised pAUC, lower is better)", "",
+              f"Oracle: {_f(report['verification']['oracle_pauc_norm_20'])} at 20 %, "
+              f"{_f(report['verification']['oracle_pauc_norm_30'])} at 30 %. ![EDC](edc.png)",
+              "", "| scorer | pAUC 20 % | 95 % CI | pAUC 30 % | FNMR @10 % | FNMR @20 % |",
+              "|---|---|---|---|---|---|"]
+    for r in report["verification"]["scorers"]:
+        lines.append(f"| {r['scorer']} | {_f(r['pauc_norm_20'])} | {_f(r['ci95_20'][0])}-"
+                     f"{_f(r['ci95_20'][1])} | {_f(r['pauc_norm_30'])} | {_f(r['fnmr_at_10'])} |"
+                     f" {_f(r['fnmr_at_20'])} |")
+    if report.get("erc"):
+        lines += ["", "ERC, threshold recomputed (CR-FIQA / MagFace style), area under FNMR vs "
+                  "discard 0-95 %:", "", "| scorer | area |", "|---|---|"]
+        lines += [f"| {k} | {_f(v, 4)} |" for k, v in report["erc"].items()]
+    ident = report.get("identification")
+    if ident:
+        u = ident["ungated"]
+        lines += ["", "## Identification with the FAISS gallery", "",
+                  f"{ident['identities_enrolled']} identities enrolled from "
+                  f"{ident['candidates']} candidates; {ident['mated_probes']} mated and "
+                  f"{ident['nonmated_probes']} non-mated probes; FNIR at FPIR "
+                  f"{ident['fpir']:g} (threshold {ident['fpir_threshold']:.3f} fixed on the "
+                  "all-candidates run).", "",
+                  "Best-of-N (one enrollment image per identity, picked by the scorer):", "",
+                  "| picked by | rank-1 | gain vs random (points) | FNIR |", "|---|---|---|---|"]
+        base = ident["best_of_n"]["random"]["rank1"]
+        for name, r in sorted(ident["best_of_n"].items(), key=lambda kv: -kv[1]["rank1"]):
+            lines.append(f"| {name} | {_f(r['rank1'])} | {100 * (r['rank1'] - base):+.1f} | "
+                         f"{_f(r['fnir'])} |")
+        lines += ["", f"Gated enrollment (all candidates with score >= "
+                      f"{ident['gate_threshold']}) versus all {u['enrolled']} candidates "
+                      f"(rank-1 {_f(u['rank1'])}, FNIR {_f(u['fnir'])}):", "",
+                  "| gate | enrolled | rank-1 | gain (points) | FNIR |", "|---|---|---|---|---|"]
+        for name, r in ident["gated"].items():
+            lines.append(f"| {name} | {r['enrolled']} | {_f(r['rank1'])} | "
+                         f"{100 * (r['rank1'] - u['rank1']):+.1f} | {_f(r['fnir'])} |")
+    lines += ["", "Score distributions: ![scores](scores.png)", "",
+              f"Reproduce: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "report.md").write_text(markdown(report))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """A rich table where the terminal is a TTY, plain aligned text otherwise."""
+    import sys
+
+    rows = report["verification"]["scorers"]
+    header = ["scorer", "pAUC 20 %", "95 % CI", "pAUC 30 %", "FNMR@20 %"]
+    body = [[r["scorer"], _f(r["pauc_norm_20"]),
+             f"{_f(r['ci95_20'][0])}-{_f(r['ci95_20'][1])}", _f(r["pauc_norm_30"]),
+             _f(r["fnmr_at_20"])] for r in rows]
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            table = Table(title=f"EDC with {report['recognizer']} (lower is better)")
+            for h in header:
+                table.add_column(h)
+            for b in body:
+                table.add_row(*b)
+            Console().print(table)
+            return
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+    for line in [header, *body]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)))

