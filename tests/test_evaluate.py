@@ -1,0 +1,99 @@
+"""`fiqa-gate evaluate` and `bench` on the real test split, models and FAISS gallery."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from fiqa_gate.evaluation.identification import split
+from fiqa_gate.evaluation.protocol import verification_pairs
+
+
+def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fiqa_gate", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_protocol_compares_faces_with_clean_references_of_other_images():
+    identity = ["A", "A", "A", "B", "B"]
+    source = ["a1", "a1", "a2", "b1", "b2"]
+    clean = [True, False, True, True, True]
+    a, b, mated = verification_pairs(identity, source, clean)
+    pairs = {(int(x), int(y)) for x, y in zip(a, b, strict=True)}
+    # every reference is clean, no pair shares a source, clean-clean pairs appear once
+    assert all(clean[y] for _, y in pairs)
+    assert all(source[x] != source[y] for x, y in pairs)
+    assert (1, 2) in pairs and (1, 0) not in pairs
+    assert not ((0, 2) in pairs and (2, 0) in pairs)
+    assert len(pairs) == len(a)
+    assert mated.tolist() == [identity[x] == identity[y] for x, y in zip(a, b, strict=True)]
+
+
+def test_identification_split_keeps_probes_apart_from_candidates():
+    from fiqa_gate.datasets import Samples
+
+    ident = [f"s{i}" for i in range(10) for _ in range(8)]
+    source = [f"s{i}/{j // 2}" for i in range(10) for j in range(8)]
+    s = Samples(np.zeros((80, 1, 1, 3), np.uint8), ident, source, [[]] * 80, np.ones(80))
+    sp = split(s)
+    assert not set(sp.candidates) & set(sp.mated_probes)
+    enrolled = {ident[i] for i in sp.candidates}
+    assert enrolled == {ident[i] for i in sp.mated_probes}
+    assert not enrolled & {ident[i] for i in sp.nonmated_probes}
+    for i in sp.mated_probes:
+        assert source[i] not in {source[j] for j in sp.candidates}
+
+
+def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
+    out = tmp_path / "report"
+    done = _cli("evaluate", "--scorer", "sharpness", "--scorer", "embedding-norm",
+                "--scorer", "random", "--bootstrap", "10", "--variants", "1", "-o", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    for name in ("edc.png", "scores.png", "report.md"):
+        assert (out / name).stat().st_size > 1000
+    v = report["verification"]
+    assert v["fmr_target"] == 1e-3 and 0 < v["e0"] < 1
+    rows = {r["scorer"]: r for r in v["scorers"]}
+    assert set(rows) == {"sharpness", "embedding-norm", "random"}
+    lo, hi = rows["embedding-norm"]["ci95_20"]
+    assert lo <= rows["embedding-norm"]["pauc_norm_20"] <= hi
+    # the recognizer's own embedding norm is a real signal on degraded faces
+    assert rows["embedding-norm"]["pauc_norm_20"] < rows["random"]["pauc_norm_20"]
+    ident = report["identification"]
+    assert 0 <= ident["best_of_n"]["random"]["rank1"] <= 1
+    assert "embedding-norm" in ident["best_of_n"]
+    assert "sharpness" in done.stdout
+
+
+def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
+    folder = tmp_path / "people"
+    rows = []
+    for s in ("s31", "s32", "s33"):
+        (folder / s).mkdir(parents=True)
+        for i in range(1, 5):
+            (folder / s / f"{i}.pgm").write_bytes((orl_root / s / f"{i}.pgm").read_bytes())
+    paths = sorted(folder.rglob("*.pgm"))
+    for x in paths:
+        for y in paths:
+            if x < y:
+                rows.append([str(x), str(y), int(x.parent == y.parent)])
+    pairs = tmp_path / "pairs.csv"
+    with pairs.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["path_a", "path_b", "mated"], *rows])
+    done = _cli("evaluate", "--pairs", str(pairs), "--scorer", "sharpness", "-o",
+                str(tmp_path / "p"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rep = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert rep["verification"]["n_mated"] == 3 * 6
+    assert rep["verification"]["n_nonmated"] == len(rows) - 18
+    assert rep["verification"]["warning"]  # 48 impostor pairs cannot resolve FMR 1e-3
+    done = _cli("evaluate", "--data", str(folder), "--variants", "1", "--bootstrap", "0",
+                "--scorer", "sharpness", "-o", str(tmp_path / "d"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rep = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert rep["faces"] == 12 * 2

@@ -1,0 +1,137 @@
+"""The training pipeline on real faces: converter, degradations, labels, stages, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from fiqa_gate import degradations  # noqa: E402
+from fiqa_gate.datasets import Samples, build_samples, detect_sources, orl_items  # noqa: E402
+from fiqa_gate.registry import get_detector, get_recognizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def orl_sources():
+    return detect_sources(orl_items(["s1", "s2"]), get_detector())
+
+
+def test_degradations_are_seeded_recorded_and_replayable(orl_sources):
+    face = orl_sources[0]
+    lm = face.detection.landmarks
+    one = degradations.degrade(face.image, lm, np.random.default_rng(5))
+    two = degradations.degrade(face.image, lm, np.random.default_rng(5))
+    assert one.record == two.record and np.array_equal(one.image, two.image)
+    replay = degradations.apply(face.image, lm, json.loads(json.dumps(one.record)))
+    assert np.array_equal(replay.image, one.image)
+    assert np.allclose(replay.landmarks, one.landmarks)
+    for kind in degradations.KINDS:
+        params = degradations.draw(kind, 0.8, np.random.default_rng(0), lm)
+        out = degradations.apply(face.image, lm, [params])
+        changed = (not np.array_equal(out.image, face.image)
+                   or not np.allclose(out.landmarks, lm))
+        assert changed, f"{kind} left the face untouched"
+    with pytest.raises(ValueError, match="unknown degradation"):
+        degradations.draw("sepia", 0.5, np.random.default_rng(0), lm)
+
+
+def test_sface_converted_to_torch_matches_onnxruntime(orl_sources):
+    from fiqa_gate_plugins.sface import repaired_sface_path
+    from fiqa_gate_training.models import sface_backbone
+
+    samples = build_samples(orl_sources[:8], get_detector(), 1, seed=0)
+    backbone, width = sface_backbone(str(repaired_sface_path()))
+    backbone.eval()
+    with torch.no_grad():
+        got = backbone(torch.from_numpy(samples.crops).permute(0, 3, 1, 2).float()).numpy()
+    want = get_recognizer("sface").embed_raw(samples.crops)
+    assert width == 128
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+
+
+def test_utility_labels_by_hand():
+    from fiqa_gate_training.data import utility_labels
+
+    # Identity A: a clean face (0), its degraded copy (1), another clean photo (2).
+    emb = np.array([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6], [0.0, 1.0]])
+    samples = Samples(np.zeros((4, 112, 112, 3), np.uint8), ["A", "A", "A", "B"],
+                      ["a1", "a1", "a2", "b1"], [[], [{"kind": "jpeg"}], [], []],
+                      np.ones(4))
+    samples_b = Samples(np.zeros((1, 112, 112, 3), np.uint8), ["B"], ["b2"], [[]], np.ones(1))
+    both = Samples.concat([samples, samples_b])
+    emb = np.vstack([emb, [[0.0, 1.0]]])
+    label, matched, _ = utility_labels(both, emb, threshold=0.7, temperature=0.05)
+    # face 1 (copy of a1) is compared only with a2: cos = 0.6*0.8 + 0.8*0.6 = 0.96 >= 0.7
+    assert matched[1] == 1.0
+    # face 0 vs a2: cos 0.8 -> match; face 2 vs a1 (face 0 only, clean): 0.8 -> match
+    assert matched[0] == 1.0 and matched[2] == 1.0
+    assert label[1] == pytest.approx(1 / (1 + np.exp(-(0.96 - 0.7) / 0.05)))
+    assert matched[3] == 1.0 and matched[4] == 1.0  # B's two photos are identical
+
+
+def test_fit_resumes_from_its_checkpoint(tmp_path, caplog, orl_sources):
+    from fiqa_gate_training.models import build_model
+    from fiqa_gate_training.train import fit
+
+    samples = build_samples(orl_sources[:4], get_detector(), 1, seed=0)
+    spec = {"backbone": "edgenext_xx_small", "input_size": 112, "epochs": 2, "batch_size": 4,
+            "lr": 1e-3, "weight_decay": 0.0, "seed": 0}
+    ckpt = tmp_path / "m.ckpt"
+    targets = np.linspace(0, 1, len(samples))
+    # max_steps stops the loop after one epoch, as an interruption would
+    fit(build_model(spec), samples.crops, targets, {**spec, "max_steps": 100}, ckpt, "m")
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    with caplog.at_level(logging.INFO, logger="fiqa_gate.training"):
+        fit(build_model(spec), samples.crops, targets, spec, ckpt, "m")
+    assert "resumed after epoch 1" in caplog.text
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+
+
+def test_paper_config_takes_one_step_on_two_faces(orl_sources, tmp_path):
+    """Swin-B teacher at 448 px and the 352 px student: the code path must not rot."""
+    from fiqa_gate_training.models import build_model
+    from fiqa_gate_training.recipe import load_config
+    from fiqa_gate_training.train import fit, predict
+
+    cfg = load_config("paper")
+    crops = build_samples(orl_sources[:2], get_detector(), 0, seed=0).crops
+    for key in ("teacher", "student"):
+        spec = {**cfg[key], "max_steps": 1, "batch_size": 2}
+        model = build_model(spec)
+        before = [p.detach().clone() for p in model.parameters()]
+        fit(model, crops, np.array([0.2, 0.9]), spec, tmp_path / f"{key}.ckpt", key)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(),
+                                                             strict=True))
+        assert changed, f"{key}: one optimisation step changed nothing"
+        assert predict(model, crops, spec["input_size"]).shape == (2,)
+
+
+def test_smoke_recipe_end_to_end_then_resume(tmp_path):
+    """All stages through the CLI, the export loads in the runtime, a rerun does nothing."""
+    from fiqa_gate.student import OnnxStudentScorer
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fiqa_gate", "train", "run", "smoke", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((out / "export" / "student.json").read_text())
+    assert meta["onnx_vs_torch_max_abs_diff"] <= 1e-4
+    assert meta["parameters"] > 1e6 and meta["flops"] > 1e7
+    scorer = OnnxStudentScorer(out / "export" / "student.onnx")
+    crops = Samples.load(out / "data" / "labelled_val.npz").crops[:16]
+    raw = scorer.raw_from_crops(crops)
+    assert raw.shape == (16,) and np.isfinite(raw).all()
+    calibrated = scorer.calibration(raw)
+    assert ((calibrated >= 0) & (calibrated <= 1)).all()
+    assert all(b >= a for a, b in zip(meta["calibration"]["y"], meta["calibration"]["y"][1:],
+                                      strict=False))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    assert again.stderr.count("done already") >= 8
