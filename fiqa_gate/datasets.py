@@ -211,8 +211,12 @@ def sample_seed(seed: int, source: str, variant: int) -> int:
 def build_samples(sources: Sequence[SourceFace], detector: Detector, variants: int,
                   seed: int, include_clean: bool = True,
                   kinds: tuple[str, ...] = degradations.KINDS,
-                  progress: str | None = None) -> Samples:
-    """Clean crop (optional) plus `variants` seeded degradations of every source face."""
+                  progress: str | None = None, redetect: bool = True) -> Samples:
+    """Clean crop (optional) plus `variants` seeded degradations of every source face.
+
+    `redetect=False` skips running the detector on each degraded image (its confidence is
+    then NaN): faster, for sets whose detector confidence nobody reads.
+    """
     from tqdm import tqdm
 
     crops, ident, src, recs, det = [], [], [], [], []
@@ -229,8 +233,11 @@ def build_samples(sources: Sequence[SourceFace], detector: Detector, variants: i
             ident.append(face.identity)
             src.append(face.source)
             recs.append(d.record)
-            det.append(float(face.detection.score) if not d.record
-                       else redetect_score(detector, d.image, face.detection.box))
+            if not d.record:
+                det.append(float(face.detection.score))
+            else:
+                det.append(redetect_score(detector, d.image, face.detection.box) if redetect
+                           else float("nan"))
     return Samples(np.stack(crops) if crops else np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3),
                                                            np.uint8),
                    ident, src, recs, np.asarray(det, dtype=np.float64))

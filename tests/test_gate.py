@@ -3,6 +3,8 @@ insightface FaceAnalysis adapter."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 
@@ -111,10 +113,10 @@ class _YuNetAsInsightface:
 
 
 def test_faceanalysis_adapter(sample_photo):
+    from fiqa_gate_plugins.sface import repaired_sface_path
     from insightface.model_zoo import get_model
 
     from fiqa_gate.insightface_adapter import GatedFaceAnalysis
-    from fiqa_gate_plugins.sface import repaired_sface_path
 
     recognition = get_model(str(repaired_sface_path()))
     recognition.input_mean, recognition.input_std = 0.0, 1.0  # SFace: raw 0..255 RGB
@@ -122,7 +124,7 @@ def test_faceanalysis_adapter(sample_photo):
 
     class App:
         det_model = _YuNetAsInsightface()
-        models = {"recognition": recognition}
+        models: ClassVar[dict] = {"recognition": recognition}
 
     rgb = load_image(sample_photo)
     scores = sorted(d.score for d in App.det_model.yunet.detect(rgb))

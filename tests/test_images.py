@@ -77,7 +77,7 @@ def test_truncated(tmp_path, fmt):
         buf, format=fmt)
     path = tmp_path / f"t.{fmt.lower()}"
     path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    with pytest.raises(ImageLoadError, match="truncated|corrupt"):
+    with pytest.raises(ImageLoadError, match=r"truncated|corrupt"):
         load_image(path)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 STAGE_NAMES = ("data", "teacher", "pseudo_a", "enhanced", "pseudo_b", "student", "calibrate",
-               "export", "report")
+               "export", "input_size", "report")
 
 
 def _need_torch() -> None:

@@ -136,7 +136,8 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                              skipped=skipped)
     set_a, set_b = _split(sources)
     for name, part, s in (("unlabelled_a", set_a, seed + 2), ("unlabelled_b", set_b, seed + 3)):
-        samples = build_samples(part, detector, d["unlabelled_variants"], s, progress=name)
+        samples = build_samples(part, detector, d["unlabelled_variants"], s, progress=name,
+                                redetect=False)
         samples.save(out / f"{name}.npz")
         report[name] = {"faces": len(samples), "source_faces": len(part)}
         log.info("%s: %d faces from %d source faces", name, len(samples), len(part))

@@ -8,6 +8,7 @@
     student    distil on labelled + A + B (+ ablation students)     student*.safetensors
     calibrate  raw output -> P(match at the FMR 1e-3 threshold)     calibration.json
     export     ONNX (checked against torch) + safetensors + JSON     export/
+    input_size the same student at other input sizes, equal epochs  student_px*.safetensors
     report     test-split figures for the model card                report.json, student.md
 
 A stage whose output exists is skipped, and the training loop resumes from its last
@@ -32,7 +33,7 @@ from fiqa_gate.datasets import Samples
 log = logging.getLogger("fiqa_gate.training")
 
 STAGES = ("data", "teacher", "pseudo_a", "enhanced", "pseudo_b", "student", "calibrate",
-          "export", "report")
+          "export", "input_size", "report")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -86,11 +87,11 @@ def _model(spec: dict[str, Any]):
     return build_model(spec)
 
 
-def _train(run: Run, key: str, name: str, crops: np.ndarray, targets: np.ndarray) -> None:
+def _train(run: Run, spec: dict[str, Any], name: str, crops: np.ndarray,
+           targets: np.ndarray) -> None:
     from fiqa_gate_training.export import save_weights
     from fiqa_gate_training.train import fit
 
-    spec = run.cfg[key]
     model = fit(_model(spec), crops, targets, spec, run.out / f"{name}.ckpt", desc=name)
     save_weights(model, run.out / f"{name}.safetensors")
     (run.out / f"{name}.ckpt").unlink(missing_ok=True)
@@ -117,7 +118,7 @@ def stage_data(run: Run) -> None:
 
 
 def stage_teacher(run: Run) -> None:
-    _train(run, "teacher", "teacher", *run.labelled())
+    _train(run, run.cfg["teacher"], "teacher", *run.labelled())
 
 
 def stage_pseudo_a(run: Run) -> None:
@@ -134,7 +135,8 @@ def _with_pseudo(run: Run, sets: list[tuple[str, str]]) -> tuple[np.ndarray, np.
 
 
 def stage_enhanced(run: Run) -> None:
-    _train(run, "teacher", "enhanced", *_with_pseudo(run, [("unlabelled_a", "pseudo_a.npy")]))
+    _train(run, run.cfg["teacher"], "enhanced",
+           *_with_pseudo(run, [("unlabelled_a", "pseudo_a.npy")]))
 
 
 def stage_pseudo_b(run: Run) -> None:
@@ -142,17 +144,46 @@ def stage_pseudo_b(run: Run) -> None:
 
 
 STUDENT_DATA = {  # the paper's ablation: which sets each student is distilled from
-    "student": [("unlabelled_a", "pseudo_a.npy"), ("unlabelled_b", "pseudo_b.npy")],
-    "student_la": [("unlabelled_a", "pseudo_a.npy")],
     "student_l": [],
+    "student_la": [("unlabelled_a", "pseudo_a.npy")],
+    "student_lab": [("unlabelled_a", "pseudo_a.npy"), ("unlabelled_b", "pseudo_b.npy")],
 }
 
 
+def _students(run: Run) -> list[tuple[str, list[tuple[str, str]], dict[str, Any]]]:
+    """(name, pseudo-labelled sets, spec): the shipped student (labelled + A + B, full
+    budget) and, if configured, the ablation students, all three at one reduced budget."""
+    spec = run.cfg["student"]
+    out = [("student", STUDENT_DATA["student_lab"], spec)]
+    ab = run.cfg.get("ablation")
+    if ab:
+        out += [(name, sets, {**spec, "epochs": ab["epochs"]})
+                for name, sets in STUDENT_DATA.items()]
+    return out
+
+
 def stage_student(run: Run) -> None:
-    names = list(STUDENT_DATA) if run.cfg.get("ablation") else ["student"]
-    for name in names:
+    for name, sets, spec in _students(run):
         if not (run.out / f"{name}.safetensors").exists():
-            _train(run, "student", name, *_with_pseudo(run, STUDENT_DATA[name]))
+            _train(run, spec, name, *_with_pseudo(run, sets))
+
+
+def _size_runs(run: Run) -> list[tuple[str, dict[str, Any]]]:
+    """(name, student spec) of the input-size comparison: every size, the same budget."""
+    ab = run.cfg.get("input_size_ablation")
+    if not ab:
+        return []
+    return [(f"student_px{size}", {**run.cfg["student"], "input_size": size,
+                                   "epochs": ab["epochs"]}) for size in ab["sizes"]]
+
+
+def stage_input_size(run: Run) -> None:
+    crops, labels = _with_pseudo(run, STUDENT_DATA["student_lab"])
+    keep = run.cfg["input_size_ablation"].get("max_faces", len(crops))
+    pick = np.sort(np.random.default_rng(0).permutation(len(crops))[:keep])
+    for name, spec in _size_runs(run):
+        if not (run.out / f"{name}.safetensors").exists():
+            _train(run, spec, name, crops[pick], labels[pick])
 
 
 def stage_calibrate(run: Run) -> None:
@@ -222,7 +253,8 @@ def stage_report(run: Run) -> None:
 STAGE_FUNCS: dict[str, Callable[[Run], None]] = {
     "data": stage_data, "teacher": stage_teacher, "pseudo_a": stage_pseudo_a,
     "enhanced": stage_enhanced, "pseudo_b": stage_pseudo_b, "student": stage_student,
-    "calibrate": stage_calibrate, "export": stage_export, "report": stage_report,
+    "calibrate": stage_calibrate, "export": stage_export, "input_size": stage_input_size,
+    "report": stage_report,
 }
 
 
@@ -230,11 +262,13 @@ def stage_done(run: Run, stage: str) -> bool:
     out = {"data": run.data / "labels.json", "teacher": run.out / "teacher.safetensors",
            "pseudo_a": run.out / "pseudo_a.npy", "enhanced": run.out / "enhanced.safetensors",
            "pseudo_b": run.out / "pseudo_b.npy",
-           "student": run.out / ("student_l.safetensors" if run.cfg.get("ablation")
-                                 else "student.safetensors"),
            "calibrate": run.out / "calibration.json", "export": run.out / "export/student.json",
-           "report": run.out / "report.json"}[stage]
-    return out.exists()
+           "report": run.out / "report.json"}.get(stage)
+    if stage == "student":
+        return all((run.out / f"{n}.safetensors").exists() for n, _, _ in _students(run))
+    if stage == "input_size":
+        return all((run.out / f"{n}.safetensors").exists() for n, _ in _size_runs(run))
+    return out is not None and out.exists()
 
 
 def run_recipe(cfg: dict[str, Any], out: Path, stages: tuple[str, ...] = STAGES) -> Run:

@@ -48,7 +48,7 @@ def _onnx_speed(path: str, size: int) -> dict[str, Any]:
 def write_report(run: Any) -> dict[str, Any]:
     from fiqa_gate_training.export import export_onnx, load_weights
     from fiqa_gate_training.models import build_model, count_flops, count_parameters
-    from fiqa_gate_training.recipe import STUDENT_DATA, machine
+    from fiqa_gate_training.recipe import _students, machine
     from fiqa_gate_training.train import predict
 
     detector = get_detector()
@@ -68,11 +68,20 @@ def write_report(run: Any) -> dict[str, Any]:
     for shown, file in models.items():
         model = load_weights(build_model(cfg["teacher"]), run.out / f"{file}.safetensors")
         nets[shown] = predict(model, test.crops, cfg["teacher"]["input_size"])
-    for name in STUDENT_DATA:
+    for name, _, spec in _students(run):
         path = run.out / f"{name}.safetensors"
-        if path.exists() and name != "student":
-            model = load_weights(build_model(cfg["student"]), path)
-            nets[name] = predict(model, test.crops, cfg["student"]["input_size"])
+        if name != "student" and path.exists():
+            model = load_weights(build_model(spec), path)
+            nets[f"{name} ({spec['epochs']} epochs)"] = predict(model, test.crops,
+                                                               spec["input_size"])
+    from fiqa_gate_training.recipe import _size_runs
+
+    for name, spec in _size_runs(run):
+        path = run.out / f"{name}.safetensors"
+        if path.exists():
+            model = load_weights(build_model(spec), path)
+            nets[f"student {spec['input_size']} px, {spec['epochs']} epochs"] = predict(
+                model, test.crops, spec["input_size"])
     export = run.out / "export"
     nets["student"] = raw_qualities(test, ["student"], rec_name,
                                     {"student": {"model": str(export / "student.onnx")}}
@@ -182,8 +191,10 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         for name, r in sorted(table.items(), key=lambda kv: kv[1]["pauc_norm_20"]):
             lines.append(f"| {name} | {_f(r['pauc_norm_20'])} | {_f(r['pauc_norm_30'])} | "
                          f"{_f(r['fnmr_at_10'])} | {_f(r['fnmr_at_20'])} |")
-    lines += ["", "Ablation: `student_l` is distilled from the labelled set only, `student_la` "
-              "from labelled + A, `student` from labelled + A + B (shipped).", "",
+    lines += ["", "Ablation (the paper's, at one reduced budget for all three): `student_l` is "
+              "distilled from the labelled set only, `student_la` from labelled + A, "
+              "`student_lab` from labelled + A + B; `student` is the shipped one (labelled + A "
+              "+ B, full budget).", "",
               "### Cost", "", "| model | parameters | GFLOPs | faces/s batch 1 | "
               "faces/s batch 64 |", "|---|---|---|---|---|"]
     for name, c in report["cost"].items():

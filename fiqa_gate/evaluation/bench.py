@@ -65,7 +65,7 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
     crops, paths = _faces(64)
     x1, x64 = _batch(crops, 1), _batch(crops, 64)
 
-    student = OnnxStudentScorer(model, batch_size=64, threads=None)
+    student = OnnxStudentScorer(model, batch_size=64)
     rec("student onnxruntime 112 px, batch 1", lambda: student.raw_from_crops(x1), 1)
     rec("student onnxruntime 112 px, batch 64", lambda: student.raw_from_crops(x64), 64)
 
