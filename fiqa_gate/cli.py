@@ -437,6 +437,10 @@ def _add_plugin_commands(group: click.Group) -> None:
 
 
 def main(argv: Iterable[str] | None = None) -> None:
+    # File names are bytes on POSIX; undecodable ones must reach CSV on stdout unchanged.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
     args = list(sys.argv[1:] if argv is None else argv)
     # Plugins register commands before parsing, so --no-plugins must act first.
     if "--no-plugins" in args[: args.index("--") if "--" in args else len(args)]:

@@ -25,7 +25,11 @@ class Manifest:
     def write_rows(self, rows: Sequence[dict]) -> None:
         """Write all rows of one input at once, so a resumed run never sees half of them."""
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, self.columns, extrasaction="ignore", lineterminator="\n")
+        # csv quotes a field holding "\n" but not one holding a lone "\r" (legal in POSIX
+        # file names), which would then split the record when read back: quote those rows.
+        bare_cr = any("\r" in str(v) for row in rows for v in row.values())
+        writer = csv.DictWriter(buf, self.columns, extrasaction="ignore", lineterminator="\n",
+                                quoting=csv.QUOTE_ALL if bare_cr else csv.QUOTE_MINIMAL)
         writer.writerows(rows)
         # One write per input: a kill leaves whole inputs plus at most one partial line.
         self._fh.write(buf.getvalue())
@@ -44,11 +48,24 @@ class Manifest:
         self.close()
 
 
+def _whole_records(data: bytes) -> int:
+    """Length of the longest prefix of whole CSV records. A record ends at a newline
+    outside quotes (a quoted file name may itself hold a newline)."""
+    end = pos = 0
+    open_quote = False
+    for line in data.split(b"\n")[:-1]:
+        pos += len(line) + 1
+        open_quote ^= bool(line.count(b'"') & 1)
+        if not open_quote:
+            end = pos
+    return end
+
+
 def _read_done(path: str, columns: Sequence[str], key: str) -> set[str]:
     with open(path, "rb+") as fh:
         data = fh.read()
-        if data and not data.endswith(b"\n"):  # a row cut by a kill
-            cut = data.rfind(b"\n") + 1
+        cut = _whole_records(data)
+        if cut != len(data):  # a row cut by a kill
             fh.truncate(cut)
             data = data[:cut]
     if not data:
