@@ -7,12 +7,16 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from fiqa_gate_plugins.baselines import DetectorConfidenceScorer
 
 from fiqa_gate import registry
 from fiqa_gate.gate import Gate
 from fiqa_gate.hookspecs import hookimpl
 from fiqa_gate.images import load_image
 from fiqa_gate.pipeline import faces_from_file, faces_in_image
+
+# Uncalibrated on purpose: the score is then the detector's own confidence, so the
+# expected decisions can be read off the detections.
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,7 @@ def group_faces(sample_photo):
 
 
 def test_decisions_follow_threshold(group_faces):
-    scorer = registry.get_scorer("detector-confidence")
+    scorer = DetectorConfidenceScorer()
     scores = [f.det_score for f in group_faces]
     cut = float(np.median(scores))
     decisions = Gate(scorer, threshold=cut).decide(group_faces)
@@ -39,7 +43,7 @@ def test_wrap_never_embeds_rejected_faces(group_faces):
         return rec.embed(crops)
 
     scores = sorted(f.det_score for f in group_faces)
-    gate = Gate(registry.get_scorer("detector-confidence"), threshold=scores[3])
+    gate = Gate(DetectorConfidenceScorer(), threshold=scores[3])
     gated = gate.wrap(embed)
     out = gated(group_faces)
     accepted = [d.accepted for d in gated.last_decisions]
@@ -128,7 +132,7 @@ def test_faceanalysis_adapter(sample_photo):
 
     rgb = load_image(sample_photo)
     scores = sorted(d.score for d in App.det_model.yunet.detect(rgb))
-    gate = Gate(registry.get_scorer("detector-confidence"), threshold=scores[2])
+    gate = Gate(DetectorConfidenceScorer(), threshold=scores[2])
     faces = GatedFaceAnalysis(App(), gate).get(np.ascontiguousarray(rgb[:, :, ::-1]))
     assert len(faces) == 6
     for f in faces:
