@@ -138,7 +138,8 @@ def build_model(spec: dict[str, Any]) -> QualityNet:
         return QualityNet(backbone, width, normalise=None)  # SFace normalises itself
     import timm
 
-    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0}
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0,
+                              "drop_path_rate": float(spec.get("drop_path", 0.0))}
     if spec.get("timm_img_size"):  # windowed transformers (Swin) fix their input size
         kwargs["img_size"] = spec["input_size"]
     backbone = timm.create_model(name, **kwargs)

@@ -92,7 +92,12 @@ def _train(run: Run, spec: dict[str, Any], name: str, crops: np.ndarray,
     from fiqa_gate_training.export import save_weights
     from fiqa_gate_training.train import fit
 
-    model = fit(_model(spec), crops, targets, spec, run.out / f"{name}.ckpt", desc=name)
+    val = None
+    if spec.get("select_on_val"):
+        v = run.samples("labelled_val")
+        val = (v.crops, v.extra["label"])
+    model = fit(_model(spec), crops, targets, spec, run.out / f"{name}.ckpt", desc=name,
+                val=val)
     save_weights(model, run.out / f"{name}.safetensors")
     (run.out / f"{name}.ckpt").unlink(missing_ok=True)
 

@@ -92,9 +92,21 @@ def _as_float(views: torch.Tensor, size: int) -> torch.Tensor:
     return views.float()
 
 
+def _val_srcc(model: QualityNet, val: tuple[np.ndarray, np.ndarray], size: int) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(predict(model, val[0], size), val[1]).statistic)
+
+
 def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[str, Any],
-        checkpoint: Path, desc: str) -> QualityNet:
-    """Train `model` in place on (crops, targets); resumes from `checkpoint` if present."""
+        checkpoint: Path, desc: str,
+        val: tuple[np.ndarray, np.ndarray] | None = None) -> QualityNet:
+    """Train `model` in place on (crops, targets); resumes from `checkpoint` if present.
+
+    With `val` (crops, labels of held-out identities) and `select_on_val` in the spec, the
+    weights of the epoch with the best validation SRCC are kept: a from-scratch student
+    overfits two dozen training identities long before its loss stops falling.
+    """
     seed = int(spec.get("seed", 0))
     torch.manual_seed(seed)
     size = int(spec["input_size"])
@@ -113,12 +125,15 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             opt, max_lr=spec["lr"], total_steps=max(epochs * steps_per_epoch, 1),
             pct_start=0.1, anneal_strategy="cos")
     start = 0
+    select = val is not None and spec.get("select_on_val", False)
+    best: dict[str, Any] = {"srcc": -2.0, "epoch": 0, "model": None}
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"])
+        best = state.get("best", best)
         log.info("%s: resumed after epoch %d", desc, start)
     max_steps = spec.get("max_steps")  # tests: prove the code path, not the result
     for epoch in range(start, epochs):
@@ -144,14 +159,24 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             bar.set_postfix(loss=f"{value:.4f}")
             if max_steps is not None and step + 1 >= max_steps:
                 break
-        log.info("%s epoch %d/%d: loss %.4f (%.0f s)", desc, epoch + 1, epochs,
-                 total / len(y), time.time() - t0)
+        note = ""
+        if select:
+            srcc = _val_srcc(model, val, size)
+            if srcc > best["srcc"]:
+                best = {"srcc": srcc, "epoch": epoch + 1,
+                        "model": {k: v.clone() for k, v in model.state_dict().items()}}
+            note = f", validation SRCC {srcc:.4f} (best {best['srcc']:.4f} @ {best['epoch']})"
+        log.info("%s epoch %d/%d: loss %.4f (%.0f s)%s", desc, epoch + 1, epochs,
+                 total / len(y), time.time() - t0, note)
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch + 1}, tmp)
+                    "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best}, tmp)
         tmp.replace(checkpoint)
         if max_steps is not None:
             break
+    if select and best["model"] is not None:
+        model.load_state_dict(best["model"])
+        log.info("%s: kept epoch %d (validation SRCC %.4f)", desc, best["epoch"], best["srcc"])
     model.eval()
     return model
 
