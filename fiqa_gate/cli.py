@@ -132,7 +132,7 @@ def score(paths, output, resume, aligned, scorer, model, detector, recognizer):
     pipe = Pipeline(aligned, scorer, model, detector, recognizer)
     failures = Failures()
     files = list(iter_files(paths))
-    with open_manifest(output, SCORE_COLUMNS, resume=resume) as manifest:
+    with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True) as manifest:
         for path in _progress([f for f in files if f not in manifest.done], "score"):
             try:
                 faces = pipe.faces(path)
@@ -317,7 +317,14 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
                 failures.count += 1
                 row.update(decision="error", error=_error_text(exc))
             rows.append(row)
-        ids = gallery.enroll(items)  # one transaction per identity
+        try:
+            ids = gallery.enroll(items)  # one transaction per identity: all or nothing
+        except Exception as exc:  # e.g. a damaged gallery: the batch's rows say so
+            ids, items = [], []
+            for row in rows:
+                if row.get("decision") == "enroll":
+                    failures.count += 1
+                    row.update(decision="error", error=f"not enrolled: {_error_text(exc)}")
         n_in += len(ids)
         id_by_source = {it.source: fid for it, fid in zip(items, ids, strict=True)}
         for row in rows:

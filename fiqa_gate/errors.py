@@ -28,3 +28,7 @@ class PluginError(FiqaGateError):
 
 class GalleryError(FiqaGateError):
     """A gallery is missing, corrupt, locked or built with another recognizer."""
+
+
+class ManifestError(FiqaGateError):
+    """A manifest cannot be resumed: it is not one, or has other columns."""

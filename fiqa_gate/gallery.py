@@ -6,16 +6,25 @@ Layout of a gallery folder:
     lock                 writers hold an exclusive flock on it
 
 SQLite is the source of truth: every enrollment is one transaction that also bumps the
-generation. The index is derived data, written to a temporary file and renamed into
-place after the commit; a reader that finds no index for the current generation (a
-writer was killed between commit and rename) rebuilds it from the database. So a kill at
-any moment leaves a gallery whose index and metadata agree once opened.
+generation and records the SHA-256 of the index of the new state. The index is derived
+data: written to a temporary file (and synced) inside that transaction, renamed into
+place after the commit. A reader uses an index file only if its digest is the recorded
+one; otherwise (a writer was killed between commit and rename, the file is damaged) it
+rebuilds the index from the database. So a kill at any moment leaves a gallery whose
+index and metadata agree once opened, and FAISS never parses a damaged file (a corrupt
+header can make it allocate all memory). A damaged database is a GalleryError.
+
+Names that are not valid UTF-8 (undecodable file names arrive as surrogate escapes) are
+stored as their raw bytes and given back unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
+import logging
 import os
 import sqlite3
 import tempfile
@@ -27,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from fiqa_gate.errors import GalleryError
+
+log = logging.getLogger("fiqa_gate")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -40,6 +51,33 @@ CREATE TABLE IF NOT EXISTS faces (
 );
 CREATE INDEX IF NOT EXISTS faces_identity ON faces(identity);
 """
+
+
+def _to_db(text: str) -> str | bytes:
+    """SQLite text must be UTF-8: a name that is not is stored as its bytes (a BLOB)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+    return text
+
+
+def _from_db(value: str | bytes) -> str:
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _db_errors(method):
+    """SQLite errors of a gallery method become a GalleryError that names the gallery."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            raise GalleryError(f"{self.path}: gallery database error: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise GalleryError(f"{self.path}: gallery database is corrupt or unreadable: "
+                               f"{exc}") from exc
+    return wrapper
 
 
 @dataclass
@@ -63,7 +101,18 @@ class Gallery:
     def __init__(self, path: str | os.PathLike[str], db: sqlite3.Connection):
         self.path = Path(path)
         self._db = db
-        info = dict(db.execute("SELECT key, value FROM info").fetchall())
+        self._index = None
+        self._index_gen = -1
+        try:
+            self._read_info()
+        except BaseException:
+            db.close()
+            raise
+
+    @_db_errors
+    def _read_info(self) -> None:
+        path = self.path
+        info = dict(self._db.execute("SELECT key, value FROM info").fetchall())
         try:
             self.recognizer = info["recognizer"]
             self.dim = int(info["dim"])
@@ -71,8 +120,6 @@ class Gallery:
             self.factory = info["factory"]
         except KeyError as exc:
             raise GalleryError(f"{path}: not a fiqa-gate gallery (missing {exc})") from None
-        self._index = None
-        self._index_gen = -1
 
     # -- opening --------------------------------------------------------------------
     @staticmethod
@@ -96,14 +143,20 @@ class Gallery:
         _check_factory(factory, dim)
         with _locked(p):
             db = cls._connect(p)
-            db.execute("BEGIN IMMEDIATE")
-            for key, value in (("recognizer", recognizer), ("dim", str(dim)),
-                               ("threshold", repr(float(threshold))), ("factory", factory),
-                               ("generation", "0")):
-                db.execute("INSERT OR IGNORE INTO info VALUES (?, ?)", (key, value))
-            db.execute("COMMIT")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for key, value in (("recognizer", recognizer), ("dim", str(dim)),
+                                   ("threshold", repr(float(threshold))), ("factory", factory),
+                                   ("generation", "0")):
+                    db.execute("INSERT OR IGNORE INTO info VALUES (?, ?)", (key, value))
+                db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                db.close()
+                raise GalleryError(f"{p}: gallery database is corrupt or unreadable: {exc}") \
+                    from None
         gallery = cls(p, db)
         if gallery.recognizer != recognizer:
+            gallery.close()
             raise GalleryError(f"{p}: gallery was built with recognizer {gallery.recognizer!r}, "
                                f"not {recognizer!r}; use a new gallery path")
         return gallery
@@ -120,17 +173,21 @@ class Gallery:
         self._db.close()
 
     # -- reading ------------------------------------------------------------------
+    @_db_errors
     def generation(self) -> int:
         row = self._db.execute("SELECT value FROM info WHERE key='generation'").fetchone()
         return int(row[0])
 
+    @_db_errors
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM faces").fetchone()[0])
 
+    @_db_errors
     def identities(self) -> dict[str, int]:
-        return dict(self._db.execute(
-            "SELECT identity, COUNT(*) FROM faces GROUP BY identity ORDER BY identity"))
+        return {_from_db(k): n for k, n in self._db.execute(
+            "SELECT identity, COUNT(*) FROM faces GROUP BY identity ORDER BY identity")}
 
+    @_db_errors
     def _all(self) -> tuple[np.ndarray, np.ndarray]:
         rows = self._db.execute("SELECT id, embedding FROM faces ORDER BY id").fetchall()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
@@ -151,27 +208,43 @@ class Gallery:
             index.add_with_ids(embs, ids)
         return index
 
+    @_db_errors
     def index(self):
-        """The FAISS index for the current generation: loaded, or rebuilt if missing."""
-        import faiss
-
-        gen = self.generation()
-        if self._index is not None and self._index_gen == gen:
-            return self._index
-        path = self.path / f"index.{gen}.faiss"
-        index = None
-        if path.is_file():
-            try:
-                index = faiss.read_index(str(path))
-            except RuntimeError:
-                index = None  # damaged derived file: rebuild from the database below
-            if index is not None and index.ntotal != len(self):
-                index = None
-        if index is None:
-            index = self._build_index(*self._all())
+        """The FAISS index for the current generation: loaded if its file is the one the
+        database recorded, else rebuilt from the database (a consistent snapshot)."""
+        self._db.execute("BEGIN")  # one read snapshot: generation, digest and faces agree
+        try:
+            info = dict(self._db.execute(
+                "SELECT key, value FROM info WHERE key IN ('generation', 'index_sha256')"))
+            gen = int(info["generation"])
+            if self._index is not None and self._index_gen == gen:
+                return self._index
+            index = self._load_index_file(gen, info.get("index_sha256"))
+            if index is None or index.ntotal != len(self):
+                index = self._build_index(*self._all())
+        finally:
+            self._db.execute("COMMIT")
         self._index, self._index_gen = index, gen
         return index
 
+    def _load_index_file(self, gen: int, digest: str | None):
+        import faiss
+
+        if digest is None:
+            return None
+        try:
+            with open(self.path / f"index.{gen}.faiss", "rb") as fh:
+                actual = hashlib.sha256()
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    actual.update(chunk)
+                if actual.hexdigest() != digest:
+                    return None  # damaged, or not this generation's: never parse it
+                fh.seek(0)  # the same open file: what was checked is what is parsed
+                return faiss.read_index(faiss.PyCallbackIOReader(fh.read))
+        except (OSError, RuntimeError):
+            return None  # not written (writer killed after its commit), or removed since
+
+    @_db_errors
     def search(self, embeddings: np.ndarray, recognizer: str, k: int = 5) -> list[list[Hit]]:
         """Top-k faces for each L2-normalised query; `match` uses the gallery's threshold."""
         if recognizer != self.recognizer:
@@ -192,11 +265,13 @@ class Gallery:
             meta.update({r[0]: r[1:] for r in self._db.execute(
                 f"SELECT id, identity, source FROM faces WHERE id IN "
                 f"({','.join('?' * len(part))})", part)})
-        return [[Hit(meta[int(i)][0], float(s), int(i), meta[int(i)][1], bool(s >= self.threshold))
+        return [[Hit(_from_db(meta[int(i)][0]), float(s), int(i), _from_db(meta[int(i)][1]),
+                     bool(s >= self.threshold))
                  for s, i in zip(srow, irow, strict=True) if i >= 0 and int(i) in meta]
                 for srow, irow in zip(sims, ids, strict=True)]
 
     # -- writing ------------------------------------------------------------------
+    @_db_errors
     def enroll(self, items: Sequence[Enrollment]) -> list[int]:
         """Add faces in one transaction; returns their face ids."""
         if not items:
@@ -205,55 +280,79 @@ class Gallery:
             if item.embedding.shape != (self.dim,):
                 raise GalleryError(f"embedding of {item.source} has shape "
                                    f"{item.embedding.shape}, gallery expects ({self.dim},)")
-        with _locked(self.path):
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                ids = [self._db.execute(
-                    "INSERT INTO faces (identity, source, score, added, embedding) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (it.identity, it.source, it.score, time.time(),
-                     np.asarray(it.embedding, np.float32).tobytes())).lastrowid
-                    for it in items]
-                self._bump_generation()
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._write_index()
+        with self._write_transaction():
+            ids = [self._db.execute(
+                "INSERT INTO faces (identity, source, score, added, embedding) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (_to_db(it.identity), _to_db(it.source), it.score, time.time(),
+                 np.asarray(it.embedding, np.float32).tobytes())).lastrowid
+                for it in items]
         return [int(i) for i in ids]
 
+    @_db_errors
     def remove_identity(self, identity: str) -> int:
-        with _locked(self.path):
-            self._db.execute("BEGIN IMMEDIATE")
-            n = self._db.execute("DELETE FROM faces WHERE identity = ?", (identity,)).rowcount
-            self._bump_generation()
-            self._db.execute("COMMIT")
-            self._write_index()
+        with self._write_transaction():
+            n = self._db.execute("DELETE FROM faces WHERE identity = ?",
+                                 (_to_db(identity),)).rowcount
         return int(n)
 
-    def _bump_generation(self) -> None:
-        self._db.execute("UPDATE info SET value = CAST(value AS INTEGER) + 1 "
-                         "WHERE key = 'generation'")
+    @contextlib.contextmanager
+    def _write_transaction(self) -> Iterator[None]:
+        """Lock; run the body's writes in one transaction that also bumps the generation,
+        writes the new index to a temporary file and records its digest; commit; rename
+        the index into place."""
+        with _locked(self.path):
+            for stale in self.path.glob(".index.*.tmp"):  # left by a writer that was killed
+                stale.unlink(missing_ok=True)
+            tmp = None
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("UPDATE info SET value = CAST(value AS INTEGER) + 1 "
+                                 "WHERE key = 'generation'")
+                gen = self.generation()
+                index = self._build_index(*self._all())
+                tmp, digest = self._write_temporary_index(index)
+                self._db.execute("INSERT OR REPLACE INTO info VALUES ('index_sha256', ?)",
+                                 (digest,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if tmp is not None:
+                    Path(tmp).unlink(missing_ok=True)
+                raise
+            self._index, self._index_gen = index, gen
+            try:  # committed: from here on only derived data, which readers can rebuild
+                os.replace(tmp, self.path / f"index.{gen}.faiss")
+                for old in self.path.glob("index.*.faiss"):
+                    if old.name != f"index.{gen}.faiss":
+                        old.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("%s: index file not updated (%s); readers rebuild it", self.path,
+                            exc)
 
-    def _write_index(self) -> None:
-        """Called with the lock held, after a commit: persist the index atomically."""
+    def _write_temporary_index(self, index) -> tuple[str, str]:
+        """Write `index` to a synced temporary file in the gallery; (its path, SHA-256)."""
         import faiss
 
-        gen = self.generation()
-        index = self._build_index(*self._all())
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".index.", suffix=".tmp")
-        os.close(fd)
+        digest = hashlib.sha256()
         try:
-            faiss.write_index(index, tmp)
-            with open(tmp, "rb") as fh:
+            with os.fdopen(fd, "wb") as fh:
+                def write(chunk: bytes) -> None:
+                    fh.write(chunk)
+                    digest.update(chunk)
+
+                writer = faiss.PyCallbackIOWriter(write)
+                faiss.write_index(index, writer)
+                del writer  # flushed
+                fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, self.path / f"index.{gen}.faiss")
-        finally:
+        except BaseException:
             Path(tmp).unlink(missing_ok=True)
-        for old in self.path.glob("index.*.faiss"):
-            if old.name != f"index.{gen}.faiss":
-                old.unlink(missing_ok=True)
-        self._index, self._index_gen = index, gen
+            raise
+        return tmp, digest.hexdigest()
 
 
 def _check_factory(factory: str, dim: int) -> None:

@@ -41,6 +41,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _open(p: str):
+    """Open for reading, or an ImageLoadError that says why not (before any decoding)."""
+    try:
+        return open(p, "rb")
+    except FileNotFoundError:
+        raise ImageLoadError(p, "file not found (deleted or a dangling link?)") from None
+    except IsADirectoryError:
+        raise ImageLoadError(p, "is a directory") from None
+    except PermissionError:
+        raise ImageLoadError(p, "permission denied") from None
+    except OSError as exc:  # a link loop, a name too long, an I/O error ...
+        raise ImageLoadError(p, f"cannot open: {exc.strerror or exc}") from None
+
+
 def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read `path` as an upright RGB uint8 array of shape (H, W, 3).
 
@@ -51,7 +65,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         with warnings.catch_warnings():
             # Pillow warns before it errors on bombs; we enforce our own limit instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with open(p, "rb") as fh:
+            with _open(p) as fh:
                 if os.fstat(fh.fileno()).st_size == 0:
                     raise ImageLoadError(p, "empty file (0 bytes)")
                 with Image.open(fh) as img:
@@ -69,12 +83,6 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
                     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     except ImageLoadError:
         raise
-    except FileNotFoundError:
-        raise ImageLoadError(p, "file not found (deleted or a dangling link?)") from None
-    except IsADirectoryError:
-        raise ImageLoadError(p, "is a directory") from None
-    except PermissionError:
-        raise ImageLoadError(p, "permission denied") from None
     except UnidentifiedImageError:
         raise ImageLoadError(p, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as exc:

@@ -3,6 +3,11 @@
 Rows are flushed as they are written, so after SIGKILL the file holds every finished
 row and at most one partial line, which `open_manifest(..., resume=True)` drops before
 appending. `done` is the set of inputs already written, so a resumed run skips them.
+
+An input with several rows (one per face) is written in one write, but a kill can still
+cut that write at a line end and leave the input short of rows; so for such manifests
+(`multi_row=True`) resuming also drops the rows of the last input, which is done again.
+Resuming never touches a file that is not a manifest with the expected columns.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import IO
+
+from fiqa_gate.errors import ManifestError
 
 
 class Manifest:
@@ -48,46 +55,65 @@ class Manifest:
         self.close()
 
 
-def _whole_records(data: bytes) -> int:
-    """Length of the longest prefix of whole CSV records. A record ends at a newline
-    outside quotes (a quoted file name may itself hold a newline)."""
-    end = pos = 0
+def _record_ends(data: bytes) -> list[int]:
+    """Offsets just past each whole CSV record. A record ends at a newline outside
+    quotes (a quoted file name may itself hold a newline)."""
+    ends, pos = [], 0
     open_quote = False
     for line in data.split(b"\n")[:-1]:
         pos += len(line) + 1
         open_quote ^= bool(line.count(b'"') & 1)
         if not open_quote:
-            end = pos
-    return end
+            ends.append(pos)
+    return ends
 
 
-def _read_done(path: str, columns: Sequence[str], key: str) -> set[str]:
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _field(record: bytes, index: int) -> str | None:
+    row = next(csv.reader(io.StringIO(_text(record), newline="")), [])
+    return row[index] if index < len(row) else None
+
+
+def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool) -> set[str]:
+    header = (",".join(columns) + "\n").encode()
     with open(path, "rb+") as fh:
         data = fh.read()
-        cut = _whole_records(data)
-        if cut != len(data):  # a row cut by a kill
+        ends = _record_ends(data)
+        if not (data[:len(header)] == header if ends else header.startswith(data)):
+            first = _text(data.split(b"\n", 1)[0])[:200]
+            raise ManifestError(f"{path}: not a manifest with the columns {','.join(columns)} "
+                                f"(it starts {first!r}); cannot resume into it")
+        cut = ends[-1] if ends else 0  # drop a row cut by a kill (or a torn header)
+        if multi_row and len(ends) > 1:  # and the last input's rows, maybe too few
+            index = list(columns).index(key)
+            last = _field(data[ends[-2]:ends[-1]], index)
+            first_row = len(ends) - 1
+            while first_row > 1 and _field(data[ends[first_row - 2]:ends[first_row - 1]],
+                                           index) == last:
+                first_row -= 1
+            cut = ends[first_row - 1]
+        if cut != len(data):
             fh.truncate(cut)
             data = data[:cut]
-    if not data:
-        return set()
-    text = data.decode("utf-8", errors="surrogateescape")
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames != list(columns):
-        raise ValueError(f"{path}: existing manifest has columns {reader.fieldnames}, "
-                         f"expected {list(columns)}; cannot resume into it")
-    return {row[key] for row in reader}
+    return {row[key] for row in csv.DictReader(io.StringIO(_text(data), newline=""))}
 
 
 def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
-                  key: str = "path") -> Manifest:
-    """Open `path` ("-" = stdout) for writing rows; with `resume`, continue an old run."""
+                  key: str = "path", multi_row: bool = False) -> Manifest:
+    """Open `path` ("-" = stdout) for writing rows; with `resume`, continue an old run.
+
+    `multi_row`: an input may have several rows (see the module docstring).
+    """
     if path == "-":
         out = sys.stdout
         out.write(",".join(columns) + "\n")
         return Manifest(out, columns, set(), owned=False)
     done: set[str] = set()
     if resume and os.path.exists(path):
-        done = _read_done(path, columns, key)
+        done = _read_done(path, columns, key, multi_row)
     if resume and os.path.exists(path) and os.path.getsize(path) > 0:
         fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
     else:

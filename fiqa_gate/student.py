@@ -61,17 +61,20 @@ class OnnxStudentScorer(Scorer):
 
     def _check_signature(self) -> None:
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        want = f"one input [N, 3, {self.input_size}, {self.input_size}] float32"
-        if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise ModelError(f"{self.path}: expected {want}, got "
-                             f"{[(i.name, i.shape) for i in inputs]}")
+        want = (f"one input [N, 3, {self.input_size}, {self.input_size}] float32 "
+                f"(RGB 0..255, NCHW; input_size {self.input_size} from {self.path.stem}.json)")
+        got = [(i.name, i.shape, i.type) for i in inputs]
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].type != "tensor(float)":
+            raise ModelError(f"{self.path}: expected {want}, got {got}")
         c, h, w = inputs[0].shape[1:]
-        for got, expected in ((c, 3), (h, self.input_size), (w, self.input_size)):
-            if isinstance(got, int) and got != expected:
-                raise ModelError(f"{self.path}: expected {want}, got {inputs[0].shape}")
-        if len(outputs) != 1 or len(outputs[0].shape) not in (1, 2):
-            raise ModelError(f"{self.path}: expected one output [N] or [N, 1], got "
-                             f"{[(o.name, o.shape) for o in outputs]}")
+        for dim, expected in ((c, 3), (h, self.input_size), (w, self.input_size)):
+            if isinstance(dim, int) and dim != expected:
+                raise ModelError(f"{self.path}: expected {want}, got {got}")
+        shape = outputs[0].shape if len(outputs) == 1 else []
+        if (len(outputs) != 1 or len(shape) not in (1, 2)
+                or (len(shape) == 2 and isinstance(shape[1], int) and shape[1] != 1)):
+            raise ModelError(f"{self.path}: expected one output [N] or [N, 1] (one quality "
+                             f"per face), got {[(o.name, o.shape) for o in outputs]}")
         self._input = inputs[0].name
 
     def _prepare(self, crops: np.ndarray) -> np.ndarray:
