@@ -107,10 +107,15 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
         if not os.path.isdir(top):
             yield top
             continue
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        unlistable: list[OSError] = []
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True,
+                                                    onerror=unlistable.append):
+            yield from (e.filename for e in unlistable if e.filename)
+            unlistable.clear()
             try:
                 st = os.stat(dirpath)
             except OSError:
+                yield dirpath  # vanished or unreadable: reported, not skipped
                 continue
             key = (st.st_dev, st.st_ino)
             if key in seen_dirs:  # a symlink loop, or the same folder twice
@@ -120,3 +125,5 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
             dirnames.sort()
             for name in sorted(filenames):
                 yield os.path.join(dirpath, name)
+        # a folder that cannot be listed becomes an input that fails with its reason
+        yield from (e.filename for e in unlistable if e.filename)
