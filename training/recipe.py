@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -56,6 +55,7 @@ class Run:
         self.cfg, self.out = cfg, out
         out.mkdir(parents=True, exist_ok=True)
         self.data = out / "data"
+        self._samples: dict[str, Samples] = {}
         saved = out / "config.json"
         if saved.exists() and json.loads(saved.read_text()) != cfg:
             raise RuntimeError(f"{out} holds a run of another config; use a new --out")
@@ -65,7 +65,10 @@ class Run:
                                         if self.times_path.exists() else {})
 
     def samples(self, name: str) -> Samples:
-        return Samples.load(self.data / f"{name}.npz")
+        """A data set of this run, read from disk once (every student stage reuses them)."""
+        if name not in self._samples:
+            self._samples[name] = Samples.load(self.data / f"{name}.npz")
+        return self._samples[name]
 
     def labelled(self) -> tuple[np.ndarray, np.ndarray]:
         parts = [self.samples("labelled_train")]
@@ -198,7 +201,7 @@ def stage_calibrate(run: Run) -> None:
     from fiqa_gate_training.train import predict
 
     from fiqa_gate.calibration import fit_calibration
-    from fiqa_gate.evaluation.protocol import raw_qualities, similarities
+    from fiqa_gate.evaluation.protocol import qualities, similarities
     from fiqa_gate.registry import get_recognizer
 
     val = run.samples("labelled_val")
@@ -209,7 +212,7 @@ def stage_calibrate(run: Run) -> None:
     note = f"isotonic, {len(faces)} face-reference comparisons of the validation identities"
     raw = {"student": predict(_load(run, "student", "student"), val.crops,
                               run.cfg["student"]["input_size"]),
-           **raw_qualities(val, BASELINE_SCORERS, rec_name)}
+           **qualities(val, BASELINE_SCORERS, rec_name)[0]}
     fitted = {name: fit_calibration(np.nan_to_num(r[faces], nan=-1e9), matched, rec_name,
                                     note=note).to_dict() for name, r in raw.items()}
     (run.out / "calibration.json").write_text(json.dumps(fitted.pop("student"), indent=2))
@@ -288,10 +291,3 @@ def run_recipe(cfg: dict[str, Any], out: Path, stages: tuple[str, ...] = STAGES)
         run.timed(stage, lambda stage=stage: STAGE_FUNCS[stage](run))
         log.info("stage %s: done in %.0f s", stage, run.times[stage])
     return run
-
-
-def machine() -> str:
-    import os
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, " \
-           f"{platform.system()} {platform.release()}, Python {platform.python_version()}"

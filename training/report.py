@@ -20,11 +20,12 @@ from fiqa_gate.evaluation.protocol import (
     TEST_VARIANTS,
     edc_by_scorer,
     load_test_set,
-    raw_qualities,
+    qualities,
     similarities,
     verification_pairs,
 )
-from fiqa_gate.evaluation.timing import measure
+from fiqa_gate.evaluation.report import fmt as _f
+from fiqa_gate.evaluation.timing import machine, measure
 from fiqa_gate.registry import get_detector, get_recognizer
 
 log = logging.getLogger("fiqa_gate.training")
@@ -48,7 +49,7 @@ def _onnx_speed(path: str, size: int) -> dict[str, Any]:
 def write_report(run: Any) -> dict[str, Any]:
     from fiqa_gate_training.export import export_onnx, load_weights
     from fiqa_gate_training.models import build_model, count_flops, count_parameters
-    from fiqa_gate_training.recipe import _students, machine
+    from fiqa_gate_training.recipe import _students
     from fiqa_gate_training.train import predict
 
     detector = get_detector()
@@ -83,9 +84,9 @@ def write_report(run: Any) -> dict[str, Any]:
             nets[f"student {spec['input_size']} px, {spec['epochs']} epochs"] = predict(
                 model, test.crops, spec["input_size"])
     export = run.out / "export"
-    nets["student"] = raw_qualities(test, ["student"], rec_name,
-                                    {"student": {"model": str(export / "student.onnx")}}
-                                    )["student"]
+    nets["student"] = qualities(test, ["student"], rec_name,
+                                {"student": {"model": str(export / "student.onnx")}}
+                                )[0]["student"]
 
     report: dict[str, Any] = {
         "recipe": cfg["name"], "machine": machine(),
@@ -106,9 +107,9 @@ def write_report(run: Any) -> dict[str, Any]:
         e = emb.get(rname)
         if e is None:
             e = emb[rname] = rec.embed(test.crops)
-        qualities = {**nets, **raw_qualities(test, BASELINES, rname)}
+        scores = {**nets, **qualities(test, BASELINES, rname)[0]}
         sim = similarities(e, a, b)
-        results = edc_by_scorer(sim, mated, a, b, qualities)
+        results = edc_by_scorer(sim, mated, a, b, scores)
         report["edc"][rname] = {n: {"pauc_norm_20": r.pauc_norm[0.2],
                                     "pauc_norm_30": r.pauc_norm[0.3],
                                     "fnmr_at_10": r.fnmr_at[0.1], "fnmr_at_20": r.fnmr_at[0.2],
@@ -135,10 +136,6 @@ def write_report(run: Any) -> dict[str, Any]:
     (run.out / "report.json").write_text(json.dumps(report, indent=2))
     (export / "student.md").write_text(model_card(report, cfg))
     return report
-
-
-def _f(v: float | None, digits: int = 3) -> str:
-    return "n/a" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
 
 
 def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:

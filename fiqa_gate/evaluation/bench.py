@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fiqa_gate import models_dir, registry
-from fiqa_gate.evaluation.timing import measure
+from fiqa_gate.evaluation.timing import machine, measure
 
 log = logging.getLogger("fiqa_gate")
 
@@ -50,7 +50,6 @@ def _torch_student(size: int):
 
 
 def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
-    from fiqa_gate.evaluation.cli import machine
     from fiqa_gate.student import OnnxStudentScorer
 
     out: dict[str, Any] = {"machine": machine(), "repeats": repeats, "unit": "ms per face",

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,15 +15,11 @@ import numpy as np
 
 from fiqa_gate import registry
 from fiqa_gate.errors import FiqaGateError
+from fiqa_gate.evaluation.timing import machine
 
 log = logging.getLogger("fiqa_gate")
 
 DEFAULT_SCORERS = ("student", "sharpness", "detector-confidence", "embedding-norm", "random")
-
-
-def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{platform.system()}, Python {platform.python_version()}")
 
 
 def _available_scorers(names: Sequence[str]) -> list[str]:
@@ -47,7 +41,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     from fiqa_gate.evaluation.protocol import (
         edc_by_scorer,
         load_test_set,
-        raw_qualities,
+        qualities,
         similarities,
         verification_pairs,
     )
@@ -64,21 +58,12 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         raise FiqaGateError("evaluation needs at least two identities with two images each")
     sim = similarities(emb, a, b)
     options = {"student": {"model": model}} if model else {}
-    qualities = raw_qualities(samples, scorers, recognizer_name, options)
-    results = edc_by_scorer(sim, mated, a, b, qualities)
+    raw, calibrated = qualities(samples, scorers, recognizer_name, options)
+    results = edc_by_scorer(sim, mated, a, b, raw)
     ci = {n: bootstrap_pauc_norm(sim, mated, pair_quality(q[a], q[b]), n_boot=bootstrap)
-          for n, q in qualities.items()} if bootstrap else {}
+          for n, q in raw.items()} if bootstrap else {}
     any_r = next(iter(results.values()))
-
-    calibrated = {}
-    for name in scorers:
-        if name == "random":
-            continue
-        scorer = registry.get_scorer(name, registry.ScorerContext(
-            recognizer_name=recognizer_name, options=dict(options.get(name, {}))))
-        if getattr(scorer, "calibration", None) is not None:
-            calibrated[name] = scorer.calibration(np.nan_to_num(qualities[name], nan=-1e9))
-    ident = identification(samples, emb, recognizer_name, recognizer.threshold, qualities,
+    ident = identification(samples, emb, recognizer_name, recognizer.threshold, raw,
                            calibrated, gate_threshold=gate_threshold)
 
     # A face "matches" when it matches most of its references at the recognizer threshold.
@@ -89,21 +74,15 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     out.mkdir(parents=True, exist_ok=True)
     title = f"{'ORL s31-s40' if data is None else data} ({recognizer_name})"
     rep.plot_edc(results, out / "edc.png", f"EDC, {title}")
-    rep.plot_scores(qualities, matched, out / "scores.png", f"Raw scores, {title}")
+    rep.plot_scores(raw, matched, out / "scores.png", f"Raw scores, {title}")
     report = {
         "dataset": "ORL s31-s40 (built-in test split)" if data is None else str(data),
         "recognizer": recognizer_name, "faces": len(samples), "machine": machine(),
         "degradation": {"variants_per_image": variants, "seed": seed},
         "command": command,
-        "verification": {"tau": any_r.tau, "fmr_target": any_r.fmr_target, "e0": any_r.e0,
-                         "n_mated": any_r.n_mated, "n_nonmated": any_r.n_nonmated,
-                         "warning": any_r.warning,
-                         "oracle_pauc_norm_20": any_r.oracle_pauc_norm[0.2],
-                         "oracle_pauc_norm_30": any_r.oracle_pauc_norm[0.3],
-                         "scorers": rep.edc_rows(results, ci),
+        "verification": {**rep.verification_summary(results, ci),
                          "curves": {n: r.to_dict() for n, r in results.items()}},
-        "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area
-                for n, q in qualities.items()},
+        "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area for n, q in raw.items()},
         "identification": ident,
     }
     rep.write(report, out)
@@ -115,7 +94,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     """A pairs list: CSV rows `path_a,path_b,mated` (mated 1/0); one face per image."""
     from fiqa_gate.datasets import Samples
     from fiqa_gate.evaluation import report as rep
-    from fiqa_gate.evaluation.protocol import edc_by_scorer, raw_qualities, similarities
+    from fiqa_gate.evaluation.protocol import edc_by_scorer, qualities, similarities
     from fiqa_gate.pipeline import faces_from_file, primary_face
 
     with open(pairs, newline="", encoding="utf-8") as fh:
@@ -144,19 +123,13 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     emb = registry.get_recognizer(recognizer_name).embed(samples.crops)
     sim = similarities(emb, a, b)
     options = {"student": {"model": model}} if model else {}
-    qualities = raw_qualities(samples, scorers, recognizer_name, options)
-    results = edc_by_scorer(sim, mated, a, b, qualities)
+    raw, _ = qualities(samples, scorers, recognizer_name, options)
+    results = edc_by_scorer(sim, mated, a, b, raw)
     out.mkdir(parents=True, exist_ok=True)
     rep.plot_edc(results, out / "edc.png", f"EDC, {pairs} ({recognizer_name})")
-    any_r = next(iter(results.values()))
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
               "machine": machine(), "command": command, "skipped_images": failed,
-              "verification": {"tau": any_r.tau, "fmr_target": any_r.fmr_target,
-                               "e0": any_r.e0, "n_mated": any_r.n_mated,
-                               "n_nonmated": any_r.n_nonmated, "warning": any_r.warning,
-                               "oracle_pauc_norm_20": any_r.oracle_pauc_norm[0.2],
-                               "oracle_pauc_norm_30": any_r.oracle_pauc_norm[0.3],
-                               "scorers": rep.edc_rows(results, {})}}
+              "verification": rep.verification_summary(results, {})}
     rep.write(report, out)
     return report
 

@@ -96,20 +96,24 @@ def as_faces(samples: Samples) -> list:
             for c, s, d in zip(samples.crops, samples.source, samples.det_score, strict=True)]
 
 
-def raw_qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
-                  options: Mapping[str, Mapping[str, object]] | None = None
-                  ) -> dict[str, np.ndarray]:
-    """Raw output of each named scorer plugin on every sample (`random` is built in)."""
+def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
+              options: Mapping[str, Mapping[str, object]] | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Raw output of each named scorer plugin on every sample (`random` is built in), and
+    the calibrated score of those scorers that carry a calibration for `recognizer`."""
     from fiqa_gate.registry import ScorerContext, get_scorer
 
     faces = as_faces(samples)
-    out: dict[str, np.ndarray] = {}
+    raw: dict[str, np.ndarray] = {}
+    calibrated: dict[str, np.ndarray] = {}
     for name in scorers:
         if name == "random":
-            out[name] = random_quality(len(samples))
+            raw[name] = random_quality(len(samples))
             continue
         ctx = ScorerContext(recognizer_name=recognizer, options=dict((options or {}).get(name, {})))
         scorer = get_scorer(name, ctx)
-        out[name] = np.concatenate([scorer.raw_scores(faces[i:i + 256])
+        raw[name] = np.concatenate([scorer.raw_scores(faces[i:i + 256])
                                     for i in range(0, len(faces), 256)])
-    return out
+        if getattr(scorer, "calibration", None) is not None:
+            calibrated[name] = scorer.calibration(np.nan_to_num(raw[name], nan=-1e9))
+    return raw, calibrated

@@ -12,7 +12,8 @@ import numpy as np
 from fiqa_gate.evaluation.metrics import EDCResult
 
 
-def _f(v: Any, digits: int = 3) -> str:
+def fmt(v: Any, digits: int = 3) -> str:
+    """A figure for a table: fixed digits, `n/a` for missing or non-finite values."""
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
         else f"{v:.{digits}f}"
 
@@ -29,6 +30,17 @@ def edc_rows(results: dict[str, EDCResult], ci: dict[str, tuple[float, float]]
     return rows
 
 
+def verification_summary(results: dict[str, EDCResult],
+                         ci: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Threshold, e0, oracle and the per-scorer rows: the same for every scorer's EDC."""
+    r = next(iter(results.values()))
+    return {"tau": r.tau, "fmr_target": r.fmr_target, "e0": r.e0, "n_mated": r.n_mated,
+            "n_nonmated": r.n_nonmated, "warning": r.warning,
+            "oracle_pauc_norm_20": r.oracle_pauc_norm[0.2],
+            "oracle_pauc_norm_30": r.oracle_pauc_norm[0.3],
+            "scorers": edc_rows(results, ci)}
+
+
 def plot_edc(results: dict[str, EDCResult], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -40,7 +52,7 @@ def plot_edc(results: dict[str, EDCResult], path: Path, title: str) -> Path:
     for name, r in sorted(results.items()):
         style = {"random": dict(color="grey", ls="--")}.get(name, {})
         ax.step(r.curve.x, r.curve.fnmr, where="post",
-                label=f"{name} ({_f(r.pauc_norm[0.2])})", lw=2 if name == "student" else 1.2,
+                label=f"{name} ({fmt(r.pauc_norm[0.2])})", lw=2 if name == "student" else 1.2,
                 **style)
     oc = any_r.oracle_curve
     ax.plot(oc.x, oc.fnmr, color="black", ls=":", label="oracle")
@@ -99,18 +111,18 @@ def markdown(report: dict[str, Any]) -> str:
     if report["verification"].get("warning"):
         lines += [f"> warning: {report['verification']['warning']}", ""]
     lines += ["## Verification: EDC at a fixed threshold (normalised pAUC, lower is better)", "",
-              f"Oracle: {_f(report['verification']['oracle_pauc_norm_20'])} at 20 %, "
-              f"{_f(report['verification']['oracle_pauc_norm_30'])} at 30 %. ![EDC](edc.png)",
+              f"Oracle: {fmt(report['verification']['oracle_pauc_norm_20'])} at 20 %, "
+              f"{fmt(report['verification']['oracle_pauc_norm_30'])} at 30 %. ![EDC](edc.png)",
               "", "| scorer | pAUC 20 % | 95 % CI | pAUC 30 % | FNMR @10 % | FNMR @20 % |",
               "|---|---|---|---|---|---|"]
     for r in report["verification"]["scorers"]:
-        lines.append(f"| {r['scorer']} | {_f(r['pauc_norm_20'])} | {_f(r['ci95_20'][0])}-"
-                     f"{_f(r['ci95_20'][1])} | {_f(r['pauc_norm_30'])} | {_f(r['fnmr_at_10'])} |"
-                     f" {_f(r['fnmr_at_20'])} |")
+        lines.append(f"| {r['scorer']} | {fmt(r['pauc_norm_20'])} | {fmt(r['ci95_20'][0])}-"
+                     f"{fmt(r['ci95_20'][1])} | {fmt(r['pauc_norm_30'])} | {fmt(r['fnmr_at_10'])} |"
+                     f" {fmt(r['fnmr_at_20'])} |")
     if report.get("erc"):
         lines += ["", "ERC, threshold recomputed (CR-FIQA / MagFace style), area under FNMR vs "
                   "discard 0-95 %:", "", "| scorer | area |", "|---|---|"]
-        lines += [f"| {k} | {_f(v, 4)} |" for k, v in report["erc"].items()]
+        lines += [f"| {k} | {fmt(v, 4)} |" for k, v in report["erc"].items()]
     ident = report.get("identification")
     if ident:
         u = ident["ungated"]
@@ -124,15 +136,15 @@ def markdown(report: dict[str, Any]) -> str:
                   "| picked by | rank-1 | gain vs random (points) | FNIR |", "|---|---|---|---|"]
         base = ident["best_of_n"]["random"]["rank1"]
         for name, r in sorted(ident["best_of_n"].items(), key=lambda kv: -kv[1]["rank1"]):
-            lines.append(f"| {name} | {_f(r['rank1'])} | {100 * (r['rank1'] - base):+.1f} | "
-                         f"{_f(r['fnir'])} |")
+            lines.append(f"| {name} | {fmt(r['rank1'])} | {100 * (r['rank1'] - base):+.1f} | "
+                         f"{fmt(r['fnir'])} |")
         lines += ["", f"Gated enrollment (all candidates with score >= "
                       f"{ident['gate_threshold']}) versus all {u['enrolled']} candidates "
-                      f"(rank-1 {_f(u['rank1'])}, FNIR {_f(u['fnir'])}):", "",
+                      f"(rank-1 {fmt(u['rank1'])}, FNIR {fmt(u['fnir'])}):", "",
                   "| gate | enrolled | rank-1 | gain (points) | FNIR |", "|---|---|---|---|---|"]
         for name, r in ident["gated"].items():
-            lines.append(f"| {name} | {r['enrolled']} | {_f(r['rank1'])} | "
-                         f"{100 * (r['rank1'] - u['rank1']):+.1f} | {_f(r['fnir'])} |")
+            lines.append(f"| {name} | {r['enrolled']} | {fmt(r['rank1'])} | "
+                         f"{100 * (r['rank1'] - u['rank1']):+.1f} | {fmt(r['fnir'])} |")
     lines += ["", "Score distributions: ![scores](scores.png)", "",
               f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)
@@ -158,9 +170,9 @@ def print_table(report: dict[str, Any]) -> None:
 
     rows = report["verification"]["scorers"]
     header = ["scorer", "pAUC 20 %", "95 % CI", "pAUC 30 %", "FNMR@20 %"]
-    body = [[r["scorer"], _f(r["pauc_norm_20"]),
-             f"{_f(r['ci95_20'][0])}-{_f(r['ci95_20'][1])}", _f(r["pauc_norm_30"]),
-             _f(r["fnmr_at_20"])] for r in rows]
+    body = [[r["scorer"], fmt(r["pauc_norm_20"]),
+             f"{fmt(r['ci95_20'][0])}-{fmt(r['ci95_20'][1])}", fmt(r["pauc_norm_30"]),
+             fmt(r["fnmr_at_20"])] for r in rows]
     if sys.stdout.isatty():
         try:
             from rich.console import Console

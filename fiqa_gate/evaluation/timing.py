@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+
+def machine() -> str:
+    """What every measurement is stamped with."""
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 
 @dataclass(frozen=True)
