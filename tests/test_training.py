@@ -124,6 +124,9 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     meta = json.loads((out / "export" / "student.json").read_text())
     assert meta["onnx_vs_torch_max_abs_diff"] <= 1e-4
     assert meta["parameters"] > 1e6 and meta["flops"] > 1e7
+    assert meta["activation"] == "relu" and meta["precision"].startswith("int8")
+    assert meta["int8_vs_float"]["faces"] > 0 and -1 <= meta["int8_vs_float"]["srcc"] <= 1
+    assert "validation" in (out / "train.log").read_text()  # selection on validation EDC ran
     scorer = OnnxStudentScorer(out / "export" / "student.onnx")
     crops = Samples.load(out / "data" / "labelled_val.npz").crops[:16]
     raw = scorer.raw_from_crops(crops)

@@ -128,6 +128,9 @@ class QualityNet(nn.Module):
         return self.head(self.backbone(self.normalise(x))).squeeze(-1)
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
 def build_model(spec: dict[str, Any]) -> QualityNet:
     """`spec` = {"backbone": "sface" | any timm name, "input_size": int, ...}."""
     name = spec["backbone"]
@@ -140,6 +143,8 @@ def build_model(spec: dict[str, Any]) -> QualityNet:
 
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0,
                               "drop_path_rate": float(spec.get("drop_path", 0.0))}
+    if spec.get("activation"):  # ReLU instead of EdgeNeXt's GELU: measured 18 % faster (ORT)
+        kwargs["act_layer"] = ACTIVATIONS[spec["activation"]]
     if spec.get("timm_img_size"):  # windowed transformers (Swin) fix their input size
         kwargs["img_size"] = spec["input_size"]
     backbone = timm.create_model(name, **kwargs)

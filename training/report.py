@@ -84,6 +84,10 @@ def write_report(run: Any) -> dict[str, Any]:
             nets[f"student {spec['input_size']} px, {spec['epochs']} epochs"] = predict(
                 model, test.crops, spec["input_size"])
     export = run.out / "export"
+    if cfg["student"].get("quantize"):  # the float weights beside the shipped int8 graph
+        model = load_weights(build_model(cfg["student"]), run.out / "student.safetensors")
+        nets["student (float32, torch)"] = predict(model, test.crops,
+                                                   cfg["student"]["input_size"])
     nets["student"] = qualities(test, ["student"], rec_name,
                                 {"student": {"model": str(export / "student.onnx")}}
                                 )[0]["student"]
@@ -132,6 +136,9 @@ def write_report(run: Any) -> dict[str, Any]:
                     "onnxruntime": _onnx_speed(str(export / "teacher.onnx"),
                                                cfg["teacher"]["input_size"])},
     }
+    report["export"] = {k: v for k, v in json.loads((export / "student.json").read_text())
+                        .items() if k in ("activation", "precision", "int8_vs_float",
+                                          "onnx_vs_torch_max_abs_diff")}
     report["wall_time_s"] = dict(run.times)
     (run.out / "report.json").write_text(json.dumps(report, indent=2))
     (export / "student.md").write_text(model_card(report, cfg))
@@ -142,8 +149,11 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
     t = report["test_set"]
     lines = [
         "# fiqa-gate student: model card", "",
-        f"EdgeNeXt-XXS ({cfg['student']['backbone']}) at {cfg['student']['input_size']} px, "
-        "distilled with the self-training recipe of Sun et al. (ICCV 2025 W). Input: the "
+        f"EdgeNeXt-XXS ({cfg['student']['backbone']}, "
+        f"{cfg['student'].get('activation', 'gelu').upper()} activations, "
+        f"{report['export'].get('precision', 'float32')}) at "
+        f"{cfg['student']['input_size']} px, distilled with the self-training recipe of "
+        "Sun et al. (ICCV 2025 W). Input: the "
         "112x112 ArcFace-aligned face, float32 RGB 0..255 (normalisation inside the graph). "
         "Output: raw quality; the runtime maps it through the isotonic calibration in "
         "`student.json` to P(matched to a good reference of the same person at "
@@ -191,14 +201,28 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
     lines += ["", "Ablation (the paper's, at one reduced budget for all three): `student_l` is "
               "distilled from the labelled set only, `student_la` from labelled + A, "
               "`student_lab` from labelled + A + B; `student` is the shipped one (labelled + A "
-              "+ B, full budget).", "",
+              "+ B, full budget).", ""]
+    if cfg.get("input_size_ablation"):
+        ab = cfg["input_size_ablation"]
+        lines += [f"Input size: the same student trained at {' and '.join(map(str, ab['sizes']))}"
+                  f" px on one budget ({ab['epochs']} epochs on {ab['max_faces']} faces drawn "
+                  "from labelled + A + B), rows `student N px`.", ""]
+    ex = report["export"]
+    lines += [f"Export: ONNX vs torch max |diff| {ex['onnx_vs_torch_max_abs_diff']:.1e} on 64 "
+              "validation faces (float32 graph)."
+              + (f" The shipped graph quantises the MatMul weights to int8 (dynamic): against "
+                 f"the float graph SRCC {ex['int8_vs_float']['srcc']:.4f}, max |diff| "
+                 f"{ex['int8_vs_float']['max_abs_diff']:.1e} on "
+                 f"{ex['int8_vs_float']['faces']} validation faces; `student (float32, torch)` "
+                 "above is the unquantised network." if ex.get("int8_vs_float") else ""), "",
               "### Cost", "", "| model | parameters | GFLOPs | faces/s batch 1 | "
               "faces/s batch 64 |", "|---|---|---|---|---|"]
     for name, c in report["cost"].items():
         o = c["onnxruntime"]
         lines.append(f"| {name} | {c['parameters'] / 1e6:.2f} M | {c['flops'] / 1e9:.3f} | "
                      f"{o['batch_1']['faces_per_s']:.0f} | {o['batch_64']['faces_per_s']:.0f} |")
-    lines += ["", "ONNX Runtime, CPU, medians of 7 repeats; FLOPs by torch.utils.flop_counter "
+    lines += ["", "ONNX Runtime with its default threads, CPU, medians of 7 repeats; FLOPs by "
+              "torch.utils.flop_counter "
               "(a multiply-add counts 2).", "",
               "## Limits", "",
               "Trained on 24 identities of grey, frontal ORL faces and a few hundred unlabelled "

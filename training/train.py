@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,20 +93,16 @@ def _as_float(views: torch.Tensor, size: int) -> torch.Tensor:
     return views.float()
 
 
-def _val_srcc(model: QualityNet, val: tuple[np.ndarray, np.ndarray], size: int) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(predict(model, val[0], size), val[1]).statistic)
+Validator = Callable[[QualityNet], float]
 
 
 def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[str, Any],
-        checkpoint: Path, desc: str,
-        val: tuple[np.ndarray, np.ndarray] | None = None) -> QualityNet:
+        checkpoint: Path, desc: str, val: Validator | None = None) -> QualityNet:
     """Train `model` in place on (crops, targets); resumes from `checkpoint` if present.
 
-    With `val` (crops, labels of held-out identities) and `select_on_val` in the spec, the
-    weights of the epoch with the best validation SRCC are kept: a from-scratch student
-    overfits two dozen training identities long before its loss stops falling.
+    With `val` (a model's figure of merit on held-out identities, higher is better) and
+    `select_on_val` in the spec, the weights of the best epoch are kept: a from-scratch
+    student overfits two dozen training identities long before its loss stops falling.
     """
     seed = int(spec.get("seed", 0))
     torch.manual_seed(seed)
@@ -126,7 +123,7 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             pct_start=0.1, anneal_strategy="cos")
     start = 0
     select = val is not None and spec.get("select_on_val", False)
-    best: dict[str, Any] = {"srcc": -2.0, "epoch": 0, "model": None}
+    best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "model": None}
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
         model.load_state_dict(state["model"])
@@ -161,11 +158,11 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
                 break
         note = ""
         if select:
-            srcc = _val_srcc(model, val, size)
-            if srcc > best["srcc"]:
-                best = {"srcc": srcc, "epoch": epoch + 1,
+            score = val(model)
+            if score > best["score"]:
+                best = {"score": score, "epoch": epoch + 1,
                         "model": {k: v.clone() for k, v in model.state_dict().items()}}
-            note = f", validation SRCC {srcc:.4f} (best {best['srcc']:.4f} @ {best['epoch']})"
+            note = f", validation {score:.4f} (best {best['score']:.4f} @ {best['epoch']})"
         log.info("%s epoch %d/%d: loss %.4f (%.0f s)%s", desc, epoch + 1, epochs,
                  total / len(y), time.time() - t0, note)
         tmp = checkpoint.with_suffix(".tmp")
@@ -176,7 +173,7 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             break
     if select and best["model"] is not None:
         model.load_state_dict(best["model"])
-        log.info("%s: kept epoch %d (validation SRCC %.4f)", desc, best["epoch"], best["srcc"])
+        log.info("%s: kept epoch %d (validation %.4f)", desc, best["epoch"], best["score"])
     model.eval()
     return model
 
