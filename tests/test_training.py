@@ -138,3 +138,16 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert again.stderr.count("done already") >= 8
+
+
+def test_frozen_views_of_a_known_prefix_are_reused_not_recomputed():
+    from fiqa_gate_training.train import make_views
+    from torch import nn
+
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.AdaptiveAvgPool2d(2)).eval()
+    crops = np.random.default_rng(0).integers(0, 256, (10, 112, 112, 3), dtype=np.uint8)
+    full = make_views(trunk, crops, 112)
+    prefix = make_views(trunk, crops[:4], 112)
+    assert torch.equal(make_views(trunk, crops, 112, known=prefix), full)
+    with pytest.raises(ValueError, match="do not belong"):
+        make_views(trunk, crops[5:], 112, known=prefix)

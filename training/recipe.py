@@ -121,8 +121,9 @@ def _train(run: Run, spec: dict[str, Any], name: str, crops: np.ndarray,
     from fiqa_gate_training.train import fit
 
     val = _validator(run, int(spec["input_size"])) if spec.get("select_on_val") else None
+    views = run.out / f"views_{spec['backbone']}_{spec.get('freeze', 0)}.pt"
     model = fit(_model(spec), crops, targets, spec, run.out / f"{name}.ckpt", desc=name,
-                val=val)
+                val=val, views_file=views)
     save_weights(model, run.out / f"{name}.safetensors")
     (run.out / f"{name}.ckpt").unlink(missing_ok=True)
 

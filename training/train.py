@@ -74,16 +74,30 @@ def to_input(crops: np.ndarray, size: int) -> torch.Tensor:
 
 
 def make_views(trunk: nn.Module | None, crops: np.ndarray, size: int,
-               batch: int = 64, desc: str | None = None) -> torch.Tensor:
-    """[N, 2, ...]: trunk outputs (float16) of each crop and its mirror, or the uint8 crops."""
+               batch: int = 64, desc: str | None = None,
+               known: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, 2, ...]: trunk outputs (float16) of each crop and its mirror, or the uint8 crops.
+
+    `known` holds the views of a prefix of `crops` computed earlier (the teacher's labelled
+    set is the prefix of the enhanced teacher's labelled + A): only the rest is computed.
+    """
     if trunk is None:
         x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
         return torch.stack([x, x.flip(-1)], 1)
-    out = []
+
+    def views(chunk: np.ndarray) -> torch.Tensor:
+        x = to_input(chunk, size)
+        return torch.stack([trunk(x), trunk(x.flip(-1))], 1).half()
+
+    out, start = [], 0
     with torch.no_grad():
-        for i in tqdm(range(0, len(crops), batch), desc=desc, disable=desc is None, leave=False):
-            x = to_input(crops[i:i + batch], size)
-            out.append(torch.stack([trunk(x), trunk(x.flip(-1))], 1).half())
+        if known is not None and 0 < len(known) <= len(crops):
+            if not torch.allclose(views(crops[:1]).float(), known[:1].float(), atol=1e-2):
+                raise ValueError("cached trunk views do not belong to these faces")
+            out, start = [known], len(known)
+        for i in tqdm(range(start, len(crops), batch), desc=desc, disable=desc is None,
+                      leave=False):
+            out.append(views(crops[i:i + batch]))
     return torch.cat(out)
 
 
@@ -97,8 +111,12 @@ Validator = Callable[[QualityNet], float]
 
 
 def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[str, Any],
-        checkpoint: Path, desc: str, val: Validator | None = None) -> QualityNet:
+        checkpoint: Path, desc: str, val: Validator | None = None,
+        views_file: Path | None = None) -> QualityNet:
     """Train `model` in place on (crops, targets); resumes from `checkpoint` if present.
+
+    `views_file` keeps the frozen trunk's outputs: the next network with the same trunk
+    whose faces start with these reuses them (the trunk is the slow part on a CPU).
 
     With `val` (a model's figure of merit on held-out identities, higher is better) and
     `select_on_val` in the spec, the weights of the best epoch are kept: a from-scratch
@@ -108,7 +126,14 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
     torch.manual_seed(seed)
     size = int(spec["input_size"])
     trunk, tail = split(model, int(spec.get("freeze", 0)))
-    views = make_views(trunk, crops, size, desc=f"{desc}: frozen features")
+    known = None
+    if trunk is not None and views_file is not None and views_file.exists():
+        known = torch.load(views_file, weights_only=True)
+    views = make_views(trunk, crops, size, desc=f"{desc}: frozen features", known=known)
+    if trunk is not None and views_file is not None and (known is None
+                                                         or len(views) > len(known)):
+        torch.save(views, views_file.with_suffix(".tmp"))
+        views_file.with_suffix(".tmp").replace(views_file)
     y = torch.as_tensor(targets, dtype=torch.float32)
     params = [p for p in tail.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
