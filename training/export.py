@@ -39,18 +39,13 @@ def export_onnx(model: QualityNet, path: Path, input_size: int, check_crops: np.
                 ) -> float:
     """Write `path` (input "input" [N,3,S,S] 0..255 RGB, output "quality" [N]) and return
     the largest |ONNX - torch| on `check_crops`; refuses the export above MAX_ABS_DIFF."""
-    import onnxruntime as ort
-
     model.eval()
     tmp = path.with_name(path.stem + ".tmp.onnx")
     dummy = torch.zeros(2, 3, input_size, input_size)
     torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"],
                       output_names=["quality"], opset_version=17, dynamo=False,
                       dynamic_axes={"input": {0: "batch"}, "quality": {0: "batch"}})
-    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    x = to_input(check_crops, input_size).numpy()
-    got = np.concatenate([session.run(None, {"input": x[i:i + 32]})[0].reshape(-1)
-                          for i in range(0, len(x), 32)])
+    got = run_onnx(tmp, check_crops, input_size)
     want = predict(model, check_crops, input_size)
     diff = float(np.abs(got - want).max())
     if diff > MAX_ABS_DIFF:
@@ -60,26 +55,30 @@ def export_onnx(model: QualityNet, path: Path, input_size: int, check_crops: np.
     return diff
 
 
+def run_onnx(path: Path, crops: np.ndarray, input_size: int, batch: int = 64) -> np.ndarray:
+    """Raw outputs of an exported graph on uint8 crops, prepared as in training."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = [session.run(None, {"input": to_input(crops[i:i + batch], input_size).numpy()})[0]
+           for i in range(0, len(crops), batch)]
+    return np.concatenate([o.reshape(-1) for o in out]).astype(np.float64)
+
+
 def quantize_int8(src: Path, dst: Path, check_crops: np.ndarray, input_size: int
                   ) -> dict[str, float]:
     """Dynamic int8 quantisation of the MatMul weights (EdgeNeXt's pointwise layers, most
     of its time); returns how far the int8 graph's output moves from the float one."""
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from scipy.stats import spearmanr
 
     tmp = dst.with_name(dst.stem + ".tmp.onnx")
     quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul"])
-    x = to_input(check_crops, input_size).numpy()
-    outs = []
-    for path in (src, tmp):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        outs.append(np.concatenate([session.run(None, {"input": x[i:i + 64]})[0].reshape(-1)
-                                    for i in range(0, len(x), 64)]))
+    before, after = (run_onnx(p, check_crops, input_size) for p in (src, tmp))
     tmp.replace(dst)
-    return {"max_abs_diff": float(np.abs(outs[0] - outs[1]).max()),
-            "srcc": float(spearmanr(outs[0], outs[1]).statistic), "faces": len(x)}
+    return {"max_abs_diff": float(np.abs(before - after).max()),
+            "srcc": float(spearmanr(before, after).statistic), "faces": len(check_crops)}
 
 
 def write_metadata(onnx_path: Path, meta: dict[str, Any]) -> dict[str, Any]:

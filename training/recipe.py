@@ -221,7 +221,6 @@ def stage_calibrate(run: Run) -> None:
     """Isotonic maps from raw output to P(match) on the validation identities, for the
     student and for the baselines (so every scorer can gate at the same --threshold)."""
     from fiqa_gate_training.data import reference_pairs
-    from fiqa_gate_training.train import predict
 
     from fiqa_gate.calibration import fit_calibration
     from fiqa_gate.evaluation.protocol import qualities, similarities
@@ -233,8 +232,11 @@ def stage_calibrate(run: Run) -> None:
     faces, refs = reference_pairs(val)
     matched = similarities(recognizer.embed(val.crops), faces, refs) >= recognizer.threshold
     note = f"isotonic, {len(faces)} face-reference comparisons of the validation identities"
-    raw = {"student": predict(_load(run, "student", "student"), val.crops,
-                              run.cfg["student"]["input_size"]),
+    from fiqa_gate_training.export import run_onnx
+
+    # The student's map is fitted on the outputs of the graph that ships (int8 or float).
+    raw = {"student": run_onnx(_student_graph(run)[0], val.crops,
+                               run.cfg["student"]["input_size"]),
            **qualities(val, BASELINE_SCORERS, rec_name)[0]}
     fitted = {name: fit_calibration(np.nan_to_num(r[faces], nan=-1e9), matched, rec_name,
                                     note=note).to_dict() for name, r in raw.items()}
@@ -247,24 +249,48 @@ def stage_calibrate(run: Run) -> None:
 BASELINE_SCORERS = ("sharpness", "detector-confidence", "embedding-norm")
 
 
+def _student_graph(run: Run) -> tuple[Path, dict[str, Any]]:
+    """export/student.onnx, the graph that ships, and its checks (made once): the float
+    graph against torch, and, if the config quantises, the int8 graph against the float."""
+    from fiqa_gate_training.export import export_onnx, quantize_int8
+
+    from fiqa_gate.assets import sha256_file
+
+    out = run.out / "export"
+    checks_path = out / "graph_checks.json"
+    weights = sha256_file(run.out / "student.safetensors")
+    if checks_path.exists():
+        checks = json.loads(checks_path.read_text())
+        if checks.get("weights_sha256") == weights:  # else the student was retrained
+            return out / "student.onnx", checks
+    spec = run.cfg["student"]
+    out.mkdir(exist_ok=True)
+    val = run.samples("labelled_val").crops
+    checks = {"weights_sha256": weights, "int8_vs_float": None,
+              "onnx_vs_torch_max_abs_diff": export_onnx(
+                  _load(run, "student", "student"), out / "student-fp32.onnx",
+                  spec["input_size"], val[:64])}
+    if spec.get("quantize") == "int8":
+        q = checks["int8_vs_float"] = quantize_int8(out / "student-fp32.onnx",
+                                                    out / "student.onnx", val,
+                                                    spec["input_size"])
+        log.info("int8 vs float ONNX on %d validation faces: SRCC %.4f, max |diff| %.2e",
+                 q["faces"], q["srcc"], q["max_abs_diff"])
+    else:
+        shutil.copy(out / "student-fp32.onnx", out / "student.onnx")
+    checks_path.write_text(json.dumps(checks, indent=2))
+    return out / "student.onnx", checks
+
+
 def stage_export(run: Run) -> None:
-    from fiqa_gate_training.export import export_onnx, quantize_int8, write_metadata
+    from fiqa_gate_training.export import write_metadata
     from fiqa_gate_training.models import count_flops, count_parameters
 
     spec = run.cfg["student"]
     model = _load(run, "student", "student")
     out = run.out / "export"
-    out.mkdir(exist_ok=True)
-    val = run.samples("labelled_val").crops
-    diff = export_onnx(model, out / "student-fp32.onnx", spec["input_size"], val[:64])
-    quantized = None
-    if spec.get("quantize") == "int8":
-        quantized = quantize_int8(out / "student-fp32.onnx", out / "student.onnx", val,
-                                  spec["input_size"])
-        log.info("int8 vs float ONNX on %d validation faces: SRCC %.4f, max |diff| %.2e",
-                 quantized["faces"], quantized["srcc"], quantized["max_abs_diff"])
-    else:
-        shutil.copy(out / "student-fp32.onnx", out / "student.onnx")
+    _, checks = _student_graph(run)
+    diff, quantized = checks["onnx_vs_torch_max_abs_diff"], checks["int8_vs_float"]
     shutil.copy(run.out / "student.safetensors", out / "student.safetensors")
     shutil.copy(run.out / "baselines.json", out / "baselines.json")
     cal = json.loads((run.out / "calibration.json").read_text())
