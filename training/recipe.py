@@ -75,6 +75,16 @@ class Run:
             self._samples[name] = Samples.load(self.data / f"{name}.npz")
         return self._samples[name]
 
+    def val_embeddings(self) -> np.ndarray:
+        """The labelling recognizer's embeddings of the validation faces, computed once."""
+        cache = self.data / "labelled_val_embeddings.npy"
+        if not cache.exists():
+            from fiqa_gate.registry import get_recognizer
+
+            recognizer = get_recognizer(self.cfg["data"]["recognizer"])
+            np.save(cache, recognizer.embed(self.samples("labelled_val").crops))
+        return np.load(cache)
+
     def labelled(self) -> tuple[np.ndarray, np.ndarray]:
         parts = [self.samples("labelled_train")]
         if (self.data / "mos.npz").exists():
@@ -103,14 +113,10 @@ def _validator(run: Run, size: int) -> Callable[[Any], float]:
 
     from fiqa_gate.evaluation.metrics import edc, pair_quality
     from fiqa_gate.evaluation.protocol import similarities, verification_pairs
-    from fiqa_gate.registry import get_recognizer
 
     val = run.samples("labelled_val")
-    cache = run.data / "labelled_val_embeddings.npy"
-    if not cache.exists():
-        np.save(cache, get_recognizer(run.cfg["data"]["recognizer"]).embed(val.crops))
     a, b, mated = verification_pairs(val.identity, val.source, val.clean)
-    sim = similarities(np.load(cache), a, b)
+    sim = similarities(run.val_embeddings(), a, b)
 
     def score(model: Any) -> float:
         q = predict(model, val.crops, size)
@@ -226,6 +232,7 @@ def stage_calibrate(run: Run) -> None:
     """Isotonic maps from raw output to P(match) on the validation identities, for the
     student and for the baselines (so every scorer can gate at the same --threshold)."""
     from fiqa_gate_training.data import reference_pairs
+    from fiqa_gate_training.export import run_onnx
 
     from fiqa_gate.calibration import fit_calibration
     from fiqa_gate.evaluation.protocol import qualities, similarities
@@ -235,10 +242,8 @@ def stage_calibrate(run: Run) -> None:
     rec_name = run.cfg["data"]["recognizer"]
     recognizer = get_recognizer(rec_name)
     faces, refs = reference_pairs(val)
-    matched = similarities(recognizer.embed(val.crops), faces, refs) >= recognizer.threshold
+    matched = similarities(run.val_embeddings(), faces, refs) >= recognizer.threshold
     note = f"isotonic, {len(faces)} face-reference comparisons of the validation identities"
-    from fiqa_gate_training.export import run_onnx
-
     # The student's map is fitted on the outputs of the graph that ships (int8 or float).
     raw = {"student": run_onnx(_student_graph(run)[0], val.crops,
                                run.cfg["student"]["input_size"]),

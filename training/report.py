@@ -84,9 +84,9 @@ def write_report(run: Any) -> dict[str, Any]:
             nets[f"student {spec['input_size']} px, {spec['epochs']} epochs"] = predict(
                 model, test.crops, spec["input_size"])
     export = run.out / "export"
+    student = load_weights(build_model(cfg["student"]), run.out / "student.safetensors")
     if cfg["student"].get("quantize"):  # the float weights beside the shipped int8 graph
-        model = load_weights(build_model(cfg["student"]), run.out / "student.safetensors")
-        nets["student (float32, torch)"] = predict(model, test.crops,
+        nets["student (float32, torch)"] = predict(student, test.crops,
                                                    cfg["student"]["input_size"])
     nets["student"] = qualities(test, ["student"], rec_name,
                                 {"student": {"model": str(export / "student.onnx")}}
@@ -125,7 +125,6 @@ def write_report(run: Any) -> dict[str, Any]:
     # Cost: the student as shipped (ONNX) beside the teacher exported the same way.
     teacher = load_weights(build_model(cfg["teacher"]), run.out / "enhanced.safetensors")
     export_onnx(teacher, export / "teacher.onnx", cfg["teacher"]["input_size"], test.crops[:32])
-    student = load_weights(build_model(cfg["student"]), run.out / "student.safetensors")
     report["cost"] = {
         "student": {"parameters": count_parameters(student),
                     "flops": count_flops(student, cfg["student"]["input_size"]),

@@ -36,30 +36,26 @@ def _batch(crops: np.ndarray, size: int) -> np.ndarray:
     return crops[np.arange(size) % len(crops)]
 
 
-def _torch_student(size: int):
+def _torch_student(size: int, meta: dict[str, Any]):
     """The shipped student's weights in torch (needs the [train] extra)."""
-    import json
-
     from fiqa_gate_training.models import build_model
     from safetensors.torch import load_file
 
-    meta = json.loads((models_dir() / "student.json").read_text())
     model = build_model({"backbone": meta["architecture"], "input_size": size,
                          "activation": meta.get("activation")})
     model.load_state_dict(load_file(str(models_dir() / "student.safetensors")))
     return model.eval()
 
 
-def _paper_size_student(folder: Path, crops: np.ndarray):
+def _paper_size_student(folder: Path, crops: np.ndarray, meta: dict[str, Any]):
     import json
 
     from fiqa_gate_training.export import export_onnx, quantize_int8
 
     from fiqa_gate.student import OnnxStudentScorer
 
-    meta = json.loads((models_dir() / "student.json").read_text())
     path = folder / "student352.onnx"
-    export_onnx(_torch_student(PAPER_SIZE), folder / "fp32.onnx", PAPER_SIZE, crops[:4])
+    export_onnx(_torch_student(PAPER_SIZE, meta), folder / "fp32.onnx", PAPER_SIZE, crops[:4])
     if meta.get("precision", "float32") != "float32":
         quantize_int8(folder / "fp32.onnx", path, crops[:4], PAPER_SIZE)
     else:
@@ -93,7 +89,7 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
         from fiqa_gate_training.train import to_input
 
         for size in (112, PAPER_SIZE):
-            net = _torch_student(size)
+            net = _torch_student(size, student.meta)
             for batch, xs in ((1, x1), (64, x64)):
                 inp = to_input(xs, size)
 
@@ -106,7 +102,7 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
         # shipped file (precision, metadata), run through the same scorer class, threads
         # and preprocessing (the resize to 352 px included): only the input size differs.
         with tempfile.TemporaryDirectory() as tmp:
-            paper = _paper_size_student(Path(tmp), crops)
+            paper = _paper_size_student(Path(tmp), crops, student.meta)
             rec(f"student onnxruntime {PAPER_SIZE} px, batch 1",
                 lambda: paper.raw_from_crops(x1), 1)
             rec(f"student onnxruntime {PAPER_SIZE} px, batch 64",
