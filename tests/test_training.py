@@ -127,6 +127,15 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert meta["activation"] == "relu" and meta["precision"].startswith("int8")
     assert meta["int8_vs_float"]["faces"] > 0 and -1 <= meta["int8_vs_float"]["srcc"] <= 1
     assert "validation" in (out / "train.log").read_text()  # selection on validation EDC ran
+    # The fused teachers: pseudo-labels B are the enhanced network's output fused with
+    # SFace's embedding norm, recomputed here from the cached parts.
+    from fiqa_gate_training.teacher import fuse
+
+    stats = json.loads((out / "fusion_enhanced.json").read_text())
+    net_b = np.load(out / "network_enhanced_unlabelled_b.npy")
+    norm_b = np.load(out / "data" / "unlabelled_b_embedding_norm.npy")
+    assert np.allclose(np.load(out / "pseudo_b.npy"), fuse(stats, net_b, norm_b))
+    assert not np.allclose(np.load(out / "pseudo_b.npy"), net_b)
     scorer = OnnxStudentScorer(out / "export" / "student.onnx")
     crops = Samples.load(out / "data" / "labelled_val.npz").crops[:16]
     raw = scorer.raw_from_crops(crops)
@@ -138,6 +147,20 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert again.stderr.count("done already") >= 8
+
+
+def test_fusion_rises_with_either_input_and_keeps_the_label_scale():
+    from fiqa_gate_training.teacher import fuse
+
+    stats = {"net_mean": 0.5, "net_std": 0.2, "norm_mean": 2.0, "norm_std": 0.5,
+             "mix_std": 0.8, "label_mean": 0.6, "label_std": 0.4}
+    at_means = fuse(stats, np.array([0.5]), np.exp([2.0]))
+    assert np.allclose(at_means, 0.6)
+    assert fuse(stats, np.array([0.7]), np.exp([2.0]))[0] > at_means[0]
+    assert fuse(stats, np.array([0.5]), np.exp([2.5]))[0] > at_means[0]
+    # one spread of the mix is one spread of the labels
+    both_up = fuse(stats, np.array([0.5 + 0.2 * 0.8]), np.exp([2.0 + 0.5 * 0.8]))
+    assert np.allclose(both_up, 0.6 + 0.4)
 
 
 def test_frozen_views_of_a_known_prefix_are_reused_not_recomputed():

@@ -50,6 +50,7 @@ def write_report(run: Any) -> dict[str, Any]:
     from fiqa_gate_training.export import export_onnx, load_weights
     from fiqa_gate_training.models import build_model, count_flops, count_parameters
     from fiqa_gate_training.recipe import _students
+    from fiqa_gate_training.teacher import fuse, fusion_stats
     from fiqa_gate_training.train import predict
 
     detector = get_detector()
@@ -66,9 +67,14 @@ def write_report(run: Any) -> dict[str, Any]:
 
     nets: dict[str, np.ndarray] = {}
     models = {"teacher": "teacher", "enhanced teacher": "enhanced"}
+    norms = np.linalg.norm(sface.embed_raw(test.crops), axis=1)
     for shown, file in models.items():
         model = load_weights(build_model(cfg["teacher"]), run.out / f"{file}.safetensors")
-        nets[shown] = predict(model, test.crops, cfg["teacher"]["input_size"])
+        net = predict(model, test.crops, cfg["teacher"]["input_size"])
+        stats = fusion_stats(run, file)
+        nets[shown] = net if stats is None else fuse(stats, net, norms)
+        if stats is not None:
+            nets[f"{shown} (network alone)"] = net
     for name, _, spec in _students(run):
         path = run.out / f"{name}.safetensors"
         if name != "student" and path.exists():
@@ -178,6 +184,16 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         "(each under its package's licence), each with seeded degradations.",
         "- Teacher backbone: SFace converted to torch (face-pretrained); no ImageNet weights.",
         "",
+        "## Teachers and targets", "",
+        ("The teacher and the enhanced teacher score a face by fusing their network's output "
+         "with SFace's embedding norm (`training/teacher.py`: mean of z-scores standardised "
+         "on the labelled training set); rows `(network alone)` show the network without "
+         "it. Cost rows below are the network's; the fused teacher also runs SFace."
+         if cfg["teacher"].get("fuse_norm") else "The teachers score with their network."),
+        ("The student is distilled from the enhanced teacher's scores on every face "
+         "(labelled, A and B)." if cfg["student"].get("targets") == "enhanced" else
+         "The student learns the labels on the labelled set and the pseudo-labels on A "
+         "(teacher) and B (enhanced teacher)."), "",
         "## Test split figures", "",
         f"ORL s31-s40, {t['faces']} faces: each image clean plus {t['variants_per_image']} "
         f"degradations (seed {t['degradation_seed']}); {t['mated_pairs']} mated and "

@@ -203,6 +203,26 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
     return model
 
 
+def predict_views(model: QualityNet, spec: dict[str, Any], crops: np.ndarray, path: Path,
+                  offset: int, batch: int = 256) -> np.ndarray | None:
+    """`model` on `crops` through the frozen features cached at `path[offset:]` (unmirrored
+    views), or None when the cache does not cover these faces."""
+    trunk, tail = split(model, int(spec.get("freeze", 0)))
+    if trunk is None:
+        return None
+    views = torch.load(path, weights_only=True)
+    if len(views) < offset + len(crops) or len(crops) == 0:
+        return None
+    with torch.no_grad():
+        first = trunk(to_input(crops[:1], int(spec["input_size"])))
+        if not torch.allclose(first, views[offset:offset + 1, 0].float(), atol=1e-2):
+            return None
+        tail.eval()
+        out = [tail(views[i:i + batch, 0].float()).numpy()
+               for i in range(offset, offset + len(crops), batch)]
+    return np.concatenate(out)[:len(crops)].astype(np.float64)
+
+
 def predict(model: QualityNet, crops: np.ndarray, size: int, batch: int = 128) -> np.ndarray:
     model.eval()
     out = []
