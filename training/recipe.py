@@ -85,10 +85,12 @@ class Run:
             np.save(cache, recognizer.embed(self.samples("labelled_val").crops))
         return np.load(cache)
 
+    def labelled_sets(self) -> list[str]:
+        """The labelled training sets, in the order every network sees them."""
+        return ["labelled_train"] + (["mos"] if (self.data / "mos.npz").exists() else [])
+
     def labelled(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = [self.samples("labelled_train")]
-        if (self.data / "mos.npz").exists():
-            parts.append(self.samples("mos"))
+        parts = [self.samples(name) for name in self.labelled_sets()]
         return (np.concatenate([p.crops for p in parts]),
                 np.concatenate([p.extra["label"] for p in parts]))
 

@@ -65,9 +65,10 @@ def write_report(run: Any) -> dict[str, Any]:
     label, matched, _ = utility_labels(test, emb[rec_name], sface.threshold,
                                        cfg["data"]["temperature"])
 
+    baselines = {rec_name: qualities(test, BASELINES, rec_name)[0]}
     nets: dict[str, np.ndarray] = {}
     models = {"teacher": "teacher", "enhanced teacher": "enhanced"}
-    norms = np.linalg.norm(sface.embed_raw(test.crops), axis=1)
+    norms = baselines[rec_name]["embedding-norm"]
     for shown, file in models.items():
         model = load_weights(build_model(cfg["teacher"]), run.out / f"{file}.safetensors")
         net = predict(model, test.crops, cfg["teacher"]["input_size"])
@@ -117,7 +118,9 @@ def write_report(run: Any) -> dict[str, Any]:
         e = emb.get(rname)
         if e is None:
             e = emb[rname] = rec.embed(test.crops)
-        scores = {**nets, **qualities(test, BASELINES, rname)[0]}
+        if rname not in baselines:
+            baselines[rname] = qualities(test, BASELINES, rname)[0]
+        scores = {**nets, **baselines[rname]}
         sim = similarities(e, a, b)
         results = edc_by_scorer(sim, mated, a, b, scores)
         report["edc"][rname] = {n: {"pauc_norm_20": r.pauc_norm[0.2],

@@ -9,8 +9,9 @@ teacher's score is the mean of the two as z-scores, each standardised on the lab
 training set, mapped back to the labels' mean and spread, so pseudo-labels sit on the
 labels' scale. Equal weights, not tuned.
 
-Every score is cached in the run folder (`scores_<network>_<set>.npy`), so the stages
-that need one (pseudo-labels, distillation targets) compute it once.
+A network's output is cached in the run folder (`network_<network>_<set>.npy`), the norms
+in `data/<set>_embedding_norm.npy`, so the stages that need a score (pseudo-labels,
+distillation targets) compute each once.
 """
 
 from __future__ import annotations
@@ -25,13 +26,11 @@ def embedding_norms(run: Any, set_name: str) -> np.ndarray:
     """The labelling recognizer's un-normalised embedding norm of every face of a set."""
     cache = run.data / f"{set_name}_embedding_norm.npy"
     if not cache.exists():
-        from fiqa_gate.registry import get_recognizer
+        from fiqa_gate.evaluation.protocol import qualities
 
-        rec = get_recognizer(run.cfg["data"]["recognizer"])
-        crops = run.samples(set_name).crops
-        norms = np.concatenate([np.linalg.norm(rec.embed_raw(crops[i:i + 256]), axis=1)
-                                for i in range(0, len(crops), 256)])
-        np.save(cache, norms)
+        raw, _ = qualities(run.samples(set_name), ("embedding-norm",),
+                           run.cfg["data"]["recognizer"])
+        np.save(cache, raw["embedding-norm"])
     return np.load(cache)
 
 
@@ -60,7 +59,7 @@ def _network_scores(run: Any, network: str, set_name: str) -> np.ndarray:
 
 def _offsets(run: Any) -> dict[str, int]:
     """Where each set starts in the cached frozen features (labelled, then A, then B)."""
-    n_lab = len(run.labelled()[1])
+    n_lab = sum(len(run.samples(name)) for name in run.labelled_sets())
     n_a = len(run.samples("unlabelled_a"))
     return {"labelled_train": 0, "unlabelled_a": n_lab, "unlabelled_b": n_lab + n_a}
 

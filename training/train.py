@@ -210,7 +210,7 @@ def predict_views(model: QualityNet, spec: dict[str, Any], crops: np.ndarray, pa
     trunk, tail = split(model, int(spec.get("freeze", 0)))
     if trunk is None:
         return None
-    views = torch.load(path, weights_only=True)
+    views = torch.load(path, weights_only=True, mmap=True)  # read only the slice used
     if len(views) < offset + len(crops) or len(crops) == 0:
         return None
     with torch.no_grad():
