@@ -136,6 +136,14 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     norm_b = np.load(out / "data" / "unlabelled_b_embedding_norm.npy")
     assert np.allclose(np.load(out / "pseudo_b.npy"), fuse(stats, net_b, norm_b))
     assert not np.allclose(np.load(out / "pseudo_b.npy"), net_b)
+    # Set B also holds fresh degradations of the labelled images, anonymous: one per image.
+    b = Samples.load(out / "data" / "unlabelled_b.npz")
+    train = Samples.load(out / "data" / "labelled_train.npz")
+    copies = [i for i, s in enumerate(b.source) if s in set(train.source)]
+    assert len(copies) == len(set(train.source))
+    assert all(b.identity[i] is None and b.records[i] for i in copies)
+    assert len(np.load(out / "pseudo_b.npy")) == len(b)
+    assert not any(np.array_equal(b.crops[i], c) for i in copies[:3] for c in train.crops)
     scorer = OnnxStudentScorer(out / "export" / "student.onnx")
     crops = Samples.load(out / "data" / "labelled_val.npz").crops[:16]
     raw = scorer.raw_from_crops(crops)

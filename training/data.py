@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +102,13 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     else:
         raise ValueError(f"data.labelled: 'orl' or 'identity:/path', not {labelled!r}")
 
+    train_sources: list = []
     for name, items, variants, s in (("labelled_train", train_items, d["variants"], seed),
                                      ("labelled_val", val_items, d["variants"], seed + 1)):
         skipped: list[tuple[str, str]] = []
         sources = detect_sources(items, detector, skipped=skipped)
+        if name == "labelled_train":
+            train_sources = sources
         samples = build_samples(sources, detector, variants, s, progress=name)
         emb = recognizer.embed(samples.crops)
         label, matched, _ = utility_labels(samples, emb, recognizer.threshold,
@@ -138,13 +142,29 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     for name, part, s in (("unlabelled_a", set_a, seed + 2), ("unlabelled_b", set_b, seed + 3)):
         samples = build_samples(part, detector, d["unlabelled_variants"], s, progress=name,
                                 redetect=False)
-        samples.save(out / f"{name}.npz")
         report[name] = {"faces": len(samples), "source_faces": len(part)}
+        if name == "unlabelled_b" and d.get("b_labelled_variants"):
+            samples = Samples.concat([samples, _unlabelled_copies(
+                train_sources, detector, d["b_labelled_variants"], seed + 4)])
+            report[name] |= {"faces": len(samples), "labelled_sources": len(train_sources)}
+        samples.save(out / f"{name}.npz")
         log.info("%s: %d faces from %d source faces", name, len(samples), len(part))
     report["unlabelled_images"] = len(images)
     report["unlabelled_skipped"] = len(skipped)
     (out / "labels.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _unlabelled_copies(sources: list, detector: Any, variants: int, seed: int) -> Samples:
+    """Fresh degradations of the labelled training images, identity and label dropped.
+
+    Set B's own images are few (67 faces in the CPU recipe); the labelled images with new
+    degradation draws (another seed) give the distillation more variety than repeating
+    the same crops, and the enhanced teacher labels them as any unlabelled face.
+    """
+    anonymous = [replace(s, identity=None) for s in sources]
+    return build_samples(anonymous, detector, variants, seed, include_clean=False,
+                         progress="unlabelled_b (labelled images)", redetect=False)
 
 
 def label_edc(samples: Samples, embeddings: np.ndarray, label: np.ndarray) -> dict[str, Any]:

