@@ -69,8 +69,10 @@ def write_report(run: Any) -> dict[str, Any]:
     nets: dict[str, np.ndarray] = {}
     models = {"teacher": "teacher", "enhanced teacher": "enhanced"}
     norms = baselines[rec_name]["embedding-norm"]
+    teachers = {}
     for shown, file in models.items():
-        model = load_weights(build_model(cfg["teacher"]), run.out / f"{file}.safetensors")
+        model = teachers[file] = load_weights(build_model(cfg["teacher"]),
+                                              run.out / f"{file}.safetensors")
         net = predict(model, test.crops, cfg["teacher"]["input_size"])
         stats = fusion_stats(run, file)
         nets[shown] = net if stats is None else fuse(stats, net, norms)
@@ -132,7 +134,7 @@ def write_report(run: Any) -> dict[str, Any]:
                                 for n, r in results.items()}
 
     # Cost: the student as shipped (ONNX) beside the teacher exported the same way.
-    teacher = load_weights(build_model(cfg["teacher"]), run.out / "enhanced.safetensors")
+    teacher = teachers["enhanced"]
     export_onnx(teacher, export / "teacher.onnx", cfg["teacher"]["input_size"], test.crops[:32])
     report["cost"] = {
         "student": {"parameters": count_parameters(student),
