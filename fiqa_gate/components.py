@@ -43,9 +43,14 @@ class Recognizer(ABC):
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """L2-normalised embeddings, ready for cosine similarity and a FAISS IP index."""
+        return self.embed_with_norms(crops)[0]
+
+    def embed_with_norms(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(L2-normalised embeddings, the raw embeddings' norms) from one forward pass:
+        the norm is a quality signal of its own (MagFace's observation)."""
         raw = self.embed_raw(check_crops(crops))
-        norms = np.linalg.norm(raw, axis=1, keepdims=True)
-        return (raw / np.maximum(norms, 1e-12)).astype(np.float32)
+        norms = np.linalg.norm(raw, axis=1)
+        return (raw / np.maximum(norms, 1e-12)[:, None]).astype(np.float32), norms
 
 
 @dataclass

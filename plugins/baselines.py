@@ -46,7 +46,7 @@ class EmbeddingNormScorer(Scorer):
         self.recognizer = context.recognizer()
 
     def raw_scores(self, faces: Sequence[Face]) -> np.ndarray:
-        return np.linalg.norm(self.recognizer.embed_raw(stack_crops(faces)), axis=1)
+        return self.recognizer.embed_with_norms(stack_crops(faces))[1]
 
 
 def _calibrated(scorer: Scorer, recognizer: str) -> Scorer:

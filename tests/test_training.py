@@ -136,9 +136,18 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     norm_b = np.load(out / "data" / "unlabelled_b_embedding_norm.npy")
     assert np.allclose(np.load(out / "pseudo_b.npy"), fuse(stats, net_b, norm_b))
     assert not np.allclose(np.load(out / "pseudo_b.npy"), net_b)
+    # The labelled faces' norms come from the data stage's labelling pass: the plugin's own.
+    from fiqa_gate.evaluation.protocol import qualities
+
+    train = Samples.load(out / "data" / "labelled_train.npz")
+    norms = np.load(out / "data" / "labelled_train_embedding_norm.npy")
+    plugin = qualities(train.subset(np.arange(4)), ["embedding-norm"], "sface")[0]
+    assert len(norms) == len(train)
+    assert np.allclose(norms[:4], plugin["embedding-norm"], rtol=1e-5)
+    # The paper's ablation students beside the shipped one, with its spec.
+    assert (out / "student_l.safetensors").exists() and (out / "student_la.safetensors").exists()
     # Set B also holds fresh degradations of the labelled images, anonymous: one per image.
     b = Samples.load(out / "data" / "unlabelled_b.npz")
-    train = Samples.load(out / "data" / "labelled_train.npz")
     copies = [i for i, s in enumerate(b.source) if s in set(train.source)]
     assert len(copies) == len(set(train.source))
     assert all(b.identity[i] is None and b.records[i] for i in copies)
@@ -180,5 +189,12 @@ def test_frozen_views_of_a_known_prefix_are_reused_not_recomputed():
     full = make_views(trunk, crops, 112)
     prefix = make_views(trunk, crops[:4], 112)
     assert torch.equal(make_views(trunk, crops, 112, known=prefix), full)
+    # computed through ONNX Runtime: the torch trunk's output, mirrored view included
+    from fiqa_gate_training.train import to_input
+
+    with torch.no_grad():
+        x = to_input(crops, 112)
+        want = torch.stack([trunk(x), trunk(x.flip(-1))], 1)
+    assert torch.allclose(full.float(), want, rtol=2e-3, atol=1e-2)  # stored as float16
     with pytest.raises(ValueError, match="do not belong"):
         make_views(trunk, crops[5:], 112, known=prefix)

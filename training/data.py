@@ -110,7 +110,9 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         if name == "labelled_train":
             train_sources = sources
         samples = build_samples(sources, detector, variants, s, progress=name)
-        emb = recognizer.embed(samples.crops)
+        emb, norms = recognizer.embed_with_norms(samples.crops)
+        # the teachers' fusion input (training/teacher.py), from the labels' own SFace pass
+        np.save(out / f"{name}_embedding_norm.npy", norms)
         label, matched, _ = utility_labels(samples, emb, recognizer.threshold,
                                            d["temperature"])
         samples.extra.update(label=label, matched=matched)

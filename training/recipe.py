@@ -192,20 +192,17 @@ def stage_pseudo_b(run: Run) -> None:
 STUDENT_DATA = {  # the paper's ablation: which sets each student is distilled from
     "student_l": [],
     "student_la": [("unlabelled_a", "pseudo_a.npy")],
-    "student_lab": [("unlabelled_a", "pseudo_a.npy"), ("unlabelled_b", "pseudo_b.npy")],
+    "student": [("unlabelled_a", "pseudo_a.npy"), ("unlabelled_b", "pseudo_b.npy")],
 }
 
 
 def _students(run: Run) -> list[tuple[str, list[tuple[str, str]], dict[str, Any]]]:
-    """(name, pseudo-labelled sets, spec): the shipped student (labelled + A + B, full
-    budget) and, if configured, the ablation students, all three at one reduced budget."""
+    """(name, pseudo-labelled sets, spec): the shipped student (labelled + A + B) and, with
+    `ablation` in the config, the paper's ablation students (labelled; labelled + A) with
+    the same spec, so the shipped student is the ablation's labelled + A + B arm."""
     spec = run.cfg["student"]
-    out = [("student", STUDENT_DATA["student_lab"], spec)]
-    ab = run.cfg.get("ablation")
-    if ab:
-        out += [(name, sets, {**spec, "epochs": ab["epochs"]})
-                for name, sets in STUDENT_DATA.items()]
-    return out
+    names = list(STUDENT_DATA) if run.cfg.get("ablation") else ["student"]
+    return [(name, STUDENT_DATA[name], spec) for name in reversed(names)]
 
 
 def _distillation_set(run: Run, sets: list[tuple[str, str]],
@@ -242,7 +239,7 @@ def _size_runs(run: Run) -> list[tuple[str, dict[str, Any]]]:
 
 
 def stage_input_size(run: Run) -> None:
-    crops, labels = _distillation_set(run, STUDENT_DATA["student_lab"], run.cfg["student"])
+    crops, labels = _distillation_set(run, STUDENT_DATA["student"], run.cfg["student"])
     keep = run.cfg["input_size_ablation"].get("max_faces", len(crops))
     pick = np.sort(np.random.default_rng(0).permutation(len(crops))[:keep])
     for name, spec in _size_runs(run):

@@ -85,20 +85,49 @@ def make_views(trunk: nn.Module | None, crops: np.ndarray, size: int,
         x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
         return torch.stack([x, x.flip(-1)], 1)
 
+    run = _onnx_trunk(trunk, size, crops[:batch])
+
     def views(chunk: np.ndarray) -> torch.Tensor:
-        x = to_input(chunk, size)
-        return torch.stack([trunk(x), trunk(x.flip(-1))], 1).half()
+        x = to_input(chunk, size).numpy()
+        return torch.stack([run(x), run(x[..., ::-1].copy())], 1).half()
 
     out, start = [], 0
-    with torch.no_grad():
-        if known is not None and 0 < len(known) <= len(crops):
-            if not torch.allclose(views(crops[:1]).float(), known[:1].float(), atol=1e-2):
-                raise ValueError("cached trunk views do not belong to these faces")
-            out, start = [known], len(known)
-        for i in tqdm(range(start, len(crops), batch), desc=desc, disable=desc is None,
-                      leave=False):
-            out.append(views(crops[i:i + batch]))
+    if known is not None and 0 < len(known) <= len(crops):
+        if not torch.allclose(views(crops[:1]).float(), known[:1].float(), atol=1e-2):
+            raise ValueError("cached trunk views do not belong to these faces")
+        out, start = [known], len(known)
+    for i in tqdm(range(start, len(crops), batch), desc=desc, disable=desc is None,
+                  leave=False):
+        out.append(views(crops[i:i + batch]))
     return torch.cat(out)
+
+
+def _onnx_trunk(trunk: nn.Module, size: int, check: np.ndarray
+                ) -> Callable[[np.ndarray], torch.Tensor]:
+    """The frozen trunk through ONNX Runtime: 1.7x torch's speed on 2 CPU cores (13.6
+    against 22.9 ms per view, SFace to layer 73), checked against torch before use."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:  # the session keeps the graph in memory
+        path = str(Path(tmp) / "trunk.onnx")
+        torch.onnx.export(trunk, (torch.zeros(2, 3, size, size),), path,
+                          input_names=["input"], output_names=["features"],
+                          opset_version=17, dynamo=False,
+                          dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}})
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"input": x})[0])
+
+    x = to_input(check, size)
+    with torch.no_grad():
+        want = trunk(x)
+    diff = float((run(x.numpy()) - want).abs().max())
+    if diff > 1e-4 * max(1.0, float(want.abs().max())):
+        raise RuntimeError(f"ONNX trunk differs from torch by {diff:.2e}")
+    return run
 
 
 def _as_float(views: torch.Tensor, size: int) -> torch.Tensor:
