@@ -198,3 +198,20 @@ def test_frozen_views_of_a_known_prefix_are_reused_not_recomputed():
     assert torch.allclose(full.float(), want, rtol=2e-3, atol=1e-2)  # stored as float16
     with pytest.raises(ValueError, match="do not belong"):
         make_views(trunk, crops[5:], 112, known=prefix)
+
+
+def test_input_size_means_average_the_seeds_of_each_size():
+    from fiqa_gate_training.report import _input_size_means, size_row
+
+    runs = [(n, {"input_size": size, "epochs": 4, "seed": seed})
+            for n, size, seed in (("a", 112, 1), ("b", 112, 2), ("c", 352, 1))]
+    figures = [(0.8, 0.7), (0.6, 0.5), (0.9, 0.8)]
+    table = {size_row(spec): {"pauc_norm_20": p20, "pauc_norm_30": p30}
+             for (_, spec), (p20, p30) in zip(runs, figures, strict=True)}
+    table["student"] = {"pauc_norm_20": 0.1, "pauc_norm_30": 0.1}
+    got = _input_size_means({"sface": table}, runs)["sface"]
+    assert got["112"]["seeds"] == 2 and got["352"]["seeds"] == 1
+    assert got["112"]["pauc_norm_20"] == pytest.approx(0.7)
+    assert got["112"]["pauc_norm_30"] == pytest.approx(0.6)
+    assert got["352"]["pauc_norm_20"] == pytest.approx(0.9)
+    assert _input_size_means({"sface": table}, []) == {}

@@ -230,12 +230,16 @@ def stage_student(run: Run) -> None:
 
 
 def _size_runs(run: Run) -> list[tuple[str, dict[str, Any]]]:
-    """(name, student spec) of the input-size comparison: every size, the same budget."""
+    """(name, student spec) of the input-size comparison: every size and seed (`seeds`,
+    default the student's), the same budget; one seed's gap is within the noise."""
     ab = run.cfg.get("input_size_ablation")
     if not ab:
         return []
-    return [(f"student_px{size}", {**run.cfg["student"], "input_size": size,
-                                   "epochs": ab["epochs"]}) for size in ab["sizes"]]
+    base = run.cfg["student"]
+    own = base.get("seed", 0)
+    return [(f"student_px{size}" + ("" if seed == own else f"_seed{seed}"),
+             {**base, "input_size": size, "epochs": ab["epochs"], "seed": seed})
+            for size in ab["sizes"] for seed in ab.get("seeds", [own])]
 
 
 def stage_input_size(run: Run) -> None:

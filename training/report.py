@@ -50,7 +50,7 @@ def _onnx_speed(path: str, size: int) -> dict[str, Any]:
 def write_report(run: Any) -> dict[str, Any]:
     from fiqa_gate_training.export import export_onnx, load_weights
     from fiqa_gate_training.models import build_model, count_flops, count_parameters
-    from fiqa_gate_training.recipe import _students
+    from fiqa_gate_training.recipe import _size_runs, _students
     from fiqa_gate_training.teacher import fuse, fusion_stats
     from fiqa_gate_training.train import predict
 
@@ -85,14 +85,11 @@ def write_report(run: Any) -> dict[str, Any]:
             model = load_weights(build_model(spec), path)
             nets[f"{name} ({ABLATION_ROWS[name]})"] = predict(model, test.crops,
                                                              spec["input_size"])
-    from fiqa_gate_training.recipe import _size_runs
-
     for name, spec in _size_runs(run):
         path = run.out / f"{name}.safetensors"
         if path.exists():
             model = load_weights(build_model(spec), path)
-            nets[f"student {spec['input_size']} px, {spec['epochs']} epochs"] = predict(
-                model, test.crops, spec["input_size"])
+            nets[size_row(spec)] = predict(model, test.crops, spec["input_size"])
     export = run.out / "export"
     student = load_weights(build_model(cfg["student"]), run.out / "student.safetensors")
     if cfg["student"].get("quantize"):  # the float weights beside the shipped int8 graph
@@ -134,6 +131,8 @@ def write_report(run: Any) -> dict[str, Any]:
                                     "oracle_pauc_norm_30": r.oracle_pauc_norm[0.3]}
                                 for n, r in results.items()}
 
+    report["input_size"] = _input_size_means(report["edc"], _size_runs(run))
+
     # Cost: the student as shipped (ONNX) beside the teacher exported the same way.
     teacher = teachers["enhanced"]
     export_onnx(teacher, export / "teacher.onnx", cfg["teacher"]["input_size"], test.crops[:32])
@@ -154,6 +153,26 @@ def write_report(run: Any) -> dict[str, Any]:
     (run.out / "report.json").write_text(json.dumps(report, indent=2))
     (export / "student.md").write_text(model_card(report, cfg))
     return report
+
+
+def size_row(spec: dict[str, Any]) -> str:
+    return f"student {spec['input_size']} px, {spec['epochs']} epochs, seed {spec['seed']}"
+
+
+def _input_size_means(edc: dict[str, Any], runs: list[tuple[str, dict[str, Any]]]
+                      ) -> dict[str, dict[str, dict[str, float]]]:
+    """{recognizer: {size: normalised pAUC at 20 and 30 %, mean over the seeds trained}}."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for rname, table in edc.items():
+        by_size: dict[str, list[dict[str, float]]] = {}
+        for _, spec in runs:
+            if size_row(spec) in table:
+                by_size.setdefault(str(spec["input_size"]), []).append(table[size_row(spec)])
+        out[rname] = {size: {"seeds": len(rows),
+                             **{k: float(np.mean([r[k] for r in rows]))
+                                for k in ("pauc_norm_20", "pauc_norm_30")}}
+                      for size, rows in by_size.items()}
+    return out if any(out.values()) else {}
 
 
 def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
@@ -235,8 +254,14 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         ab = cfg["input_size_ablation"]
         lines += [f"Input size: the same student trained at {' and '.join(map(str, ab['sizes']))}"
                   f" px on one budget ({ab['epochs']} epochs on {ab['max_faces']} faces drawn "
-                  "from labelled + A + B), rows `student N px`; run on request: "
+                  "from labelled + A + B, each seed), rows `student N px`; run on request: "
                   f"`fiqa-gate train run {cfg['name']} --stage input_size --stage report`.", ""]
+        for rname, sizes in report.get("input_size", {}).items():
+            lines += [f"| input size, {rname} | seeds | mean pAUC 20 % | mean pAUC 30 % |",
+                      "|---|---|---|---|"]
+            lines += [f"| {size} px | {m['seeds']} | {_f(m['pauc_norm_20'])} | "
+                      f"{_f(m['pauc_norm_30'])} |" for size, m in sizes.items()]
+            lines.append("")
     ex = report["export"]
     lines += [f"Export: ONNX vs torch max |diff| {ex['onnx_vs_torch_max_abs_diff']:.1e} on 64 "
               "validation faces (float32 graph)."

@@ -85,11 +85,11 @@ def make_views(trunk: nn.Module | None, crops: np.ndarray, size: int,
         x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
         return torch.stack([x, x.flip(-1)], 1)
 
-    run = _onnx_trunk(trunk, size, crops[:batch])
+    features = _onnx_trunk(trunk, size, crops[:batch])
 
     def views(chunk: np.ndarray) -> torch.Tensor:
         x = to_input(chunk, size).numpy()
-        return torch.stack([run(x), run(x[..., ::-1].copy())], 1).half()
+        return torch.stack([features(x), features(x[..., ::-1].copy())], 1).half()
 
     out, start = [], 0
     if known is not None and 0 < len(known) <= len(crops):
@@ -118,16 +118,16 @@ def _onnx_trunk(trunk: nn.Module, size: int, check: np.ndarray
                           dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}})
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
-    def run(x: np.ndarray) -> torch.Tensor:
+    def features(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x})[0])
 
     x = to_input(check, size)
     with torch.no_grad():
         want = trunk(x)
-    diff = float((run(x.numpy()) - want).abs().max())
+    diff = float((features(x.numpy()) - want).abs().max())
     if diff > 1e-4 * max(1.0, float(want.abs().max())):
         raise RuntimeError(f"ONNX trunk differs from torch by {diff:.2e}")
-    return run
+    return features
 
 
 def _as_float(views: torch.Tensor, size: int) -> torch.Tensor:
