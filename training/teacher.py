@@ -10,7 +10,8 @@ training set, mapped back to the labels' mean and spread, so pseudo-labels sit o
 labels' scale. Equal weights, not tuned.
 
 A network's output is cached in the run folder (`network_<network>_<set>.npy`), the norms
-in `data/<set>_embedding_norm.npy`, so the stages that need a score (pseudo-labels,
+in `data/<set>_embedding_norm.npy` (the labelled sets' written by the data stage from the
+pass that computes their labels), so the stages that need a score (pseudo-labels,
 distillation targets) compute each once.
 """
 
