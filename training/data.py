@@ -81,6 +81,7 @@ def _split(sources: list, fraction_b: float = 0.5) -> tuple[list, list]:
 def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write labelled_train/labelled_val/unlabelled_a/unlabelled_b .npz and labels.json."""
     from fiqa_gate_training.sources import unlabelled_images
+    from fiqa_gate_training.teacher import norms_file
 
     d = cfg["data"]
     detector = get_detector(d.get("detector", "yunet"))
@@ -112,7 +113,7 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         samples = build_samples(sources, detector, variants, s, progress=name)
         emb, norms = recognizer.embed_with_norms(samples.crops)
         # the teachers' fusion input (training/teacher.py), from the labels' own SFace pass
-        np.save(out / f"{name}_embedding_norm.npy", norms)
+        np.save(norms_file(out, name), norms)
         label, matched, _ = utility_labels(samples, emb, recognizer.threshold,
                                            d["temperature"])
         samples.extra.update(label=label, matched=matched)

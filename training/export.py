@@ -41,10 +41,7 @@ def export_onnx(model: QualityNet, path: Path, input_size: int, check_crops: np.
     the largest |ONNX - torch| on `check_crops`; refuses the export above MAX_ABS_DIFF."""
     model.eval()
     tmp = path.with_name(path.stem + ".tmp.onnx")
-    dummy = torch.zeros(2, 3, input_size, input_size)
-    torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"],
-                      output_names=["quality"], opset_version=17, dynamo=False,
-                      dynamic_axes={"input": {0: "batch"}, "quality": {0: "batch"}})
+    write_graph(model, tmp, input_size, "quality")
     got = run_onnx(tmp, check_crops, input_size)
     want = predict(model, check_crops, input_size)
     diff = float(np.abs(got - want).max())
@@ -53,6 +50,13 @@ def export_onnx(model: QualityNet, path: Path, input_size: int, check_crops: np.
         raise RuntimeError(f"ONNX export differs from torch by {diff:.2e} > {MAX_ABS_DIFF}")
     tmp.replace(path)
     return diff
+
+
+def write_graph(module: torch.nn.Module, path: Path, input_size: int, output: str) -> None:
+    """`module` as an ONNX graph: input "input" [N,3,S,S] 0..255 RGB, any batch size."""
+    torch.onnx.export(module, (torch.zeros(2, 3, input_size, input_size),), str(path),
+                      input_names=["input"], output_names=[output], opset_version=17,
+                      dynamo=False, dynamic_axes={"input": {0: "batch"}, output: {0: "batch"}})
 
 
 def run_onnx(path: Path, crops: np.ndarray, input_size: int, batch: int = 64) -> np.ndarray:

