@@ -82,16 +82,40 @@ def test_fit_resumes_from_its_checkpoint(tmp_path, caplog, orl_sources):
 
     samples = build_samples(orl_sources[:4], get_detector(), 1, seed=0)
     spec = {"backbone": "edgenext_xx_small", "input_size": 112, "epochs": 2, "batch_size": 4,
-            "lr": 1e-3, "weight_decay": 0.0, "seed": 0}
+            "lr": 1e-3, "weight_decay": 0.0, "seed": 0, "ema": 0.99}
     ckpt = tmp_path / "m.ckpt"
     targets = np.linspace(0, 1, len(samples))
     # max_steps stops the loop after one epoch, as an interruption would
     fit(build_model(spec), samples.crops, targets, {**spec, "max_steps": 100}, ckpt, "m")
-    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    first = torch.load(ckpt, weights_only=True)
+    assert first["epoch"] == 1 and first["ema"]["steps"] > 0
     with caplog.at_level(logging.INFO, logger="fiqa_gate.training"):
         fit(build_model(spec), samples.crops, targets, spec, ckpt, "m")
     assert "resumed after epoch 1" in caplog.text
-    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 2
+    assert state["ema"]["steps"] == 2 * first["ema"]["steps"]  # the average resumed too
+
+
+def test_weight_average_by_hand():
+    from fiqa_gate_training.train import WeightAverage
+    from torch import nn
+
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    ema = WeightAverage(model, decay=0.5)
+    model.weight.data.fill_(1.0)
+    ema.update(model)  # keep min(0.5, 2/11) of the old weight
+    assert ema.model.weight.item() == pytest.approx(9 / 11)
+    ema.update(model)  # keep min(0.5, 3/12)
+    assert ema.model.weight.item() == pytest.approx(9 / 11 * 0.25 + 0.75)
+    for _ in range(20):
+        ema.update(model)  # the ramp has reached the decay: keep half
+    before = ema.model.weight.item()
+    model.weight.data.fill_(3.0)
+    ema.update(model)
+    assert ema.model.weight.item() == pytest.approx(0.5 * before + 1.5)
+    assert model.weight.item() == 3.0 and not ema.model.weight.requires_grad
 
 
 def test_paper_config_takes_one_step_on_two_faces(orl_sources, tmp_path):
@@ -215,3 +239,26 @@ def test_input_size_means_average_the_seeds_of_each_size():
     assert got["112"]["pauc_norm_30"] == pytest.approx(0.6)
     assert got["352"]["pauc_norm_20"] == pytest.approx(0.9)
     assert _input_size_means({"sface": table}, []) == {}
+
+
+@pytest.mark.parametrize("size", [112, 64])
+def test_folded_student_computes_what_the_student_computes(size):
+    from fiqa_gate_training.export import folded
+    from fiqa_gate_training.models import build_model
+    from timm.models.edgenext import SplitTransposeBlock
+
+    torch.manual_seed(0)
+    model = build_model({"backbone": "edgenext_xx_small", "input_size": size,
+                         "activation": "relu"}).eval()
+    for name, p in model.named_parameters():  # trained-looking scales and biases, not init
+        if name.endswith(("gamma", "bias")):
+            p.data.uniform_(0.5, 1.5)
+    fast = folded(model, size)
+    x = torch.rand(3, 3, size, size) * 255
+    with torch.no_grad():
+        assert torch.allclose(fast(x), model(x), atol=1e-4, rtol=1e-4)
+    assert isinstance(fast.normalise, torch.nn.Identity)
+    blocks = [m for m in fast.modules() if isinstance(m, SplitTransposeBlock)]
+    assert blocks and all(b.gamma is None for b in blocks)
+    assert model.normalise is not fast.normalise and any(  # the original is left untouched
+        b.gamma is not None for b in model.modules() if isinstance(b, SplitTransposeBlock))

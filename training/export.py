@@ -6,13 +6,14 @@ JSON. The ONNX graph is checked against torch on real faces before it is accepte
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from fiqa_gate_training.models import QualityNet
+from fiqa_gate_training.models import Normalise, QualityNet
 from fiqa_gate_training.train import predict, to_input
 
 from fiqa_gate.assets import sha256_file
@@ -41,7 +42,7 @@ def export_onnx(model: QualityNet, path: Path, input_size: int, check_crops: np.
     the largest |ONNX - torch| on `check_crops`; refuses the export above MAX_ABS_DIFF."""
     model.eval()
     tmp = path.with_name(path.stem + ".tmp.onnx")
-    write_graph(model, tmp, input_size, "quality")
+    write_graph(folded(model, input_size), tmp, input_size, "quality")
     got = run_onnx(tmp, check_crops, input_size)
     want = predict(model, check_crops, input_size)
     diff = float(np.abs(got - want).max())
@@ -50,6 +51,56 @@ def export_onnx(model: QualityNet, path: Path, input_size: int, check_crops: np.
         raise RuntimeError(f"ONNX export differs from torch by {diff:.2e} > {MAX_ABS_DIFF}")
     tmp.replace(path)
     return diff
+
+
+class _FixedPositions(torch.nn.Module):
+    """EdgeNeXt's Fourier position encoding depends on the input size only: computed once."""
+
+    def __init__(self, positions: torch.Tensor):
+        super().__init__()
+        self.register_buffer("positions", positions)
+
+    def forward(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        return self.positions.expand(shape[0], -1, -1, -1)
+
+
+@torch.no_grad()
+def folded(model: QualityNet, input_size: int) -> QualityNet:
+    """An inference copy of `model` for one input size, with the same outputs and fewer
+    graph nodes: EdgeNeXt's layer-scale gammas folded into the Linear before them, its
+    position encodings precomputed, and the 0..255 normalisation folded into an unpadded
+    stem convolution. Other backbones pass through unchanged. The ONNX check compares the
+    graph against the unfolded model, so a wrong fold cannot ship."""
+    from timm.models.edgenext import ConvBlock, PositionalEncodingFourier, SplitTransposeBlock
+
+    model = copy.deepcopy(model).eval()
+    for block in model.modules():
+        if isinstance(block, ConvBlock | SplitTransposeBlock) and block.gamma is not None:
+            fc2 = block.mlp.fc2
+            fc2.weight.mul_(block.gamma[:, None])
+            fc2.bias.mul_(block.gamma)
+            block.gamma = None
+    encoders = [m for m in model.modules() if isinstance(m, PositionalEncodingFourier)]
+    positions: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, _, out: positions.__setitem__(id(m), out[:1]))
+             for m in encoders]
+    model(torch.zeros(1, 3, input_size, input_size))
+    for hook in hooks:
+        hook.remove()
+    for block in model.modules():
+        if isinstance(block, SplitTransposeBlock) and block.pos_embd is not None:
+            block.pos_embd = _FixedPositions(positions[id(block.pos_embd)])
+    stem = getattr(model.backbone, "stem", None)
+    first = stem[0] if isinstance(stem, torch.nn.Sequential) else None
+    if (isinstance(model.normalise, Normalise) and isinstance(first, torch.nn.Conv2d)
+            and first.padding == (0, 0) and first.bias is not None):
+        # conv((x - mean) * s) = conv'(x) with w' = w * s, b' = b - sum(w * mean * s)
+        scale = model.normalise.inv_std.view(1, -1, 1, 1)
+        shift = (model.normalise.mean * model.normalise.inv_std).view(1, -1, 1, 1)
+        first.bias.sub_((first.weight * shift).sum((1, 2, 3)))
+        first.weight.mul_(scale)
+        model.normalise = torch.nn.Identity()
+    return model
 
 
 def write_graph(module: torch.nn.Module, path: Path, input_size: int, output: str) -> None:

@@ -135,10 +135,12 @@ def views_file(run: Run, spec: dict[str, Any]) -> Path:
 
 def _train(run: Run, spec: dict[str, Any], name: str, crops: np.ndarray,
            targets: np.ndarray) -> None:
+    import torch
     from fiqa_gate_training.export import save_weights
     from fiqa_gate_training.train import fit
 
     val = _validator(run, int(spec["input_size"])) if spec.get("select_on_val") else None
+    torch.manual_seed(int(spec.get("seed", 0)))  # the initial weights follow the seed too
     model = fit(_model(spec), crops, targets, spec, run.out / f"{name}.ckpt", desc=name,
                 val=val, views_file=views_file(run, spec))
     save_weights(model, run.out / f"{name}.safetensors")

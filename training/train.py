@@ -138,6 +138,33 @@ def _as_float(views: torch.Tensor, size: int) -> torch.Tensor:
 Validator = Callable[[QualityNet], float]
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (buffers copied as they are).
+    The decay ramps up as (1 + step) / (10 + step) so the random start fades quickly."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.steps = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        keep = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for mine, theirs in zip(self.model.parameters(), model.parameters(), strict=True):
+            mine.lerp_(theirs.detach(), 1 - keep)
+        for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.steps = int(state["steps"])
+
+
 def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[str, Any],
         checkpoint: Path, desc: str, val: Validator | None = None,
         views_file: Path | None = None) -> QualityNet:
@@ -149,6 +176,8 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
     With `val` (a model's figure of merit on held-out identities, higher is better) and
     `select_on_val` in the spec, the weights of the best epoch are kept: a from-scratch
     student overfits two dozen training identities long before its loss stops falling.
+    With `ema` (a decay, e.g. 0.998) the weights validated and kept are an exponential
+    moving average of the trained ones: smoother than any single step's.
     """
     seed = int(spec.get("seed", 0))
     torch.manual_seed(seed)
@@ -174,6 +203,7 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=spec["lr"], total_steps=max(epochs * steps_per_epoch, 1),
             pct_start=0.1, anneal_strategy="cos")
+    ema = WeightAverage(model, float(spec["ema"])) if spec.get("ema") else None
     start = 0
     select = val is not None and spec.get("select_on_val", False)
     best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "model": None}
@@ -184,6 +214,8 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"])
         best = state.get("best", best)
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         log.info("%s: resumed after epoch %d", desc, start)
     max_steps = spec.get("max_steps")  # tests: prove the code path, not the result
     for epoch in range(start, epochs):
@@ -204,29 +236,35 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             value = loss.item()
             total += value * len(idx)
             bar.set_postfix(loss=f"{value:.4f}")
             if max_steps is not None and step + 1 >= max_steps:
                 break
         note = ""
+        kept = ema.model if ema is not None else model
         if select:
-            score = val(model)
+            score = val(kept)
             if score > best["score"]:
                 best = {"score": score, "epoch": epoch + 1,
-                        "model": {k: v.clone() for k, v in model.state_dict().items()}}
+                        "model": {k: v.clone() for k, v in kept.state_dict().items()}}
             note = f", validation {score:.4f} (best {best['score']:.4f} @ {best['epoch']})"
         log.info("%s epoch %d/%d: loss %.4f (%.0f s)%s", desc, epoch + 1, epochs,
                  total / len(y), time.time() - t0, note)
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best}, tmp)
+                    "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
+                    "ema": ema.state_dict() if ema is not None else None}, tmp)
         tmp.replace(checkpoint)
         if max_steps is not None:
             break
     if select and best["model"] is not None:
         model.load_state_dict(best["model"])
         log.info("%s: kept epoch %d (validation %.4f)", desc, best["epoch"], best["score"])
+    elif ema is not None:
+        model.load_state_dict(ema.model.state_dict())
     model.eval()
     return model
 
