@@ -35,9 +35,10 @@ ABLATION_ROWS = {"student_l": "ablation: labelled only", "student_la": "ablation
 
 
 def _onnx_speed(path: str, size: int) -> dict[str, Any]:
-    import onnxruntime as ort
+    """On one thread, as the runtime runs the student (the teacher likewise, to compare)."""
+    from fiqa_gate.assets import onnx_session
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, threads=1)
     name = session.get_inputs()[0].name
     out = {}
     for batch in (1, 64):
@@ -278,7 +279,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         o = c["onnxruntime"]
         lines.append(f"| {name} | {c['parameters'] / 1e6:.2f} M | {c['flops'] / 1e9:.3f} | "
                      f"{o['batch_1']['faces_per_s']:.0f} | {o['batch_64']['faces_per_s']:.0f} |")
-    lines += ["", "ONNX Runtime with its default threads, CPU, medians of 7 repeats; FLOPs by "
+    lines += ["", "ONNX Runtime on one thread (the runtime's setting for the student), CPU, "
+              "medians of 7 repeats; FLOPs by "
               "torch.utils.flop_counter "
               "(a multiply-add counts 2).", "",
               "## Limits", "",
