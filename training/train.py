@@ -9,6 +9,7 @@ random, prediction uses the unmirrored one, as the runtime does.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -143,8 +144,6 @@ class WeightAverage:
     The decay ramps up as (1 + step) / (10 + step) so the random start fades quickly."""
 
     def __init__(self, model: nn.Module, decay: float):
-        import copy
-
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.steps = decay, 0
 
