@@ -16,7 +16,7 @@ import torch
 from fiqa_gate_training.models import Normalise, QualityNet
 from fiqa_gate_training.train import predict, to_input
 
-from fiqa_gate.assets import sha256_file
+from fiqa_gate.assets import onnx_session, sha256_file
 
 MAX_ABS_DIFF = 1e-4
 
@@ -112,9 +112,7 @@ def write_graph(module: torch.nn.Module, path: Path, input_size: int, output: st
 
 def run_onnx(path: Path, crops: np.ndarray, input_size: int, batch: int = 64) -> np.ndarray:
     """Raw outputs of an exported graph on uint8 crops, prepared as in training."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     out = [session.run(None, {"input": to_input(crops[i:i + batch], input_size).numpy()})[0]
            for i in range(0, len(crops), batch)]
     return np.concatenate([o.reshape(-1) for o in out]).astype(np.float64)

@@ -243,8 +243,8 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             if max_steps is not None and step + 1 >= max_steps:
                 break
         note = ""
-        kept = ema.model if ema is not None else model
         if select:
+            kept = ema.model if ema is not None else model
             score = val(kept)
             if score > best["score"]:
                 best = {"score": score, "epoch": epoch + 1,
