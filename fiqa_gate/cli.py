@@ -276,7 +276,10 @@ def _identity_folders(root: str) -> list[tuple[str, list[str]]]:
 @pipeline_options
 def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, model, detector,
            recognizer):
-    """Enroll ROOT/<identity>/images into the gallery at --index."""
+    """Enroll ROOT/<identity>/images into the gallery at --index.
+
+    A file already in the gallery under its identity is skipped, so a run that was
+    interrupted just runs again and enrolls only what is missing."""
     from fiqa_gate.gallery import Enrollment, Gallery
     from fiqa_gate.gate import Gate
     from fiqa_gate.manifest import open_manifest
@@ -292,13 +295,19 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
     failures = Failures()
     columns = ["path", "identity", "decision", "score", "reason", "error", "face_id"]
     manifest = open_manifest(output, columns) if output else None
-    n_in = 0
+    n_in = n_skipped = 0
     from fiqa_gate.pipeline import faces_from_file
 
     for identity, files in _progress(folders, "enroll"):
         items, rows = [], []
+        enrolled = gallery.sources(identity)
         for path in files:
             row = {"path": path, "identity": identity}
+            if os.path.abspath(path) in enrolled:
+                row.update(decision="skip", reason="already enrolled")
+                n_skipped += 1
+                rows.append(row)
+                continue
             try:
                 face = primary_face(faces_from_file(path, detector_obj))
                 if the_gate is not None:
@@ -336,8 +345,9 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
                 manifest.write_rows([row])
     if manifest:
         manifest.close()
-    click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path} "
-               f"({len(gallery)} faces in the gallery)", err=True)
+    skipped = f", {n_skipped} already there" if n_skipped else ""
+    click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path}"
+               f"{skipped} ({len(gallery)} faces in the gallery)", err=True)
     failures.exit()
 
 

@@ -188,6 +188,12 @@ class Gallery:
             "SELECT identity, COUNT(*) FROM faces GROUP BY identity ORDER BY identity")}
 
     @_db_errors
+    def sources(self, identity: str) -> set[str]:
+        """The sources already enrolled under `identity`: a re-run of `enroll` skips them."""
+        return {_from_db(s) for (s,) in self._db.execute(
+            "SELECT source FROM faces WHERE identity = ?", (_to_db(identity),))}
+
+    @_db_errors
     def _all(self) -> tuple[np.ndarray, np.ndarray]:
         rows = self._db.execute("SELECT id, embedding FROM faces ORDER BY id").fetchall()
         ids = np.array([r[0] for r in rows], dtype=np.int64)

@@ -134,6 +134,37 @@ def test_enroll_search_orl_rank1(orl_split_dirs, tmp_path):
     assert res.returncode == 2 and "cannot be searched" in res.stderr
 
 
+def test_enroll_rerun_adds_only_what_is_missing(orl_split_dirs, tmp_path):
+    """An interrupted enrollment (here: half the files were there) resumes by running again;
+    a third run adds nothing (real SFace, real gallery)."""
+    import shutil
+
+    from fiqa_gate.gallery import Gallery
+
+    enroll_dir, _ = orl_split_dirs
+    gallery = tmp_path / "gallery"
+    for ident in enroll_dir.iterdir():  # the first run saw images 1-2 of each identity
+        for f in ident.glob("*.pgm"):
+            if int(f.stem) > 2:
+                shutil.move(f, tmp_path / f"held-{ident.name}-{f.name}")
+    assert run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate").returncode == 0
+    for f in tmp_path.glob("held-*"):
+        ident, name = f.name.split("-")[1:]
+        shutil.move(f, enroll_dir / ident / name)
+    manifest = tmp_path / "second.csv"
+    res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate", "-o", str(manifest))
+    assert res.returncode == 0, res.stderr
+    decisions = {(r["identity"], Path(r["path"]).name): r["decision"] for r in rows(manifest)}
+    assert sum(d == "skip" for d in decisions.values()) == 20
+    assert sum(d == "enroll" for d in decisions.values()) == 30
+    assert decisions[("s31", "1.pgm")] == "skip" and decisions[("s31", "3.pgm")] == "enroll"
+    res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate")
+    assert res.returncode == 0 and "enrolled 0 faces" in res.stderr and "50 already" in res.stderr
+    g = Gallery.open(gallery)
+    assert len(g) == 50 and set(g.identities().values()) == {5}
+    g.close()
+
+
 def test_plugins_lists_first_party():
     res = run("plugins", "--json")
     assert res.returncode == 0
