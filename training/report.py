@@ -280,9 +280,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         lines.append(f"| {name} | {c['parameters'] / 1e6:.2f} M | {c['flops'] / 1e9:.3f} | "
                      f"{o['batch_1']['faces_per_s']:.0f} | {o['batch_64']['faces_per_s']:.0f} |")
     lines += ["", "ONNX Runtime on one thread (the runtime's setting for the student), CPU, "
-              "medians of 7 repeats; FLOPs by "
-              "torch.utils.flop_counter "
-              "(a multiply-add counts 2).", "",
+              "medians of 7 repeats; FLOPs by torch.utils.flop_counter (a multiply-add "
+              "counts 2).", "",
               "## Limits", "",
               "Trained on 24 identities of grey, frontal ORL faces and a few hundred unlabelled "
               "faces; the degradations are synthetic. The score predicts SFace's behaviour; "
