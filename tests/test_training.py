@@ -262,3 +262,16 @@ def test_folded_student_computes_what_the_student_computes(size):
     assert blocks and all(b.gamma is None for b in blocks)
     assert model.normalise is not fast.normalise and any(  # the original is left untouched
         b.gamma is not None for b in model.modules() if isinstance(b, SplitTransposeBlock))
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv3_small_100", "lcnet_050"])
+def test_students_that_widen_after_pooling_get_a_head_of_that_width(backbone):
+    """MobileNetV3-style timm nets add a 1x1 conv after pooling (num_features is the width
+    before it): the quality head must take what the backbone really outputs."""
+    from fiqa_gate_training.models import build_model
+
+    model = build_model({"backbone": backbone, "input_size": 112}).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 112, 112) * 255)
+    assert out.shape == (2,)
+    assert torch.isfinite(out).all()

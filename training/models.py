@@ -148,7 +148,9 @@ def build_model(spec: dict[str, Any]) -> QualityNet:
     if spec.get("timm_img_size"):  # windowed transformers (Swin) fix their input size
         kwargs["img_size"] = spec["input_size"]
     backbone = timm.create_model(name, **kwargs)
-    return QualityNet(backbone, backbone.num_features, Normalise())
+    # MobileNetV3-style nets widen again after pooling: their pooled output is the head's.
+    width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    return QualityNet(backbone, width, Normalise())
 
 
 def count_parameters(model: nn.Module) -> int:
