@@ -150,7 +150,9 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert meta["parameters"] > 1e6 and meta["flops"] > 1e7
     assert meta["activation"] == "relu" and meta["precision"].startswith("int8")
     assert meta["int8_vs_float"]["faces"] > 0 and -1 <= meta["int8_vs_float"]["srcc"] <= 1
-    assert "validation" in (out / "train.log").read_text()  # selection on validation EDC ran
+    log_text = (out / "train.log").read_text()
+    assert "validation" in log_text  # selection on validation EDC ran
+    assert "student: hint from the frozen trunk" in log_text  # labelled + A have views
     # The fused teachers: pseudo-labels B are the enhanced network's output fused with
     # SFace's embedding norm, recomputed here from the cached parts.
     from fiqa_gate_training.teacher import fuse
@@ -275,3 +277,34 @@ def test_students_that_widen_after_pooling_get_a_head_of_that_width(backbone):
         out = model(torch.rand(2, 3, 112, 112) * 255)
     assert out.shape == (2,)
     assert torch.isfinite(out).all()
+
+
+def test_trunk_hint_teaches_the_student_and_leaves_nothing_behind(orl_sources, tmp_path):
+    """The hint from SFace's frozen trunk adds a gradient (one step with it differs from one
+    without), skips faces the trunk never saw, and the trained student is a plain network:
+    no hook left on it, no projection among its weights."""
+    from fiqa_gate_training.models import build_model
+    from fiqa_gate_training.train import fit, make_views, split
+
+    crops = build_samples(orl_sources[:4], get_detector(), 0, seed=0).crops
+    trunk = split(build_model({"backbone": "sface", "input_size": 112}), 73)[0]
+    views = make_views(trunk, crops[:3], 112)  # the fourth face has no trunk view
+    rows = np.array([0, 1, 2, -1])
+    base = {"backbone": "edgenext_xx_small", "input_size": 112, "epochs": 1,
+            "batch_size": 4, "lr": 2e-3, "weight_decay": 0.05, "seed": 13, "max_steps": 1,
+            "activation": "relu"}
+    trained = {}
+    for weight in (0.0, 0.5):
+        spec = {**base, "hint": {"weight": weight, "components": 8, "stage": 2}}
+        torch.manual_seed(13)
+        trained[weight] = fit(build_model(spec), crops, np.array([0.1, 0.5, 0.7, 0.9]), spec,
+                              tmp_path / f"w{weight}.ckpt", "hint", hint=(views, rows))
+    differ = any(not torch.equal(a, b) for a, b in zip(trained[0.0].parameters(),
+                                                       trained[0.5].parameters(), strict=True))
+    assert differ, "the hint changed no weight"
+    student = trained[0.5]
+    assert not any(m._forward_hooks for m in student.modules())
+    assert set(student.state_dict()) == set(build_model(base).state_dict())
+    with pytest.raises(ValueError, match="no trunk views"):
+        spec = {**base, "hint": {"weight": 0.5, "components": 8}}
+        fit(build_model(spec), crops, np.zeros(4), spec, tmp_path / "x.ckpt", "hint")

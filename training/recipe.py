@@ -134,17 +134,53 @@ def views_file(run: Run, spec: dict[str, Any]) -> Path:
 
 
 def _train(run: Run, spec: dict[str, Any], name: str, crops: np.ndarray,
-           targets: np.ndarray) -> None:
+           targets: np.ndarray, sets: list[str] | None = None,
+           pick: np.ndarray | None = None) -> None:
+    """Train and save one network. `sets` names the data sets `crops` concatenates (and
+    `pick` the faces kept of them): a student with a hint finds its faces' trunk views."""
     import torch
     from fiqa_gate_training.export import save_weights
     from fiqa_gate_training.train import fit
 
     val = _validator(run, int(spec["input_size"])) if spec.get("select_on_val") else None
+    hint = None
+    if spec.get("hint"):
+        views, rows = _trunk_views(run, sets or [])
+        hint = (views, rows if pick is None else rows[pick])
     torch.manual_seed(int(spec.get("seed", 0)))  # the initial weights follow the seed too
     model = fit(_model(spec), crops, targets, spec, run.out / f"{name}.ckpt", desc=name,
-                val=val, views_file=views_file(run, spec))
+                val=val, views_file=views_file(run, spec), hint=hint)
     save_weights(model, run.out / f"{name}.safetensors")
     (run.out / f"{name}.ckpt").unlink(missing_ok=True)
+
+
+def _trunk_views(run: Run, sets: list[str]) -> tuple[Any, np.ndarray]:
+    """The teachers' cached frozen-trunk views, and the row there of every face of `sets`
+    in order (-1 for a set the trunk never saw: B). Checked on the first face."""
+    import torch
+    from fiqa_gate_training.teacher import _offsets
+    from fiqa_gate_training.train import split, to_input
+
+    spec = run.cfg["teacher"]
+    path = views_file(run, spec)
+    if not int(spec.get("freeze", 0)) or not path.exists():
+        raise ValueError("student.hint needs the teachers' frozen-trunk features "
+                         f"(teacher.freeze > 0 and {path.name} from the teacher stages)")
+    views = torch.load(path, weights_only=True)
+    offsets, rows = _offsets(run), []
+    for name in sets:
+        n = len(run.samples(name))
+        start = offsets.get(name)
+        covered = start is not None and start + n <= len(views)
+        rows.append(np.arange(start, start + n) if covered else np.full(n, -1))
+    first = run.samples(sets[0]).crops[:1]
+    trunk = split(_load(run, "teacher", "teacher"), int(spec["freeze"]))[0]
+    with torch.no_grad():
+        same = torch.allclose(trunk(to_input(first, int(spec["input_size"]))),
+                              views[int(rows[0][0]):int(rows[0][0]) + 1, 0].float(), atol=1e-2)
+    if not same:
+        raise ValueError(f"{path} does not hold the trunk views of {sets[0]}")
+    return views, np.concatenate(rows)
 
 
 def _load(run: Run, key: str, name: str):
@@ -220,15 +256,21 @@ def _distillation_set(run: Run, sets: list[tuple[str, str]],
         raise ValueError("student targets: 'labels', or 'enhanced' (without a MOS set)")
     from fiqa_gate_training.teacher import teacher_scores
 
-    names = ["labelled_train"] + [set_name for set_name, _ in sets]
+    names = _set_names(run, sets)
     return (np.concatenate([run.samples(n).crops for n in names]),
             np.concatenate([teacher_scores(run, "enhanced", n) for n in names]))
+
+
+def _set_names(run: Run, sets: list[tuple[str, str]]) -> list[str]:
+    """The data sets a student's faces come from, in `_distillation_set`'s order."""
+    return run.labelled_sets() + [set_name for set_name, _ in sets]
 
 
 def stage_student(run: Run) -> None:
     for name, sets, spec in _students(run):
         if not (run.out / f"{name}.safetensors").exists():
-            _train(run, spec, name, *_distillation_set(run, sets, spec))
+            _train(run, spec, name, *_distillation_set(run, sets, spec),
+                   sets=_set_names(run, sets))
 
 
 def _size_runs(run: Run) -> list[tuple[str, dict[str, Any]]]:
@@ -250,7 +292,8 @@ def stage_input_size(run: Run) -> None:
     pick = np.sort(np.random.default_rng(0).permutation(len(crops))[:keep])
     for name, spec in _size_runs(run):
         if not (run.out / f"{name}.safetensors").exists():
-            _train(run, spec, name, crops[pick], labels[pick])
+            _train(run, spec, name, crops[pick], labels[pick],
+                   sets=_set_names(run, STUDENT_DATA["student"]), pick=pick)
 
 
 def stage_calibrate(run: Run) -> None:

@@ -164,9 +164,65 @@ class WeightAverage:
         self.steps = int(state["steps"])
 
 
+class TrunkHint(nn.Module):
+    """Feature distillation from the teacher's frozen face-pretrained trunk (a FitNets hint).
+
+    The student learns its quality score from a few dozen people; the SFace trunk has seen
+    thousands. Besides the score, the student's map at backbone stage `stage` (pooled to
+    the trunk's grid) is asked to predict, through a 1x1 conv, the trunk's map projected on
+    its `components` leading principal directions, each standardised. That passes on what
+    a face network sees at each location without asking the student to reproduce all of
+    it (validation identities, 8-epoch students: see the CPU config's description).
+    Training only: the conv is dropped, so the exported student is unchanged in size.
+
+    `views` are the cached trunk outputs [M, 2 (as is, mirrored), C, h, w]; `rows` maps
+    each training face to its row there, or -1 where the trunk was never run (set B).
+    """
+
+    def __init__(self, model: QualityNet, views: torch.Tensor, rows: np.ndarray,
+                 spec: dict[str, Any]):
+        super().__init__()
+        if not hasattr(model.backbone, "stages"):
+            raise ValueError("student.hint needs a backbone with stages (timm EdgeNeXt, ...)")
+        self.views, self.rows = views, torch.as_tensor(rows, dtype=torch.long)
+        self.weight = float(spec["weight"])
+        sample = torch.as_tensor(rows[rows >= 0])
+        sample = sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))
+                        [:2000]]
+        grid = views[sample, 0].float().permute(0, 2, 3, 1).reshape(-1, views.shape[2])
+        mean = grid.mean(0)
+        basis = torch.linalg.svd(grid - mean, full_matrices=False)[2][:int(spec["components"])].T
+        self.register_buffer("mean", mean)
+        self.register_buffer("basis", basis)
+        self.register_buffer("scale", ((grid - mean) @ basis).std(0))
+        self._feature: torch.Tensor | None = None
+        stage = model.backbone.stages[int(spec.get("stage", 2))]
+        self._hook = stage.register_forward_hook(lambda _m, _i, out: setattr(self, "_feature",
+                                                                              out))
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, 64, 64))
+        assert self._feature is not None
+        self.project = nn.Conv2d(self._feature.shape[1], basis.shape[1], 1)
+
+    def loss(self, idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor | None:
+        """The hint loss of the faces `idx` (views `flips`) just seen by the student."""
+        rows = self.rows[idx]
+        has = rows >= 0
+        if not has.any() or self._feature is None:
+            return None
+        want = self.views[rows[has], flips[has]].float().permute(0, 2, 3, 1)
+        want = (((want - self.mean) @ self.basis) / self.scale).permute(0, 3, 1, 2)
+        got = nn.functional.adaptive_avg_pool2d(self._feature[has], want.shape[-2:])
+        return self.weight * nn.functional.mse_loss(self.project(got), want)
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
 def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[str, Any],
         checkpoint: Path, desc: str, val: Validator | None = None,
-        views_file: Path | None = None) -> QualityNet:
+        views_file: Path | None = None,
+        hint: tuple[torch.Tensor, np.ndarray] | None = None) -> QualityNet:
     """Train `model` in place on (crops, targets); resumes from `checkpoint` if present.
 
     `views_file` keeps the frozen trunk's outputs: the next network with the same trunk
@@ -177,6 +233,7 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
     student overfits two dozen training identities long before its loss stops falling.
     With `ema` (a decay, e.g. 0.998) the weights validated and kept are an exponential
     moving average of the trained ones: smoother than any single step's.
+    With `hint` in the spec, `hint` = (trunk views, row of each face) adds `TrunkHint`.
     """
     seed = int(spec.get("seed", 0))
     torch.manual_seed(seed)
@@ -192,6 +249,16 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
         views_file.with_suffix(".tmp").replace(views_file)
     y = torch.as_tensor(targets, dtype=torch.float32)
     params = [p for p in tail.parameters() if p.requires_grad]
+    # the average copies the model before the hint hooks into it
+    ema = WeightAverage(model, float(spec["ema"])) if spec.get("ema") else None
+    teach: TrunkHint | None = None
+    if spec.get("hint"):
+        if hint is None:
+            raise ValueError(f"{desc}: the spec asks for a hint but no trunk views were given")
+        teach = TrunkHint(model, *hint, spec["hint"])
+        params += list(teach.project.parameters())
+        log.info("%s: hint from the frozen trunk on %d of %d faces", desc,
+                 int((teach.rows >= 0).sum()), len(y))
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
     epochs = int(spec["epochs"])
     steps_per_epoch = math.ceil(len(y) / spec["batch_size"])
@@ -202,7 +269,6 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=spec["lr"], total_steps=max(epochs * steps_per_epoch, 1),
             pct_start=0.1, anneal_strategy="cos")
-    ema = WeightAverage(model, float(spec["ema"])) if spec.get("ema") else None
     start = 0
     select = val is not None and spec.get("select_on_val", False)
     best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "model": None}
@@ -215,6 +281,8 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
         best = state.get("best", best)
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if teach is not None:
+            teach.load_state_dict(state["hint"])
         log.info("%s: resumed after epoch %d", desc, start)
     max_steps = spec.get("max_steps")  # tests: prove the code path, not the result
     for epoch in range(start, epochs):
@@ -231,6 +299,9 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
                 continue  # PLCC needs two samples
             x = _as_float(views[idx, flips[idx]], size)
             loss = quality_loss(tail(x), y[idx])
+            extra = teach.loss(idx, flips[idx]) if teach is not None else None
+            if extra is not None:
+                loss = loss + extra
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -255,10 +326,13 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
-                    "ema": ema.state_dict() if ema is not None else None}, tmp)
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "hint": teach.state_dict() if teach is not None else None}, tmp)
         tmp.replace(checkpoint)
         if max_steps is not None:
             break
+    if teach is not None:
+        teach.close()
     if select and best["model"] is not None:
         model.load_state_dict(best["model"])
         log.info("%s: kept epoch %d (validation %.4f)", desc, best["epoch"], best["score"])
