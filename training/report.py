@@ -225,7 +225,14 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         ("The student is distilled from the enhanced teacher's scores on every face "
          "(labelled, A and B)." if cfg["student"].get("targets") == "enhanced" else
          "The student learns the labels on the labelled set and the pseudo-labels on A "
-         "(teacher) and B (enhanced teacher)."), "",
+         "(teacher) and B (enhanced teacher)."),
+        (f"It also takes a hint from the teachers' frozen SFace trunk "
+         f"(`student.hint`, weight {cfg['student']['hint']['weight']}): on the faces whose "
+         "trunk features the teacher stages cached (labelled and A), its stage-"
+         f"{cfg['student']['hint'].get('stage', 2)} map predicts, through a 1x1 convolution "
+         f"used only in training, the trunk map's {cfg['student']['hint']['components']} "
+         "leading principal components (`training/train.py::TrunkHint`)."
+         if cfg["student"].get("hint") else ""), "",
         "## Test split figures", "",
         f"ORL s31-s40, {t['faces']} faces: each image clean plus {t['variants_per_image']} "
         f"degradations (seed {t['degradation_seed']}); {t['mated_pairs']} mated and "
