@@ -172,7 +172,7 @@ class TrunkHint(nn.Module):
     the trunk's grid) is asked to predict, through a 1x1 conv, the trunk's map projected on
     its `components` leading principal directions, each standardised. That passes on what
     a face network sees at each location without asking the student to reproduce all of
-    it (validation identities, 8-epoch students: see the CPU config's description).
+    it (validation EDC of 8-epoch students with and without it: README, "Train").
     Training only: the conv is dropped, so the exported student is unchanged in size.
 
     `views` are the cached trunk outputs [M, 2 (as is, mirrored), C, h, w]; `rows` maps
