@@ -342,6 +342,14 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
     return model
 
 
+def views_belong_to(trunk: nn.Module, crops: np.ndarray, views: torch.Tensor, row: int,
+                    size: int) -> bool:
+    """Whether cached view `row` is the trunk's output on the first of `crops`."""
+    with torch.no_grad():
+        first = trunk(to_input(crops[:1], size))
+    return torch.allclose(first, views[row:row + 1, 0].float(), atol=1e-2)
+
+
 def predict_views(model: QualityNet, spec: dict[str, Any], crops: np.ndarray, path: Path,
                   offset: int, batch: int = 256) -> np.ndarray | None:
     """`model` on `crops` through the frozen features cached at `path[offset:]` (unmirrored
@@ -352,10 +360,9 @@ def predict_views(model: QualityNet, spec: dict[str, Any], crops: np.ndarray, pa
     views = torch.load(path, weights_only=True, mmap=True)  # read only the slice used
     if len(views) < offset + len(crops) or len(crops) == 0:
         return None
+    if not views_belong_to(trunk, crops, views, offset, int(spec["input_size"])):
+        return None
     with torch.no_grad():
-        first = trunk(to_input(crops[:1], int(spec["input_size"])))
-        if not torch.allclose(first, views[offset:offset + 1, 0].float(), atol=1e-2):
-            return None
         tail.eval()
         out = [tail(views[i:i + batch, 0].float()).numpy()
                for i in range(offset, offset + len(crops), batch)]
