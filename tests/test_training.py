@@ -152,6 +152,13 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert meta["parameters"] > 1e6 and meta["flops"] > 1e7
     assert meta["activation"] == "relu" and meta["precision"].startswith("int8")
     assert meta["int8_vs_float"]["faces"] > 0 and -1 <= meta["int8_vs_float"]["srcc"] <= 1
+    # The smoke config skips the report stage (2 min); the model card's code runs here.
+    from fiqa_gate_training.recipe import Run, load_config
+    from fiqa_gate_training.report import write_report
+
+    report = write_report(Run(load_config("smoke"), out))
+    assert {"sface", "dlib"} <= set(report["edc"])
+    assert 0 < report["edc"]["sface"]["student"]["pauc_norm_20"] < 2
     card = (out / "export" / "student.md").read_text()
     assert "Provenance: resumed from a copied folder\n" in card
     log_text = (out / "train.log").read_text()
