@@ -94,7 +94,7 @@ def make_views(trunk: nn.Module | None, crops: np.ndarray, size: int,
 
     out, start = [], 0
     if known is not None and 0 < len(known) <= len(crops):
-        if not views_belong_to(trunk, crops, known, 0, size):
+        if not torch.allclose(views(crops[:1]).float(), known[:1].float(), atol=1e-2):
             raise ValueError("cached trunk views do not belong to these faces")
         out, start = [known], len(known)
     for i in tqdm(range(start, len(crops), batch), desc=desc, disable=desc is None,
