@@ -4,18 +4,35 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 
 from fiqa_gate.evaluation.identification import split
-from fiqa_gate.evaluation.protocol import verification_pairs
+from fiqa_gate.evaluation.protocol import load_test_set, verification_pairs
+from fiqa_gate.registry import get_detector
 
 
 def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fiqa_gate", *args], capture_output=True,
                           text=True, timeout=timeout)
+
+
+def test_degradation_draws_do_not_depend_on_where_the_faces_live(tmp_path, orl_root):
+    # ORL sits under site-packages: a draw keyed on the full path would differ per checkout
+    copies = [tmp_path / "a", tmp_path / "b" / "deeper"]
+    for root in copies:
+        (root / "s31").mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(orl_root / "s31" / f"{i}.pgm", root / "s31" / f"{i}.pgm")
+    detector = get_detector()
+    one, two = (load_test_set(detector, root=r, variants=2, seed=9) for r in copies)
+    assert one.source != two.source  # full paths still tell the sources apart
+    assert one.records == two.records and np.array_equal(one.crops, two.crops)
+    other = load_test_set(detector, root=copies[0], variants=2, seed=10)
+    assert other.records != one.records
 
 
 def test_protocol_compares_faces_with_clean_references_of_other_images():

@@ -34,6 +34,7 @@ from fiqa_gate.datasets import (
     identity_folder,
     orl_items,
     read_mos_csv,
+    source_key,
 )
 from fiqa_gate.evaluation.metrics import edc, pair_quality
 from fiqa_gate.evaluation.protocol import similarities, verification_pairs
@@ -71,10 +72,11 @@ def utility_labels(samples: Samples, embeddings: np.ndarray, threshold: float,
 
 
 def _split(sources: list, fraction_b: float = 0.5) -> tuple[list, list]:
-    """Split unlabelled faces into sets A and B by a hash of their source (stable)."""
+    """Split unlabelled faces into sets A and B by a hash of their source (machine-free)."""
     a, b = [], []
     for s in sources:
-        (b if (zlib.crc32(s.source.encode()) % 1000) / 1000 < fraction_b else a).append(s)
+        in_b = (zlib.crc32(source_key(s.source).encode()) % 1000) / 1000 < fraction_b
+        (b if in_b else a).append(s)
     return a, b
 
 

@@ -35,6 +35,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
                    out: Path, variants: int, seed: int, bootstrap: int,
                    gate_threshold: float, model: str | None, command: str) -> dict[str, Any]:
     from fiqa_gate.assets import cache_dir
+    from fiqa_gate.datasets import SEEDING
     from fiqa_gate.evaluation import report as rep
     from fiqa_gate.evaluation.identification import identification
     from fiqa_gate.evaluation.metrics import bootstrap_pauc_norm, erc, pair_quality
@@ -48,7 +49,8 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
 
     detector = registry.get_detector()
     recognizer = registry.get_recognizer(recognizer_name)
-    cache = (cache_dir() / "eval" / f"orl_test_v{variants}_s{seed}.npz") if data is None else None
+    cache = None if data is not None else (
+        cache_dir() / "eval" / f"orl_test_k{SEEDING}_v{variants}_s{seed}.npz")
     samples = load_test_set(detector, root=data, variants=variants, seed=seed, cache=cache,
                             progress="faces")
     click.echo(f"{len(samples)} faces; embedding with {recognizer_name}...", err=True)
