@@ -111,8 +111,13 @@ def write_report(run: Any) -> dict[str, Any]:
     report["agreement"]["student vs enhanced teacher"] = agreement(nets["student"],
                                                                   nets["enhanced teacher"])
 
-    recognizers = [rec_name] + (["dlib"] if rec_name != "dlib"
-                                and importlib.util.find_spec("dlib") else [])
+    recognizers = [rec_name]
+    if rec_name != "dlib":
+        if importlib.util.find_spec("dlib"):
+            recognizers.append("dlib")
+        else:  # the card's second recognizer, the one the labels never saw
+            log.warning("dlib is not installed (pip install -e '.[dlib]'): "
+                        "the model card will have no dlib figures")
     report["edc"] = {}
     for rname in recognizers:
         rec = get_recognizer(rname)
