@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 STAGE_NAMES = ("data", "teacher", "pseudo_a", "enhanced", "pseudo_b", "student", "calibrate",
-               "export", "input_size", "report")
+               "export", "ablation", "input_size", "report")
 
 
 def _need_torch() -> None:
@@ -44,7 +44,8 @@ def train() -> None:
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default runs/CONFIG). Re-running resumes.")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(STAGE_NAMES),
-              help="Run only these stages (default: all in order, except input_size).")
+              help="Run only these stages (default: all in order, except ablation and "
+                   "input_size). A named report is made again.")
 @click.option("--install/--no-install", default=False,
               help="Copy the exported student into fiqa_gate/models/ (the shipped default).")
 def run_command(config: str, out: Path | None, stages: tuple[str, ...], install: bool) -> None:
@@ -60,7 +61,7 @@ def run_command(config: str, out: Path | None, stages: tuple[str, ...], install:
     _log_to(out)
     chosen = recipe.DEFAULT_STAGES if not stages else tuple(
         s for s in recipe.STAGES if s in stages)
-    run = recipe.run_recipe(cfg, out, chosen)
+    run = recipe.run_recipe(cfg, out, chosen, redo=("report",) if "report" in stages else ())
     click.echo(json.dumps(run.times, indent=2), err=True)
     if install:
         install_student(out / "export")

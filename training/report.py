@@ -80,7 +80,7 @@ def write_report(run: Any) -> dict[str, Any]:
         nets[shown] = net if stats is None else fuse(stats, net, norms)
         if stats is not None:
             nets[f"{shown} (network alone)"] = net
-    for name, _, spec in _students(run):
+    for name, _, spec in _students(run, ablation=True):
         path = run.out / f"{name}.safetensors"
         if name != "student" and path.exists():
             model = load_weights(build_model(spec), path)
@@ -188,6 +188,8 @@ def _input_size_means(edc: dict[str, Any], runs: list[tuple[str, dict[str, Any]]
 
 
 def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
+    from fiqa_gate_training.recipe import ON_REQUEST
+
     t = report["test_set"]
     lines = [
         "# fiqa-gate student: model card", "",
@@ -207,8 +209,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         f"student {cfg['student'].get('seed')}. Wall time per stage on {report['machine']}: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["wall_time_s"].items())
         + f" (total {sum(report['wall_time_s'].values()) / 60:.1f} min; the default run, "
-        "without the on-request input_size stage, "
-        f"{sum(v for k, v in report['wall_time_s'].items() if k != 'input_size') / 60:.1f} "
+        "without the on-request ablation and input_size stages, "
+        f"{sum(v for k, v in report['wall_time_s'].items() if k not in ON_REQUEST) / 60:.1f} "
         "min), plus this report stage itself (its time is in the run's stage_times.json).", "",
         *([f"Provenance: {report['provenance']}", ""] if report.get("provenance") else []),
         "## Data and licences", "",
@@ -269,7 +271,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         lines += ["", "Ablation (the paper's): rows `ablation: labelled only` and `ablation: "
                   "labelled + A` are students distilled with the shipped student's spec from "
                   "those sets alone; the shipped `student` (labelled + A + B) is the third "
-                  "arm.", ""]
+                  "arm. Run on request: "
+                  f"`fiqa-gate train run {cfg['name']} --stage ablation --stage report`.", ""]
     if cfg.get("input_size_ablation"):
         ab = cfg["input_size_ablation"]
         lines += [f"Input size: the same student trained at {' and '.join(map(str, ab['sizes']))}"
