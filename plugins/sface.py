@@ -99,9 +99,9 @@ class SFaceRecognizer(Recognizer):
     threshold = 0.383
     threshold_source = "FMR 1e-3 on ORL s1-s30"
 
-    def __init__(self, batch_size: int = 32):
+    def __init__(self, batch_size: int = 32, threads: int | None = None):
         self.batch_size = batch_size
-        self._session = onnx_session(repaired_sface_path())
+        self._session = onnx_session(repaired_sface_path(), threads=threads)
         inp = self._session.get_inputs()[0]
         if list(inp.shape[1:]) != [3, 112, 112]:
             raise ModelError(f"SFace: unexpected input shape {inp.shape}")
