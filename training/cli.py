@@ -61,7 +61,7 @@ def run_command(config: str, out: Path | None, stages: tuple[str, ...], install:
     _log_to(out)
     chosen = recipe.DEFAULT_STAGES if not stages else tuple(
         s for s in recipe.STAGES if s in stages)
-    run = recipe.run_recipe(cfg, out, chosen, redo=("report",) if "report" in stages else ())
+    run = recipe.run_recipe(cfg, out, chosen, remake_report="report" in stages)
     click.echo(json.dumps(run.times, indent=2), err=True)
     if install:
         install_student(out / "export")

@@ -236,16 +236,17 @@ STUDENT_DATA = {  # the paper's ablation: which sets each student is distilled f
 }
 
 
-def _students(run: Run, ablation: bool = False
+def _students(run: Run, stage: str
               ) -> list[tuple[str, list[tuple[str, str]], dict[str, Any]]]:
-    """(name, pseudo-labelled sets, spec): the shipped student (labelled + A + B), or with
-    `ablation` (and `ablation` in the config) the paper's ablation students (labelled;
-    labelled + A) with the same spec, so the shipped student is the ablation's third arm."""
-    spec = run.cfg["student"]
-    if not ablation:
-        return [("student", STUDENT_DATA["student"], spec)]
-    names = [n for n in STUDENT_DATA if n != "student"] if run.cfg.get("ablation") else []
-    return [(name, STUDENT_DATA[name], spec) for name in reversed(names)]
+    """(name, pseudo-labelled sets, spec) of the networks stage `student` or `ablation`
+    trains: the shipped student (labelled + A + B), or, with `ablation` in the config, the
+    paper's ablation students (labelled; labelled + A) with the same spec, so the shipped
+    student is the ablation's third arm."""
+    if stage == "student":
+        names = ["student"]
+    else:
+        names = ["student_la", "student_l"] if run.cfg.get("ablation") else []
+    return [(name, STUDENT_DATA[name], run.cfg["student"]) for name in names]
 
 
 def _distillation_set(run: Run, sets: list[tuple[str, str]],
@@ -271,17 +272,21 @@ def _set_names(run: Run, sets: list[tuple[str, str]]) -> list[str]:
     return run.labelled_sets() + [set_name for set_name, _ in sets]
 
 
-def stage_student(run: Run, ablation: bool = False) -> None:
-    for name, sets, spec in _students(run, ablation):
+def _train_students(run: Run, stage: str) -> None:
+    for name, sets, spec in _students(run, stage):
         if not (run.out / f"{name}.safetensors").exists():
             _train(run, spec, name, *_distillation_set(run, sets, spec),
                    sets=_set_names(run, sets))
 
 
+def stage_student(run: Run) -> None:
+    _train_students(run, "student")
+
+
 def stage_ablation(run: Run) -> None:
     if not run.cfg.get("ablation"):
         log.warning("stage ablation: the config has no `ablation`; nothing to train")
-    stage_student(run, ablation=True)
+    _train_students(run, "ablation")
 
 
 def _size_runs(run: Run) -> list[tuple[str, dict[str, Any]]]:
@@ -420,27 +425,22 @@ def stage_done(run: Run, stage: str) -> bool:
            "pseudo_b": run.out / "pseudo_b.npy",
            "calibrate": run.out / "calibration.json", "export": run.out / "export/student.json",
            "report": run.out / "report.json"}.get(stage)
-    if stage == "student":
-        return all((run.out / f"{n}.safetensors").exists() for n, _, _ in _students(run))
-    if stage == "ablation":
-        return all((run.out / f"{n}.safetensors").exists()
-                   for n, _, _ in _students(run, ablation=True))
+    if stage in ("student", "ablation"):
+        return all((run.out / f"{n}.safetensors").exists() for n, _, _ in _students(run, stage))
     if stage == "input_size":
         return all((run.out / f"{n}.safetensors").exists() for n, _ in _size_runs(run))
     return out is not None and out.exists()
 
 
 def run_recipe(cfg: dict[str, Any], out: Path,
-               stages: tuple[str, ...] = DEFAULT_STAGES, redo: tuple[str, ...] = ()) -> Run:
-    """Run `stages` in order, skipping those whose output exists, except those in `redo`
-    (only `report` can be redone: it reads every other stage's output and changes none)."""
-    if set(redo) - {"report"}:
-        raise ValueError(f"only the report can be redone, not {sorted(set(redo) - {'report'})}")
+               stages: tuple[str, ...] = DEFAULT_STAGES, remake_report: bool = False) -> Run:
+    """Run `stages` in order, skipping those whose output exists; with `remake_report` the
+    report is made again (it reads every other stage's output and changes none)."""
     run = Run(cfg, out)
     for stage in stages:
         if stage in cfg.get("skip_stages", ()):
             continue
-        if stage in redo:
+        if stage == "report" and remake_report:
             run.times.pop(stage, None)
         elif stage_done(run, stage):
             log.info("stage %s: done already", stage)

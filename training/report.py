@@ -80,9 +80,9 @@ def write_report(run: Any) -> dict[str, Any]:
         nets[shown] = net if stats is None else fuse(stats, net, norms)
         if stats is not None:
             nets[f"{shown} (network alone)"] = net
-    for name, _, spec in _students(run, ablation=True):
+    for name, _, spec in _students(run, "ablation"):
         path = run.out / f"{name}.safetensors"
-        if name != "student" and path.exists():
+        if path.exists():
             model = load_weights(build_model(spec), path)
             nets[f"{name} ({ABLATION_ROWS[name]})"] = predict(model, test.crops,
                                                              spec["input_size"])

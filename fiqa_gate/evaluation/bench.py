@@ -135,12 +135,12 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
         rec(f"embedding {name}, batch 64", lambda r=r: r.embed(x64), 64)
     # The gate's cost beside SFace's on equal terms: the student runs on one thread, so
     # SFace is also timed on one (its default uses every core: that ratio is the latency's).
-    sface_1 = None
-    if "sface" in recognizers:
-        try:
-            sface_1 = registry.registry().recognizers["sface"].factory(threads=1)
-        except TypeError:  # an `sface` plugin without a thread setting
-            out.setdefault("skipped", {})["sface, 1 thread"] = "its plugin takes no threads"
+    try:
+        sface_1 = (registry.registry().recognizers["sface"].factory(threads=1)
+                   if "sface" in recognizers else None)
+    except TypeError:  # an `sface` plugin without a thread setting
+        sface_1 = None
+        out.setdefault("skipped", {})["sface, 1 thread"] = "its plugin takes no threads"
     if sface_1 is not None:
         for batch, xs in ((1, x1), (64, x64)):
             rec(f"embedding sface, batch {batch}, 1 thread (as the student)",
