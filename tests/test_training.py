@@ -180,6 +180,18 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     norm_b = np.load(out / "data" / "unlabelled_b_embedding_norm.npy")
     assert np.allclose(np.load(out / "pseudo_b.npy"), fuse(stats, net_b, norm_b))
     assert not np.allclose(np.load(out / "pseudo_b.npy"), net_b)
+    # Both parts come from one pass through the trunk the enhanced network shares with
+    # SFace: each matches its own network run whole.
+    from fiqa_gate_training.export import load_weights
+    from fiqa_gate_training.models import build_model
+    from fiqa_gate_training.train import predict
+
+    b = Samples.load(out / "data" / "unlabelled_b.npz")
+    enhanced = load_weights(build_model(load_config("smoke")["teacher"]),
+                            out / "enhanced.safetensors")
+    assert np.allclose(net_b[-4:], predict(enhanced, b.crops[-4:], 112), atol=1e-4)
+    whole = get_recognizer("sface").embed_with_norms(b.crops[-4:])[1]
+    assert np.allclose(norm_b[-4:], whole, rtol=1e-5)
     # The labelled faces' norms come from the data stage's labelling pass: the plugin's own.
     from fiqa_gate.evaluation.protocol import qualities
 
@@ -189,7 +201,6 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert len(norms) == len(train)
     assert np.allclose(norms[:4], plugin["embedding-norm"], rtol=1e-5)
     # Set B also holds fresh degradations of the labelled images, anonymous: one per image.
-    b = Samples.load(out / "data" / "unlabelled_b.npz")
     copies = [i for i, s in enumerate(b.source) if s in set(train.source)]
     assert len(copies) == len(set(train.source))
     assert all(b.identity[i] is None and b.records[i] for i in copies)

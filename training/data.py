@@ -71,6 +71,12 @@ def utility_labels(samples: Samples, embeddings: np.ndarray, threshold: float,
     return label, matched, hits
 
 
+def embeddings_file(data: Path, set_name: str) -> Path:
+    """Where a set's recognizer embeddings are kept (the validation set's, by the data
+    stage's labelling pass)."""
+    return data / f"{set_name}_embeddings.npy"
+
+
 def _split(sources: list, fraction_b: float = 0.5) -> tuple[list, list]:
     """Split unlabelled faces into sets A and B by a hash of their source (machine-free)."""
     a, b = [], []
@@ -116,6 +122,8 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         emb, norms = recognizer.embed_with_norms(samples.crops)
         # the teachers' fusion input (training/teacher.py), from the labels' own SFace pass
         np.save(norms_file(out, name), norms)
+        if name == "labelled_val":  # the students' validator compares these faces
+            np.save(embeddings_file(out, name), emb)
         label, matched, _ = utility_labels(samples, emb, recognizer.threshold,
                                            d["temperature"])
         samples.extra.update(label=label, matched=matched)

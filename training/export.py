@@ -103,11 +103,14 @@ def folded(model: QualityNet, input_size: int) -> QualityNet:
     return model
 
 
-def write_graph(module: torch.nn.Module, path: Path, input_size: int, output: str) -> None:
-    """`module` as an ONNX graph: input "input" [N,3,S,S] 0..255 RGB, any batch size."""
+def write_graph(module: torch.nn.Module, path: Path, input_size: int,
+                *outputs: str) -> None:
+    """`module` as an ONNX graph: input "input" [N,3,S,S] 0..255 RGB, any batch size, one
+    named output per tensor the module returns."""
+    axes = {name: {0: "batch"} for name in ("input", *outputs)}
     torch.onnx.export(module, (torch.zeros(2, 3, input_size, input_size),), str(path),
-                      input_names=["input"], output_names=[output], opset_version=17,
-                      dynamo=False, dynamic_axes={"input": {0: "batch"}, output: {0: "batch"}})
+                      input_names=["input"], output_names=list(outputs), opset_version=17,
+                      dynamo=False, dynamic_axes=axes)
 
 
 def run_onnx(path: Path, crops: np.ndarray, input_size: int, batch: int = 64) -> np.ndarray:

@@ -80,7 +80,9 @@ class Run:
 
     def val_embeddings(self) -> np.ndarray:
         """The labelling recognizer's embeddings of the validation faces, computed once."""
-        cache = self.data / "labelled_val_embeddings.npy"
+        from fiqa_gate_training.data import embeddings_file
+
+        cache = embeddings_file(self.data, "labelled_val")
         if not cache.exists():
             from fiqa_gate.registry import get_recognizer
 
