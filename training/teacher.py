@@ -133,15 +133,16 @@ def _score_and_norm(model: Any, freeze: int, crops: np.ndarray, batch: int = 64
         q, n = session.run(None, {"input": to_input(chunk, size).numpy()})
         return q.reshape(-1).astype(np.float64), n.reshape(-1).astype(np.float64)
 
+    if len(crops) == 0:
+        return np.zeros(0), np.zeros(0)
     check = crops[:batch]
-    q, n = infer(check)
-    if (np.abs(q - predict(model, check, size)).max() > 1e-4 or np.abs(
-            n / get_recognizer("sface").embed_with_norms(check)[1] - 1).max() > 1e-4):
+    first = infer(check)
+    if (np.abs(first[0] - predict(model, check, size)).max() > 1e-4 or np.abs(
+            first[1] / get_recognizer("sface").embed_with_norms(check)[1] - 1).max() > 1e-4):
         raise RuntimeError("the shared-trunk pass differs from the network or the recognizer")
-    parts = [infer(crops[i:i + batch]) for i in tqdm(
-        range(0, len(crops), batch), desc="teacher score + embedding norm", leave=False)]
-    return (np.concatenate([q for q, _ in parts]) if parts else np.zeros(0),
-            np.concatenate([n for _, n in parts]) if parts else np.zeros(0))
+    parts = [first] + [infer(crops[i:i + batch]) for i in tqdm(
+        range(batch, len(crops), batch), desc="teacher score + embedding norm", leave=False)]
+    return np.concatenate([q for q, _ in parts]), np.concatenate([n for _, n in parts])
 
 
 def _offsets(run: Any) -> dict[str, int]:
