@@ -113,6 +113,17 @@ def write_graph(module: torch.nn.Module, path: Path, input_size: int,
                       dynamo=False, dynamic_axes=axes)
 
 
+def graph_session(module: torch.nn.Module, input_size: int, *outputs: str) -> Any:
+    """An ONNX Runtime session of `module` (`write_graph`'s contract); the graph file is
+    temporary, the session keeps it in memory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "graph.onnx"
+        write_graph(module, path, input_size, *outputs)
+        return onnx_session(path)
+
+
 def run_onnx(path: Path, crops: np.ndarray, input_size: int, batch: int = 64) -> np.ndarray:
     """Raw outputs of an exported graph on uint8 crops, prepared as in training."""
     session = onnx_session(path)

@@ -62,8 +62,9 @@ def _network_scores(run: Any, network: str, set_name: str) -> np.ndarray:
     out = None
     if offset is not None and path.exists():
         out = predict_views(model, spec, crops, path, offset)
-    if out is None and _shares_recognizer_trunk(run, model):
-        out, norms = _score_and_norm(model, int(spec["freeze"]), crops)
+    recognizer = _recognizer_sharing_trunk(run, model)
+    if out is None and recognizer is not None:
+        out, norms = _score_and_norm(model, recognizer, int(spec["freeze"]), crops)
         if not norms_file(run.data, set_name).exists():
             np.save(norms_file(run.data, set_name), norms)
     if out is None:  # through ONNX Runtime: 1.6x torch's speed on a 2-core CPU
@@ -77,10 +78,10 @@ def _network_scores(run: Any, network: str, set_name: str) -> np.ndarray:
     return out
 
 
-def _shares_recognizer_trunk(run: Any, model: Any) -> bool:
-    """Whether the network's frozen trunk is the labelling recognizer's own first layers
+def _recognizer_sharing_trunk(run: Any, model: Any) -> Any:
+    """SFace's torch backbone when the network's frozen trunk is its own first layers
     (the SFace teacher of the CPU recipe), so one trunk pass can give both the network's
-    output and the recognizer's embedding norm."""
+    output and the recognizer's embedding norm; else None."""
     import torch
     from fiqa_gate_training.models import build_model
 
@@ -88,46 +89,39 @@ def _shares_recognizer_trunk(run: Any, model: Any) -> bool:
     freeze = int(spec.get("freeze", 0))
     if not (freeze and spec.get("fuse_norm") and spec["backbone"] == "sface"
             and int(spec["input_size"]) == 112 and run.cfg["data"]["recognizer"] == "sface"):
-        return False
-    trunk = model.backbone[:freeze].state_dict()
-    original = build_model(spec).backbone[:freeze].state_dict()
-    return all(torch.equal(trunk[k], original[k]) for k in original)
+        return None
+    sface = build_model(spec).backbone
+    trunk, original = model.backbone[:freeze].state_dict(), sface[:freeze].state_dict()
+    return sface if all(torch.equal(trunk[k], original[k]) for k in original) else None
 
 
-def _score_and_norm(model: Any, freeze: int, crops: np.ndarray, batch: int = 64
+def _score_and_norm(model: Any, sface: Any, freeze: int, crops: np.ndarray, batch: int = 64
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(network output, SFace embedding norm) of every face from one pass through the
     frozen trunk both share: SFace's own remaining layers run on the trunk's output. Half
     the cost of running the two networks (set B: 32k faces), checked on the first batch
     against the network in torch and against the runtime recognizer."""
-    import tempfile
-
     import torch
-    from fiqa_gate_training.export import write_graph
-    from fiqa_gate_training.models import build_model
+    from fiqa_gate_training.export import graph_session
     from fiqa_gate_training.train import predict, split, to_input
     from torch import nn
     from tqdm import tqdm
 
-    from fiqa_gate.assets import onnx_session
     from fiqa_gate.registry import get_recognizer
 
     class ScoreAndNorm(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.trunk, self.tail = split(model, freeze)
-            self.recognizer_tail = build_model({"backbone": "sface"}).backbone[freeze:]
+            self.recognizer_tail = sface[freeze:]
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             features = self.trunk(x)
             embedding = self.recognizer_tail(features)
             return self.tail(features), torch.linalg.vector_norm(embedding, dim=1)
 
-    size = 112  # SFace's input (`_shares_recognizer_trunk` holds the teacher to it)
-    with tempfile.TemporaryDirectory() as tmp:  # the session keeps the graph in memory
-        graph = Path(tmp) / "score_and_norm.onnx"
-        write_graph(ScoreAndNorm().eval(), graph, size, "quality", "norm")
-        session = onnx_session(graph)
+    size = 112  # SFace's input (`_recognizer_sharing_trunk` holds the teacher to it)
+    session = graph_session(ScoreAndNorm().eval(), size, "quality", "norm")
 
     def infer(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q, n = session.run(None, {"input": to_input(chunk, size).numpy()})
