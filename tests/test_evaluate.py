@@ -12,6 +12,7 @@ import numpy as np
 
 from fiqa_gate.evaluation.identification import split
 from fiqa_gate.evaluation.protocol import load_test_set, verification_pairs
+from fiqa_gate.images import load_image
 from fiqa_gate.registry import get_detector
 
 
@@ -33,6 +34,33 @@ def test_degradation_draws_do_not_depend_on_where_the_faces_live(tmp_path, orl_r
     assert one.records == two.records and np.array_equal(one.crops, two.crops)
     other = load_test_set(detector, root=copies[0], variants=2, seed=10)
     assert other.records != one.records
+
+
+def test_group_photo_faces_are_degraded_in_a_window_that_changes_no_crop(sample_photo):
+    from fiqa_gate import degradations
+    from fiqa_gate.datasets import detect_sources, face_window
+    from fiqa_gate.faces import align_face
+
+    detector = get_detector()
+    full = load_image(str(sample_photo))
+    faces = detector.detect(full)
+    assert len(detect_sources([(None, sample_photo)], detector, all_faces=True)) == len(faces)
+    assert len(faces) >= 5
+    for det in faces:
+        window, moved = face_window(full, det)
+        assert window.size < full.size / 3  # each face keeps its surroundings only
+        lm = np.asarray(det.landmarks, np.float64).reshape(5, 2)
+        assert np.abs(align_face(window, moved.landmarks).astype(int)
+                      - align_face(full, lm)).max() <= 1  # the warp's fixed-point rounding
+        # the strongest misalignment and the longest blur see only what the window holds
+        scale = float(np.linalg.norm(lm[1] - lm[0])) / degradations.TEMPLATE_EYE_DISTANCE
+        record = [{"kind": "misalign", "rotation": 40.0, "scale": 0.64,
+                   "shift": [-22.0 * scale, 22.0 * scale]},
+                  {"kind": "motion", "length": 22.0 * scale, "angle": 30.0}]
+        one = degradations.apply(window, moved.landmarks, record)
+        two = degradations.apply(full, lm, record)
+        assert np.abs(align_face(one.image, one.landmarks).astype(int)
+                      - align_face(two.image, two.landmarks)).max() <= 1
 
 
 def test_protocol_compares_faces_with_clean_references_of_other_images():
