@@ -142,3 +142,5 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert done.returncode == 0, done.stderr[-3000:]
     rep = json.loads((tmp_path / "d" / "report.json").read_text())
     assert rep["faces"] == 12 * 2
+    assert "| sharpness | " in (md := (tmp_path / "d" / "report.md").read_text())
+    assert " | n/a | " in md and "n/a-n/a" not in md  # no interval without a bootstrap

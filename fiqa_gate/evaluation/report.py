@@ -18,6 +18,12 @@ def fmt(v: Any, digits: int = 3) -> str:
         else f"{v:.{digits}f}"
 
 
+def interval(bounds: list[float | None] | tuple[float | None, ...]) -> str:
+    """A confidence interval for a table, or `n/a` when none was computed (--bootstrap 0)."""
+    lo, hi = fmt(bounds[0]), fmt(bounds[1])
+    return "n/a" if "n/a" in (lo, hi) else f"{lo}-{hi}"
+
+
 def edc_rows(results: dict[str, EDCResult], ci: dict[str, tuple[float, float]]
              ) -> list[dict[str, Any]]:
     rows = []
@@ -116,8 +122,8 @@ def markdown(report: dict[str, Any]) -> str:
               "", "| scorer | pAUC 20 % | 95 % CI | pAUC 30 % | FNMR @10 % | FNMR @20 % |",
               "|---|---|---|---|---|---|"]
     for r in report["verification"]["scorers"]:
-        lines.append(f"| {r['scorer']} | {fmt(r['pauc_norm_20'])} | {fmt(r['ci95_20'][0])}-"
-                     f"{fmt(r['ci95_20'][1])} | {fmt(r['pauc_norm_30'])} | {fmt(r['fnmr_at_10'])} |"
+        lines.append(f"| {r['scorer']} | {fmt(r['pauc_norm_20'])} | {interval(r['ci95_20'])} |"
+                     f" {fmt(r['pauc_norm_30'])} | {fmt(r['fnmr_at_10'])} |"
                      f" {fmt(r['fnmr_at_20'])} |")
     if report.get("erc"):
         lines += ["", "ERC, threshold recomputed (CR-FIQA / MagFace style), area under FNMR vs "
@@ -171,7 +177,7 @@ def print_table(report: dict[str, Any]) -> None:
     rows = report["verification"]["scorers"]
     header = ["scorer", "pAUC 20 %", "95 % CI", "pAUC 30 %", "FNMR@20 %"]
     body = [[r["scorer"], fmt(r["pauc_norm_20"]),
-             f"{fmt(r['ci95_20'][0])}-{fmt(r['ci95_20'][1])}", fmt(r["pauc_norm_30"]),
+             interval(r["ci95_20"]), fmt(r["pauc_norm_30"]),
              fmt(r["fnmr_at_20"])] for r in rows]
     if sys.stdout.isatty():
         try:
