@@ -62,8 +62,8 @@ def _network_scores(run: Any, network: str, set_name: str) -> np.ndarray:
     out = None
     if offset is not None and path.exists():
         out = predict_views(model, spec, crops, path, offset)
-    recognizer = _recognizer_sharing_trunk(run, model)
-    if out is None and recognizer is not None:
+    recognizer = _recognizer_sharing_trunk(run, model) if out is None else None
+    if recognizer is not None:
         out, norms = _score_and_norm(model, recognizer, int(spec["freeze"]), crops)
         if not norms_file(run.data, set_name).exists():
             np.save(norms_file(run.data, set_name), norms)
