@@ -30,3 +30,16 @@ def test_bench_reports_every_component_and_the_cost_ratio(tmp_path):
     # with torch installed the paper's 352 px input is measured beside 112 px
     if "student onnxruntime 352 px, batch 64" in t:
         assert result["speedup_112_vs_352_onnxruntime_batch_64"] > 1
+
+
+def test_rows_are_timed_in_turns_so_ratios_compare_the_same_moments():
+    from fiqa_gate.evaluation.timing import measure_all
+
+    calls: list[str] = []
+    jobs = [(name, lambda name=name: calls.append(name), 1) for name in ("a", "b", "c")]
+    timings = measure_all(jobs, repeats=3, warmup=1, min_seconds=0.0)
+    assert list(timings) == ["a", "b", "c"]
+    assert all(t.repeats == 3 and t.ms_per_face >= 0 for t in timings.values())
+    timed = calls[3:]  # after one warm-up call each
+    # each turn: a warm-up call then the timed calls of one job, the jobs in order
+    assert timed == ["a", "a", "b", "b", "c", "c"] * 3

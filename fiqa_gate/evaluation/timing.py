@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -34,17 +34,35 @@ class Timing:
 def measure(name: str, run: Callable[[], object], faces_per_call: int, repeats: int = 7,
             warmup: int = 2, min_seconds: float = 0.2) -> Timing:
     """Median time per face of `run()`, each repeat looping until `min_seconds` pass."""
-    for _ in range(warmup):
-        run()
-    per_face = []
-    for _ in range(repeats):
-        calls, t0 = 0, time.perf_counter()
-        while True:
+    return measure_all([(name, run, faces_per_call)], repeats, warmup, min_seconds)[name]
+
+
+def measure_all(jobs: Sequence[tuple[str, Callable[[], object], int]], repeats: int = 7,
+                warmup: int = 2, min_seconds: float = 0.2) -> dict[str, Timing]:
+    """`measure` for several jobs, taken in turn within each repeat (round robin).
+
+    On a shared machine the speed drifts over tens of seconds; timed one after another,
+    a ratio of two rows compares two different moments. In turns, every row sees the
+    same moments, and a job's warm-up call each turn absorbs what the previous job left
+    (caches, another session's spinning threads)."""
+    for _, run, _ in jobs:
+        for _ in range(warmup):
             run()
-            calls += 1
-            elapsed = time.perf_counter() - t0
-            if elapsed >= min_seconds:
-                break
-        per_face.append(elapsed * 1000 / (calls * faces_per_call))
-    med = statistics.median(per_face)
-    return Timing(name, faces_per_call, med, 1000 / med, repeats, (min(per_face), max(per_face)))
+    per_face: dict[str, list[float]] = {name: [] for name, _, _ in jobs}
+    for _ in range(repeats):
+        for name, run, faces in jobs:
+            run()
+            calls, t0 = 0, time.perf_counter()
+            while True:
+                run()
+                calls += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed >= min_seconds:
+                    break
+            per_face[name].append(elapsed * 1000 / (calls * faces))
+    out = {}
+    for name, _, faces in jobs:
+        times = per_face[name]
+        med = statistics.median(times)
+        out[name] = Timing(name, faces, med, 1000 / med, repeats, (min(times), max(times)))
+    return out
