@@ -3,6 +3,7 @@ insightface FaceAnalysis adapter."""
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 import numpy as np
@@ -145,3 +146,21 @@ def test_faceanalysis_adapter(sample_photo):
     match = max(ours, key=lambda o: -abs(o.detection.score - float(kept.det_score)))
     e = kept.embedding / np.linalg.norm(kept.embedding)
     assert float(e @ rec.embed(match.crop[None])[0]) > 0.95
+
+
+def test_a_faces_student_score_does_not_depend_on_the_faces_scored_with_it(group_faces):
+    """The shipped int8 graph scales activations over a whole run: batched, faces would
+    shift each other's scores. Alone, in a call of many, or on several threads, a face
+    must get the same score."""
+    from fiqa_gate.components import stack_crops
+    from fiqa_gate.student import OnnxStudentScorer
+
+    crops = stack_crops(group_faces)
+    one, every_core = OnnxStudentScorer(threads=1), OnnxStudentScorer(threads=None)
+    alone = np.concatenate([one.raw_from_crops(c[None]) for c in crops])
+    assert len(set(alone.tolist())) == len(crops)  # distinct faces, distinct scores
+    assert np.array_equal(one.raw_from_crops(crops), alone)
+    assert every_core.threads == (os.cpu_count() or 1)
+    assert np.array_equal(every_core.raw_from_crops(crops[::-1]), alone[::-1])
+    small_batches = OnnxStudentScorer(threads=1, batch_size=4)
+    assert np.array_equal(small_batches.raw_from_crops(crops), alone)

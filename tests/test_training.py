@@ -270,15 +270,18 @@ def test_input_size_means_average_the_seeds_of_each_size():
     assert _input_size_means({"sface": table}, []) == {}
 
 
-@pytest.mark.parametrize("size", [112, 64])
-def test_folded_student_computes_what_the_student_computes(size):
+@pytest.mark.parametrize("size,args", [(112, {}), (64, {}), (112, {"depths": [3, 3, 9, 3]})])
+def test_folded_student_computes_what_the_student_computes(size, args):
     from fiqa_gate_training.export import folded
     from fiqa_gate_training.models import build_model
-    from timm.models.edgenext import SplitTransposeBlock
+    from timm.models.edgenext import ConvBlock, SplitTransposeBlock
 
     torch.manual_seed(0)
     model = build_model({"backbone": "edgenext_xx_small", "input_size": size,
-                         "activation": "relu"}).eval()
+                         "activation": "relu", "backbone_args": args}).eval()
+    blocks_per_stage = [sum(isinstance(b, ConvBlock | SplitTransposeBlock) for b in st.blocks)
+                        for st in model.backbone.stages]
+    assert blocks_per_stage == args.get("depths", [2, 2, 6, 2])  # the variant was built
     for name, p in model.named_parameters():  # trained-looking scales and biases, not init
         if name.endswith(("gamma", "bias")):
             p.data.uniform_(0.5, 1.5)

@@ -147,6 +147,8 @@ def build_model(spec: dict[str, Any]) -> QualityNet:
         kwargs["act_layer"] = ACTIVATIONS[spec["activation"]]
     if spec.get("timm_img_size"):  # windowed transformers (Swin) fix their input size
         kwargs["img_size"] = spec["input_size"]
+    # a variant of the named net, e.g. EdgeNeXt-XXS with more blocks: {"depths": [3, 3, 9, 3]}
+    kwargs.update(spec.get("backbone_args", {}))
     backbone = timm.create_model(name, **kwargs)
     # MobileNetV3-style nets widen again after pooling: their pooled output is the head's.
     width = getattr(backbone, "head_hidden_size", None) or backbone.num_features

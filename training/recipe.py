@@ -330,9 +330,11 @@ def stage_calibrate(run: Run) -> None:
     faces, refs = reference_pairs(val)
     matched = similarities(run.val_embeddings(), faces, refs) >= recognizer.threshold
     note = f"isotonic, {len(faces)} face-reference comparisons of the validation identities"
-    # The student's map is fitted on the outputs of the graph that ships (int8 or float).
+    # The student's map is fitted on the outputs of the graph that ships (int8 or float),
+    # one face per run as the runtime scores (fiqa_gate/student.py: batched int8 faces
+    # would shift each other's scores).
     raw = {"student": run_onnx(_student_graph(run)[0], val.crops,
-                               run.cfg["student"]["input_size"]),
+                               run.cfg["student"]["input_size"], batch=1),
            **qualities(val, BASELINE_SCORERS, rec_name)[0]}
     fitted = {name: fit_calibration(np.nan_to_num(r[faces], nan=-1e9), matched, rec_name,
                                     note=note).to_dict() for name, r in raw.items()}
