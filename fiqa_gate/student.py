@@ -1,4 +1,4 @@
-"""The distilled student as an ONNX scorer: torch-free, batched, calibrated.
+"""The distilled student as an ONNX scorer: torch-free, one face per run, calibrated.
 
 A student model is two files side by side: `NAME.onnx` and `NAME.json`.
 The ONNX graph takes float32 RGB pixels in 0..255, NCHW, at the square size the JSON

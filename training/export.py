@@ -125,7 +125,8 @@ def graph_session(module: torch.nn.Module, input_size: int, *outputs: str) -> An
 
 
 def run_onnx(path: Path, crops: np.ndarray, input_size: int, batch: int = 64) -> np.ndarray:
-    """Raw outputs of an exported graph on uint8 crops, prepared as in training."""
+    """Raw outputs of an exported graph on uint8 crops, prepared as in training. An int8
+    graph is run with `batch=1`, as the runtime runs it (fiqa_gate/student.py)."""
     session = onnx_session(path)
     out = [session.run(None, {"input": to_input(crops[i:i + batch], input_size).numpy()})[0]
            for i in range(0, len(crops), batch)]
@@ -143,7 +144,7 @@ def quantize_int8(src: Path, dst: Path, check_crops: np.ndarray, input_size: int
     quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul"])
     before = run_onnx(src, check_crops, input_size)
-    after = run_onnx(tmp, check_crops, input_size, batch=1)  # one face per run, as it ships
+    after = run_onnx(tmp, check_crops, input_size, batch=1)
     tmp.replace(dst)
     return {"max_abs_diff": float(np.abs(before - after).max()),
             "srcc": float(spearmanr(before, after).statistic), "faces": len(check_crops)}

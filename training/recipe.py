@@ -331,8 +331,7 @@ def stage_calibrate(run: Run) -> None:
     matched = similarities(run.val_embeddings(), faces, refs) >= recognizer.threshold
     note = f"isotonic, {len(faces)} face-reference comparisons of the validation identities"
     # The student's map is fitted on the outputs of the graph that ships (int8 or float),
-    # one face per run as the runtime scores (fiqa_gate/student.py: batched int8 faces
-    # would shift each other's scores).
+    # one face per run as the runtime scores it.
     raw = {"student": run_onnx(_student_graph(run)[0], val.crops,
                                run.cfg["student"]["input_size"], batch=1),
            **qualities(val, BASELINE_SCORERS, rec_name)[0]}
