@@ -7,7 +7,9 @@ them) and its parameters. Sizes are in aligned-crop pixels (the 112x112 ArcFace 
 
 `degrade(image, landmarks, rng)` draws a degradation (or a combination) and a severity;
 the same seed gives the same result, and the returned record reproduces it through
-`apply(image, landmarks, record)`.
+`apply(image, landmarks, record)`. It draws from `KINDS`, the kinds the recipes label and
+train on; `HELD_OUT_KINDS` (pixelation, haze, side shadow, colour cast, salt and pepper,
+posterisation, glare) are never trained on, for a test of damage the scorer never saw.
 """
 
 from __future__ import annotations
@@ -179,7 +181,113 @@ def _apply_misalign(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndar
     return img, (lm - centre) @ rot.T + centre + np.asarray(p["shift"])
 
 
-_KINDS: dict[str, tuple[Callable[..., Params], Callable[..., tuple[np.ndarray, np.ndarray]]]] = {
+# Held out: kinds no training recipe draws (`degrade` defaults to KINDS), so the test
+# protocol can ask how a scorer copes with damage it never saw (`--degradations held-out`).
+
+def _draw_pixelate(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"block": _lerp(2.5, 10.0, sev) * scale}
+
+
+def _apply_pixelate(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    h, w = img.shape[:2]
+    b = max(p["block"], 1.0)
+    small = cv2.resize(img, (max(1, round(w / b)), max(1, round(h / b))),
+                       interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST), lm
+
+
+def _draw_haze(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"transmission": _lerp(0.7, 0.12, sev), "airlight": float(rng.uniform(170, 250)),
+            "scatter": _lerp(0.5, 2.5, sev) * scale}
+
+
+def _apply_haze(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # Fog or a dirty window: light scattered in front of the face, plus a little blur.
+    import cv2
+
+    soft = cv2.GaussianBlur(img.astype(np.float64), (0, 0), max(p["scatter"], 0.3))
+    t = p["transmission"]
+    return _u8(soft * t + p["airlight"] * (1 - t)), lm
+
+
+def _draw_shadow(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"floor": _lerp(0.55, 0.05, sev), "angle": float(rng.uniform(0, 360)),
+            "width": _lerp(60.0, 20.0, sev) * scale}
+
+
+def _apply_shadow(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # Side light: one side of the face falls to `floor` of its brightness across `width`.
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    centre = lm.mean(0)
+    t = np.radians(p["angle"])
+    d = ((xx - centre[0]) * np.cos(t) + (yy - centre[1]) * np.sin(t)) / max(p["width"], 1.0)
+    ramp = np.clip(d + 0.5, 0.0, 1.0)
+    gain = p["floor"] + (1 - p["floor"]) * ramp * ramp * (3 - 2 * ramp)
+    return _u8(img * gain[..., None]), lm
+
+
+def _draw_colour_cast(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    hue, strength = float(rng.uniform(0, 2 * np.pi)), _lerp(0.25, 0.8, sev)
+    phases = np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3])
+    return {"gains": [float(g) for g in 1 + strength * np.cos(hue - phases)]}
+
+
+def _apply_colour_cast(img: np.ndarray, lm: np.ndarray, p: Params
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    return _u8(img.astype(np.float64) * np.asarray(p["gains"])), lm
+
+
+def _draw_impulse(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"density": _lerp(0.02, 0.25, sev), "cell": max(scale, 1.0),
+            "seed": int(rng.integers(2**31))}
+
+
+def _apply_impulse(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # Salt and pepper in aligned-crop-sized cells, so a big face is hit as hard as a small one.
+    import cv2
+
+    rng = np.random.default_rng(p["seed"])
+    h, w = img.shape[:2]
+    gh, gw = max(1, round(h / p["cell"])), max(1, round(w / p["cell"]))
+    hit = (rng.random((gh, gw)) < p["density"]).astype(np.uint8)
+    white = (rng.random((gh, gw)) < 0.5).astype(np.uint8)
+    hit, white = (cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+                  for m in (hit, white))
+    out = img.copy()
+    out[hit & white] = 255
+    out[hit & ~white] = 0
+    return out, lm
+
+
+def _draw_posterize(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"levels": round(_lerp(12, 3, sev))}
+
+
+def _apply_posterize(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    n = max(int(p["levels"]), 2)
+    return _u8(np.floor(img.astype(np.float64) * n / 256) * (255 / (n - 1))), lm
+
+
+def _draw_glare(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"radius": _lerp(10.0, 35.0, sev) * scale, "strength": _lerp(0.6, 1.0, sev),
+            "offset": [float(rng.uniform(-30, 30)) * scale, float(rng.uniform(-35, 25)) * scale]}
+
+
+def _apply_glare(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # A specular flare (a lamp on glasses, sun on skin) washing part of the face to white.
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    cx, cy = lm.mean(0) + np.asarray(p["offset"])
+    r2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * max(p["radius"], 1.0) ** 2)
+    wash = p["strength"] * np.exp(-r2)[..., None]
+    return _u8(img + (255.0 - img) * wash), lm
+
+
+Kind = tuple[Callable[..., Params], Callable[..., tuple[np.ndarray, np.ndarray]]]
+_TRAINING: dict[str, Kind] = {
     "defocus": (_draw_defocus, _apply_defocus),
     "motion": (_draw_motion, _apply_motion),
     "downscale": (_draw_downscale, _apply_downscale),
@@ -190,10 +298,22 @@ _KINDS: dict[str, tuple[Callable[..., Params], Callable[..., tuple[np.ndarray, n
     "occlusion": (_draw_occlusion, _apply_occlusion),
     "misalign": (_draw_misalign, _apply_misalign),
 }
-KINDS = tuple(_KINDS)
-# Capture order for combinations: geometry and optics first, sensor and codec last.
-_ORDER = ("misalign", "occlusion", "motion", "defocus", "downscale", "exposure", "contrast",
-          "lowlight", "jpeg")
+_HELD_OUT: dict[str, Kind] = {
+    "pixelate": (_draw_pixelate, _apply_pixelate),
+    "haze": (_draw_haze, _apply_haze),
+    "shadow": (_draw_shadow, _apply_shadow),
+    "colour_cast": (_draw_colour_cast, _apply_colour_cast),
+    "impulse": (_draw_impulse, _apply_impulse),
+    "posterize": (_draw_posterize, _apply_posterize),
+    "glare": (_draw_glare, _apply_glare),
+}
+_KINDS = {**_TRAINING, **_HELD_OUT}
+KINDS = tuple(_TRAINING)  # what the recipes label and train on, and the default test protocol
+HELD_OUT_KINDS = tuple(_HELD_OUT)
+# Capture order for combinations: geometry, light and optics first, sensor and codec last.
+_ORDER = ("misalign", "occlusion", "shadow", "glare", "haze", "motion", "defocus", "downscale",
+          "exposure", "contrast", "colour_cast", "lowlight", "impulse", "pixelate", "posterize",
+          "jpeg")
 
 
 def apply(image: np.ndarray, landmarks: np.ndarray, record: list[Params]) -> Degraded:
@@ -210,7 +330,7 @@ def draw(kind: str, severity: float, rng: np.random.Generator,
          landmarks: np.ndarray) -> Params:
     """Parameters of one degradation at `severity` in [0, 1] for this face."""
     if kind not in _KINDS:
-        raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(KINDS)}")
+        raise ValueError(f"unknown degradation {kind!r}; known: {', '.join(_KINDS)}")
     scale = _crop_scale(np.asarray(landmarks, dtype=np.float64).reshape(5, 2))
     return {"kind": kind, "severity": round(float(severity), 4),
             **_KINDS[kind][0](float(severity), rng, scale)}

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from fiqa_gate import degradations
 from fiqa_gate.evaluation.identification import split
 from fiqa_gate.evaluation.protocol import load_test_set, verification_pairs
 from fiqa_gate.images import load_image
@@ -37,7 +38,6 @@ def test_degradation_draws_do_not_depend_on_where_the_faces_live(tmp_path, orl_r
 
 
 def test_group_photo_faces_are_degraded_in_a_window_that_changes_no_crop(sample_photo):
-    from fiqa_gate import degradations
     from fiqa_gate.datasets import detect_sources, face_window
     from fiqa_gate.faces import align_face
 
@@ -61,6 +61,35 @@ def test_group_photo_faces_are_degraded_in_a_window_that_changes_no_crop(sample_
         two = degradations.apply(full, lm, record)
         assert np.abs(align_face(one.image, one.landmarks).astype(int)
                       - align_face(two.image, two.landmarks)).max() <= 1
+
+
+def test_held_out_degradations_are_new_seeded_and_harsher_with_severity(orl_root):
+    # The held-out protocol asks about damage no recipe trains on: it must be new,
+    # reproducible, and its severity must mean something.
+    from fiqa_gate.datasets import build_samples, detect_sources, orl_items
+    from fiqa_gate.faces import align_face
+
+    assert not set(degradations.HELD_OUT_KINDS) & set(degradations.KINDS)
+    detector = get_detector()
+    face = detect_sources(orl_items(["s31"])[:1], detector)[0]
+    lm = np.asarray(face.detection.landmarks, np.float64).reshape(5, 2)
+    clean = align_face(face.image, lm).astype(float)
+
+    def damage(kind: str, severity: float) -> float:
+        params = degradations.draw(kind, severity, np.random.default_rng(3), lm)
+        assert params == degradations.draw(kind, severity, np.random.default_rng(3), lm)
+        one = degradations.apply(face.image, lm, [json.loads(json.dumps(params))])
+        two = degradations.apply(face.image, lm, [params])
+        assert np.array_equal(one.image, two.image)
+        return float(np.abs(align_face(one.image, one.landmarks) - clean).mean())
+
+    for kind in degradations.HELD_OUT_KINDS:
+        mild, harsh = damage(kind, 0.0), damage(kind, 1.0)
+        assert 1.0 < mild < harsh, (kind, mild, harsh)
+    drawn = build_samples([face], detector, variants=12, seed=1, include_clean=False,
+                          kinds=degradations.HELD_OUT_KINDS, redetect=False)
+    used = {step["kind"] for record in drawn.records for step in record}
+    assert used <= set(degradations.HELD_OUT_KINDS) and len(used) >= 4
 
 
 def test_protocol_compares_faces_with_clean_references_of_other_images():
@@ -113,6 +142,12 @@ def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
     assert 0 <= ident["best_of_n"]["random"]["rank1"] <= 1
     assert "embedding-norm" in ident["best_of_n"]
     assert "sharpness" in done.stdout
+    groups = {g["group"]: g for g in report["by_degradation"]}
+    assert "clean" in groups and len(groups) >= 5
+    assert sum(g["faces"] for g in groups.values()) == report["faces"]
+    # clean faces match their references better than damaged faces on average
+    assert groups["clean"]["mated_similarity"] > groups["combination"]["mated_similarity"]
+    assert "## By degradation" in (out / "report.md").read_text()
 
 
 def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
@@ -138,9 +173,10 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert rep["verification"]["n_nonmated"] == len(rows) - 18
     assert rep["verification"]["warning"]  # 48 impostor pairs cannot resolve FMR 1e-3
     done = _cli("evaluate", "--data", str(folder), "--variants", "1", "--bootstrap", "0",
-                "--scorer", "sharpness", "-o", str(tmp_path / "d"))
+                "--degradations", "held-out", "--scorer", "sharpness", "-o", str(tmp_path / "d"))
     assert done.returncode == 0, done.stderr[-3000:]
     rep = json.loads((tmp_path / "d" / "report.json").read_text())
     assert rep["faces"] == 12 * 2
+    assert rep["degradation"]["kinds"] == list(degradations.HELD_OUT_KINDS)
     assert "| sharpness | " in (md := (tmp_path / "d" / "report.md").read_text())
     assert " | n/a | " in md and "n/a-n/a" not in md  # no interval without a bootstrap

@@ -515,3 +515,27 @@ def test_erc_properties(data):
     p = np.array(perm)
     rp = erc(s[p], m[p], q[p])
     np.testing.assert_array_equal(rp.fnmr, r.fnmr)
+
+
+def test_by_degradation_hand_case():
+    from fiqa_gate.evaluation.protocol import by_degradation
+
+    blur = {"kind": "defocus"}
+    records = [[], [], [blur], [blur], [blur], [{"kind": "jpeg"}, blur]]
+    # (probe, clean reference, mated, similarity); the non-mated 0.9 must not count
+    rows = [(2, 0, 1, 0.2), (3, 0, 1, 0.5), (4, 0, 1, 0.8), (4, 1, 1, 0.6), (5, 1, 1, 0.1),
+            (1, 0, 1, 0.7), (2, 1, 0, 0.9)]
+    a, b, mated, sim = (np.array(c) for c in zip(*rows, strict=True))
+    mated = mated.astype(bool)
+    q = {"right": np.array([9, 9, 1, 2, 3, 0.0]), "wrong": np.array([0, 0, 3, 2, 1, 0.0]),
+         "flat": np.array([5, 5, 5, 5, 5, 5.0])}
+    got = {r["group"]: r for r in by_degradation(records, sim, mated, a, b, q)}
+    assert list(got) == ["clean", "combination", "defocus"]
+    assert [got[k]["faces"] for k in got] == [2, 1, 3]
+    # face 0: (0.2 + 0.5 + 0.8 + 0.7) / 4; face 1: (0.6 + 0.1 + 0.7) / 3
+    assert got["clean"]["mated_similarity"] == pytest.approx((0.55 + 1.4 / 3) / 2)
+    assert got["defocus"]["mated_similarity"] == pytest.approx((0.2 + 0.5 + 0.7) / 3)
+    assert got["combination"]["mated_similarity"] == pytest.approx(0.1)
+    assert got["defocus"]["srcc"] == {"right": pytest.approx(1.0), "wrong": pytest.approx(-1.0),
+                                      "flat": None}
+    assert got["clean"]["srcc"]["right"] is None  # two faces say nothing about an order

@@ -33,13 +33,16 @@ def _available_scorers(names: Sequence[str]) -> list[str]:
 
 def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str],
                    out: Path, variants: int, seed: int, bootstrap: int,
-                   gate_threshold: float, model: str | None, command: str) -> dict[str, Any]:
+                   gate_threshold: float, model: str | None, command: str,
+                   degradations: str = "training") -> dict[str, Any]:
+    from fiqa_gate import degradations as kinds_of
     from fiqa_gate.assets import cache_dir
     from fiqa_gate.datasets import SEEDING
     from fiqa_gate.evaluation import report as rep
     from fiqa_gate.evaluation.identification import identification
     from fiqa_gate.evaluation.metrics import bootstrap_pauc_norm, erc, pair_quality
     from fiqa_gate.evaluation.protocol import (
+        by_degradation,
         edc_by_scorer,
         load_test_set,
         qualities,
@@ -49,10 +52,12 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
 
     detector = registry.get_detector()
     recognizer = registry.get_recognizer(recognizer_name)
+    kinds = kinds_of.HELD_OUT_KINDS if degradations == "held-out" else kinds_of.KINDS
+    tag = "_held-out" if degradations == "held-out" else ""
     cache = None if data is not None else (
-        cache_dir() / "eval" / f"orl_test_k{SEEDING}_v{variants}_s{seed}.npz")
+        cache_dir() / "eval" / f"orl_test_k{SEEDING}_v{variants}_s{seed}{tag}.npz")
     samples = load_test_set(detector, root=data, variants=variants, seed=seed, cache=cache,
-                            progress="faces")
+                            progress="faces", kinds=kinds)
     click.echo(f"{len(samples)} faces; embedding with {recognizer_name}...", err=True)
     emb = recognizer.embed(samples.crops)
     a, b, mated = verification_pairs(samples.identity, samples.source, samples.clean)
@@ -74,18 +79,21 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     matched = (np.bincount(f_idx, hits, len(samples))
                / np.maximum(np.bincount(f_idx, minlength=len(samples)), 1)) >= 0.5
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{'ORL s31-s40' if data is None else data} ({recognizer_name})"
+    title = (f"{'ORL s31-s40' if data is None else data} ({recognizer_name}"
+             f"{', held-out degradations' if degradations == 'held-out' else ''})")
     rep.plot_edc(results, out / "edc.png", f"EDC, {title}")
     rep.plot_scores(raw, matched, out / "scores.png", f"Raw scores, {title}")
     report = {
         "dataset": "ORL s31-s40 (built-in test split)" if data is None else str(data),
         "recognizer": recognizer_name, "faces": len(samples), "machine": machine(),
-        "degradation": {"variants_per_image": variants, "seed": seed},
+        "degradation": {"variants_per_image": variants, "seed": seed,
+                        "protocol": degradations, "kinds": list(kinds)},
         "command": command,
         "verification": {**rep.verification_summary(results, ci),
                          "curves": {n: r.to_dict() for n, r in results.items()}},
         "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area for n, q in raw.items()},
         "identification": ident,
+        "by_degradation": by_degradation(samples.records, sim, mated, a, b, raw),
     }
     rep.write(report, out)
     return report
@@ -149,6 +157,11 @@ def _evaluation_options(fn):
                      help="Seeded degradations per image (besides the clean face)."),
         click.option("--seed", default=314159, show_default=True,
                      help="Degradation seed of the test protocol."),
+        click.option("--degradations", type=click.Choice(["training", "held-out"]),
+                     default="training", show_default=True,
+                     help="Draw from the kinds the recipes train on, or from kinds no "
+                          "training run saw (pixelation, haze, shadow, colour cast, salt "
+                          "and pepper, posterisation, glare)."),
         click.option("--bootstrap", default=200, show_default=True,
                      help="Bootstrap resamples for confidence intervals (0: none)."),
         click.option("--gate-threshold", default=0.5, show_default=True,
@@ -166,8 +179,8 @@ def _evaluation_options(fn):
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("fiqa-gate-report"), show_default=True)
 @_evaluation_options
-def evaluate(data, pairs, out, recognizer, scorers, model, variants, seed, bootstrap,
-             gate_threshold):
+def evaluate(data, pairs, out, recognizer, scorers, model, variants, seed, degradations,
+             bootstrap, gate_threshold):
     """How much each scorer improves recognition: EDC, ERC, identification, plots."""
     scorers = _available_scorers(scorers or DEFAULT_SCORERS)
     command = "fiqa-gate " + " ".join(sys.argv[1:])
@@ -175,7 +188,7 @@ def evaluate(data, pairs, out, recognizer, scorers, model, variants, seed, boots
         report = _pairs_evaluation(pairs, recognizer, scorers, out, model, command)
     else:
         report = run_evaluation(data, recognizer, scorers, out, variants, seed, bootstrap,
-                                gate_threshold, model, command)
+                                gate_threshold, model, command, degradations)
     from fiqa_gate.evaluation.report import print_table
 
     print_table(report)

@@ -2,8 +2,10 @@
 
 Test set (built-in): ORL identities s31-s40, never trained or tuned on. Each of the 100
 images gives its clean face plus `TEST_VARIANTS` degradations drawn with `TEST_SEED`
-(fiqa_gate.degradations, every kind and combinations, severity ~ U(0, 1)), so the set
-mixes good and bad faces as a real enrollment queue does. A different seed from any
+(fiqa_gate.degradations, every kind the recipes train on and combinations, severity
+~ U(0, 1)), so the set mixes good and bad faces as a real enrollment queue does. The
+held-out protocol draws instead from kinds no recipe trains on (pixelation, haze, side
+shadow, colour cast, salt and pepper, posterisation, glare). A different seed from any
 training seed, and identities no training run ever sees.
 
 Comparisons: every face against every clean face (the references an enrollment gallery
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fiqa_gate import degradations
 from fiqa_gate.components import Detector
 from fiqa_gate.datasets import (
     ORL_TEST,
@@ -36,13 +39,19 @@ TEST_VARIANTS = 3
 
 def load_test_set(detector: Detector, root: str | Path | None = None,
                   variants: int = TEST_VARIANTS, seed: int = TEST_SEED,
-                  cache: Path | None = None, progress: str | None = None) -> Samples:
-    """ORL s31-s40 (or an identity folder) with its seeded degradations; cached as .npz."""
+                  cache: Path | None = None, progress: str | None = None,
+                  kinds: tuple[str, ...] = degradations.KINDS) -> Samples:
+    """ORL s31-s40 (or an identity folder) with its seeded degradations; cached as .npz.
+
+    `kinds` defaults to the degradations the recipes train on; `degradations.HELD_OUT_KINDS`
+    asks how the scorers cope with damage no training run drew.
+    """
     if cache is not None and cache.is_file():
         return Samples.load(cache)
     items = orl_items(ORL_TEST) if root is None else identity_folder(root)
     sources = detect_sources(items, detector)
-    samples = build_samples(sources, detector, variants=variants, seed=seed, progress=progress)
+    samples = build_samples(sources, detector, variants=variants, seed=seed, kinds=kinds,
+                            progress=progress)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         samples.save(cache)
@@ -81,6 +90,36 @@ def edc_by_scorer(similarity: np.ndarray, mated: np.ndarray, a: np.ndarray, b: n
     """The fixed-threshold EDC of every scorer on the same comparisons."""
     return {name: edc(similarity, mated, pair_quality(q[a], q[b]), fmr_target=fmr_target)
             for name, q in qualities.items()}
+
+
+def by_degradation(records: Sequence[Sequence[Mapping[str, object]]], similarity: np.ndarray,
+                   mated: np.ndarray, a: np.ndarray, b: np.ndarray,
+                   qualities: Mapping[str, np.ndarray]) -> list[dict[str, object]]:
+    """Which damage each scorer misreads: faces grouped by their degradation (one kind
+    alone; combinations and clean faces are groups of their own), each group's mean mated
+    similarity, and inside the group each scorer's rank correlation with every face's own
+    mean mated similarity (None where a group or a scorer's scores do not vary)."""
+    from scipy import stats
+
+    n = len(records)
+    face = np.concatenate([a[mated], b[mated]])
+    count = np.bincount(face, minlength=n)
+    own = np.bincount(face, np.concatenate([similarity[mated]] * 2), n) / np.maximum(count, 1)
+    groups: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        if count[i]:
+            key = "clean" if not rec else str(rec[0]["kind"]) if len(rec) == 1 else "combination"
+            groups.setdefault(key, []).append(i)
+    rows: list[dict[str, object]] = []
+    for key in sorted(groups):
+        idx = np.asarray(groups[key])
+        srcc = {}
+        for name, q in qualities.items():
+            varies = len(idx) > 2 and np.ptp(q[idx]) > 0 and np.ptp(own[idx]) > 0
+            srcc[name] = float(stats.spearmanr(q[idx], own[idx]).statistic) if varies else None
+        rows.append({"group": key, "faces": len(idx),
+                     "mated_similarity": float(own[idx].mean()), "srcc": srcc})
+    return rows
 
 
 def random_quality(n: int, seed: int = 0) -> np.ndarray:

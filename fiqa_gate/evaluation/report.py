@@ -114,6 +114,11 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['verification']['tau']:.4f} at FMR {report['verification']['fmr_target']:g}"
              f"; FNMR with nothing discarded {report['verification']['e0']:.4f}. "
              f"Machine: {report['machine']}.", ""]
+    deg = report.get("degradation")
+    if deg:
+        lines += [f"Degradations ({deg.get('protocol', 'training')} kinds, seed {deg['seed']}, "
+                  f"{deg['variants_per_image']} per image besides the clean face): "
+                  f"{', '.join(deg.get('kinds', []))}.", ""]
     if report["verification"].get("warning"):
         lines += [f"> warning: {report['verification']['warning']}", ""]
     lines += ["## Verification: EDC at a fixed threshold (normalised pAUC, lower is better)", "",
@@ -151,6 +156,18 @@ def markdown(report: dict[str, Any]) -> str:
         for name, r in ident["gated"].items():
             lines.append(f"| {name} | {r['enrolled']} | {fmt(r['rank1'])} | "
                          f"{100 * (r['rank1'] - u['rank1']):+.1f} | {fmt(r['fnir'])} |")
+    groups = report.get("by_degradation")
+    if groups:
+        names = list(groups[0]["srcc"])
+        lines += ["", "## By degradation", "",
+                  "Faces grouped by the damage they carry, the group's mean similarity to "
+                  "mated references, and inside each group the SRCC of each scorer with a "
+                  "face's own mean mated similarity (does it rank that damage right?):", "",
+                  "| group | faces | mated similarity | " + " | ".join(names) + " |",
+                  "|---|---|---|" + "---|" * len(names)]
+        for g in groups:
+            lines.append(f"| {g['group']} | {g['faces']} | {fmt(g['mated_similarity'])} | "
+                         + " | ".join(fmt(g["srcc"][n]) for n in names) + " |")
     lines += ["", "Score distributions: ![scores](scores.png)", "",
               f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)
