@@ -52,10 +52,11 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
 
     detector = registry.get_detector()
     recognizer = registry.get_recognizer(recognizer_name)
-    kinds = kinds_of.HELD_OUT_KINDS if degradations == "held-out" else kinds_of.KINDS
-    tag = "_held-out" if degradations == "held-out" else ""
+    held_out = degradations == "held-out"
+    kinds = kinds_of.HELD_OUT_KINDS if held_out else kinds_of.KINDS
     cache = None if data is not None else (
-        cache_dir() / "eval" / f"orl_test_k{SEEDING}_v{variants}_s{seed}{tag}.npz")
+        cache_dir() / "eval"
+        / f"orl_test_k{SEEDING}_v{variants}_s{seed}{'_held-out' if held_out else ''}.npz")
     samples = load_test_set(detector, root=data, variants=variants, seed=seed, cache=cache,
                             progress="faces", kinds=kinds)
     click.echo(f"{len(samples)} faces; embedding with {recognizer_name}...", err=True)
@@ -80,7 +81,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
                / np.maximum(np.bincount(f_idx, minlength=len(samples)), 1)) >= 0.5
     out.mkdir(parents=True, exist_ok=True)
     title = (f"{'ORL s31-s40' if data is None else data} ({recognizer_name}"
-             f"{', held-out degradations' if degradations == 'held-out' else ''})")
+             f"{', held-out degradations' if held_out else ''})")
     rep.plot_edc(results, out / "edc.png", f"EDC, {title}")
     rep.plot_scores(raw, matched, out / "scores.png", f"Raw scores, {title}")
     report = {
