@@ -311,5 +311,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
               "Trained on 24 identities of grey, frontal ORL faces and a few hundred unlabelled "
               "faces; the degradations are synthetic. The score predicts SFace's behaviour; "
               "with another recognizer, measure before trusting the threshold "
-              "(`fiqa-gate evaluate --recognizer NAME`).", ""]
+              "(`fiqa-gate evaluate --recognizer NAME`). Damage of kinds the recipe never "
+              "draws may be ranked less well than the kinds it trains on: "
+              "`fiqa-gate evaluate --degradations held-out` measures that (the shipped "
+              "student's figures are in the README, Results).", ""]
     return "\n".join(lines)
