@@ -45,6 +45,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         by_degradation,
         edc_by_scorer,
         load_test_set,
+        mated_mean,
         qualities,
         similarities,
         verification_pairs,
@@ -75,10 +76,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
                            calibrated, gate_threshold=gate_threshold)
 
     # A face "matches" when it matches most of its references at the recognizer threshold.
-    f_idx = np.concatenate([a[mated], b[mated]])
-    hits = np.concatenate([sim[mated], sim[mated]]) >= any_r.tau
-    matched = (np.bincount(f_idx, hits, len(samples))
-               / np.maximum(np.bincount(f_idx, minlength=len(samples)), 1)) >= 0.5
+    matched = mated_mean(sim >= any_r.tau, mated, a, b, len(samples))[0] >= 0.5
     out.mkdir(parents=True, exist_ok=True)
     title = (f"{'ORL s31-s40' if data is None else data} ({recognizer_name}"
              f"{', held-out degradations' if held_out else ''})")

@@ -92,6 +92,16 @@ def edc_by_scorer(similarity: np.ndarray, mated: np.ndarray, a: np.ndarray, b: n
             for name, q in qualities.items()}
 
 
+def mated_mean(values: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
+               n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per face, the mean of a comparison's `values` over its mated comparisons (the face
+    on either side), and how many it has."""
+    face = np.concatenate([a[mated], b[mated]])
+    count = np.bincount(face, minlength=n)
+    total = np.bincount(face, np.concatenate([values[mated]] * 2), n)
+    return total / np.maximum(count, 1), count
+
+
 def by_degradation(records: Sequence[Sequence[Mapping[str, object]]], similarity: np.ndarray,
                    mated: np.ndarray, a: np.ndarray, b: np.ndarray,
                    qualities: Mapping[str, np.ndarray]) -> list[dict[str, object]]:
@@ -101,10 +111,7 @@ def by_degradation(records: Sequence[Sequence[Mapping[str, object]]], similarity
     mean mated similarity (None where a group or a scorer's scores do not vary)."""
     from scipy import stats
 
-    n = len(records)
-    face = np.concatenate([a[mated], b[mated]])
-    count = np.bincount(face, minlength=n)
-    own = np.bincount(face, np.concatenate([similarity[mated]] * 2), n) / np.maximum(count, 1)
+    own, count = mated_mean(similarity, mated, a, b, len(records))
     groups: dict[str, list[int]] = {}
     for i, rec in enumerate(records):
         if count[i]:
