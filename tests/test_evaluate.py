@@ -107,6 +107,43 @@ def test_protocol_compares_faces_with_clean_references_of_other_images():
     assert mated.tolist() == [identity[x] == identity[y] for x, y in zip(a, b, strict=True)]
 
 
+def _every_pair(identity, source, clean):
+    """The protocol's comparisons, listed the slow, obvious way."""
+    return [(x, y, identity[x] == identity[y]) for x in range(len(identity))
+            for y in range(len(identity))
+            if clean[y] and source[x] != source[y] and not (clean[x] and x > y)]
+
+
+def test_protocol_samples_uniformly_past_max_pairs():
+    rng = np.random.default_rng(3)
+    people = rng.choice(6, 60, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.05])  # unequal identities
+    identity = [f"p{people[i // 4]}" for i in range(240)]
+    source = [f"{identity[i]}/{i // 4}" for i in range(240)]  # 4 faces per image
+    clean = [i % 4 == 0 for i in range(240)]
+    every = _every_pair(identity, source, clean)
+    a, b, mated = verification_pairs(identity, source, clean)  # few: all of them, in order
+    assert list(zip(a.tolist(), b.tolist(), mated.tolist(), strict=True)) == every
+
+    n_mated = sum(m for *_, m in every)
+    assert n_mated > 4 * 60 and len(every) - n_mated > 4 * 60  # both kinds get sampled
+    allowed = {(x, y): m for x, y, m in every}
+    hits: dict[tuple[int, int], int] = {}
+    for seed in range(100):
+        a, b, mated = verification_pairs(identity, source, clean, max_pairs=60, seed=seed)
+        assert mated.sum() == 60 and (~mated).sum() == 60
+        assert np.all(np.diff(a * 240 + b) > 0)  # distinct, in order of a then b
+        for x, y, m in zip(a.tolist(), b.tolist(), mated.tolist(), strict=True):
+            assert allowed[(x, y)] == m
+            hits[(x, y)] = hits.get((x, y), 0) + 1
+    again = verification_pairs(identity, source, clean, max_pairs=60, seed=99)
+    assert np.array_equal(again[0], a) and np.array_equal(again[1], b)
+    # uniform: each mated pair is drawn 100 * 60 / n_mated times on average, none far off
+    mated_hits = np.array([hits.get((x, y), 0) for x, y, m in every if m])
+    expected = 100 * 60 / n_mated
+    assert abs(mated_hits.mean() - expected) < 1e-9
+    assert mated_hits.std() < 1.5 * np.sqrt(expected)
+
+
 def test_identification_split_keeps_probes_apart_from_candidates():
     from fiqa_gate.datasets import Samples
 

@@ -45,13 +45,17 @@ log = logging.getLogger("fiqa_gate.training")
 
 def reference_pairs(samples: Samples) -> tuple[np.ndarray, np.ndarray]:
     """(face index, reference index) for every face and each of its good references."""
-    clean = samples.clean
     ident = np.asarray([str(x) for x in samples.identity])
     src = np.asarray(samples.source)
-    faces, refs = [], []
+    # each identity's clean faces, found once: a large folder has many identities
+    refs_of: dict[str, list[int]] = {}
+    for i in np.flatnonzero(samples.clean):
+        refs_of.setdefault(ident[i], []).append(int(i))
+    faces, refs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for i in range(len(samples)):
-        r = np.flatnonzero(clean & (ident == ident[i]) & (src != src[i]))
-        faces.append(np.full(len(r), i))
+        r = np.asarray(refs_of.get(ident[i], []), dtype=np.int64)
+        r = r[src[r] != src[i]]
+        faces.append(np.full(len(r), i, dtype=np.int64))
         refs.append(r)
     return np.concatenate(faces), np.concatenate(refs)
 

@@ -42,6 +42,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     from fiqa_gate.evaluation.identification import identification
     from fiqa_gate.evaluation.metrics import bootstrap_pauc_norm, erc, pair_quality
     from fiqa_gate.evaluation.protocol import (
+        MAX_PAIRS,
         by_degradation,
         edc_by_scorer,
         load_test_set,
@@ -88,7 +89,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         "degradation": {"variants_per_image": variants, "seed": seed,
                         "protocol": degradations, "kinds": list(kinds)},
         "command": command,
-        "verification": {**rep.verification_summary(results, ci),
+        "verification": {**rep.verification_summary(results, ci), "pair_limit": MAX_PAIRS,
                          "curves": {n: r.to_dict() for n, r in results.items()}},
         "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area for n, q in raw.items()},
         "identification": ident,

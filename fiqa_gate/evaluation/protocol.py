@@ -58,30 +58,118 @@ def load_test_set(detector: Detector, root: str | Path | None = None,
     return samples
 
 
+# Past this many comparisons of one kind (mated or non-mated), a seeded uniform sample of
+# this many: every pair of a large folder does not fit in memory (LFW, 13 233 images with
+# 3 degradations each: ~700 M), and 2 M non-mated pairs put 2 000 past the FMR 1e-3
+# threshold, plenty to place it.
+MAX_PAIRS = 2_000_000
+_BLOCK = 1 << 22
+
+
 def verification_pairs(identity: Sequence[str | None], source: Sequence[str],
-                       clean: Sequence[bool] | np.ndarray | None = None
+                       clean: Sequence[bool] | np.ndarray | None = None,
+                       max_pairs: int = MAX_PAIRS, seed: int = 0
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(a, b, mated): every face `a` against every clean reference `b` from another source
-    image (each clean-clean pair once). Without `clean`, every face is a reference.
+    image (each clean-clean pair once), in order of `a`, then `b`. Without `clean`, every
+    face is a reference. Where one kind (mated or non-mated) has more than `max_pairs`
+    comparisons, a uniform sample of `max_pairs` of them, drawn with `seed`.
 
     Comparing against clean references is what an enrollment gallery does, and it keeps
     junk-versus-junk comparisons (two black frames look alike to any recognizer) from
     setting the impostor threshold.
     """
     n = len(identity)
+    if len(source) != n or (clean is not None and len(clean) != n):
+        raise ValueError("identity, source and clean must have one entry per face")
     ref = np.ones(n, bool) if clean is None else np.asarray(clean, dtype=bool)
-    a, b = np.meshgrid(np.arange(n), np.flatnonzero(ref), indexing="ij")
-    a, b = a.ravel(), b.ravel()
-    src = np.unique(np.asarray(source), return_inverse=True)[1]
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+    src = np.unique(np.asarray(source), return_inverse=True)[1].reshape(-1)
     ident = np.unique(np.asarray([str(i) for i in identity]), return_inverse=True)[1]
-    keep = (src[a] != src[b]) & ~(ref[a] & (a > b))
-    a, b = a[keep], b[keep]
+    ident = ident.reshape(-1)
+    refs = np.flatnonzero(ref)
+
+    def valid(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (src[a] != src[b]) & ~(ref[a] & (a > b))
+
+    rng = np.random.default_rng(seed)
+    per_ident_faces = np.bincount(ident)
+    per_ident_refs = np.bincount(ident[refs], minlength=len(per_ident_faces))
+    n_mated = int(per_ident_faces @ per_ident_refs)
+    kinds = []
+    for is_mated, total in ((True, n_mated), (False, n * len(refs) - n_mated)):
+        if total <= 4 * max_pairs:  # few enough candidates to list them all
+            a, b = _all_pairs(n, refs, ident, is_mated, valid)
+            if len(a) > max_pairs:
+                keep = np.sort(rng.choice(len(a), max_pairs, replace=False))
+                a, b = a[keep], b[keep]
+        else:
+            a, b = _sample_pairs(n, refs, ident, is_mated, valid, max_pairs, rng,
+                                 per_ident_faces, per_ident_refs)
+        kinds.append((a, b))
+    a = np.concatenate([kinds[0][0], kinds[1][0]])
+    b = np.concatenate([kinds[0][1], kinds[1][1]])
+    order = np.lexsort((b, a))
+    a, b = a[order], b[order]
     return a, b, ident[a] == ident[b]
 
 
+def _all_pairs(n: int, refs: np.ndarray, ident: np.ndarray, mated: bool, valid
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Every valid pair of one kind, faces taken in blocks so no block outgrows memory."""
+    step = max(1, _BLOCK // max(len(refs), 1))
+    parts_a, parts_b = [], []
+    for start in range(0, n, step):
+        a, b = np.meshgrid(np.arange(start, min(n, start + step)), refs, indexing="ij")
+        a, b = a.ravel(), b.ravel()
+        keep = valid(a, b) & ((ident[a] == ident[b]) == mated)
+        parts_a.append(a[keep])
+        parts_b.append(b[keep])
+    empty = np.zeros(0, np.int64)
+    return (np.concatenate(parts_a) if parts_a else empty,
+            np.concatenate(parts_b) if parts_b else empty)
+
+
+def _sample_pairs(n: int, refs: np.ndarray, ident: np.ndarray, mated: bool, valid,
+                  size: int, rng: np.random.Generator, per_ident_faces: np.ndarray,
+                  per_ident_refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`size` distinct valid pairs of one kind, uniform: candidates drawn uniformly (mated
+    ones identity by identity, weighted by faces x references), invalid ones rejected."""
+    faces_by_ident = np.argsort(ident, kind="stable")
+    refs_by_ident = refs[np.argsort(ident[refs], kind="stable")]
+    face_start = np.concatenate([[0], np.cumsum(per_ident_faces)[:-1]])
+    ref_start = np.concatenate([[0], np.cumsum(per_ident_refs)[:-1]])
+    weight = np.cumsum(per_ident_faces * per_ident_refs)
+    codes = np.zeros(0, np.int64)
+    for _ in range(50):  # each round keeps at least the valid share of its draws
+        draw = 2 * (size - len(codes)) + 1024
+        if mated:
+            u = rng.integers(0, weight[-1], draw)
+            k = np.searchsorted(weight, u, side="right")
+            off = u - (weight[k] - per_ident_faces[k] * per_ident_refs[k])
+            a = faces_by_ident[face_start[k] + off // per_ident_refs[k]]
+            b = refs_by_ident[ref_start[k] + off % per_ident_refs[k]]
+        else:
+            a = rng.integers(0, n, draw)
+            b = refs[rng.integers(0, len(refs), draw)]
+        keep = valid(a, b) & ((ident[a] == ident[b]) == mated)
+        codes = np.unique(np.concatenate([codes, a[keep] * n + b[keep]]))
+        if len(codes) >= size:
+            codes = rng.choice(codes, size, replace=False)
+            break
+    return codes // n, codes % n
+
+
 def similarities(embeddings: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each pair, in blocks (a pair's two rows would not all fit)."""
     e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
-    return np.einsum("ij,ij->i", e[a], e[b])
+    out = np.empty(len(a), dtype=np.result_type(e.dtype, np.float32))
+    step = _BLOCK // 4
+    for start in range(0, len(a), step):
+        sl = slice(start, start + step)
+        out[sl] = np.einsum("ij,ij->i", e[a[sl]], e[b[sl]])
+    return out
 
 
 def edc_by_scorer(similarity: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,

@@ -106,11 +106,19 @@ def plot_scores(qualities: dict[str, np.ndarray], matched: np.ndarray, path: Pat
     return path
 
 
+def _sampled(v: dict[str, Any]) -> str:
+    limit = v.get("pair_limit")
+    if limit and limit in (v["n_mated"], v["n_nonmated"]):
+        return f" (past {limit} of a kind, a seeded uniform sample of that many)"
+    return ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# fiqa-gate evaluation: {report['dataset']}", "",
              f"Recognizer **{report['recognizer']}**; {report['faces']} faces, "
              f"{report['verification']['n_mated']} mated / "
-             f"{report['verification']['n_nonmated']} non-mated comparisons; tau "
+             f"{report['verification']['n_nonmated']} non-mated comparisons"
+             f"{_sampled(report['verification'])}; tau "
              f"{report['verification']['tau']:.4f} at FMR {report['verification']['fmr_target']:g}"
              f"; FNMR with nothing discarded {report['verification']['e0']:.4f}. "
              f"Machine: {report['machine']}.", ""]
