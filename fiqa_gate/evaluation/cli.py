@@ -45,6 +45,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         MAX_PAIRS,
         by_degradation,
         edc_by_scorer,
+        in_chunks,
         load_test_set,
         mated_mean,
         qualities,
@@ -61,14 +62,14 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         / f"orl_test_k{SEEDING}_v{variants}_s{seed}{'_held-out' if held_out else ''}.npz")
     samples = load_test_set(detector, root=data, variants=variants, seed=seed, cache=cache,
                             progress="faces", kinds=kinds)
-    click.echo(f"{len(samples)} faces; embedding with {recognizer_name}...", err=True)
-    emb = recognizer.embed(samples.crops)
+    click.echo(f"{len(samples)} faces; embedding with {recognizer_name}", err=True)
+    emb = in_chunks(recognizer.embed, samples.crops, "embedding")
     a, b, mated = verification_pairs(samples.identity, samples.source, samples.clean)
     if not mated.any() or mated.all():
         raise FiqaGateError("evaluation needs at least two identities with two images each")
     sim = similarities(emb, a, b)
     options = {"student": {"model": model}} if model else {}
-    raw, calibrated = qualities(samples, scorers, recognizer_name, options)
+    raw, calibrated = qualities(samples, scorers, recognizer_name, options, progress=True)
     results = edc_by_scorer(sim, mated, a, b, raw)
     ci = {n: bootstrap_pauc_norm(sim, mated, pair_quality(q[a], q[b]), n_boot=bootstrap)
           for n, q in raw.items()} if bootstrap else {}

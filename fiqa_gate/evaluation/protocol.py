@@ -230,9 +230,24 @@ def as_faces(samples: Samples) -> list:
             for c, s, d in zip(samples.crops, samples.source, samples.det_score, strict=True)]
 
 
+def in_chunks(fn, items: Sequence, desc: str | None = None, size: int = 256) -> np.ndarray:
+    """`fn` over `items` a chunk at a time, with a progress bar when `desc` is given."""
+    from tqdm import tqdm
+
+    if len(items) == 0:
+        return fn(items)
+    out = []
+    with tqdm(total=len(items), desc=desc, disable=desc is None, unit="face",
+              leave=False) as bar:
+        for i in range(0, len(items), size):
+            out.append(fn(items[i:i + size]))
+            bar.update(len(out[-1]))
+    return np.concatenate(out)
+
+
 def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
-              options: Mapping[str, Mapping[str, object]] | None = None
-              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+              options: Mapping[str, Mapping[str, object]] | None = None,
+              progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Raw output of each named scorer plugin on every sample (`random` is built in), and
     the calibrated score of those scorers that carry a calibration for `recognizer`."""
     from fiqa_gate.registry import ScorerContext, get_scorer
@@ -246,8 +261,7 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
             continue
         ctx = ScorerContext(recognizer_name=recognizer, options=dict((options or {}).get(name, {})))
         scorer = get_scorer(name, ctx)
-        raw[name] = np.concatenate([scorer.raw_scores(faces[i:i + 256])
-                                    for i in range(0, len(faces), 256)])
+        raw[name] = in_chunks(scorer.raw_scores, faces, name if progress else None)
         if getattr(scorer, "calibration", None) is not None:
             calibrated[name] = scorer.calibration(np.nan_to_num(raw[name], nan=-1e9))
     return raw, calibrated
