@@ -150,6 +150,68 @@ def read_mos_csv(csv_path: str | Path, image_root: str | Path | None = None
     return rows
 
 
+def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None
+               ) -> list[tuple[str, str, bool]]:
+    """(path a, path b, mated) comparisons of a pairs list, in one of two layouts:
+
+    - CSV `path_a,path_b,mated` (mated 1/0, header optional); relative paths are taken
+      from `image_root` when given, else from the working folder;
+    - LFW's `pairs.txt` (and its `pairsDevTest.txt` kin): `name i j` for a mated pair,
+      `name_a i name_b j` for a non-mated one, `image_root/name/name_000i.*` the image;
+      lines of numbers only (fold counts) are skipped. Needs `image_root`.
+    """
+    pairs_path = Path(pairs_path)
+    root = Path(image_root) if image_root else None
+    text = pairs_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = [(n, line.strip()) for n, line in enumerate(text, start=1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise FiqaGateError(f"{pairs_path}: no pairs")
+    if "," in lines[0][1]:
+        rows = []
+        for n, line in lines:
+            cells = [c.strip() for c in next(csv.reader([line]))]
+            if n == lines[0][0] and cells[2:3] == ["mated"]:
+                continue
+            if len(cells) != 3 or cells[2] not in ("0", "1", "true", "false", "True", "False"):
+                raise FiqaGateError(f"{pairs_path}:{n}: expected path_a,path_b,mated (1/0)")
+            a, b = (str(root / c) if root and not Path(c).is_absolute() else c
+                    for c in cells[:2])
+            rows.append((a, b, cells[2] in ("1", "true", "True")))
+        return rows
+    if root is None:
+        raise FiqaGateError(f"{pairs_path}: an LFW-style pairs list needs the image folder "
+                            "(--data LFW_ROOT)")
+    found: dict[tuple[str, int], str] = {}
+
+    def image(name: str, number: str, n: int) -> str:
+        key = (name, int(number))
+        if key not in found:
+            stem = f"{name}_{int(number):04d}"
+            hits = [q for q in sorted((root / name).glob(stem + ".*"))
+                    if q.suffix.lower() in IMAGE_SUFFIXES]
+            found[key] = str(hits[0] if hits else root / name / f"{stem}.jpg")
+        return found[key]
+
+    rows = []
+    for n, line in lines:
+        cells = line.split()
+        try:
+            if all(c.isdigit() for c in cells):
+                continue  # "10 300": folds and pairs per fold
+            if len(cells) == 3:
+                rows.append((image(cells[0], cells[1], n), image(cells[0], cells[2], n), True))
+            elif len(cells) == 4:
+                rows.append((image(cells[0], cells[1], n), image(cells[2], cells[3], n),
+                             False))
+            else:
+                raise ValueError
+        except ValueError:
+            raise FiqaGateError(f"{pairs_path}:{n}: expected 'name i j' or 'name_a i name_b j' "
+                                "(LFW pairs.txt) or path_a,path_b,mated") from None
+    return rows
+
+
 def unlabelled_folder(root: str | Path) -> list[Path]:
     return [Path(p) for p in iter_files([str(root)])
             if Path(p).suffix.lower() in IMAGE_SUFFIXES]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 
 from fiqa_gate import degradations
 from fiqa_gate.evaluation.identification import split
@@ -209,6 +210,27 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert rep["verification"]["n_mated"] == 3 * 6
     assert rep["verification"]["n_nonmated"] == len(rows) - 18
     assert rep["verification"]["warning"]  # 48 impostor pairs cannot resolve FMR 1e-3
+    # the same faces as an LFW tree (name/name_000i.jpg) with LFW's pairs.txt layout
+    lfw = tmp_path / "lfw"
+    for x in paths:
+        name = f"Person_{x.parent.name}"
+        (lfw / name).mkdir(parents=True, exist_ok=True)
+        Image.open(x).convert("RGB").save(lfw / name / f"{name}_{int(x.stem):04d}.jpg")
+    listing = ["2\t3", "Person_s31\t1\t2", "Person_s32\t1\t4", "Person_s33\t2\t3",
+               "Person_s31\t1\tPerson_s32\t2", "Person_s32\t3\tPerson_s33\t4",
+               "Person_s33\t1\tPerson_s31\t9"]  # image 9 does not exist
+    (tmp_path / "pairs.txt").write_text("\n".join(listing) + "\n")
+    done = _cli("evaluate", "--pairs", str(tmp_path / "pairs.txt"), "--data", str(lfw),
+                "--scorer", "sharpness", "-o", str(tmp_path / "lfw_report"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rep = json.loads((tmp_path / "lfw_report" / "report.json").read_text())
+    assert rep["pairs"] == {"listed": 6, "compared": 5}
+    assert (rep["verification"]["n_mated"], rep["verification"]["n_nonmated"]) == (3, 2)
+    assert list(rep["skipped_images"]) == [str(lfw / "Person_s31" / "Person_s31_0009.jpg")]
+    assert "6 listed, 5 compared; 1 images skipped" in (tmp_path / "lfw_report" /
+                                                        "report.md").read_text()
+    done = _cli("evaluate", "--pairs", str(tmp_path / "pairs.txt"), "-o", str(tmp_path / "x"))
+    assert done.returncode != 0 and "--data LFW_ROOT" in done.stderr
     done = _cli("evaluate", "--data", str(folder), "--variants", "1", "--bootstrap", "0",
                 "--degradations", "held-out", "--scorer", "sharpness", "-o", str(tmp_path / "d"))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import sys
@@ -101,21 +100,21 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
 
 
 def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], out: Path,
-                      model: str | None, command: str) -> dict[str, Any]:
-    """A pairs list: CSV rows `path_a,path_b,mated` (mated 1/0); one face per image."""
-    from fiqa_gate.datasets import Samples
+                      model: str | None, command: str, image_root: str | None = None
+                      ) -> dict[str, Any]:
+    """A pairs list (CSV path_a,path_b,mated, or LFW's pairs.txt); one face per image."""
+    from fiqa_gate.datasets import Samples, read_pairs
     from fiqa_gate.evaluation import report as rep
     from fiqa_gate.evaluation.protocol import edc_by_scorer, qualities, similarities
     from fiqa_gate.pipeline import faces_from_file, primary_face
 
-    with open(pairs, newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
-    if rows and rows[0][2:3] == ["mated"]:
-        rows = rows[1:]
+    rows = read_pairs(pairs, image_root)
     paths = sorted({p for r in rows for p in r[:2]})
     detector = registry.get_detector()
     faces, failed = {}, {}
-    for p in paths:
+    from tqdm import tqdm
+
+    for p in tqdm(paths, desc="images", unit="image", leave=False):
         try:
             faces[p] = primary_face(faces_from_file(p, detector))
         except FiqaGateError as exc:
@@ -130,7 +129,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
                       np.asarray([faces[p].det_score or 0.0 for p in order]))
     a = np.asarray([pos[r[0]] for r in kept])
     b = np.asarray([pos[r[1]] for r in kept])
-    mated = np.asarray([r[2].strip() in ("1", "true", "True") for r in kept])
+    mated = np.asarray([r[2] for r in kept], dtype=bool)
     emb = registry.get_recognizer(recognizer_name).embed(samples.crops)
     sim = similarities(emb, a, b)
     options = {"student": {"model": model}} if model else {}
@@ -140,6 +139,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     rep.plot_edc(results, out / "edc.png", f"EDC, {pairs} ({recognizer_name})")
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
               "machine": machine(), "command": command, "skipped_images": failed,
+              "pairs": {"listed": len(rows), "compared": len(kept)},
               "verification": rep.verification_summary(results, {})}
     rep.write(report, out)
     return report
@@ -174,9 +174,11 @@ def _evaluation_options(fn):
 
 @click.command()
 @click.option("--data", type=click.Path(exists=True, file_okay=False),
-              help="Identity-labelled folder root/<identity>/images (default: ORL s31-s40).")
+              help="Identity-labelled folder root/<identity>/images (default: ORL "
+                   "s31-s40); with --pairs, the folder the pairs' images are in.")
 @click.option("--pairs", type=click.Path(exists=True, dir_okay=False),
-              help="CSV of comparisons: path_a,path_b,mated (instead of --data).")
+              help="Comparisons to judge instead of the identity protocol: a CSV "
+                   "path_a,path_b,mated (1/0), or LFW's pairs.txt with --data LFW_ROOT.")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("fiqa-gate-report"), show_default=True)
 @_evaluation_options
@@ -186,7 +188,7 @@ def evaluate(data, pairs, out, recognizer, scorers, model, variants, seed, degra
     scorers = _available_scorers(scorers or DEFAULT_SCORERS)
     command = "fiqa-gate " + " ".join(sys.argv[1:])
     if pairs:
-        report = _pairs_evaluation(pairs, recognizer, scorers, out, model, command)
+        report = _pairs_evaluation(pairs, recognizer, scorers, out, model, command, data)
     else:
         report = run_evaluation(data, recognizer, scorers, out, variants, seed, bootstrap,
                                 gate_threshold, model, command, degradations)

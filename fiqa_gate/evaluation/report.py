@@ -122,6 +122,11 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['verification']['tau']:.4f} at FMR {report['verification']['fmr_target']:g}"
              f"; FNMR with nothing discarded {report['verification']['e0']:.4f}. "
              f"Machine: {report['machine']}.", ""]
+    listed = report.get("pairs")
+    if listed:
+        lines += [f"Pairs list: {listed['listed']} listed, {listed['compared']} compared; "
+                  f"{len(report.get('skipped_images', {}))} images skipped (unreadable or "
+                  "no face; report.json lists them).", ""]
     deg = report.get("degradation")
     if deg:
         lines += [f"Degradations ({deg.get('protocol', 'training')} kinds, seed {deg['seed']}, "
