@@ -210,6 +210,9 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert rep["verification"]["n_mated"] == 3 * 6
     assert rep["verification"]["n_nonmated"] == len(rows) - 18
     assert rep["verification"]["warning"]  # 48 impostor pairs cannot resolve FMR 1e-3
+    assert set(rep["erc"]) == {"sharpness"} and (tmp_path / "p" / "scores.png").stat().st_size
+    assert len(rep["verification"]["scorers"][0]["ci95_20"]) == 2  # bootstrapped (nan here:
+    # every mated pair matches, so FNMR is 0 and the normalised pAUC is undefined)
     # the same faces as an LFW tree (name/name_000i.jpg) with LFW's pairs.txt layout
     lfw = tmp_path / "lfw"
     for x in paths:

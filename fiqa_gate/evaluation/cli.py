@@ -30,6 +30,28 @@ def _available_scorers(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
+           raw: dict[str, np.ndarray], n_faces: int, bootstrap: int, out: Path,
+           title: str) -> dict[str, Any]:
+    """EDC with bootstrap intervals, ERC, and both plots: what every kind of input gets."""
+    from fiqa_gate.evaluation import report as rep
+    from fiqa_gate.evaluation.metrics import bootstrap_pauc_norm, erc, pair_quality
+    from fiqa_gate.evaluation.protocol import edc_by_scorer, mated_mean
+
+    results = edc_by_scorer(sim, mated, a, b, raw)
+    ci = {n: bootstrap_pauc_norm(sim, mated, pair_quality(q[a], q[b]), n_boot=bootstrap)
+          for n, q in raw.items()} if bootstrap else {}
+    # A face "matches" when it matches most of its references at the recognizer threshold.
+    tau = next(iter(results.values())).tau
+    matched = mated_mean(sim >= tau, mated, a, b, n_faces)[0] >= 0.5
+    out.mkdir(parents=True, exist_ok=True)
+    rep.plot_edc(results, out / "edc.png", f"EDC, {title}")
+    rep.plot_scores(raw, matched, out / "scores.png", f"Raw scores, {title}")
+    return {"verification": {**rep.verification_summary(results, ci),
+                             "curves": {n: r.to_dict() for n, r in results.items()}},
+            "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area for n, q in raw.items()}}
+
+
 def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str],
                    out: Path, variants: int, seed: int, bootstrap: int,
                    gate_threshold: float, model: str | None, command: str,
@@ -39,14 +61,11 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     from fiqa_gate.datasets import SEEDING
     from fiqa_gate.evaluation import report as rep
     from fiqa_gate.evaluation.identification import identification
-    from fiqa_gate.evaluation.metrics import bootstrap_pauc_norm, erc, pair_quality
     from fiqa_gate.evaluation.protocol import (
         MAX_PAIRS,
         by_degradation,
-        edc_by_scorer,
         in_chunks,
         load_test_set,
-        mated_mean,
         qualities,
         similarities,
         verification_pairs,
@@ -69,29 +88,19 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     sim = similarities(emb, a, b)
     options = {"student": {"model": model}} if model else {}
     raw, calibrated = qualities(samples, scorers, recognizer_name, options, progress=True)
-    results = edc_by_scorer(sim, mated, a, b, raw)
-    ci = {n: bootstrap_pauc_norm(sim, mated, pair_quality(q[a], q[b]), n_boot=bootstrap)
-          for n, q in raw.items()} if bootstrap else {}
-    any_r = next(iter(results.values()))
     ident = identification(samples, emb, recognizer_name, recognizer.threshold, raw,
                            calibrated, gate_threshold=gate_threshold)
-
-    # A face "matches" when it matches most of its references at the recognizer threshold.
-    matched = mated_mean(sim >= any_r.tau, mated, a, b, len(samples))[0] >= 0.5
-    out.mkdir(parents=True, exist_ok=True)
     title = (f"{'ORL s31-s40' if data is None else data} ({recognizer_name}"
              f"{', held-out degradations' if held_out else ''})")
-    rep.plot_edc(results, out / "edc.png", f"EDC, {title}")
-    rep.plot_scores(raw, matched, out / "scores.png", f"Raw scores, {title}")
+    judged = _judge(sim, mated, a, b, raw, len(samples), bootstrap, out, title)
+    judged["verification"]["pair_limit"] = MAX_PAIRS
     report = {
         "dataset": "ORL s31-s40 (built-in test split)" if data is None else str(data),
         "recognizer": recognizer_name, "faces": len(samples), "machine": machine(),
         "degradation": {"variants_per_image": variants, "seed": seed,
                         "protocol": degradations, "kinds": list(kinds)},
         "command": command,
-        "verification": {**rep.verification_summary(results, ci), "pair_limit": MAX_PAIRS,
-                         "curves": {n: r.to_dict() for n, r in results.items()}},
-        "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area for n, q in raw.items()},
+        **judged,
         "identification": ident,
         "by_degradation": by_degradation(samples.records, sim, mated, a, b, raw),
     }
@@ -100,12 +109,12 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
 
 
 def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], out: Path,
-                      model: str | None, command: str, image_root: str | None = None
-                      ) -> dict[str, Any]:
+                      model: str | None, command: str, image_root: str | None = None,
+                      bootstrap: int = 200) -> dict[str, Any]:
     """A pairs list (CSV path_a,path_b,mated, or LFW's pairs.txt); one face per image."""
     from fiqa_gate.datasets import Samples, read_pairs
     from fiqa_gate.evaluation import report as rep
-    from fiqa_gate.evaluation.protocol import edc_by_scorer, qualities, similarities
+    from fiqa_gate.evaluation.protocol import in_chunks, qualities, similarities
     from fiqa_gate.pipeline import faces_from_file, primary_face
 
     rows = read_pairs(pairs, image_root)
@@ -130,17 +139,17 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     a = np.asarray([pos[r[0]] for r in kept])
     b = np.asarray([pos[r[1]] for r in kept])
     mated = np.asarray([r[2] for r in kept], dtype=bool)
-    emb = registry.get_recognizer(recognizer_name).embed(samples.crops)
+    if not mated.any() or mated.all():
+        raise FiqaGateError(f"{pairs}: need both mated and non-mated pairs with faces found")
+    emb = in_chunks(registry.get_recognizer(recognizer_name).embed, samples.crops, "embedding")
     sim = similarities(emb, a, b)
     options = {"student": {"model": model}} if model else {}
-    raw, _ = qualities(samples, scorers, recognizer_name, options)
-    results = edc_by_scorer(sim, mated, a, b, raw)
-    out.mkdir(parents=True, exist_ok=True)
-    rep.plot_edc(results, out / "edc.png", f"EDC, {pairs} ({recognizer_name})")
+    raw, _ = qualities(samples, scorers, recognizer_name, options, progress=True)
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
               "machine": machine(), "command": command, "skipped_images": failed,
               "pairs": {"listed": len(rows), "compared": len(kept)},
-              "verification": rep.verification_summary(results, {})}
+              **_judge(sim, mated, a, b, raw, len(order), bootstrap, out,
+                       f"{pairs} ({recognizer_name})")}
     rep.write(report, out)
     return report
 
@@ -188,7 +197,8 @@ def evaluate(data, pairs, out, recognizer, scorers, model, variants, seed, degra
     scorers = _available_scorers(scorers or DEFAULT_SCORERS)
     command = "fiqa-gate " + " ".join(sys.argv[1:])
     if pairs:
-        report = _pairs_evaluation(pairs, recognizer, scorers, out, model, command, data)
+        report = _pairs_evaluation(pairs, recognizer, scorers, out, model, command, data,
+                                   bootstrap)
     else:
         report = run_evaluation(data, recognizer, scorers, out, variants, seed, bootstrap,
                                 gate_threshold, model, command, degradations)
