@@ -162,7 +162,10 @@ def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None
     """
     pairs_path = Path(pairs_path)
     root = Path(image_root) if image_root else None
-    text = pairs_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        text = pairs_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FiqaGateError(f"{pairs_path}: not a readable UTF-8 pairs list ({exc})") from exc
     lines = [(n, line.strip()) for n, line in enumerate(text, start=1)
              if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
@@ -184,7 +187,7 @@ def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None
                             "(--data LFW_ROOT)")
     found: dict[tuple[str, int], str] = {}
 
-    def image(name: str, number: str, n: int) -> str:
+    def image(name: str, number: str) -> str:
         key = (name, int(number))
         if key not in found:
             stem = f"{name}_{int(number):04d}"
@@ -200,10 +203,9 @@ def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None
             if all(c.isdigit() for c in cells):
                 continue  # "10 300": folds and pairs per fold
             if len(cells) == 3:
-                rows.append((image(cells[0], cells[1], n), image(cells[0], cells[2], n), True))
+                rows.append((image(cells[0], cells[1]), image(cells[0], cells[2]), True))
             elif len(cells) == 4:
-                rows.append((image(cells[0], cells[1], n), image(cells[2], cells[3], n),
-                             False))
+                rows.append((image(cells[0], cells[1]), image(cells[2], cells[3]), False))
             else:
                 raise ValueError
         except ValueError:
