@@ -230,15 +230,19 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert rep["pairs"] == {"listed": 6, "compared": 5}
     assert (rep["verification"]["n_mated"], rep["verification"]["n_nonmated"]) == (3, 2)
     assert list(rep["skipped_images"]) == [str(lfw / "Person_s31" / "Person_s31_0009.jpg")]
-    assert "6 listed, 5 compared; 1 images skipped" in (tmp_path / "lfw_report" /
-                                                        "report.md").read_text()
+    md = (tmp_path / "lfw_report" / "report.md").read_text()
+    assert "6 listed, 5 compared" in md and "1 image left out" in md
+    assert "1 image left out" in done.stderr
     done = _cli("evaluate", "--pairs", str(tmp_path / "pairs.txt"), "-o", str(tmp_path / "x"))
     assert done.returncode != 0 and "--data LFW_ROOT" in done.stderr
+    (folder / "s31" / "5.jpg").write_bytes(b"")  # a zero-byte file is left out, and said so
     done = _cli("evaluate", "--data", str(folder), "--variants", "1", "--bootstrap", "0",
                 "--degradations", "held-out", "--scorer", "sharpness", "-o", str(tmp_path / "d"))
     assert done.returncode == 0, done.stderr[-3000:]
     rep = json.loads((tmp_path / "d" / "report.json").read_text())
     assert rep["faces"] == 12 * 2
+    assert list(rep["skipped_images"]) == [str(folder / "s31" / "5.jpg")]
+    assert "1 image left out" in done.stderr
     assert rep["degradation"]["kinds"] == list(degradations.HELD_OUT_KINDS)
     assert "| sharpness | " in (md := (tmp_path / "d" / "report.md").read_text())
     assert " | n/a | " in md and "n/a-n/a" not in md  # no interval without a bootstrap

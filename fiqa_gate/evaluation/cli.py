@@ -30,6 +30,15 @@ def _available_scorers(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def _warn_skipped(skipped: dict[str, str]) -> None:
+    if skipped:
+        shown = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:3])
+        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+        n = len(skipped)
+        click.echo(f"warning: {n} image{'s' * (n != 1)} left out, listed in report.json: "
+                   f"{shown}{more}", err=True)
+
+
 def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
            raw: dict[str, np.ndarray], n_faces: int, bootstrap: int, out: Path,
            title: str) -> dict[str, Any]:
@@ -78,8 +87,10 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     cache = None if data is not None else (
         cache_dir() / "eval"
         / f"orl_test_k{SEEDING}_v{variants}_s{seed}{'_held-out' if held_out else ''}.npz")
+    skipped: list[tuple[str, str]] = []
     samples = load_test_set(detector, root=data, variants=variants, seed=seed, cache=cache,
-                            progress="faces", kinds=kinds)
+                            progress="faces", kinds=kinds, skipped=skipped)
+    _warn_skipped(dict(skipped))
     click.echo(f"{len(samples)} faces; embedding with {recognizer_name}", err=True)
     emb = in_chunks(recognizer.embed, samples.crops, "embedding")
     a, b, mated = verification_pairs(samples.identity, samples.source, samples.clean)
@@ -99,7 +110,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         "recognizer": recognizer_name, "faces": len(samples), "machine": machine(),
         "degradation": {"variants_per_image": variants, "seed": seed,
                         "protocol": degradations, "kinds": list(kinds)},
-        "command": command,
+        "command": command, "skipped_images": dict(skipped),
         **judged,
         "identification": ident,
         "by_degradation": by_degradation(samples.records, sim, mated, a, b, raw),
@@ -128,6 +139,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
             faces[p] = primary_face(faces_from_file(p, detector))
         except FiqaGateError as exc:
             failed[p] = str(exc)
+    _warn_skipped(failed)
     kept = [r for r in rows if r[0] in faces and r[1] in faces]
     if not kept:
         raise FiqaGateError(f"{pairs}: no pair with a face found in both images")

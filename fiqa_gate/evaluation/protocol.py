@@ -40,16 +40,18 @@ TEST_VARIANTS = 3
 def load_test_set(detector: Detector, root: str | Path | None = None,
                   variants: int = TEST_VARIANTS, seed: int = TEST_SEED,
                   cache: Path | None = None, progress: str | None = None,
-                  kinds: tuple[str, ...] = degradations.KINDS) -> Samples:
+                  kinds: tuple[str, ...] = degradations.KINDS,
+                  skipped: list[tuple[str, str]] | None = None) -> Samples:
     """ORL s31-s40 (or an identity folder) with its seeded degradations; cached as .npz.
 
     `kinds` defaults to the degradations the recipes train on; `degradations.HELD_OUT_KINDS`
-    asks how the scorers cope with damage no training run drew.
+    asks how the scorers cope with damage no training run drew. Images left out (unreadable,
+    no face) are added to `skipped` as (path, reason).
     """
     if cache is not None and cache.is_file():
         return Samples.load(cache)
     items = orl_items(ORL_TEST) if root is None else identity_folder(root)
-    sources = detect_sources(items, detector)
+    sources = detect_sources(items, detector, skipped=skipped)
     samples = build_samples(sources, detector, variants=variants, seed=seed, kinds=kinds,
                             progress=progress)
     if cache is not None:

@@ -124,9 +124,11 @@ def markdown(report: dict[str, Any]) -> str:
              f"Machine: {report['machine']}.", ""]
     listed = report.get("pairs")
     if listed:
-        lines += [f"Pairs list: {listed['listed']} listed, {listed['compared']} compared; "
-                  f"{len(report.get('skipped_images', {}))} images skipped (unreadable or "
-                  "no face; report.json lists them).", ""]
+        lines += [f"Pairs list: {listed['listed']} listed, {listed['compared']} compared.", ""]
+    if report.get("skipped_images"):
+        n = len(report["skipped_images"])
+        lines += [f"{n} image{'s' * (n != 1)} left out (unreadable, no face, or "
+                  "a face too small; report.json lists each with its reason).", ""]
     deg = report.get("degradation")
     if deg:
         lines += [f"Degradations ({deg.get('protocol', 'training')} kinds, seed {deg['seed']}, "
