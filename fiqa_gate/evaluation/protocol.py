@@ -11,7 +11,8 @@ training seed, and identities no training run ever sees.
 Comparisons: every face against every clean face (the references an enrollment gallery
 holds) cut from another source image (a degraded copy matched against its own original
 says nothing about recognition). Mated = same identity. Pair quality = min of the two
-scores; EDC at the FMR 1e-3 threshold of these non-mated comparisons (metrics.edc).
+scores; EDC at the FMR 1e-3 threshold of these non-mated comparisons (metrics.edc). A large
+folder's comparisons of one kind past `MAX_PAIRS` are a seeded uniform sample of that many.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def verification_pairs(identity: Sequence[str | None], source: Sequence[str],
     per_ident_faces = np.bincount(ident)
     per_ident_refs = np.bincount(ident[refs], minlength=len(per_ident_faces))
     n_mated = int(per_ident_faces @ per_ident_refs)
-    kinds = []
+    by_kind = []
     for is_mated, total in ((True, n_mated), (False, n * len(refs) - n_mated)):
         if total <= 4 * max_pairs:  # few enough candidates to list them all
             a, b = _all_pairs(n, refs, ident, is_mated, valid)
@@ -109,9 +110,9 @@ def verification_pairs(identity: Sequence[str | None], source: Sequence[str],
         else:
             a, b = _sample_pairs(n, refs, ident, is_mated, valid, max_pairs, rng,
                                  per_ident_faces, per_ident_refs)
-        kinds.append((a, b))
-    a = np.concatenate([kinds[0][0], kinds[1][0]])
-    b = np.concatenate([kinds[0][1], kinds[1][1]])
+        by_kind.append((a, b))
+    a = np.concatenate([by_kind[0][0], by_kind[1][0]])
+    b = np.concatenate([by_kind[0][1], by_kind[1][1]])
     order = np.lexsort((b, a))
     a, b = a[order], b[order]
     return a, b, ident[a] == ident[b]
