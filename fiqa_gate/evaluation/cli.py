@@ -31,10 +31,10 @@ def _available_scorers(names: Sequence[str]) -> list[str]:
 
 
 def _warn_skipped(skipped: dict[str, str]) -> None:
-    if skipped:
+    n = len(skipped)
+    if n:
         shown = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:3])
-        more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
-        n = len(skipped)
+        more = f" (and {n - 3} more)" if n > 3 else ""
         click.echo(f"warning: {n} image{'s' * (n != 1)} left out, listed in report.json: "
                    f"{shown}{more}", err=True)
 
@@ -123,6 +123,8 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
                       model: str | None, command: str, image_root: str | None = None,
                       bootstrap: int = 200) -> dict[str, Any]:
     """A pairs list (CSV path_a,path_b,mated, or LFW's pairs.txt); one face per image."""
+    from tqdm import tqdm
+
     from fiqa_gate.datasets import Samples, read_pairs
     from fiqa_gate.evaluation import report as rep
     from fiqa_gate.evaluation.protocol import in_chunks, qualities, similarities
@@ -132,8 +134,6 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     paths = sorted({p for r in rows for p in r[:2]})
     detector = registry.get_detector()
     faces, failed = {}, {}
-    from tqdm import tqdm
-
     for p in tqdm(paths, desc="images", unit="image", leave=False):
         try:
             faces[p] = primary_face(faces_from_file(p, detector))
