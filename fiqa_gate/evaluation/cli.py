@@ -92,13 +92,14 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
                             progress="faces", kinds=kinds, skipped=skipped)
     _warn_skipped(dict(skipped))
     click.echo(f"{len(samples)} faces; embedding with {recognizer_name}", err=True)
-    emb = in_chunks(recognizer.embed, samples.crops, "embedding")
+    emb, norms = in_chunks(recognizer.embed_with_norms, samples.crops, "embedding")
     a, b, mated = verification_pairs(samples.identity, samples.source, samples.clean)
     if not mated.any() or mated.all():
         raise FiqaGateError("evaluation needs at least two identities with two images each")
     sim = similarities(emb, a, b)
     options = {"student": {"model": model}} if model else {}
-    raw, calibrated = qualities(samples, scorers, recognizer_name, options, progress=True)
+    raw, calibrated = qualities(samples, scorers, recognizer_name, options, progress=True,
+                                norms=norms)
     ident = identification(samples, emb, recognizer_name, recognizer.threshold, raw,
                            calibrated, gate_threshold=gate_threshold)
     title = (f"{'ORL s31-s40' if data is None else data} ({recognizer_name}"
@@ -153,10 +154,12 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     mated = np.asarray([r[2] for r in kept], dtype=bool)
     if not mated.any() or mated.all():
         raise FiqaGateError(f"{pairs}: need both mated and non-mated pairs with faces found")
-    emb = in_chunks(registry.get_recognizer(recognizer_name).embed, samples.crops, "embedding")
+    emb, norms = in_chunks(registry.get_recognizer(recognizer_name).embed_with_norms,
+                           samples.crops, "embedding")
     sim = similarities(emb, a, b)
     options = {"student": {"model": model}} if model else {}
-    raw, _ = qualities(samples, scorers, recognizer_name, options, progress=True)
+    raw, _ = qualities(samples, scorers, recognizer_name, options, progress=True,
+                       norms=norms)
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
               "machine": machine(), "command": command, "skipped_images": failed,
               "pairs": {"listed": len(rows), "compared": len(kept)},

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -233,8 +234,9 @@ def as_faces(samples: Samples) -> list:
             for c, s, d in zip(samples.crops, samples.source, samples.det_score, strict=True)]
 
 
-def in_chunks(fn, items: Sequence, desc: str | None = None, size: int = 256) -> np.ndarray:
-    """`fn` over `items` a chunk at a time, with a progress bar when `desc` is given."""
+def in_chunks(fn, items: Sequence, desc: str | None = None, size: int = 256) -> Any:
+    """`fn` over `items` a chunk at a time, with a progress bar when `desc` is given; the
+    chunks' arrays joined (each of them, where `fn` returns a tuple of arrays)."""
     from tqdm import tqdm
 
     if len(items) == 0:
@@ -244,15 +246,22 @@ def in_chunks(fn, items: Sequence, desc: str | None = None, size: int = 256) -> 
               leave=False) as bar:
         for i in range(0, len(items), size):
             out.append(fn(items[i:i + size]))
-            bar.update(len(out[-1]))
+            bar.update(min(size, len(items) - i))
+    if isinstance(out[0], tuple):
+        return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
     return np.concatenate(out)
 
 
 def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
               options: Mapping[str, Mapping[str, object]] | None = None,
-              progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+              progress: bool = False, norms: np.ndarray | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Raw output of each named scorer plugin on every sample (`random` is built in), and
-    the calibrated score of those scorers that carry a calibration for `recognizer`."""
+    the calibrated score of those scorers that carry a calibration for `recognizer`.
+
+    `norms`: the recognizer's raw embedding norms of these samples, where the caller has
+    embedded them already; `embedding-norm` then takes them instead of embedding again
+    (a second pass of a slow recognizer: dlib needs 0.1 s a face here)."""
     from fiqa_gate.registry import ScorerContext, get_scorer
 
     faces = as_faces(samples)
@@ -264,7 +273,10 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
             continue
         ctx = ScorerContext(recognizer_name=recognizer, options=dict((options or {}).get(name, {})))
         scorer = get_scorer(name, ctx)
-        raw[name] = in_chunks(scorer.raw_scores, faces, name if progress else None)
+        if name == "embedding-norm" and norms is not None:
+            raw[name] = norms
+        else:
+            raw[name] = in_chunks(scorer.raw_scores, faces, name if progress else None)
         if getattr(scorer, "calibration", None) is not None:
             calibrated[name] = scorer.calibration(np.nan_to_num(raw[name], nan=-1e9))
     return raw, calibrated
