@@ -13,9 +13,14 @@ from PIL import Image
 
 from fiqa_gate import degradations
 from fiqa_gate.evaluation.identification import split
-from fiqa_gate.evaluation.protocol import load_test_set, verification_pairs
+from fiqa_gate.evaluation.protocol import (
+    in_chunks,
+    load_test_set,
+    qualities,
+    verification_pairs,
+)
 from fiqa_gate.images import load_image
-from fiqa_gate.registry import get_detector
+from fiqa_gate.registry import get_detector, get_recognizer
 
 
 def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -62,6 +67,22 @@ def test_group_photo_faces_are_degraded_in_a_window_that_changes_no_crop(sample_
         two = degradations.apply(full, lm, record)
         assert np.abs(align_face(one.image, one.landmarks).astype(int)
                       - align_face(two.image, two.landmarks)).max() <= 1
+
+
+def test_evaluate_reuses_its_embedding_norms_for_the_norm_baseline(tmp_path, orl_root):
+    # 300 faces: the chunks of 256 that evaluate embeds and scores in, plus a partial one
+    (tmp_path / "s31").mkdir()
+    for i in range(1, 11):
+        shutil.copy(orl_root / "s31" / f"{i}.pgm", tmp_path / "s31" / f"{i}.pgm")
+    samples = load_test_set(get_detector(), root=tmp_path, variants=29, seed=5)
+    assert len(samples) == 300
+    recognizer = get_recognizer("sface")
+    emb, norms = in_chunks(recognizer.embed_with_norms, samples.crops)
+    assert emb.shape == (300, 128) and norms.shape == (300,)
+    own, _ = qualities(samples, ["embedding-norm"], "sface")  # the scorer's own pass
+    given, calibrated = qualities(samples, ["embedding-norm"], "sface", norms=norms)
+    assert np.array_equal(own["embedding-norm"], given["embedding-norm"])
+    assert "embedding-norm" in calibrated and norms.std() > 0
 
 
 def test_held_out_degradations_are_new_seeded_and_harsher_with_severity(orl_root):
