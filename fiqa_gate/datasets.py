@@ -248,14 +248,14 @@ def detect_sources(items: Iterable[tuple[str | None, Path | str]], detector: Det
             if skipped is not None:
                 skipped.append((str(path), "no face found"))
             continue
-        kept = len(out)
+        before = len(out)
         for i, det in enumerate(found if all_faces else found[:1]):
             lm = np.asarray(det.landmarks, dtype=np.float64).reshape(5, 2)
             if np.linalg.norm(lm[1] - lm[0]) < min_eye_distance * f:
                 continue  # too small to say anything about a face
             source = f"{path}#{i}" if all_faces else str(path)
             out.append(SourceFace(*face_window(image, det), source, identity))
-        if len(out) == kept and skipped is not None:
+        if len(out) == before and skipped is not None:
             skipped.append((str(path), f"face too small (eyes under {min_eye_distance:g} px "
                                        "apart)"))
     return out

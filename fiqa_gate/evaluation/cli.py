@@ -87,10 +87,11 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     cache = None if data is not None else (
         cache_dir() / "eval"
         / f"orl_test_k{SEEDING}_v{variants}_s{seed}{'_held-out' if held_out else ''}.npz")
-    skipped: list[tuple[str, str]] = []
+    left_out: list[tuple[str, str]] = []
     samples = load_test_set(detector, root=data, variants=variants, seed=seed, cache=cache,
-                            progress="faces", kinds=kinds, skipped=skipped)
-    _warn_skipped(dict(skipped))
+                            progress="faces", kinds=kinds, skipped=left_out)
+    skipped = dict(left_out)
+    _warn_skipped(skipped)
     click.echo(f"{len(samples)} faces; embedding with {recognizer_name}", err=True)
     emb, norms = in_chunks(recognizer.embed_with_norms, samples.crops, "embedding")
     a, b, mated = verification_pairs(samples.identity, samples.source, samples.clean)
@@ -111,7 +112,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         "recognizer": recognizer_name, "faces": len(samples), "machine": machine(),
         "degradation": {"variants_per_image": variants, "seed": seed,
                         "protocol": degradations, "kinds": list(kinds)},
-        "command": command, "skipped_images": dict(skipped),
+        "command": command, "skipped_images": skipped,
         **judged,
         "identification": ident,
         "by_degradation": by_degradation(samples.records, sim, mated, a, b, raw),

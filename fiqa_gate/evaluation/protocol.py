@@ -98,19 +98,18 @@ def verification_pairs(identity: Sequence[str | None], source: Sequence[str],
         return (src[a] != src[b]) & ~(ref[a] & (a > b))
 
     rng = np.random.default_rng(seed)
-    per_ident_faces = np.bincount(ident)
-    per_ident_refs = np.bincount(ident[refs], minlength=len(per_ident_faces))
-    n_mated = int(per_ident_faces @ per_ident_refs)
+    groups = _IdentityGroups(ident, refs)
+    n_mated = int(groups.faces @ groups.refs)
     by_kind = []
     for is_mated, total in ((True, n_mated), (False, n * len(refs) - n_mated)):
         if total <= 4 * max_pairs:  # few enough candidates to list them all
-            a, b = _all_pairs(n, refs, ident, is_mated, valid)
+            a, b = (groups.mated_pairs(valid) if is_mated
+                    else _nonmated_pairs(n, refs, ident, valid))
             if len(a) > max_pairs:
                 keep = np.sort(rng.choice(len(a), max_pairs, replace=False))
                 a, b = a[keep], b[keep]
         else:
-            a, b = _sample_pairs(n, refs, ident, is_mated, valid, max_pairs, rng,
-                                 per_ident_faces, per_ident_refs)
+            a, b = _sample_pairs(n, refs, ident, groups, is_mated, valid, max_pairs, rng)
         by_kind.append((a, b))
     a = np.concatenate([by_kind[0][0], by_kind[1][0]])
     b = np.concatenate([by_kind[0][1], by_kind[1][1]])
@@ -119,41 +118,65 @@ def verification_pairs(identity: Sequence[str | None], source: Sequence[str],
     return a, b, ident[a] == ident[b]
 
 
-def _all_pairs(n: int, refs: np.ndarray, ident: np.ndarray, mated: bool, valid
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Every valid pair of one kind, faces taken in blocks so no block outgrows memory."""
+class _IdentityGroups:
+    """Faces and references sorted by identity, with where each identity starts."""
+
+    def __init__(self, ident: np.ndarray, refs: np.ndarray):
+        self.faces = np.bincount(ident)  # faces per identity
+        self.refs = np.bincount(ident[refs], minlength=len(self.faces))
+        self.face_order = np.argsort(ident, kind="stable")
+        self.ref_order = refs[np.argsort(ident[refs], kind="stable")]
+        self.face_start = np.cumsum(self.faces) - self.faces
+        self.ref_start = np.cumsum(self.refs) - self.refs
+
+    def mated_pairs(self, valid) -> tuple[np.ndarray, np.ndarray]:
+        """Every valid mated pair, one identity at a time: only same-identity candidates
+        are looked at (a large folder's mated pairs are few, its candidates are not)."""
+        parts_a, parts_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for k in np.flatnonzero(self.faces * self.refs):
+            a, b = np.meshgrid(
+                self.face_order[self.face_start[k]:self.face_start[k] + self.faces[k]],
+                self.ref_order[self.ref_start[k]:self.ref_start[k] + self.refs[k]],
+                indexing="ij")
+            a, b = a.ravel(), b.ravel()
+            keep = valid(a, b)
+            parts_a.append(a[keep])
+            parts_b.append(b[keep])
+        a, b = np.concatenate(parts_a), np.concatenate(parts_b)
+        order = np.lexsort((b, a))  # the order the caller samples from: by a, then b
+        return a[order], b[order]
+
+
+def _nonmated_pairs(n: int, refs: np.ndarray, ident: np.ndarray, valid
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Every valid non-mated pair, faces taken in blocks so no block outgrows memory."""
     step = max(1, _BLOCK // max(len(refs), 1))
-    parts_a, parts_b = [], []
+    parts_a, parts_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for start in range(0, n, step):
         a, b = np.meshgrid(np.arange(start, min(n, start + step)), refs, indexing="ij")
         a, b = a.ravel(), b.ravel()
-        keep = valid(a, b) & ((ident[a] == ident[b]) == mated)
+        keep = valid(a, b) & (ident[a] != ident[b])
         parts_a.append(a[keep])
         parts_b.append(b[keep])
-    empty = np.zeros(0, np.int64)
-    return (np.concatenate(parts_a) if parts_a else empty,
-            np.concatenate(parts_b) if parts_b else empty)
+    return np.concatenate(parts_a), np.concatenate(parts_b)
 
 
-def _sample_pairs(n: int, refs: np.ndarray, ident: np.ndarray, mated: bool, valid,
-                  size: int, rng: np.random.Generator, per_ident_faces: np.ndarray,
-                  per_ident_refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sample_pairs(n: int, refs: np.ndarray, ident: np.ndarray, groups: _IdentityGroups,
+                  mated: bool, valid, size: int, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """`size` distinct valid pairs of one kind, uniform: candidates drawn uniformly (mated
     ones identity by identity, weighted by faces x references), invalid ones rejected."""
-    faces_by_ident = np.argsort(ident, kind="stable")
-    refs_by_ident = refs[np.argsort(ident[refs], kind="stable")]
-    face_start = np.concatenate([[0], np.cumsum(per_ident_faces)[:-1]])
-    ref_start = np.concatenate([[0], np.cumsum(per_ident_refs)[:-1]])
-    weight = np.cumsum(per_ident_faces * per_ident_refs)
+    pairs_per_ident = groups.faces * groups.refs
+    weight = np.cumsum(pairs_per_ident)
     codes = np.zeros(0, np.int64)
     for _ in range(50):  # each round keeps at least the valid share of its draws
         draw = 2 * (size - len(codes)) + 1024
         if mated:
             u = rng.integers(0, weight[-1], draw)
             k = np.searchsorted(weight, u, side="right")
-            off = u - (weight[k] - per_ident_faces[k] * per_ident_refs[k])
-            a = faces_by_ident[face_start[k] + off // per_ident_refs[k]]
-            b = refs_by_ident[ref_start[k] + off % per_ident_refs[k]]
+            off = u - (weight[k] - pairs_per_ident[k])
+            a = groups.face_order[groups.face_start[k] + off // groups.refs[k]]
+            b = groups.ref_order[groups.ref_start[k] + off % groups.refs[k]]
         else:
             a = rng.integers(0, n, draw)
             b = refs[rng.integers(0, len(refs), draw)]
