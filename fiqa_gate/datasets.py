@@ -332,7 +332,10 @@ def build_samples(sources: Sequence[SourceFace], detector: Detector, variants: i
     """
     from tqdm import tqdm
 
-    crops, ident, src, recs, det = [], [], [], [], []
+    per_face = int(include_clean) + variants
+    # filled in place: a list of crops stacked at the end would need twice the memory
+    crops = np.empty((len(sources) * per_face, ALIGNED_SIZE, ALIGNED_SIZE, 3), np.uint8)
+    ident, src, recs, det = [], [], [], []
     for face in tqdm(sources, desc=progress, disable=progress is None, leave=False):
         lm = np.asarray(face.detection.landmarks, dtype=np.float64).reshape(5, 2)
         todo: list[degradations.Degraded] = []
@@ -342,7 +345,7 @@ def build_samples(sources: Sequence[SourceFace], detector: Detector, variants: i
             rng = np.random.default_rng(sample_seed(seed, face.source, v))
             todo.append(degradations.degrade(face.image, lm, rng, kinds))
         for d in todo:
-            crops.append(align_face(d.image, d.landmarks))
+            crops[len(ident)] = align_face(d.image, d.landmarks)
             ident.append(face.identity)
             src.append(face.source)
             recs.append(d.record)
@@ -351,6 +354,4 @@ def build_samples(sources: Sequence[SourceFace], detector: Detector, variants: i
             else:
                 det.append(redetect_score(detector, d.image, face.detection.box) if redetect
                            else float("nan"))
-    return Samples(np.stack(crops) if crops else np.zeros((0, ALIGNED_SIZE, ALIGNED_SIZE, 3),
-                                                           np.uint8),
-                   ident, src, recs, np.asarray(det, dtype=np.float64))
+    return Samples(crops, ident, src, recs, np.asarray(det, dtype=np.float64))

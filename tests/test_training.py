@@ -206,6 +206,12 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert all(b.identity[i] is None and b.records[i] for i in copies)
     assert len(np.load(out / "pseudo_b.npy")) == len(b)
     assert not any(np.array_equal(b.crops[i], c) for i in copies[:3] for c in train.crops)
+    # The memory plan, made before any face was degraded, counted the faces it then built.
+    plan = json.loads((out / "data" / "labels.json").read_text())["memory_plan"]
+    built = {name: len(Samples.load(out / "data" / f"{name}.npz")) for name in
+             ("labelled_train", "labelled_val", "unlabelled_a", "unlabelled_b")}
+    assert plan["faces_per_set"] == {**built, "mos": 0}
+    assert plan["trunk_views_gib"] > 0 and plan["peak_gib"] > plan["crops_gib"]
     scorer = OnnxStudentScorer(out / "export" / "student.onnx")
     crops = Samples.load(out / "data" / "labelled_val.npz").crops[:16]
     raw = scorer.raw_from_crops(crops)
@@ -217,6 +223,49 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert again.stderr.count("done already") >= 8
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_its_data_is_built(tmp_path,
+                                                                              monkeypatch):
+    from fiqa_gate_training import data
+    from fiqa_gate_training.recipe import load_config
+
+    from fiqa_gate.errors import FiqaGateError
+
+    cfg = load_config("smoke")
+    monkeypatch.setattr(data, "available_memory", lambda: 2 * data.GiB)
+    big = {**cfg, "data": {**cfg["data"], "variants": 4000}}  # 7 GiB of crops
+    with pytest.raises(FiqaGateError, match=r"about \d+\.\d GiB .* data\.variants"):
+        data.build(big, tmp_path / "data")
+    assert not list((tmp_path / "data").glob("*.npz"))  # refused before any set was built
+    plan = data.memory_plan(big, {"labelled_train": 30, "labelled_val": 20, "unlabelled_a": 5,
+                                  "unlabelled_b": 6}, 0)
+    assert plan["faces_per_set"]["labelled_train"] == 30 * 4001
+    assert plan["faces_per_set"]["unlabelled_b"] == 6 * 2 + 30 * 1  # + the labelled copies
+    # SFace's trunk to layer 73: 512 x 7 x 7 float16, the face and its mirror
+    assert data.trunk_view_bytes(cfg["teacher"]) == 2 * 2 * 512 * 7 * 7
+    data.check_memory(plan, available=int(plan["peak_gib"] * data.GiB) + 1)  # fits: no error
+    with pytest.raises(FiqaGateError, match="memory_check"):
+        data.check_memory(plan, available=int(plan["peak_gib"] * data.GiB) - 1)
+
+
+def test_each_face_is_compared_with_at_most_max_references_good_references():
+    from fiqa_gate_training.data import reference_pairs
+
+    n = 100  # one person, 100 photos: clean faces plus one degraded copy of each
+    samples = Samples(np.zeros((2 * n, 1, 1, 3), np.uint8), ["A"] * (2 * n),
+                      [f"p{i}" for i in range(n)] * 2, [[]] * n + [[{"kind": "jpeg"}]] * n,
+                      np.ones(2 * n))
+    faces, refs = reference_pairs(samples, max_references=64)
+    assert np.array_equal(np.bincount(faces), np.full(2 * n, 64))
+    src = np.asarray(samples.source)
+    assert (src[faces] != src[refs]).all() and samples.clean[refs].all()
+    assert len({(f, r) for f, r in zip(faces, refs, strict=True)}) == len(faces)
+    assert not np.array_equal(refs[:64], refs[64:128])  # each face gets its own sample
+    again = reference_pairs(samples, max_references=64)
+    assert np.array_equal(again[1], refs)  # seeded
+    faces, refs = reference_pairs(samples, max_references=n)  # under the cap: all of them
+    assert np.array_equal(np.bincount(faces), np.full(2 * n, n - 1))
 
 
 def test_fusion_rises_with_either_input_and_keeps_the_label_scale():

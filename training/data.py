@@ -1,7 +1,8 @@
 """Stage 0: the training data, and the recognition-derived labels.
 
 Label definition (what the shipped score means). For a face x of identity i, let R(x)
-be the clean faces of identity i cut from *other* source images (the "good references").
+be the clean faces of identity i cut from *other* source images (the "good references";
+at most 64, a seeded sample where an identity has more photos).
 With the recognizer's embedding e() and its FMR 1e-3 threshold tau (SFace: 0.383):
 
     matched(x)  = mean over r in R(x) of [cos(e(x), e(r)) >= tau]        (hard)
@@ -36,6 +37,7 @@ from fiqa_gate.datasets import (
     read_mos_csv,
     source_key,
 )
+from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.metrics import edc, pair_quality
 from fiqa_gate.evaluation.protocol import similarities, verification_pairs
 from fiqa_gate.registry import get_detector, get_recognizer
@@ -43,10 +45,20 @@ from fiqa_gate.registry import get_detector, get_recognizer
 log = logging.getLogger("fiqa_gate.training")
 
 
-def reference_pairs(samples: Samples) -> tuple[np.ndarray, np.ndarray]:
-    """(face index, reference index) for every face and each of its good references."""
+# Good references a face is compared with, at most. ORL gives each face 9; a celebrity of
+# a large folder (LFW's George W. Bush: 530 photos) would give each of his faces hundreds,
+# and a VGGFace2-sized folder billions of comparisons, for a mean that 64 already pins down
+# (standard error under 0.07 for a match fraction).
+MAX_REFERENCES = 64
+
+
+def reference_pairs(samples: Samples, max_references: int = MAX_REFERENCES, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(face index, reference index) for every face and each of its good references; a
+    face with more than `max_references` gets a seeded sample of them."""
     ident = np.asarray([str(x) for x in samples.identity])
     src = np.asarray(samples.source)
+    rng = np.random.default_rng(seed)
     # each identity's clean faces, found once: a large folder has many identities
     refs_of: dict[str, list[int]] = {}
     for i in np.flatnonzero(samples.clean):
@@ -55,6 +67,8 @@ def reference_pairs(samples: Samples) -> tuple[np.ndarray, np.ndarray]:
     for i in range(len(samples)):
         r = np.asarray(refs_of.get(ident[i], []), dtype=np.int64)
         r = r[src[r] != src[i]]
+        if len(r) > max_references:
+            r = np.sort(rng.choice(r, max_references, replace=False))
         faces.append(np.full(len(r), i, dtype=np.int64))
         refs.append(r)
     return np.concatenate(faces), np.concatenate(refs)
@@ -115,14 +129,34 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     else:
         raise ValueError(f"data.labelled: 'orl' or 'identity:/path', not {labelled!r}")
 
-    train_sources: list = []
-    for name, items, variants, s in (("labelled_train", train_items, d["variants"], seed),
-                                     ("labelled_val", val_items, d["variants"], seed + 1)):
-        skipped: list[tuple[str, str]] = []
-        sources = detect_sources(items, detector, skipped=skipped)
-        if name == "labelled_train":
-            train_sources = sources
-        samples = build_samples(sources, detector, variants, s, progress=name)
+    # Every face is found first, so the memory the run will need is known (and refused
+    # with a clear message) before hours go into degrading and labelling them.
+    found: dict[str, list] = {}
+    skipped_of: dict[str, list[tuple[str, str]]] = {}
+    for name, items in (("labelled_train", train_items), ("labelled_val", val_items)):
+        skipped_of[name] = []
+        found[name] = detect_sources(items, detector, skipped=skipped_of[name])
+    mos_rows = read_mos_csv(d["mos_csv"], d.get("mos_root")) if d.get("mos_csv") else []
+    if mos_rows:  # a user's human-labelled faces join the labelled training set
+        found["mos"] = detect_sources([(None, p) for p, _ in mos_rows], detector)
+    images = unlabelled_images(d["unlabelled"])
+    skipped: list[tuple[str, str]] = []
+    sources = detect_sources([(None, p) for p in images], detector, all_faces=True,
+                             skipped=skipped)
+    set_a, set_b = _split(sources)
+    plan = memory_plan(cfg, {**{k: len(v) for k, v in found.items()},
+                             "unlabelled_a": len(set_a), "unlabelled_b": len(set_b)},
+                       sum(f.image.nbytes for group in (sources, *found.values())
+                           for f in group))
+    report["memory_plan"] = plan
+    log.info("data: %d faces, %.1f GiB of crops; the run needs about %.1f GiB", plan["faces"],
+             plan["crops_gib"], plan["peak_gib"])
+    if d.get("memory_check", True):
+        check_memory(plan)
+
+    for name, variants, s in (("labelled_train", d["variants"], seed),
+                              ("labelled_val", d["variants"], seed + 1)):
+        samples = build_samples(found[name], detector, variants, s, progress=name)
         emb, norms = recognizer.embed_with_norms(samples.crops)
         # the teachers' fusion input (training/teacher.py), from the labels' own SFace pass
         np.save(norms_file(out, name), norms)
@@ -132,44 +166,120 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                                            d["temperature"])
         samples.extra.update(label=label, matched=matched)
         samples.save(out / f"{name}.npz")
-        report[name] = {"faces": len(samples), "sources": len(sources), "skipped": skipped,
-                        "label_mean": float(label.mean()),
+        report[name] = {"faces": len(samples), "sources": len(found[name]),
+                        "skipped": skipped_of[name], "label_mean": float(label.mean()),
                         "label_histogram": np.histogram(label, 10, (0, 1))[0].tolist()}
-        log.info("%s: %d faces from %d images", name, len(samples), len(sources))
+        log.info("%s: %d faces from %d images", name, len(samples), len(found[name]))
         if name == "labelled_val":
             report["label_edc_val"] = label_edc(samples, emb, label)
 
-    if d.get("mos_csv"):  # a user's human-labelled faces join the labelled training set
-        rows = read_mos_csv(d["mos_csv"], d.get("mos_root"))
-        scores = np.asarray([m for _, m in rows])
+    if mos_rows:
+        scores = np.asarray([m for _, m in mos_rows])
         lo, hi = float(scores.min()), float(scores.max())
-        sources = detect_sources([(None, p) for p, _ in rows], detector)
-        by_path = {str(p): (m - lo) / max(hi - lo, 1e-9) for p, m in rows}
-        mos = build_samples(sources, detector, 0, seed)
+        by_path = {str(p): (m - lo) / max(hi - lo, 1e-9) for p, m in mos_rows}
+        mos = build_samples(found["mos"], detector, 0, seed)
         mos.extra.update(label=np.asarray([by_path[s] for s in mos.source]),
                          matched=np.full(len(mos), np.nan))
         mos.save(out / "mos.npz")
         report["mos"] = {"faces": len(mos), "range": [lo, hi]}
 
-    images = unlabelled_images(d["unlabelled"])
-    skipped = []
-    sources = detect_sources([(None, p) for p in images], detector, all_faces=True,
-                             skipped=skipped)
-    set_a, set_b = _split(sources)
     for name, part, s in (("unlabelled_a", set_a, seed + 2), ("unlabelled_b", set_b, seed + 3)):
         samples = build_samples(part, detector, d["unlabelled_variants"], s, progress=name,
                                 redetect=False)
         report[name] = {"faces": len(samples), "source_faces": len(part)}
         if name == "unlabelled_b" and d.get("b_labelled_variants"):
             samples = Samples.concat([samples, _unlabelled_copies(
-                train_sources, detector, d["b_labelled_variants"], seed + 4)])
-            report[name] |= {"faces": len(samples), "labelled_sources": len(train_sources)}
+                found["labelled_train"], detector, d["b_labelled_variants"], seed + 4)])
+            report[name] |= {"faces": len(samples),
+                             "labelled_sources": len(found["labelled_train"])}
         samples.save(out / f"{name}.npz")
         log.info("%s: %d faces from %d source faces", name, len(samples), len(part))
     report["unlabelled_images"] = len(images)
     report["unlabelled_skipped"] = len(skipped)
     (out / "labels.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+CROP_BYTES = 112 * 112 * 3
+GiB = 1024 ** 3
+# interpreter, torch, ONNX Runtime sessions, models: the CPU recipe's student stage peaked
+# at 6.23 GiB where the rest of the plan counts 4.57
+OVERHEAD = int(1.75 * GiB)
+
+
+def trunk_view_bytes(spec: dict[str, Any]) -> int:
+    """Bytes per face of the frozen-trunk views a teacher caches (face and mirror, float16);
+    0 for a teacher trained whole."""
+    if not int(spec.get("freeze", 0)):
+        return 0
+    import torch
+    from fiqa_gate_training.models import build_model
+    from fiqa_gate_training.train import split
+
+    trunk = split(build_model(spec), int(spec["freeze"]))[0]
+    assert trunk is not None
+    size = int(spec["input_size"])
+    with torch.no_grad():
+        return 2 * 2 * trunk(torch.zeros(1, 3, size, size)).numel()
+
+
+def memory_plan(cfg: dict[str, Any], sources: dict[str, int], source_bytes: int
+                ) -> dict[str, Any]:
+    """Faces per set and the memory a run of `cfg` holds at its peak, from the number of
+    source faces per set. The data stage holds the source images and, at most, set B twice
+    (while its two parts are joined); the student stage holds every set's crops, its
+    joined distillation set and the teachers' trunk views (the hint reads them)."""
+    d = cfg["data"]
+    per_labelled, per_unlabelled = 1 + int(d["variants"]), 1 + int(d["unlabelled_variants"])
+    faces = {"labelled_train": sources["labelled_train"] * per_labelled,
+             "labelled_val": sources["labelled_val"] * per_labelled,
+             "mos": sources.get("mos", 0),
+             "unlabelled_a": sources["unlabelled_a"] * per_unlabelled,
+             "unlabelled_b": (sources["unlabelled_b"] * per_unlabelled
+                              + sources["labelled_train"] * int(d.get("b_labelled_variants", 0)))}
+    distilled = faces["labelled_train"] + faces["mos"] + faces["unlabelled_a"] + faces[
+        "unlabelled_b"]
+    viewed = faces["labelled_train"] + faces["mos"] + faces["unlabelled_a"]
+    views = viewed * trunk_view_bytes(cfg["teacher"])
+    crops = sum(faces.values()) * CROP_BYTES
+    data_peak = source_bytes + 2 * faces["unlabelled_b"] * CROP_BYTES
+    train_peak = crops + distilled * CROP_BYTES + views
+    peak = max(data_peak, train_peak) + OVERHEAD
+    return {"faces_per_set": faces, "faces": sum(faces.values()), "crops_gib": crops / GiB,
+            "trunk_views_gib": views / GiB, "peak_gib": peak / GiB}
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still get: MemAvailable, or a cgroup limit if lower."""
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        cap = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if cap != "max":
+            limits.append(int(cap) - used)
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def check_memory(plan: dict[str, Any], available: int | None = None) -> None:
+    """Refuse a run that cannot fit, before its long data stage starts."""
+    available = available_memory() if available is None else available
+    if available is None or plan["peak_gib"] * GiB <= available:
+        return
+    per_set = ", ".join(f"{k} {v}" for k, v in plan["faces_per_set"].items() if v)
+    raise FiqaGateError(
+        f"this run would need about {plan['peak_gib']:.1f} GiB of memory ({plan['faces']} "
+        f"aligned faces: {per_set}; trunk views {plan['trunk_views_gib']:.1f} GiB) and "
+        f"{available / GiB:.1f} GiB are available. Lower data.variants, "
+        "data.unlabelled_variants or data.b_labelled_variants in the config, train on part "
+        "of the folder, or set data.memory_check to false to try anyway.")
 
 
 def _unlabelled_copies(sources: list, detector: Any, variants: int, seed: int) -> Samples:

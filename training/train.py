@@ -74,18 +74,25 @@ def to_input(crops: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
 
 
-def make_views(trunk: nn.Module | None, crops: np.ndarray, size: int,
+def pixel_batch(crops: np.ndarray, idx: torch.Tensor, flips: torch.Tensor, size: int
+                ) -> torch.Tensor:
+    """The network input of crops `idx`, mirrored where `flips` is 1. Mirrors are made per
+    batch, not stored: a stored copy of every face and its mirror took 3.4 GB more than
+    the crops themselves in the CPU recipe's student stage."""
+    chunk = crops[idx.numpy()]
+    mirror = flips.numpy().astype(bool)
+    chunk[mirror] = chunk[mirror][:, :, ::-1]
+    return to_input(chunk, size)
+
+
+def make_views(trunk: nn.Module, crops: np.ndarray, size: int,
                batch: int = 64, desc: str | None = None,
                known: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, 2, ...]: trunk outputs (float16) of each crop and its mirror, or the uint8 crops.
+    """[N, 2, C, h, w]: trunk outputs (float16) of each crop and its mirror.
 
     `known` holds the views of a prefix of `crops` computed earlier (the teacher's labelled
     set is the prefix of the enhanced teacher's labelled + A): only the rest is computed.
     """
-    if trunk is None:
-        x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
-        return torch.stack([x, x.flip(-1)], 1)
-
     features = _onnx_trunk(trunk, size, crops[:batch])
 
     def views(chunk: np.ndarray) -> torch.Tensor:
@@ -121,12 +128,6 @@ def _onnx_trunk(trunk: nn.Module, size: int, check: np.ndarray
     if diff > 1e-4 * max(1.0, float(want.abs().max())):
         raise RuntimeError(f"ONNX trunk differs from torch by {diff:.2e}")
     return features
-
-
-def _as_float(views: torch.Tensor, size: int) -> torch.Tensor:
-    if views.dtype == torch.uint8:
-        return to_input(views.permute(0, 2, 3, 1).numpy(), size)
-    return views.float()
 
 
 Validator = Callable[[QualityNet], float]
@@ -232,14 +233,20 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
     torch.manual_seed(seed)
     size = int(spec["input_size"])
     trunk, tail = split(model, int(spec.get("freeze", 0)))
-    known = None
-    if trunk is not None and views_file is not None and views_file.exists():
-        known = torch.load(views_file, weights_only=True)
-    views = make_views(trunk, crops, size, desc=f"{desc}: frozen features", known=known)
-    if trunk is not None and views_file is not None and (known is None
-                                                         or len(views) > len(known)):
-        torch.save(views, views_file.with_suffix(".tmp"))
-        views_file.with_suffix(".tmp").replace(views_file)
+    if trunk is None:
+        def batch_input(idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+            return pixel_batch(crops, idx, flips, size)
+    else:
+        known = None
+        if views_file is not None and views_file.exists():
+            known = torch.load(views_file, weights_only=True)
+        views = make_views(trunk, crops, size, desc=f"{desc}: frozen features", known=known)
+        if views_file is not None and (known is None or len(views) > len(known)):
+            torch.save(views, views_file.with_suffix(".tmp"))
+            views_file.with_suffix(".tmp").replace(views_file)
+
+        def batch_input(idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+            return views[idx, flips].float()
     y = torch.as_tensor(targets, dtype=torch.float32)
     params = [p for p in tail.parameters() if p.requires_grad]
     # the average copies the model before the hint hooks into it
@@ -290,7 +297,7 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             idx = order[i:i + spec["batch_size"]]
             if len(idx) < 2:
                 continue  # PLCC needs two samples
-            x = _as_float(views[idx, flips[idx]], size)
+            x = batch_input(idx, flips[idx])
             loss = quality_loss(tail(x), y[idx])
             extra = teach.loss(idx, flips[idx]) if teach is not None else None
             if extra is not None:
