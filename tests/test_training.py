@@ -268,6 +268,20 @@ def test_each_face_is_compared_with_at_most_max_references_good_references():
     assert np.array_equal(np.bincount(faces), np.full(2 * n, n - 1))
 
 
+def test_pixel_batches_mirror_the_chosen_faces_and_leave_the_training_set_alone():
+    from fiqa_gate_training.train import pixel_batch, to_input
+
+    crops = np.random.default_rng(0).integers(0, 256, (6, 112, 112, 3), dtype=np.uint8)
+    kept = crops.copy()
+    idx, flips = torch.tensor([4, 1, 4]), torch.tensor([1, 0, 0])
+    got = pixel_batch(crops, idx, flips, 112)
+    assert torch.equal(got[0], to_input(crops[4:5, :, ::-1], 112)[0])  # mirrored
+    assert torch.equal(got[1], to_input(crops[1:2], 112)[0])
+    assert torch.equal(got[2], to_input(crops[4:5], 112)[0])  # the same face, as it is
+    assert np.array_equal(crops, kept)
+    assert pixel_batch(crops, idx, flips, 352).shape == (3, 3, 352, 352)
+
+
 def test_fusion_rises_with_either_input_and_keeps_the_label_scale():
     from fiqa_gate_training.teacher import fuse
 
