@@ -40,6 +40,7 @@ from fiqa_gate.datasets import (
 from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.metrics import edc, pair_quality
 from fiqa_gate.evaluation.protocol import similarities, verification_pairs
+from fiqa_gate.faces import ALIGNED_SIZE
 from fiqa_gate.registry import get_detector, get_recognizer
 
 log = logging.getLogger("fiqa_gate.training")
@@ -200,7 +201,7 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     return report
 
 
-CROP_BYTES = 112 * 112 * 3
+CROP_BYTES = ALIGNED_SIZE * ALIGNED_SIZE * 3
 GiB = 1024 ** 3
 # Interpreter, torch, ONNX Runtime sessions, models, and what earlier stages of the same
 # process leave behind. Measured: the CPU recipe's student stage run alone peaked at 6.23
@@ -239,15 +240,14 @@ def memory_plan(cfg: dict[str, Any], sources: dict[str, int], source_bytes: int
              "unlabelled_a": sources["unlabelled_a"] * per_unlabelled,
              "unlabelled_b": (sources["unlabelled_b"] * per_unlabelled
                               + sources["labelled_train"] * int(d.get("b_labelled_variants", 0)))}
-    distilled = faces["labelled_train"] + faces["mos"] + faces["unlabelled_a"] + faces[
-        "unlabelled_b"]
-    viewed = faces["labelled_train"] + faces["mos"] + faces["unlabelled_a"]
+    total = sum(faces.values())
+    distilled = total - faces["labelled_val"]  # every set but validation
+    viewed = distilled - faces["unlabelled_b"]  # the sets the teachers train on
     views = viewed * trunk_view_bytes(cfg["teacher"])
-    crops = sum(faces.values()) * CROP_BYTES
     data_peak = source_bytes + 2 * faces["unlabelled_b"] * CROP_BYTES
-    train_peak = crops + distilled * CROP_BYTES + views
+    train_peak = (total + distilled) * CROP_BYTES + views
     peak = max(data_peak, train_peak) + OVERHEAD
-    return {"faces_per_set": faces, "faces": sum(faces.values()), "crops_gib": crops / GiB,
+    return {"faces_per_set": faces, "faces": total, "crops_gib": total * CROP_BYTES / GiB,
             "trunk_views_gib": views / GiB, "peak_gib": peak / GiB}
 
 
