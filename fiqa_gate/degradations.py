@@ -310,6 +310,7 @@ _HELD_OUT: dict[str, Kind] = {
 _KINDS = {**_TRAINING, **_HELD_OUT}
 KINDS = tuple(_TRAINING)  # what the recipes label and train on, and the default test protocol
 HELD_OUT_KINDS = tuple(_HELD_OUT)
+ALL_KINDS = tuple(_KINDS)
 # Capture order for combinations: geometry, light and optics first, sensor and codec last.
 _ORDER = ("misalign", "occlusion", "shadow", "glare", "haze", "motion", "defocus", "downscale",
           "exposure", "contrast", "colour_cast", "lowlight", "impulse", "pixelate", "posterize",

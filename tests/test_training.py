@@ -268,6 +268,30 @@ def test_each_face_is_compared_with_at_most_max_references_good_references():
     assert np.array_equal(np.bincount(faces), np.full(2 * n, n - 1))
 
 
+def test_set_b_draws_extra_kinds_and_an_unknown_kind_is_refused_before_any_work(
+        tmp_path, orl_sources):
+    from fiqa_gate_training import data
+    from fiqa_gate_training.recipe import load_config
+
+    from fiqa_gate.errors import FiqaGateError
+
+    cfg = load_config("smoke")
+    assert data.distillation_kinds(cfg["data"]) == degradations.KINDS
+    extra = {**cfg["data"], "b_extra_kinds": ["pixelate", "colour_cast", "jpeg"]}
+    assert data.distillation_kinds(extra) == (*degradations.KINDS, "pixelate", "colour_cast")
+    with pytest.raises(FiqaGateError, match=r"unknown degradation.*sepia"):
+        data.build({**cfg, "data": {**cfg["data"], "b_extra_kinds": ["sepia"]}},
+                   tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+    # The copies set B takes of the labelled images draw from the kinds they are given.
+    b = data._unlabelled_copies(orl_sources[:4], get_detector(), 30, 5,
+                                kinds=data.distillation_kinds(extra))
+    drawn = {step["kind"] for rec in b.records for step in rec}
+    assert {"pixelate", "colour_cast"} <= drawn <= set(data.distillation_kinds(extra))
+    plain = data._unlabelled_copies(orl_sources[:4], get_detector(), 30, 5)
+    assert {step["kind"] for rec in plain.records for step in rec} <= set(degradations.KINDS)
+
+
 def test_pixel_batches_mirror_the_chosen_faces_and_leave_the_training_set_alone():
     from fiqa_gate_training.train import pixel_batch, to_input
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fiqa_gate import degradations
 from fiqa_gate.datasets import (
     ORL_TRAIN,
     ORL_VAL,
@@ -114,6 +115,9 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     detector = get_detector(d.get("detector", "yunet"))
     recognizer = get_recognizer(d["recognizer"])
     seed = int(d["seed"])
+    # Set B is labelled by the enhanced teacher, not by the recognizer, so it may carry
+    # damage the labelled sets do not: the student then learns it from the teacher.
+    b_kinds = distillation_kinds(d)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"recognizer": d["recognizer"], "threshold": recognizer.threshold}
 
@@ -184,13 +188,16 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         mos.save(out / "mos.npz")
         report["mos"] = {"faces": len(mos), "range": [lo, hi]}
 
-    for name, part, s in (("unlabelled_a", set_a, seed + 2), ("unlabelled_b", set_b, seed + 3)):
+    for name, part, s, kinds in (("unlabelled_a", set_a, seed + 2, degradations.KINDS),
+                                 ("unlabelled_b", set_b, seed + 3, b_kinds)):
         samples = build_samples(part, detector, d["unlabelled_variants"], s, progress=name,
-                                redetect=False)
-        report[name] = {"faces": len(samples), "source_faces": len(part)}
+                                redetect=False, kinds=kinds)
+        report[name] = {"faces": len(samples), "source_faces": len(part),
+                        "kinds": list(kinds)}
         if name == "unlabelled_b" and d.get("b_labelled_variants"):
             samples = Samples.concat([samples, _unlabelled_copies(
-                found["labelled_train"], detector, d["b_labelled_variants"], seed + 4)])
+                found["labelled_train"], detector, d["b_labelled_variants"], seed + 4,
+                kinds)])
             report[name] |= {"faces": len(samples),
                              "labelled_sources": len(found["labelled_train"])}
         samples.save(out / f"{name}.npz")
@@ -284,7 +291,18 @@ def check_memory(plan: dict[str, Any], available: int | None = None) -> None:
         "of the folder, or set data.memory_check to false to try anyway.")
 
 
-def _unlabelled_copies(sources: list, detector: Any, variants: int, seed: int) -> Samples:
+def distillation_kinds(d: dict[str, Any]) -> tuple[str, ...]:
+    """The degradations of set B: the labelled sets' kinds plus `data.b_extra_kinds`."""
+    extra = tuple(d.get("b_extra_kinds", ()))
+    unknown = [k for k in extra if k not in degradations.ALL_KINDS]
+    if unknown:
+        raise FiqaGateError(f"data.b_extra_kinds: unknown degradation(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(degradations.ALL_KINDS)}")
+    return degradations.KINDS + tuple(k for k in extra if k not in degradations.KINDS)
+
+
+def _unlabelled_copies(sources: list, detector: Any, variants: int, seed: int,
+                       kinds: tuple[str, ...] = degradations.KINDS) -> Samples:
     """Fresh degradations of the labelled training images, identity and label dropped.
 
     Set B's own images are few (67 faces in the CPU recipe); the labelled images with new
@@ -293,7 +311,8 @@ def _unlabelled_copies(sources: list, detector: Any, variants: int, seed: int) -
     """
     anonymous = [replace(s, identity=None) for s in sources]
     return build_samples(anonymous, detector, variants, seed, include_clean=False,
-                         progress="unlabelled_b (labelled images)", redetect=False)
+                         progress="unlabelled_b (labelled images)", redetect=False,
+                         kinds=kinds)
 
 
 def label_edc(samples: Samples, embeddings: np.ndarray, label: np.ndarray) -> dict[str, Any]:
