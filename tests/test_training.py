@@ -277,7 +277,7 @@ def test_set_b_draws_extra_kinds_and_an_unknown_kind_is_refused_before_any_work(
 
     cfg = load_config("smoke")
     assert data.distillation_kinds(cfg["data"]) == degradations.KINDS
-    extra = {**cfg["data"], "b_extra_kinds": ["pixelate", "colour_cast", "jpeg"]}
+    extra = {**cfg["data"], "b_extra_kinds": ["pixelate", "colour_cast", "jpeg", "pixelate"]}
     assert data.distillation_kinds(extra) == (*degradations.KINDS, "pixelate", "colour_cast")
     with pytest.raises(FiqaGateError, match=r"unknown degradation.*sepia"):
         data.build({**cfg, "data": {**cfg["data"], "b_extra_kinds": ["sepia"]}},

@@ -298,7 +298,7 @@ def distillation_kinds(d: dict[str, Any]) -> tuple[str, ...]:
     if unknown:
         raise FiqaGateError(f"data.b_extra_kinds: unknown degradation(s) {', '.join(unknown)}; "
                             f"known: {', '.join(degradations.ALL_KINDS)}")
-    return degradations.KINDS + tuple(k for k in extra if k not in degradations.KINDS)
+    return tuple(dict.fromkeys(degradations.KINDS + extra))  # in order, each once
 
 
 def _unlabelled_copies(sources: list, detector: Any, variants: int, seed: int,
