@@ -10,6 +10,8 @@ the same seed gives the same result, and the returned record reproduces it throu
 `apply(image, landmarks, record)`. It draws from `KINDS`, the kinds the recipes label and
 train on; `HELD_OUT_KINDS` (pixelation, haze, side shadow, colour cast, salt and pepper,
 posterisation, glare) are never trained on, for a test of damage the scorer never saw.
+`EXTRA_KINDS` (over-sharpening, solarisation, interlacing, wavy warp, chromatic aberration,
+colour noise, median smoothing) are neither: a recipe may add them to its distillation set.
 """
 
 from __future__ import annotations
@@ -286,6 +288,120 @@ def _apply_glare(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray
     return _u8(img + (255.0 - img) * wash), lm
 
 
+# Extra: kinds neither the default draws nor the held-out test use. A recipe may add them
+# to its distillation set (`data.b_extra_kinds`) to widen the damage the student has seen
+# while the held-out kinds stay unseen (as AugMix keeps its operations apart from the
+# corruptions it is tested on).
+
+def _draw_sharpen(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"sigma": _lerp(1.0, 3.0, sev) * scale, "amount": _lerp(1.0, 6.0, sev)}
+
+
+def _apply_sharpen(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # An over-eager unsharp mask: halos along every edge, noise amplified.
+    import cv2
+
+    x = img.astype(np.float64)
+    soft = cv2.GaussianBlur(x, (0, 0), max(p["sigma"], 0.3))
+    return _u8(x + p["amount"] * (x - soft)), lm
+
+
+def _draw_solarize(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"threshold": round(_lerp(230, 110, sev))}
+
+
+def _apply_solarize(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    return np.where(img >= p["threshold"], 255 - img, img).astype(np.uint8), lm
+
+
+def _draw_interlace(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"shift": float(rng.choice([-1.0, 1.0])) * _lerp(1.5, 9.0, sev) * scale,
+            "line": max(scale, 1.0)}
+
+
+def _apply_interlace(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # Combing: the second video field, captured later, lands shifted on every other line.
+    import cv2
+
+    h, w = img.shape[:2]
+    moved = cv2.warpAffine(img, np.float64([[1, 0, p["shift"]], [0, 1, 0]]), (w, h),
+                           borderMode=cv2.BORDER_REFLECT)
+    odd = (np.arange(h) / p["line"]).astype(int) % 2 == 1
+    out = img.copy()
+    out[odd] = moved[odd]
+    return out, lm
+
+
+def _draw_warp(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    # amplitude x 2 pi / wavelength stays under about 0.6, so the image never folds over
+    return {"amplitude": _lerp(1.0, 4.0, sev) * scale,
+            "wavelength": float(rng.uniform(40, 80)) * scale,
+            "phase": [float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0, 2 * np.pi))]}
+
+
+def _apply_warp(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # A wavy lens, a rolling shutter or a rippled print: a smooth non-rigid displacement.
+    import cv2
+
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    k = 2 * np.pi / max(p["wavelength"], 1.0)
+    a, (px, py) = p["amplitude"], p["phase"]
+    mx = (xx + a * np.sin(yy * k + px)).astype(np.float32)
+    my = (yy + a * np.sin(xx * k + py)).astype(np.float32)
+    return cv2.remap(img, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT), lm
+
+
+def _draw_chroma_shift(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    angle = float(rng.uniform(0, 2 * np.pi))
+    d = _lerp(1.0, 6.0, sev) * scale
+    return {"shift": [d * float(np.cos(angle)), d * float(np.sin(angle))]}
+
+
+def _apply_chroma_shift(img: np.ndarray, lm: np.ndarray, p: Params
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    # Lateral chromatic aberration: red and blue land apart, with colour fringes at edges.
+    import cv2
+
+    h, w = img.shape[:2]
+    out = img.copy()
+    for channel, sign in ((0, 1.0), (2, -1.0)):
+        m = np.float64([[1, 0, sign * p["shift"][0]], [0, 1, sign * p["shift"][1]]])
+        out[..., channel] = cv2.warpAffine(np.ascontiguousarray(img[..., channel]), m, (w, h),
+                                           borderMode=cv2.BORDER_REFLECT)
+    return out, lm
+
+
+def _draw_chroma_noise(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"sigma": _lerp(6.0, 40.0, sev), "cell": _lerp(1.0, 4.0, sev) * scale,
+            "seed": int(rng.integers(2**31))}
+
+
+def _apply_chroma_noise(img: np.ndarray, lm: np.ndarray, p: Params
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    # A phone sensor's colour blotches: noise in colour only, brightness left as it was.
+    import cv2
+
+    rng = np.random.default_rng(p["seed"])
+    h, w = img.shape[:2]
+    gh, gw = max(1, round(h / max(p["cell"], 1.0))), max(1, round(w / max(p["cell"], 1.0)))
+    noise = cv2.resize(rng.normal(0, p["sigma"], (gh, gw, 3)), (w, h),
+                       interpolation=cv2.INTER_LINEAR)
+    noise -= noise.mean(-1, keepdims=True)
+    return _u8(img + noise), lm
+
+
+def _draw_median(sev: float, rng: np.random.Generator, scale: float) -> Params:
+    return {"radius": _lerp(1.0, 3.0, sev) * scale}
+
+
+def _apply_median(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
+    # Heavy noise reduction or a "beauty" filter: flat, painted skin with edges kept.
+    import cv2
+
+    return cv2.medianBlur(np.ascontiguousarray(img), 2 * max(round(p["radius"]), 1) + 1), lm
+
+
 Kind = tuple[Callable[..., Params], Callable[..., tuple[np.ndarray, np.ndarray]]]
 _TRAINING: dict[str, Kind] = {
     "defocus": (_draw_defocus, _apply_defocus),
@@ -307,14 +423,25 @@ _HELD_OUT: dict[str, Kind] = {
     "posterize": (_draw_posterize, _apply_posterize),
     "glare": (_draw_glare, _apply_glare),
 }
-_KINDS = {**_TRAINING, **_HELD_OUT}
+_EXTRA: dict[str, Kind] = {
+    "sharpen": (_draw_sharpen, _apply_sharpen),
+    "solarize": (_draw_solarize, _apply_solarize),
+    "interlace": (_draw_interlace, _apply_interlace),
+    "warp": (_draw_warp, _apply_warp),
+    "chroma_shift": (_draw_chroma_shift, _apply_chroma_shift),
+    "chroma_noise": (_draw_chroma_noise, _apply_chroma_noise),
+    "median": (_draw_median, _apply_median),
+}
+_KINDS = {**_TRAINING, **_HELD_OUT, **_EXTRA}
 KINDS = tuple(_TRAINING)  # what the recipes label and train on, and the default test protocol
 HELD_OUT_KINDS = tuple(_HELD_OUT)
+EXTRA_KINDS = tuple(_EXTRA)
 ALL_KINDS = tuple(_KINDS)
 # Capture order for combinations: geometry, light and optics first, sensor and codec last.
-_ORDER = ("misalign", "occlusion", "shadow", "glare", "haze", "motion", "defocus", "downscale",
-          "exposure", "contrast", "colour_cast", "lowlight", "impulse", "pixelate", "posterize",
-          "jpeg")
+_ORDER = ("misalign", "warp", "occlusion", "shadow", "glare", "haze", "motion", "interlace",
+          "defocus", "chroma_shift", "downscale", "exposure", "contrast", "colour_cast",
+          "lowlight", "chroma_noise", "impulse", "median", "sharpen", "solarize", "pixelate",
+          "posterize", "jpeg")
 
 
 def apply(image: np.ndarray, landmarks: np.ndarray, record: list[Params]) -> Degraded:

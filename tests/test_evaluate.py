@@ -92,6 +92,7 @@ def test_held_out_degradations_are_new_seeded_and_harsher_with_severity(orl_root
     from fiqa_gate.faces import align_face
 
     assert not set(degradations.HELD_OUT_KINDS) & set(degradations.KINDS)
+    assert not set(degradations.EXTRA_KINDS) & set(degradations.KINDS + degradations.HELD_OUT_KINDS)
     detector = get_detector()
     face = detect_sources(orl_items(["s31"])[:1], detector)[0]
     lm = np.asarray(face.detection.landmarks, np.float64).reshape(5, 2)

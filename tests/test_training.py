@@ -32,7 +32,7 @@ def test_degradations_are_seeded_recorded_and_replayable(orl_sources):
     replay = degradations.apply(face.image, lm, json.loads(json.dumps(one.record)))
     assert np.array_equal(replay.image, one.image)
     assert np.allclose(replay.landmarks, one.landmarks)
-    for kind in degradations.KINDS:
+    for kind in degradations.KINDS + degradations.EXTRA_KINDS:
         params = degradations.draw(kind, 0.8, np.random.default_rng(0), lm)
         out = degradations.apply(face.image, lm, [params])
         changed = (not np.array_equal(out.image, face.image)
