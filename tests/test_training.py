@@ -357,6 +357,18 @@ def test_input_size_means_average_the_seeds_of_each_size():
     assert _input_size_means({"sface": table}, []) == {}
 
 
+def test_model_card_says_which_extra_kinds_set_b_drew_and_whether_one_was_held_out():
+    from fiqa_gate_training.report import _extra_kinds_note
+
+    assert _extra_kinds_note([]) == ""
+    unspent = _extra_kinds_note(list(degradations.EXTRA_KINDS[:2]))
+    assert all(k in unspent for k in degradations.EXTRA_KINDS[:2])
+    assert "none of them is a held-out kind" in unspent
+    spent = _extra_kinds_note([degradations.HELD_OUT_KINDS[0], degradations.EXTRA_KINDS[0]])
+    assert f"so {degradations.HELD_OUT_KINDS[0]} is not held out" in spent
+    assert "none of them" not in spent
+
+
 @pytest.mark.parametrize("size,args", [(112, {}), (64, {}), (112, {"depths": [3, 3, 9, 3]})])
 def test_folded_student_computes_what_the_student_computes(size, args):
     from fiqa_gate_training.export import folded

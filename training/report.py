@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fiqa_gate import degradations
 from fiqa_gate.evaluation.metrics import agreement
 from fiqa_gate.evaluation.protocol import (
     TEST_SEED,
@@ -172,6 +173,16 @@ def size_row(spec: dict[str, Any]) -> str:
     return f"student {spec['input_size']} px, {spec['epochs']} epochs, seed {spec['seed']}"
 
 
+def _extra_kinds_note(kinds: list[str]) -> str:
+    if not kinds:
+        return ""
+    spent = [k for k in kinds if k in degradations.HELD_OUT_KINDS]
+    return (f" Set B's degradations also draw from {', '.join(kinds)} (`data.b_extra_kinds`),"
+            " which the labelled sets and set A never see"
+            + (f", so {', '.join(spent)} is not held out for this student." if spent else
+               "; none of them is a held-out kind (`--degradations held-out`)."))
+
+
 def _input_size_means(edc: dict[str, Any], runs: list[tuple[str, dict[str, Any]]]
                       ) -> dict[str, dict[str, dict[str, float]]]:
     """{recognizer: {size: normalised pAUC at 20 and 30 %, mean over the seeds trained}}."""
@@ -227,7 +238,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         + (f" Set B also holds {cfg['data']['b_labelled_variants']} fresh degradations of "
            "each labelled training image (another seed), identity and label unused: the "
            "enhanced teacher labels them like any unlabelled face."
-           if cfg["data"].get("b_labelled_variants") else ""),
+           if cfg["data"].get("b_labelled_variants") else "")
+        + _extra_kinds_note(cfg["data"].get("b_extra_kinds", ())),
         "- Teacher backbone: SFace converted to torch (face-pretrained); no ImageNet weights.",
         "",
         "## Teachers and targets", "",
