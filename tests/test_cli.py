@@ -115,6 +115,9 @@ def test_usage_errors_exit_2(tmp_path):
     assert run("filter", "--threshold", "1.5", str(tmp_path)).returncode == 2
     assert run("search", str(tmp_path), "--index", str(tmp_path / "none")).returncode == 2
     assert run("score", str(tmp_path), "--scorer", "no-such-scorer").returncode == 2
+    teacherless = run("evaluate", "--scorer", "teacher", "-o", str(tmp_path / "report"))
+    assert teacherless.returncode == 2 and "--teacher" in teacherless.stderr
+    assert not (tmp_path / "report").exists()  # refused before any face was detected
 
 
 def test_enroll_search_orl_rank1(orl_split_dirs, tmp_path):

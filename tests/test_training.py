@@ -192,6 +192,14 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert np.allclose(net_b[-4:], predict(enhanced, b.crops[-4:], 112), atol=1e-4)
     whole = get_recognizer("sface").embed_with_norms(b.crops[-4:])[1]
     assert np.allclose(norm_b[-4:], whole, rtol=1e-5)
+    # The runtime's `--scorer teacher` (torch-free, the report's export) gives the
+    # enhanced teacher's pseudo-labels back.
+    from fiqa_gate.teacher import FusedTeacherScorer
+
+    exported = FusedTeacherScorer(out / "export" / "teacher.onnx")
+    assert exported.fusion == stats
+    assert np.allclose(exported.raw_from_crops(b.crops[-4:]), np.load(out / "pseudo_b.npy")[-4:],
+                       atol=1e-3)
     # The labelled faces' norms come from the data stage's labelling pass: the plugin's own.
     from fiqa_gate.evaluation.protocol import qualities
 

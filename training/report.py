@@ -51,6 +51,20 @@ def _onnx_speed(path: str, size: int, repeats: int) -> dict[str, Any]:
     return {k: t.to_dict() for k, t in measure_all(jobs, repeats=repeats).items()}
 
 
+def write_teacher_metadata(run: Any, onnx_vs_torch: float) -> None:
+    """`export/teacher.json`: the runtime's `--scorer teacher` reads the fusion there."""
+    from fiqa_gate_training.export import write_metadata
+    from fiqa_gate_training.teacher import fusion_stats
+
+    write_metadata(run.out / "export" / "teacher.onnx", {
+        "name": f"{run.cfg['name']} enhanced teacher", "input_size":
+        run.cfg["teacher"]["input_size"], "recognizer": run.cfg["data"]["recognizer"],
+        "fusion": fusion_stats(run, "enhanced"), "onnx_vs_torch_max_abs_diff": onnx_vs_torch,
+        "input": "float32 RGB 0..255, NCHW, aligned ArcFace crop resized to input_size",
+        "output": "raw network quality; with `fusion`, fused with the recognizer's "
+                  "embedding norm (fiqa_gate/teacher.py)"})
+
+
 def write_report(run: Any) -> dict[str, Any]:
     from fiqa_gate_training.export import export_onnx, load_weights
     from fiqa_gate_training.models import build_model, count_flops, count_parameters
@@ -144,7 +158,9 @@ def write_report(run: Any) -> dict[str, Any]:
 
     # Cost: the student as shipped (ONNX) beside the teacher exported the same way.
     teacher = teachers["enhanced"]
-    export_onnx(teacher, export / "teacher.onnx", cfg["teacher"]["input_size"], test.crops[:32])
+    diff = export_onnx(teacher, export / "teacher.onnx", cfg["teacher"]["input_size"],
+                       test.crops[:32])
+    write_teacher_metadata(run, diff)
     report["cost"] = {
         "student": {"parameters": count_parameters(student),
                     "flops": count_flops(student, cfg["student"]["input_size"]),

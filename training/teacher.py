@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from fiqa_gate.teacher import fuse, z_mix  # one fusion for training and the runtime
+
 
 def norms_file(data: Path, set_name: str) -> Path:
     """Where a set's embedding norms are cached (the data stage writes the labelled ones)."""
@@ -154,23 +156,12 @@ def _fusion(run: Any, network: str) -> dict[str, float]:
     log_norm = np.log(embedding_norms(run, "labelled_train"))
     stats = {"net_mean": float(net.mean()), "net_std": float(net.std()),
              "norm_mean": float(log_norm.mean()), "norm_std": float(log_norm.std())}
-    mix = _mix(stats, net, log_norm)
+    mix = z_mix(stats, net, log_norm)
     labels = run.samples("labelled_train").extra["label"]
     stats |= {"mix_std": float(mix.std()), "label_mean": float(labels.mean()),
               "label_std": float(labels.std())}
     path.write_text(json.dumps(stats, indent=2))
     return stats
-
-
-def _mix(stats: dict[str, float], net: np.ndarray, log_norm: np.ndarray) -> np.ndarray:
-    return ((net - stats["net_mean"]) / stats["net_std"]
-            + (log_norm - stats["norm_mean"]) / stats["norm_std"]) / 2
-
-
-def fuse(stats: dict[str, float], net: np.ndarray, norm: np.ndarray) -> np.ndarray:
-    """Network output + embedding norm -> the fused score on the labels' scale."""
-    mix = _mix(stats, np.asarray(net, np.float64), np.log(np.asarray(norm, np.float64)))
-    return stats["label_mean"] + stats["label_std"] * mix / stats["mix_std"]
 
 
 def teacher_scores(run: Any, network: str, set_name: str) -> np.ndarray:

@@ -63,7 +63,7 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
 
 def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str],
                    out: Path, variants: int, seed: int, bootstrap: int,
-                   gate_threshold: float, model: str | None, command: str,
+                   gate_threshold: float, options: dict[str, dict[str, Any]], command: str,
                    degradations: str = "training") -> dict[str, Any]:
     from fiqa_gate import degradations as kinds_of
     from fiqa_gate.assets import cache_dir
@@ -98,7 +98,6 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     if not mated.any() or mated.all():
         raise FiqaGateError("evaluation needs at least two identities with two images each")
     sim = similarities(emb, a, b)
-    options = {"student": {"model": model}} if model else {}
     raw, calibrated = qualities(samples, scorers, recognizer_name, options, progress=True,
                                 norms=norms)
     ident = identification(samples, emb, recognizer_name, recognizer.threshold, raw,
@@ -122,7 +121,8 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
 
 
 def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], out: Path,
-                      model: str | None, command: str, image_root: str | None = None,
+                      options: dict[str, dict[str, Any]], command: str,
+                      image_root: str | None = None,
                       bootstrap: int = 200) -> dict[str, Any]:
     """A pairs list (CSV path_a,path_b,mated, or LFW's pairs.txt); one face per image."""
     from tqdm import tqdm
@@ -158,7 +158,6 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     emb, norms = in_chunks(registry.get_recognizer(recognizer_name).embed_with_norms,
                            samples.crops, "embedding")
     sim = similarities(emb, a, b)
-    options = {"student": {"model": model}} if model else {}
     raw, _ = qualities(samples, scorers, recognizer_name, options, progress=True,
                        norms=norms)
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
@@ -179,6 +178,9 @@ def _evaluation_options(fn):
                           f"{', '.join(DEFAULT_SCORERS)}."),
         click.option("--model", type=click.Path(exists=True, dir_okay=False),
                      help="Student ONNX file instead of the shipped one."),
+        click.option("--teacher", type=click.Path(exists=True, dir_okay=False),
+                     help="A training run's RUN/export/teacher.onnx, scored as its "
+                          "pseudo-labels were (add --scorer teacher to compare it)."),
         click.option("--variants", default=3, show_default=True,
                      help="Seeded degradations per image (besides the clean face)."),
         click.option("--seed", default=314159, show_default=True,
@@ -207,17 +209,21 @@ def _evaluation_options(fn):
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("fiqa-gate-report"), show_default=True)
 @_evaluation_options
-def evaluate(data, pairs, out, recognizer, scorers, model, variants, seed, degradations,
-             bootstrap, gate_threshold):
+def evaluate(data, pairs, out, recognizer, scorers, model, teacher, variants, seed,
+             degradations, bootstrap, gate_threshold):
     """How much each scorer improves recognition: EDC, ERC, identification, plots."""
     scorers = _available_scorers(scorers or DEFAULT_SCORERS)
+    if "teacher" in scorers and not teacher:  # before minutes of detection and embedding
+        raise click.UsageError("--scorer teacher needs --teacher RUN/export/teacher.onnx")
     command = "fiqa-gate " + " ".join(sys.argv[1:])
+    options = {name: {"model": path} for name, path in
+               (("student", model), ("teacher", teacher)) if path}
     if pairs:
-        report = _pairs_evaluation(pairs, recognizer, scorers, out, model, command, data,
+        report = _pairs_evaluation(pairs, recognizer, scorers, out, options, command, data,
                                    bootstrap)
     else:
         report = run_evaluation(data, recognizer, scorers, out, variants, seed, bootstrap,
-                                gate_threshold, model, command, degradations)
+                                gate_threshold, options, command, degradations)
     from fiqa_gate.evaluation.report import print_table
 
     print_table(report)
@@ -231,7 +237,7 @@ def evaluate(data, pairs, out, recognizer, scorers, model, variants, seed, degra
 def demo(out, recognizer):
     """The main job: the gate's gain on the bundled ORL test faces, in a few minutes."""
     scorers = [s for s in DEFAULT_SCORERS if s in registry.registry().scorers or s == "random"]
-    report = run_evaluation(None, recognizer, scorers, out, 3, 314159, 200, 0.5, None,
+    report = run_evaluation(None, recognizer, scorers, out, 3, 314159, 200, 0.5, {},
                             f"fiqa-gate demo --recognizer {recognizer}")
     rows = {r["scorer"]: r for r in report["verification"]["scorers"]}
     v = report["verification"]
