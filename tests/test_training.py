@@ -348,6 +348,20 @@ def test_frozen_views_of_a_known_prefix_are_reused_not_recomputed():
         make_views(trunk, crops[5:], 112, known=prefix)
 
 
+def test_stacked_views_index_like_the_joined_tensor():
+    from fiqa_gate_training.train import StackedViews
+
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(5, 2, 3, 2, 2, generator=gen).half(),
+             torch.randn(4, 2, 3, 2, 2, generator=gen).half()]
+    joined, stacked = torch.cat(parts), StackedViews(parts)
+    assert stacked.shape == joined.shape and len(stacked) == 9
+    rows = torch.tensor([8, 0, 4, 5, 5, 2])
+    flips = torch.tensor([1, 0, 1, 0, 1, 1])
+    assert torch.equal(stacked[rows, flips], joined[rows, flips])
+    assert torch.equal(stacked[rows, 0], joined[rows, 0])
+
+
 def test_input_size_means_average_the_seeds_of_each_size():
     from fiqa_gate_training.report import _input_size_means, size_row
 

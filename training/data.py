@@ -250,6 +250,8 @@ def memory_plan(cfg: dict[str, Any], sources: dict[str, int], source_bytes: int
     total = sum(faces.values())
     distilled = total - faces["labelled_val"]  # every set but validation
     viewed = distilled - faces["unlabelled_b"]  # the sets the teachers train on
+    if cfg["student"].get("hint", {}).get("set_b"):  # the hint's own views of set B
+        viewed += faces["unlabelled_b"]
     views = viewed * trunk_view_bytes(cfg["teacher"])
     data_peak = source_bytes + 2 * faces["unlabelled_b"] * CROP_BYTES
     train_peak = (total + distilled) * CROP_BYTES + views

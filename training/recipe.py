@@ -64,6 +64,7 @@ class Run:
         self.data = out / "data"
         self._samples: dict[str, Samples] = {}
         self.trunk_views: Any = None  # the teachers' cached trunk views, once a hint loads them
+        self.b_views: Any = None  # set B's, when the hint asks for them (`hint.set_b`)
         saved = out / "config.json"
         if saved.exists() and json.loads(saved.read_text()) != cfg:
             raise RuntimeError(f"{out} holds a run of another config; use a new --out")
@@ -150,7 +151,7 @@ def _train(run: Run, spec: dict[str, Any], name: str, crops: np.ndarray,
     val = _validator(run, int(spec["input_size"])) if spec.get("select_on_val") else None
     hint = None
     if spec.get("hint"):
-        views, rows = _trunk_views(run, sets or [])
+        views, rows = _trunk_views(run, sets or [], bool(spec["hint"].get("set_b")))
         hint = (views, rows if pick is None else rows[pick])
     torch.manual_seed(int(spec.get("seed", 0)))  # the initial weights follow the seed too
     model = fit(_model(spec), crops, targets, spec, run.out / f"{name}.ckpt", desc=name,
@@ -159,12 +160,14 @@ def _train(run: Run, spec: dict[str, Any], name: str, crops: np.ndarray,
     (run.out / f"{name}.ckpt").unlink(missing_ok=True)
 
 
-def _trunk_views(run: Run, sets: list[str]) -> tuple[Any, np.ndarray]:
+def _trunk_views(run: Run, sets: list[str], set_b: bool = False) -> tuple[Any, np.ndarray]:
     """The teachers' cached frozen-trunk views, and the row there of every face of `sets`
-    in order (-1 for a set the trunk never saw: B). Checked on the first face."""
+    in order (-1 for a set the trunk never saw: B). With `set_b`, B's views are computed
+    once (`views_..._unlabelled_b.pt`) and stacked after the teachers'. Checked on the
+    first face of each part."""
     import torch
     from fiqa_gate_training.teacher import _offsets
-    from fiqa_gate_training.train import split, views_belong_to
+    from fiqa_gate_training.train import StackedViews, make_views, split, views_belong_to
 
     spec = run.cfg["teacher"]
     path = views_file(run, spec)
@@ -174,16 +177,30 @@ def _trunk_views(run: Run, sets: list[str]) -> tuple[Any, np.ndarray]:
     if run.trunk_views is None:  # 1.4 GB in the CPU recipe: read once for every student
         run.trunk_views = torch.load(path, weights_only=True)
     views = run.trunk_views
+    trunk = split(_load(run, "teacher", "teacher"), int(spec["freeze"]))[0]
+    size = int(spec["input_size"])
     offsets, rows = _offsets(run), []
+    b_start = len(views)
     for name in sets:
         n = len(run.samples(name))
         start = offsets.get(name)
         covered = start is not None and start + n <= len(views)
+        if not covered and set_b and name == "unlabelled_b":
+            start, covered = b_start, True
         rows.append(np.arange(start, start + n) if covered else np.full(n, -1))
     first = run.samples(sets[0]).crops[:1]
-    trunk = split(_load(run, "teacher", "teacher"), int(spec["freeze"]))[0]
-    if not views_belong_to(trunk, first, views, int(rows[0][0]), int(spec["input_size"])):
+    if not views_belong_to(trunk, first, views, int(rows[0][0]), size):
         raise ValueError(f"{path} does not hold the trunk views of {sets[0]}")
+    if set_b and "unlabelled_b" in sets:
+        b_path = path.with_name(f"{path.stem}_unlabelled_b.pt")
+        crops = run.samples("unlabelled_b").crops
+        if run.b_views is None and b_path.exists():
+            run.b_views = torch.load(b_path, weights_only=True)
+        if run.b_views is None or not views_belong_to(trunk, crops, run.b_views, 0, size):
+            run.b_views = make_views(trunk, crops, size, desc="set B: frozen features")
+            torch.save(run.b_views, b_path.with_suffix(".tmp"))
+            b_path.with_suffix(".tmp").replace(b_path)
+        views = StackedViews([views, run.b_views])
     return views, np.concatenate(rows)
 
 

@@ -99,15 +99,21 @@ def make_views(trunk: nn.Module, crops: np.ndarray, size: int,
         x = to_input(chunk, size).numpy()
         return torch.stack([features(x), features(x[..., ::-1].copy())], 1).half()
 
-    out, start = [], 0
+    first = views(crops[:1])
+    start = 0
     if known is not None and 0 < len(known) <= len(crops):
-        if not torch.allclose(views(crops[:1]).float(), known[:1].float(), atol=1e-2):
+        if not torch.allclose(first.float(), known[:1].float(), atol=1e-2):
             raise ValueError("cached trunk views do not belong to these faces")
-        out, start = [known], len(known)
+        start = len(known)
+    # filled in place: a list of chunks joined at the end held every view twice (set B's
+    # views of the CPU recipe are 4 GB)
+    out = torch.empty((len(crops), *first.shape[1:]), dtype=first.dtype)
+    if start:
+        out[:start] = known
     for i in tqdm(range(start, len(crops), batch), desc=desc, disable=desc is None,
                   leave=False):
-        out.append(views(crops[i:i + batch]))
-    return torch.cat(out)
+        out[i:i + batch] = views(crops[i:i + batch])
+    return out
 
 
 def _onnx_trunk(trunk: nn.Module, size: int, check: np.ndarray
@@ -156,6 +162,31 @@ class WeightAverage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.steps = int(state["steps"])
+
+
+class StackedViews:
+    """Several [M_i, 2, C, h, w] view tensors indexed as one, rows numbered part after part,
+    without the copy (and twice the memory) of `torch.cat`."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = parts
+        self.ends = np.cumsum([len(p) for p in parts])
+        self.shape = (int(self.ends[-1]), *parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: tuple[torch.Tensor, torch.Tensor | int]) -> torch.Tensor:
+        rows, flips = key
+        flips = torch.as_tensor(flips).expand(len(rows))
+        out = torch.empty((len(rows), *self.shape[2:]), dtype=self.parts[0].dtype)
+        start = 0
+        for part, end in zip(self.parts, self.ends, strict=True):
+            here = (rows >= start) & (rows < int(end))
+            if here.any():
+                out[here] = part[rows[here] - start, flips[here]]
+            start = int(end)
+        return out
 
 
 class TrunkHint(nn.Module):
