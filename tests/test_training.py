@@ -192,6 +192,19 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert np.allclose(net_b[-4:], predict(enhanced, b.crops[-4:], 112), atol=1e-4)
     whole = get_recognizer("sface").embed_with_norms(b.crops[-4:])[1]
     assert np.allclose(norm_b[-4:], whole, rtol=1e-5)
+    # `student.hint.set_b`: set B's trunk views, computed once, follow the teachers'.
+    from fiqa_gate_training.recipe import _trunk_views
+    from fiqa_gate_training.train import make_views, split
+
+    sets = ["labelled_train", "unlabelled_a", "unlabelled_b"]
+    run = Run(load_config("smoke"), out)
+    own, rows = _trunk_views(run, sets, set_b=False)
+    views, rows_b = _trunk_views(run, sets, set_b=True)
+    assert (rows[-len(b):] == -1).all() and (rows_b[:-len(b)] == rows[:-len(b)]).all()
+    assert (rows_b[-len(b):] == len(own) + np.arange(len(b))).all()
+    trunk = split(enhanced, load_config("smoke")["teacher"]["freeze"])[0]
+    assert torch.allclose(views[torch.as_tensor(rows_b[-2:]), 1].float(),
+                          make_views(trunk, b.crops[-2:], 112)[:, 1].float(), atol=1e-2)
     # The runtime's `--scorer teacher` (torch-free, the report's export) gives the
     # enhanced teacher's pseudo-labels back.
     from fiqa_gate.teacher import FusedTeacherScorer
