@@ -11,8 +11,7 @@ the same seed gives the same result, and the returned record reproduces it throu
 train on; `HELD_OUT_KINDS` (pixelation, haze, side shadow, colour cast, salt and pepper,
 posterisation, glare) are never trained on, for a test of damage the scorer never saw.
 `EXTRA_KINDS` (over-sharpening, solarisation, interlacing, wavy warp, chromatic aberration,
-colour noise, median smoothing, random filter, speckle, lost blocks, WebP) are neither: a
-recipe may add them to its distillation set.
+colour noise, median smoothing) are neither: a recipe may add them to its distillation set.
 """
 
 from __future__ import annotations
@@ -403,85 +402,6 @@ def _apply_median(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarra
     return cv2.medianBlur(np.ascontiguousarray(img), 2 * max(round(p["radius"]), 1) + 1), lm
 
 
-
-def _draw_random_filter(sev: float, rng: np.random.Generator, scale: float) -> Params:
-    size = 2 * int(rng.integers(1, 4)) + 1
-    return {"kernel": rng.normal(0, 1, (size, size)).round(4).tolist(),
-            "mix": _lerp(0.2, 0.9, sev), "cell": max(scale, 1.0)}
-
-
-def _apply_random_filter(img: np.ndarray, lm: np.ndarray, p: Params
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    # A random convolution (RandConv): texture and edges changed in ways no camera names,
-    # brightness and contrast kept; the same kernel on every channel, so no colour shift.
-    import cv2
-
-    x = img.astype(np.float64)
-    k = np.asarray(p["kernel"], np.float64)
-    k = k * (1.0 if k.sum() >= 0 else -1.0)  # a negative sum would invert the image
-    k = cv2.resize(k, None, fx=p["cell"], fy=p["cell"], interpolation=cv2.INTER_LINEAR)
-    y = cv2.filter2D(x, -1, k, borderType=cv2.BORDER_REFLECT)
-    y = (y - y.mean()) / (y.std() + 1e-6) * x.std() + x.mean()
-    return _u8((1 - p["mix"]) * x + p["mix"] * y), lm
-
-
-def _draw_speckle(sev: float, rng: np.random.Generator, scale: float) -> Params:
-    return {"sigma": _lerp(0.05, 0.45, sev), "cell": _lerp(1.0, 2.5, sev) * scale,
-            "seed": int(rng.integers(2**31))}
-
-
-def _apply_speckle(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
-    # Multiplicative grain (film, ultrasound-like speckle): strongest where the face is bright.
-    import cv2
-
-    rng = np.random.default_rng(p["seed"])
-    h, w = img.shape[:2]
-    gh, gw = max(1, round(h / max(p["cell"], 1.0))), max(1, round(w / max(p["cell"], 1.0)))
-    noise = cv2.resize(rng.normal(0, p["sigma"], (gh, gw)), (w, h),
-                       interpolation=cv2.INTER_LINEAR)
-    return _u8(img * (1 + noise[..., None])), lm
-
-
-def _draw_block_loss(sev: float, rng: np.random.Generator, scale: float) -> Params:
-    return {"block": round(8 * max(scale, 0.25), 2), "fraction": _lerp(0.03, 0.3, sev),
-            "seed": int(rng.integers(2**31))}
-
-
-def _apply_block_loss(img: np.ndarray, lm: np.ndarray, p: Params
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    # Lost video packets: some blocks keep a stale, displaced copy of their neighbourhood.
-    rng = np.random.default_rng(p["seed"])
-    h, w = img.shape[:2]
-    b = max(1, round(p["block"]))
-    out = img.copy()
-    for by in range(0, h, b):
-        for bx in range(0, w, b):
-            if rng.random() >= p["fraction"]:
-                continue
-            dy, dx = (int(v) for v in rng.integers(-2 * b, 2 * b + 1, 2))
-            sy = int(np.clip(by + dy, 0, max(h - b, 0)))
-            sx = int(np.clip(bx + dx, 0, max(w - b, 0)))
-            patch = img[sy:sy + b, sx:sx + b]
-            out[by:by + patch.shape[0], bx:bx + patch.shape[1]] = \
-                patch[:h - by, :w - bx]
-    return out, lm
-
-
-def _draw_webp(sev: float, rng: np.random.Generator, scale: float) -> Params:
-    return {"quality": round(_lerp(50, 1, sev))}
-
-
-def _apply_webp(img: np.ndarray, lm: np.ndarray, p: Params) -> tuple[np.ndarray, np.ndarray]:
-    # Another codec's artefacts than JPEG's: smeared detail and blotchy flat areas.
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="WEBP", quality=int(p["quality"]))
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")), lm
-
-
 Kind = tuple[Callable[..., Params], Callable[..., tuple[np.ndarray, np.ndarray]]]
 _TRAINING: dict[str, Kind] = {
     "defocus": (_draw_defocus, _apply_defocus),
@@ -511,10 +431,6 @@ _EXTRA: dict[str, Kind] = {
     "chroma_shift": (_draw_chroma_shift, _apply_chroma_shift),
     "chroma_noise": (_draw_chroma_noise, _apply_chroma_noise),
     "median": (_draw_median, _apply_median),
-    "random_filter": (_draw_random_filter, _apply_random_filter),
-    "speckle": (_draw_speckle, _apply_speckle),
-    "block_loss": (_draw_block_loss, _apply_block_loss),
-    "webp": (_draw_webp, _apply_webp),
 }
 _KINDS = {**_TRAINING, **_HELD_OUT, **_EXTRA}
 KINDS = tuple(_TRAINING)  # what the recipes label and train on, and the default test protocol
@@ -524,8 +440,8 @@ ALL_KINDS = tuple(_KINDS)
 # Capture order for combinations: geometry, light and optics first, sensor and codec last.
 _ORDER = ("misalign", "warp", "occlusion", "shadow", "glare", "haze", "motion", "interlace",
           "defocus", "chroma_shift", "downscale", "exposure", "contrast", "colour_cast",
-          "lowlight", "speckle", "chroma_noise", "impulse", "median", "random_filter",
-          "sharpen", "solarize", "pixelate", "posterize", "jpeg", "webp", "block_loss")
+          "lowlight", "chroma_noise", "impulse", "median", "sharpen", "solarize", "pixelate",
+          "posterize", "jpeg")
 
 
 def apply(image: np.ndarray, landmarks: np.ndarray, record: list[Params]) -> Degraded:

@@ -313,35 +313,6 @@ def test_set_b_draws_extra_kinds_and_an_unknown_kind_is_refused_before_any_work(
     assert {step["kind"] for rec in plain.records for step in rec} <= set(degradations.KINDS)
 
 
-def test_mixed_faces_blend_two_set_b_faces_by_their_recorded_weight(tmp_path, orl_sources):
-    from fiqa_gate_training import data
-
-    b = data._unlabelled_copies(orl_sources[:4], get_detector(), 3, 5)
-    b.save(tmp_path / "unlabelled_b.npz")
-    assert data.write_mixed(tmp_path, 40, 9) == 40
-    mixed = Samples.load(tmp_path / "mixed_b.npz")
-    by_source = {}
-    for k, source in enumerate(b.source):
-        by_source.setdefault(source, []).append(k)
-    weights = []
-    for k in range(len(mixed)):
-        step = mixed.records[k][-1]
-        assert step["kind"] == "mix" and mixed.identity[k] is None
-        w = step["weight"]
-        weights.append(w)
-        first, second = mixed.source[k].split(" + ")
-        # the parents are the set-B faces of those sources whose blend reproduces the crop
-        fits = [np.abs((1 - w) * b.crops[i].astype(float) + w * b.crops[j] - mixed.crops[k])
-                .max() for i in by_source[first] for j in by_source[second]]
-        assert min(fits) <= 0.5 + 1e-9
-    assert 0 <= min(weights) < 0.3 and 0.7 < max(weights) <= 1
-    again = tmp_path / "again"
-    again.mkdir()
-    b.save(again / "unlabelled_b.npz")
-    data.write_mixed(again, 40, 9)
-    assert np.array_equal(Samples.load(again / "mixed_b.npz").crops, mixed.crops)
-
-
 def test_pixel_batches_mirror_the_chosen_faces_and_leave_the_training_set_alone():
     from fiqa_gate_training.train import pixel_batch, to_input
 

@@ -202,8 +202,6 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                              "labelled_sources": len(found["labelled_train"])}
         samples.save(out / f"{name}.npz")
         log.info("%s: %d faces from %d source faces", name, len(samples), len(part))
-    if d.get("b_mixed"):
-        report["mixed_b"] = {"faces": write_mixed(out, int(d["b_mixed"]), seed + 5)}
     report["unlabelled_images"] = len(images)
     report["unlabelled_skipped"] = len(skipped)
     (out / "labels.json").write_text(json.dumps(report, indent=2))
@@ -248,8 +246,7 @@ def memory_plan(cfg: dict[str, Any], sources: dict[str, int], source_bytes: int
              "mos": sources.get("mos", 0),
              "unlabelled_a": sources["unlabelled_a"] * per_unlabelled,
              "unlabelled_b": (sources["unlabelled_b"] * per_unlabelled
-                              + sources["labelled_train"] * int(d.get("b_labelled_variants", 0))),
-             "mixed_b": int(d.get("b_mixed", 0))}
+                              + sources["labelled_train"] * int(d.get("b_labelled_variants", 0)))}
     total = sum(faces.values())
     distilled = total - faces["labelled_val"]  # every set but validation
     viewed = distilled - faces["unlabelled_b"]  # the sets the teachers train on
@@ -318,33 +315,6 @@ def _unlabelled_copies(sources: list, detector: Any, variants: int, seed: int,
     return build_samples(anonymous, detector, variants, seed, include_clean=False,
                          progress="unlabelled_b (labelled images)", redetect=False,
                          kinds=kinds)
-
-
-def write_mixed(data: Path, n: int, seed: int) -> int:
-    """`mixed_b.npz`: `n` blends of two random set-B faces, (1 - w) * one + w * other with w
-    uniform in [0, 1]. The enhanced teacher labels them like any face of B, so the student
-    is asked to match its teacher between the faces it has seen too, not only on them
-    (function matching with mixup; Beyer et al., "Knowledge distillation: a good teacher
-    is patient and consistent", CVPR 2022). Returns the number of faces written."""
-    b = Samples.load(data / "unlabelled_b.npz")
-    rng = np.random.default_rng(seed)
-    first, second = rng.integers(0, len(b), n), rng.integers(0, len(b), n)
-    w = rng.uniform(0.0, 1.0, n)
-    crops = np.empty((n, *b.crops.shape[1:]), np.uint8)
-    for k in range(0, n, 1024):  # in chunks: a float copy of all of them is 3.7 GB
-        s = slice(k, k + 1024)
-        x = (1 - w[s, None, None, None]) * b.crops[first[s]] + w[s, None, None, None] * \
-            b.crops[second[s]]
-        crops[s] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    mixed = Samples(
-        crops, [None] * n,
-        [f"{b.source[i]} + {b.source[j]}" for i, j in zip(first, second, strict=True)],
-        [b.records[i] + b.records[j] + [{"kind": "mix", "weight": float(x)}]
-         for i, j, x in zip(first, second, w, strict=True)],
-        np.minimum(b.det_score[first], b.det_score[second]))
-    mixed.save(data / "mixed_b.npz")
-    log.info("mixed_b: %d blends of set B faces", n)
-    return n
 
 
 def label_edc(samples: Samples, embeddings: np.ndarray, label: np.ndarray) -> dict[str, Any]:

@@ -245,8 +245,6 @@ def stage_enhanced(run: Run) -> None:
 
 
 def stage_pseudo_b(run: Run) -> None:
-    if run.cfg["data"].get("b_mixed"):  # written before pseudo_b.npy, which marks the stage
-        _pseudo(run, "enhanced", "mixed_b", "pseudo_mixed_b.npy")
     _pseudo(run, "enhanced", "unlabelled_b", "pseudo_b.npy")
 
 
@@ -255,7 +253,6 @@ STUDENT_DATA = {  # the paper's ablation: which sets each student is distilled f
     "student_la": [("unlabelled_a", "pseudo_a.npy")],
     "student": [("unlabelled_a", "pseudo_a.npy"), ("unlabelled_b", "pseudo_b.npy")],
 }
-MIXED_B = ("mixed_b", "pseudo_mixed_b.npy")  # with `data.b_mixed`: set B's blends
 
 
 def _students(run: Run, stage: str
@@ -268,9 +265,7 @@ def _students(run: Run, stage: str
         names = ["student"]
     else:
         names = ["student_la", "student_l"] if run.cfg.get("ablation") else []
-    mixed = [MIXED_B] if run.cfg["data"].get("b_mixed") else []
-    return [(name, STUDENT_DATA[name] + (mixed if name == "student" else []), run.cfg["student"])
-            for name in names]
+    return [(name, STUDENT_DATA[name], run.cfg["student"]) for name in names]
 
 
 def _distillation_set(run: Run, sets: list[tuple[str, str]],
