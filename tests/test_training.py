@@ -472,3 +472,32 @@ def test_trunk_hint_teaches_the_student_and_leaves_nothing_behind(orl_sources, t
     with pytest.raises(ValueError, match="no trunk views"):
         spec = {**base, "hint": {"weight": 0.5, "components": 8}}
         fit(build_model(spec), crops, np.zeros(4), spec, tmp_path / "x.ckpt", "hint")
+
+
+def test_video_frames_keeps_every_step_th_frame_and_refuses_a_non_video(tmp_path):
+    import cv2
+    from fiqa_gate_training.sources import video_frames
+
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
+    for i in range(30):  # each frame's grey level is its index, so frames can be told apart
+        writer.write(np.full((48, 64, 3), 8 * i, np.uint8))
+    writer.release()
+    out = tmp_path / "frames"
+    out.mkdir()
+    got = video_frames(video, out, step=12)
+    assert [p.name for p in got] == ["clip_0000.png", "clip_0012.png", "clip_0024.png"]
+    levels = [float(cv2.imread(str(p)).mean()) for p in got]
+    assert levels == pytest.approx([0, 96, 192], abs=6)
+
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="not a video"):
+        video_frames(fake, out)
+
+
+def test_model_card_names_every_built_in_unlabelled_source():
+    from fiqa_gate_training.report import SOURCE_NAMES
+    from fiqa_gate_training.sources import SOURCES
+
+    assert set(SOURCE_NAMES) == set(SOURCES)

