@@ -39,16 +39,6 @@ def quality_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(pred, target) + plcc_loss(pred, target)
 
 
-def rank_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.05
-              ) -> torch.Tensor:
-    """RankNet over every pair of the batch: the student's order of two faces should match
-    its teacher's, with the teacher's own certainty (the gap between its scores) as the
-    soft label, so near-ties count for little."""
-    dp = (pred[:, None] - pred[None, :]) / temperature
-    dt = (target[:, None] - target[None, :]) / temperature
-    return nn.functional.binary_cross_entropy_with_logits(dp, torch.sigmoid(dt))
-
-
 def split(model: QualityNet, freeze: int) -> tuple[nn.Module | None, nn.Module]:
     """(frozen trunk or None, trainable tail) whose composition is `model`."""
     if freeze <= 0:
@@ -339,10 +329,7 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             if len(idx) < 2:
                 continue  # PLCC needs two samples
             x = batch_input(idx, flips[idx])
-            pred = tail(x)
-            loss = quality_loss(pred, y[idx])
-            if spec.get("rank_loss"):
-                loss = loss + float(spec["rank_loss"]) * rank_loss(pred, y[idx])
+            loss = quality_loss(tail(x), y[idx])
             extra = teach.loss(idx, flips[idx]) if teach is not None else None
             if extra is not None:
                 loss = loss + extra
