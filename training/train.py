@@ -279,9 +279,6 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
         def batch_input(idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
             return views[idx, flips].float()
     y = torch.as_tensor(targets, dtype=torch.float32)
-    low = None
-    if spec.get("low_weight"):
-        low = float(spec["low_weight"]) * (y < torch.quantile(y, 0.3)).float()
     params = [p for p in tail.parameters() if p.requires_grad]
     # the average copies the model before the hint hooks into it
     ema = WeightAverage(model, float(spec["ema"])) if spec.get("ema") else None
@@ -332,10 +329,7 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             if len(idx) < 2:
                 continue  # PLCC needs two samples
             x = batch_input(idx, flips[idx])
-            pred = tail(x)
-            loss = quality_loss(pred, y[idx])
-            if low is not None:  # the faces an EDC discards first count more
-                loss = loss + (low[idx] * (pred - y[idx]) ** 2).mean()
+            loss = quality_loss(tail(x), y[idx])
             extra = teach.loss(idx, flips[idx]) if teach is not None else None
             if extra is not None:
                 loss = loss + extra
