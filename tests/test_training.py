@@ -497,7 +497,6 @@ def test_video_frames_keeps_every_step_th_frame_and_refuses_a_non_video(tmp_path
 
 
 def test_model_card_names_every_built_in_unlabelled_source():
-    from fiqa_gate_training.report import SOURCE_NAMES
-    from fiqa_gate_training.sources import SOURCES
+    from fiqa_gate_training.sources import SOURCE_NAMES, SOURCES
 
     assert set(SOURCE_NAMES) == set(SOURCES)

