@@ -118,6 +118,21 @@ def test_weight_average_by_hand():
     assert model.weight.item() == 3.0 and not ema.model.weight.requires_grad
 
 
+def test_weight_average_follows_batchnorm_statistics_and_copies_counters():
+    """A BatchNorm student's averaged weights must be used with averaged running statistics
+    (the live model's would not fit them); the batch counter is an integer: copied."""
+    from fiqa_gate_training.train import WeightAverage
+    from torch import nn
+
+    model = nn.BatchNorm1d(1)
+    ema = WeightAverage(model, decay=0.5)
+    model.running_mean.fill_(1.0)
+    model.num_batches_tracked.fill_(7)
+    ema.update(model)  # keep 2/11 of the old mean 0
+    assert ema.model.running_mean.item() == pytest.approx(9 / 11)
+    assert ema.model.num_batches_tracked.item() == 7
+
+
 def test_paper_config_takes_one_step_on_two_faces(orl_sources, tmp_path):
     """Swin-B teacher at 448 px and the 352 px student: the code path must not rot."""
     from fiqa_gate_training.models import build_model
@@ -443,10 +458,14 @@ def test_students_that_widen_after_pooling_get_a_head_of_that_width(backbone):
     assert torch.isfinite(out).all()
 
 
-def test_trunk_hint_teaches_the_student_and_leaves_nothing_behind(orl_sources, tmp_path):
+@pytest.mark.parametrize("backbone,args", [("edgenext_xx_small", {"activation": "relu"}),
+                                           ("mobilenetv4_conv_small", {})])
+def test_trunk_hint_teaches_the_student_and_leaves_nothing_behind(orl_sources, tmp_path,
+                                                                  backbone, args):
     """The hint from SFace's frozen trunk adds a gradient (one step with it differs from one
     without), skips faces the trunk never saw, and the trained student is a plain network:
-    no hook left on it, no projection among its weights."""
+    no hook left on it, no projection among its weights. timm names a backbone's stages
+    `stages` (EdgeNeXt) or `blocks` (MobileNets): both take the hint."""
     from fiqa_gate_training.models import build_model
     from fiqa_gate_training.train import fit, make_views, split
 
@@ -454,9 +473,8 @@ def test_trunk_hint_teaches_the_student_and_leaves_nothing_behind(orl_sources, t
     trunk = split(build_model({"backbone": "sface", "input_size": 112}), 73)[0]
     views = make_views(trunk, crops[:3], 112)  # the fourth face has no trunk view
     rows = np.array([0, 1, 2, -1])
-    base = {"backbone": "edgenext_xx_small", "input_size": 112, "epochs": 1,
-            "batch_size": 4, "lr": 2e-3, "weight_decay": 0.05, "seed": 13, "max_steps": 1,
-            "activation": "relu"}
+    base = {"backbone": backbone, "input_size": 112, "epochs": 1, "batch_size": 4,
+            "lr": 2e-3, "weight_decay": 0.05, "seed": 13, "max_steps": 1, **args}
     trained = {}
     for weight in (0.0, 0.5):
         spec = {**base, "hint": {"weight": weight, "components": 8, "stage": 2}}

@@ -140,7 +140,8 @@ Validator = Callable[[QualityNet], float]
 
 
 class WeightAverage:
-    """An exponential moving average of a model's weights (buffers copied as they are).
+    """An exponential moving average of a model's weights and float buffers (BatchNorm's
+    running statistics must follow the averaged weights); integer buffers are copied.
     The decay ramps up as (1 + step) / (10 + step) so the random start fades quickly."""
 
     def __init__(self, model: nn.Module, decay: float):
@@ -154,7 +155,10 @@ class WeightAverage:
         for mine, theirs in zip(self.model.parameters(), model.parameters(), strict=True):
             mine.lerp_(theirs.detach(), 1 - keep)
         for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
-            mine.copy_(theirs)
+            if mine.is_floating_point():
+                mine.lerp_(theirs, 1 - keep)
+            else:
+                mine.copy_(theirs)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "steps": self.steps}
@@ -189,6 +193,14 @@ class StackedViews:
         return out
 
 
+def hint_stages(backbone: nn.Module) -> nn.Sequential:
+    """The backbone's stages: timm calls them `stages` (EdgeNeXt) or `blocks` (MobileNets)."""
+    for name in ("stages", "blocks"):
+        if isinstance(getattr(backbone, name, None), nn.Sequential):
+            return getattr(backbone, name)
+    raise ValueError("student.hint needs a timm backbone with stages (EdgeNeXt, MobileNet, ...)")
+
+
 class TrunkHint(nn.Module):
     """Feature distillation from the teacher's frozen face-pretrained trunk (a FitNets hint).
 
@@ -207,8 +219,7 @@ class TrunkHint(nn.Module):
     def __init__(self, model: QualityNet, views: torch.Tensor, rows: np.ndarray,
                  spec: dict[str, Any]):
         super().__init__()
-        if not hasattr(model.backbone, "stages"):
-            raise ValueError("student.hint needs a backbone with stages (timm EdgeNeXt, ...)")
+        stages = hint_stages(model.backbone)
         self.views, self.rows = views, torch.as_tensor(rows, dtype=torch.long)
         self.weight = float(spec["weight"])
         sample = torch.as_tensor(rows[rows >= 0])
@@ -221,7 +232,7 @@ class TrunkHint(nn.Module):
         self.register_buffer("basis", basis)
         self.register_buffer("scale", ((grid - mean) @ basis).std(0))
         self._feature: torch.Tensor | None = None
-        stage = model.backbone.stages[int(spec.get("stage", 2))]
+        stage = stages[int(spec.get("stage", 2))]
         self._hook = stage.register_forward_hook(lambda _m, _i, out: setattr(self, "_feature",
                                                                               out))
         with torch.no_grad():
