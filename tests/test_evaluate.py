@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fiqa_gate import degradations
@@ -207,7 +208,16 @@ def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
     assert sum(g["faces"] for g in groups.values()) == report["faces"]
     # clean faces match their references better than damaged faces on average
     assert groups["clean"]["mated_similarity"] > groups["combination"]["mated_similarity"]
-    assert "## By degradation" in (out / "report.md").read_text()
+    assert "## By degradation" in (md := (out / "report.md").read_text())
+    paired = v["paired"]  # the first scorer named against each other one, resample by resample
+    assert paired["first"] == "sharpness" and paired["resamples"] == 10
+    against = {d["scorer"]: d for d in paired["against"]}
+    assert set(against) == {"embedding-norm", "random"}
+    d = against["embedding-norm"]
+    assert d["difference"] == pytest.approx(rows["sharpness"]["pauc_norm_20"]
+                                            - rows["embedding-norm"]["pauc_norm_20"])
+    assert d["ci95"][0] <= d["ci95"][1] and 0.0 <= d["ahead"] <= 1.0
+    assert "| sharpness against | difference |" in md and "| embedding-norm | " in md
 
 
 def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
@@ -268,3 +278,4 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert rep["degradation"]["kinds"] == list(degradations.HELD_OUT_KINDS)
     assert "| sharpness | " in (md := (tmp_path / "d" / "report.md").read_text())
     assert " | n/a | " in md and "n/a-n/a" not in md  # no interval without a bootstrap
+    assert rep["verification"]["paired"] == {} and "Paired comparison" not in md

@@ -15,13 +15,16 @@ from fiqa_gate.evaluation.metrics import (
     EDCCurve,
     agreement,
     bootstrap_pauc_norm,
+    bootstrap_pauc_norms,
     choose_fmr_target,
     edc,
     erc,
     fmr_threshold,
     oracle_curve,
     pair_quality,
+    paired_differences,
     pauc,
+    percentile_interval,
 )
 
 # ----------------------------------------------------------------------------- fixtures
@@ -310,6 +313,32 @@ def test_bootstrap_all_nan_when_no_errors():
     m = np.array([True] * 3 + [False] * 10)
     lo, hi = bootstrap_pauc_norm(s, m, np.arange(13.0), n_boot=5, fmr_target=0.1)
     assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_scorers_share_resamples_and_paired_differences_call_a_tie_a_tie():
+    s, m = synthetic(5, n_mated=600, n_non=1500)
+    rng = np.random.default_rng(6)
+    noise, other_noise = rng.random(s.size), rng.random(s.size)
+    q = {"oracle": s, "noise": noise, "same noise": noise.copy(), "other noise": other_noise}
+    values = bootstrap_pauc_norms(s, m, q, n_boot=60, seed=7)
+    # each scorer's values are those it gets alone: one set of resamples for all
+    np.testing.assert_array_equal(values["noise"],
+                                  bootstrap_pauc_norms(s, m, {"x": noise}, n_boot=60,
+                                                       seed=7)["x"])
+    assert percentile_interval(values["noise"]) == bootstrap_pauc_norm(s, m, noise, n_boot=60,
+                                                                       seed=7)
+    point = {n: edc(s, m, v).pauc_norm[0.2] for n, v in q.items()}
+    by_name = {d.other: d for d in paired_differences(values, point, "noise")}
+    assert set(by_name) == {"oracle", "same noise", "other noise"}
+    same = by_name["same noise"]  # a scorer against its copy: exactly level, never ahead
+    assert same.difference == 0.0 and same.ci == (0.0, 0.0) and same.ahead == 0.0
+    oracle = by_name["oracle"]  # noise is far worse than the oracle on every resample
+    assert oracle.difference > 0.3 and oracle.ci[0] > 0 and oracle.ahead == 0.0
+    rival = by_name["other noise"]  # two random scorers: a tie, the interval holds 0
+    assert rival.ci[0] < 0 < rival.ci[1] and 0.0 < rival.ahead < 1.0
+    assert rival.difference == pytest.approx(point["noise"] - point["other noise"])
+    flipped = {d.other: d for d in paired_differences(values, point, "oracle")}["noise"]
+    assert flipped.ahead == 1.0 and flipped.ci[1] < 0
 
 
 # ----------------------------------------------------------------------------- ERC

@@ -44,19 +44,34 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
            title: str) -> dict[str, Any]:
     """EDC with bootstrap intervals, ERC, and both plots: what every kind of input gets."""
     from fiqa_gate.evaluation import report as rep
-    from fiqa_gate.evaluation.metrics import bootstrap_pauc_norm, erc, pair_quality
+    from fiqa_gate.evaluation.metrics import (
+        bootstrap_pauc_norms,
+        erc,
+        pair_quality,
+        paired_differences,
+        percentile_interval,
+    )
     from fiqa_gate.evaluation.protocol import edc_by_scorer, mated_mean
 
     results = edc_by_scorer(sim, mated, a, b, raw)
-    ci = {n: bootstrap_pauc_norm(sim, mated, pair_quality(q[a], q[b]), n_boot=bootstrap)
-          for n, q in raw.items()} if bootstrap else {}
+    ci: dict[str, tuple[float, float]] = {}
+    paired: dict[str, Any] = {}
+    if bootstrap:
+        resampled = bootstrap_pauc_norms(
+            sim, mated, {n: pair_quality(q[a], q[b]) for n, q in raw.items()}, n_boot=bootstrap)
+        ci = {n: percentile_interval(v) for n, v in resampled.items()}
+        # the first scorer named (the student by default) against each of the others
+        first = next(iter(raw))
+        point = {n: r.pauc_norm[0.2] for n, r in results.items()}
+        paired = {"first": first, "resamples": bootstrap,
+                  "against": [d.to_dict() for d in paired_differences(resampled, point, first)]}
     # A face "matches" when it matches most of its references at the recognizer threshold.
     tau = next(iter(results.values())).tau
     matched = mated_mean(sim >= tau, mated, a, b, n_faces)[0] >= 0.5
     out.mkdir(parents=True, exist_ok=True)
     rep.plot_edc(results, out / "edc.png", f"EDC, {title}")
     rep.plot_scores(raw, matched, out / "scores.png", f"Raw scores, {title}")
-    return {"verification": {**rep.verification_summary(results, ci),
+    return {"verification": {**rep.verification_summary(results, ci), "paired": paired,
                              "curves": {n: r.to_dict() for n, r in results.items()}},
             "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area for n, q in raw.items()}}
 
@@ -245,6 +260,8 @@ def demo(out, recognizer):
     best_base = min((r for n, r in rows.items() if n not in (main, "random")),
                     key=lambda r: np.nan_to_num(r["pauc_norm_20"], nan=9.0))
     ident = report["identification"]
+    paired = next((d for d in v["paired"].get("against", []) if d["scorer"] ==
+                   best_base["scorer"]), None) if v["paired"].get("first") == main else None
     click.echo(
         f"\nORL test identities s31-s40, clean + degraded, {report['faces']} faces, "
         f"{recognizer} at FMR {v['fmr_target']:g} (tau {v['tau']:.3f}):\n"
@@ -253,10 +270,22 @@ def demo(out, recognizer):
         f"  normalised pAUC@20 % ({main}):      {rows[main]['pauc_norm_20']:.3f} "
         f"(best baseline {best_base['scorer']}: {best_base['pauc_norm_20']:.3f}, random 1.0, "
         f"oracle {v['oracle_pauc_norm_20']:.3f})\n"
+        f"{_lead(main, best_base['scorer'], paired)}"
         f"  rank-1, enrollment picked by {main}:  "
         f"{ident['best_of_n'].get(main, {}).get('rank1', float('nan')):.3f} "
         f"(random pick {ident['best_of_n']['random']['rank1']:.3f})\n"
         f"plots: {out / 'edc.png'}, {out / 'scores.png'}; tables: {out / 'report.md'}")
+
+
+def _lead(main: str, other: str, paired: dict[str, Any] | None) -> str:
+    """One line: is `main`'s pAUC lead over `other` more than bootstrap noise?"""
+    if not paired or None in paired["ci95"]:
+        return ""
+    lo, hi = paired["ci95"]
+    verdict = ("ahead" if hi < 0 else "behind" if lo > 0 else
+               "a tie within resampling noise")
+    return (f"  {main} minus {other}:        {paired['difference']:+.3f} "
+            f"(95 % CI {lo:+.3f} to {hi:+.3f}: {verdict})\n")
 
 
 @click.command()

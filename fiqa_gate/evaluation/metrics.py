@@ -36,15 +36,19 @@ __all__ = [
     "EDCCurve",
     "EDCResult",
     "ERCResult",
+    "PairedDifference",
     "agreement",
     "bootstrap_pauc_norm",
+    "bootstrap_pauc_norms",
     "choose_fmr_target",
     "edc",
     "erc",
     "fmr_threshold",
     "oracle_curve",
     "pair_quality",
+    "paired_differences",
     "pauc",
+    "percentile_interval",
 ]
 
 
@@ -344,6 +348,59 @@ def edc(
     )
 
 
+def bootstrap_pauc_norms(
+    similarity: ArrayLike,
+    mated: ArrayLike,
+    quality_pairs: Mapping[str, ArrayLike],
+    limit: float = 0.2,
+    fmr_target: float | None = None,
+    n_boot: int = 200,
+    seed: int | np.random.Generator = 0,
+) -> dict[str, np.ndarray]:
+    """The normalised pAUC of each scorer on the same `n_boot` resamples of the pairs.
+
+    Mated and non-mated pairs are resampled separately (so both counts stay fixed), and
+    tau is recomputed on every resample: tau is itself estimated from the non-mated
+    sample, and its sampling noise is part of the uncertainty of the result. Every scorer
+    sees the same resamples, so two scorers' values can be compared resample by resample.
+    A resample with ``e0 == 0`` (undefined normalisation) gives NaN. Pairs, not
+    identities, are the resampling unit, so the spread is optimistic when many pairs share
+    an image.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < limit <= 1.0:
+        raise ValueError(f"pAUC limit must lie in (0, 1], got {limit}")
+    checked = {n: _validate_pairs(similarity, mated, q) for n, q in quality_pairs.items()}
+    if not checked:
+        return {}
+    s, m, _ = next(iter(checked.values()))
+    target, _ = _resolve_target(fmr_target, int((~m).sum()))
+    rng = np.random.default_rng(seed)
+    s_m, s_n = s[m], s[~m]
+    q_m = {n: q[m] for n, (_, _, q) in checked.items()}
+    values = {n: np.empty(n_boot) for n in checked}
+    for b in range(n_boot):
+        im = rng.integers(0, s_m.size, s_m.size)
+        tau = fmr_threshold(s_n[rng.integers(0, s_n.size, s_n.size)], target)
+        for n, q in q_m.items():
+            curve = _edc_steps(q[im], s_m[im] < tau)
+            values[n][b] = _normalise(pauc(curve, limit), float(curve.fnmr[0]), limit)
+    return values
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central `confidence` interval of bootstrap values, NaNs left out."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan, math.nan
+    tail = 50.0 * (1.0 - confidence)
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_pauc_norm(
     similarity: ArrayLike,
     mated: ArrayLike,
@@ -354,37 +411,47 @@ def bootstrap_pauc_norm(
     seed: int | np.random.Generator = 0,
     confidence: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the normalised pAUC, resampling pairs.
+    """Percentile bootstrap CI of the normalised pAUC (resampling as
+    :func:`bootstrap_pauc_norms`); ``(nan, nan)`` if every resample had ``e0 == 0``."""
+    percentile_interval(np.zeros(1), confidence)  # refuse a bad confidence before any work
+    values = bootstrap_pauc_norms(similarity, mated, {"q": quality_pair}, limit, fmr_target,
+                                  n_boot, seed)["q"]
+    return percentile_interval(values, confidence)
 
-    Mated and non-mated pairs are resampled separately (so both counts stay fixed), and
-    tau is recomputed on every resample: tau is itself estimated from the non-mated
-    sample, and its sampling noise is part of the uncertainty of the result. Resamples
-    with ``e0 == 0`` (undefined normalisation) are dropped; if all are, ``(nan, nan)``.
-    Pairs, not identities, are the resampling unit, so the interval is optimistic when
-    many pairs share an image.
-    """
-    s, m, q = _validate_pairs(similarity, mated, quality_pair)
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    if not 0.0 < limit <= 1.0:
-        raise ValueError(f"pAUC limit must lie in (0, 1], got {limit}")
-    target, _ = _resolve_target(fmr_target, int((~m).sum()))
-    rng = np.random.default_rng(seed)
-    s_m, q_m, s_n = s[m], q[m], s[~m]
-    values = np.empty(n_boot)
-    for b in range(n_boot):
-        im = rng.integers(0, s_m.size, s_m.size)
-        tau = fmr_threshold(s_n[rng.integers(0, s_n.size, s_n.size)], target)
-        curve = _edc_steps(q_m[im], s_m[im] < tau)
-        values[b] = _normalise(pauc(curve, limit), float(curve.fnmr[0]), limit)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return math.nan, math.nan
-    tail = 50.0 * (1.0 - confidence)
-    low, high = np.percentile(values, [tail, 100.0 - tail])
-    return float(low), float(high)
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Scorer A's normalised pAUC minus scorer B's (negative: A is better), on shared
+    bootstrap resamples: the interval of the difference and the share of resamples in
+    which A is strictly better."""
+
+    other: str
+    difference: float
+    ci: tuple[float, float]
+    ahead: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scorer": self.other, "difference": _json_float(self.difference),
+                "ci95": [_json_float(v) for v in self.ci], "ahead": _json_float(self.ahead)}
+
+
+def paired_differences(resampled: Mapping[str, np.ndarray], point: Mapping[str, float],
+                       first: str, confidence: float = 0.95) -> list[PairedDifference]:
+    """`first` against every other scorer, from :func:`bootstrap_pauc_norms`' values.
+
+    A difference inside an interval that holds 0 is a tie at that confidence, however the
+    point estimates fall."""
+    out = []
+    for name, values in resampled.items():
+        if name == first:
+            continue
+        diff = resampled[first] - values
+        kept = diff[np.isfinite(diff)]
+        out.append(PairedDifference(
+            other=name, difference=float(point[first] - point[name]),
+            ci=percentile_interval(diff, confidence),
+            ahead=float((kept < 0).mean()) if kept.size else math.nan))
+    return out
 
 
 # --------------------------------------------------------------------------- ERC

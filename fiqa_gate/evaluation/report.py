@@ -18,10 +18,11 @@ def fmt(v: Any, digits: int = 3) -> str:
         else f"{v:.{digits}f}"
 
 
-def interval(bounds: list[float | None] | tuple[float | None, ...]) -> str:
-    """A confidence interval for a table, or `n/a` when none was computed (--bootstrap 0)."""
+def interval(bounds: list[float | None] | tuple[float | None, ...], sep: str = "-") -> str:
+    """A confidence interval for a table, or `n/a` when none was computed (--bootstrap 0);
+    `sep` " to " for signed values."""
     lo, hi = fmt(bounds[0]), fmt(bounds[1])
-    return "n/a" if "n/a" in (lo, hi) else f"{lo}-{hi}"
+    return "n/a" if "n/a" in (lo, hi) else f"{lo}{sep}{hi}"
 
 
 def edc_rows(results: dict[str, EDCResult], ci: dict[str, tuple[float, float]]
@@ -113,6 +114,22 @@ def _sampled(v: dict[str, Any]) -> str:
     return ""
 
 
+def _paired_lines(paired: dict[str, Any] | None) -> list[str]:
+    """Whether the first scorer's lead over each other scorer is more than resampling noise."""
+    if not paired:
+        return []
+    first = paired["first"]
+    lines = ["", f"Paired comparison: {first}'s normalised pAUC at 20 % minus each other "
+             f"scorer's (negative: {first} is better), on the same {paired['resamples']} "
+             f"bootstrap resamples of the pairs; an interval that holds 0 is a tie.", "",
+             f"| {first} against | difference | 95 % CI | {first} ahead in |", "|---|---|---|---|"]
+    for d in paired["against"]:
+        ahead = "n/a" if d["ahead"] is None else f"{100 * d['ahead']:.0f} %"
+        lines.append(f"| {d['scorer']} | {fmt(d['difference'])} | {interval(d['ci95'], ' to ')} "
+                     f"| {ahead} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# fiqa-gate evaluation: {report['dataset']}", "",
              f"Recognizer **{report['recognizer']}**; {report['faces']} faces, "
@@ -145,6 +162,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['scorer']} | {fmt(r['pauc_norm_20'])} | {interval(r['ci95_20'])} |"
                      f" {fmt(r['pauc_norm_30'])} | {fmt(r['fnmr_at_10'])} |"
                      f" {fmt(r['fnmr_at_20'])} |")
+    lines += _paired_lines(report["verification"].get("paired"))
     if report.get("erc"):
         lines += ["", "ERC, threshold recomputed (CR-FIQA / MagFace style), area under FNMR vs "
                   "discard 0-95 %:", "", "| scorer | area |", "|---|---|"]
