@@ -293,6 +293,8 @@ def test_bootstrap_interval_is_seeded_and_sensible():
     # the oracle's interval sits far below 1
     _, hi_o = bootstrap_pauc_norm(s, m, s, n_boot=60, seed=7)
     assert hi_o < lo
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_pauc_norm(s, m, q, n_boot=2, confidence=95)
 
 
 def test_bootstrap_recomputes_tau_per_resample():

@@ -413,7 +413,6 @@ def bootstrap_pauc_norm(
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of the normalised pAUC (resampling as
     :func:`bootstrap_pauc_norms`); ``(nan, nan)`` if every resample had ``e0 == 0``."""
-    percentile_interval(np.zeros(1), confidence)  # refuse a bad confidence before any work
     values = bootstrap_pauc_norms(similarity, mated, {"q": quality_pair}, limit, fmr_target,
                                   n_boot, seed)["q"]
     return percentile_interval(values, confidence)
