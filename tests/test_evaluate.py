@@ -210,7 +210,7 @@ def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
     assert groups["clean"]["mated_similarity"] > groups["combination"]["mated_similarity"]
     assert "## By degradation" in (md := (out / "report.md").read_text())
     paired = v["paired"]  # the first scorer named against each other one, resample by resample
-    assert paired["first"] == "sharpness" and paired["resamples"] == 10
+    assert paired["first"] == "sharpness" and v["bootstrap"]["resamples"] == 10
     against = {d["scorer"]: d for d in paired["against"]}
     assert set(against) == {"embedding-norm", "random"}
     d = against["embedding-norm"]
@@ -218,6 +218,7 @@ def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
                                             - rows["embedding-norm"]["pauc_norm_20"])
     assert d["ci95"][0] <= d["ci95"][1] and 0.0 <= d["ahead"] <= 1.0
     assert "| sharpness against | difference |" in md and "| embedding-norm | " in md
+    assert "10 bootstrap resamples of the source pictures" in md
 
 
 def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):

@@ -343,6 +343,32 @@ def test_scorers_share_resamples_and_paired_differences_call_a_tie_a_tie():
     assert flipped.ahead == 1.0 and flipped.ci[1] < 0
 
 
+def test_resampling_units_keep_copies_from_passing_for_independent_evidence():
+    """Every pair counted four times (as when each face is compared with several
+    references) is no new evidence. Resampling pairs then narrows the interval by about
+    half; resampling the faces the pairs are made of does not."""
+    s, m = synthetic(3, n_mated=400, n_non=1200)
+    q = np.random.default_rng(4).random(s.size)
+    faces = (np.arange(s.size) * 2, np.arange(s.size) * 2 + 1)  # each pair: two own faces
+    copies = 4
+    s4, m4, q4 = (np.tile(v, copies) for v in (s, m, q))
+    faces4 = (np.tile(faces[0], copies), np.tile(faces[1], copies))
+
+    def width(*args, **kw) -> float:
+        lo, hi = bootstrap_pauc_norm(*args, n_boot=150, seed=9, **kw)
+        return hi - lo
+
+    by_pairs, by_pairs4 = width(s, m, q), width(s4, m4, q4)
+    by_faces, by_faces4 = width(s, m, q, units=faces), width(s4, m4, q4, units=faces4)
+    assert by_pairs4 < 0.7 * by_pairs  # false precision
+    assert 0.75 * by_faces < by_faces4 < 1.25 * by_faces
+    # a pair of two once-seen faces is drawn count_a x count_b times: more spread than a
+    # pair drawn alone, so with so few pairs per face the unit interval errs on the wide side
+    assert by_pairs < by_faces < 2 * by_pairs
+    with pytest.raises(ValueError, match="one unit per side"):
+        bootstrap_pauc_norm(s, m, q, n_boot=2, units=(faces[0][:5], faces[1]))
+
+
 # ----------------------------------------------------------------------------- ERC
 
 

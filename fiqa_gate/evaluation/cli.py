@@ -40,9 +40,13 @@ def _warn_skipped(skipped: dict[str, str]) -> None:
 
 
 def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
-           raw: dict[str, np.ndarray], n_faces: int, bootstrap: int, out: Path,
+           raw: dict[str, np.ndarray], units: Sequence[str], bootstrap: int, out: Path,
            title: str) -> dict[str, Any]:
-    """EDC with bootstrap intervals, ERC, and both plots: what every kind of input gets."""
+    """EDC with bootstrap intervals, ERC, and both plots: what every kind of input gets.
+
+    `units` names each face's source picture: the bootstrap draws pictures, each with
+    every comparison of its faces, since comparisons that share a face are not
+    independent (drawing single comparisons gave intervals several times too narrow)."""
     from fiqa_gate.evaluation import report as rep
     from fiqa_gate.evaluation.metrics import (
         bootstrap_pauc_norms,
@@ -57,21 +61,24 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
     ci: dict[str, tuple[float, float]] = {}
     paired: dict[str, Any] = {}
     if bootstrap:
+        unit = np.unique(np.asarray(units), return_inverse=True)[1]
         resampled = bootstrap_pauc_norms(
-            sim, mated, {n: pair_quality(q[a], q[b]) for n, q in raw.items()}, n_boot=bootstrap)
+            sim, mated, {n: pair_quality(q[a], q[b]) for n, q in raw.items()}, n_boot=bootstrap,
+            units=(unit[a], unit[b]))
         ci = {n: percentile_interval(v) for n, v in resampled.items()}
         # the first scorer named (the student by default) against each of the others
         first = next(iter(raw))
         point = {n: r.pauc_norm[0.2] for n, r in results.items()}
-        paired = {"first": first, "resamples": bootstrap,
+        paired = {"first": first,
                   "against": [d.to_dict() for d in paired_differences(resampled, point, first)]}
     # A face "matches" when it matches most of its references at the recognizer threshold.
     tau = next(iter(results.values())).tau
-    matched = mated_mean(sim >= tau, mated, a, b, n_faces)[0] >= 0.5
+    matched = mated_mean(sim >= tau, mated, a, b, len(units))[0] >= 0.5
     out.mkdir(parents=True, exist_ok=True)
     rep.plot_edc(results, out / "edc.png", f"EDC, {title}")
     rep.plot_scores(raw, matched, out / "scores.png", f"Raw scores, {title}")
     return {"verification": {**rep.verification_summary(results, ci), "paired": paired,
+                             "bootstrap": {"resamples": bootstrap, "unit": "source picture"},
                              "curves": {n: r.to_dict() for n, r in results.items()}},
             "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area for n, q in raw.items()}}
 
@@ -119,7 +126,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
                            calibrated, gate_threshold=gate_threshold)
     title = (f"{'ORL s31-s40' if data is None else data} ({recognizer_name}"
              f"{', held-out degradations' if held_out else ''})")
-    judged = _judge(sim, mated, a, b, raw, len(samples), bootstrap, out, title)
+    judged = _judge(sim, mated, a, b, raw, samples.source, bootstrap, out, title)
     judged["verification"]["pair_limit"] = MAX_PAIRS
     report = {
         "dataset": "ORL s31-s40 (built-in test split)" if data is None else str(data),
@@ -178,7 +185,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
               "machine": machine(), "command": command, "skipped_images": failed,
               "pairs": {"listed": len(rows), "compared": len(kept)},
-              **_judge(sim, mated, a, b, raw, len(order), bootstrap, out,
+              **_judge(sim, mated, a, b, raw, order, bootstrap, out,
                        f"{pairs} ({recognizer_name})")}
     rep.write(report, out)
     return report

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,16 +356,22 @@ def bootstrap_pauc_norms(
     fmr_target: float | None = None,
     n_boot: int = 200,
     seed: int | np.random.Generator = 0,
+    units: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The normalised pAUC of each scorer on the same `n_boot` resamples of the pairs.
+    """The normalised pAUC of each scorer on the same `n_boot` bootstrap resamples.
 
-    Mated and non-mated pairs are resampled separately (so both counts stay fixed), and
-    tau is recomputed on every resample: tau is itself estimated from the non-mated
-    sample, and its sampling noise is part of the uncertainty of the result. Every scorer
-    sees the same resamples, so two scorers' values can be compared resample by resample.
-    A resample with ``e0 == 0`` (undefined normalisation) gives NaN. Pairs, not
-    identities, are the resampling unit, so the spread is optimistic when many pairs share
-    an image.
+    Without `units`, pairs are the resampling unit: mated and non-mated pairs are drawn
+    separately, so both counts stay fixed. Pairs that share a face are not independent,
+    though, and then that spread is too narrow. `units` gives, for each pair, the unit its
+    two faces belong to (a face, or a picture with its degraded copies): units are drawn
+    with replacement and a pair enters once for each way its two units were drawn
+    (count_a x count_b), as a cluster bootstrap does. Where a unit is in few pairs that
+    errs on the wide side (a pair's count varies more than a single draw's).
+
+    tau is recomputed on every resample: it is itself estimated from the non-mated sample,
+    and its sampling noise is part of the uncertainty. Every scorer sees the same
+    resamples, so two scorers can be compared resample by resample. A resample with
+    ``e0 == 0`` (undefined normalisation), or without mated or non-mated pairs, gives NaN.
     """
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
@@ -377,16 +383,39 @@ def bootstrap_pauc_norms(
     s, m, _ = next(iter(checked.values()))
     target, _ = _resolve_target(fmr_target, int((~m).sum()))
     rng = np.random.default_rng(seed)
-    s_m, s_n = s[m], s[~m]
-    q_m = {n: q[m] for n, (_, _, q) in checked.items()}
-    values = {n: np.empty(n_boot) for n in checked}
+    draw = _pair_draws(m, units, rng)
+    values = {n: np.full(n_boot, np.nan) for n in checked}
     for b in range(n_boot):
-        im = rng.integers(0, s_m.size, s_m.size)
-        tau = fmr_threshold(s_n[rng.integers(0, s_n.size, s_n.size)], target)
-        for n, q in q_m.items():
-            curve = _edc_steps(q[im], s_m[im] < tau)
+        im, inon = draw()
+        if im.size == 0 or inon.size == 0:
+            continue
+        tau = fmr_threshold(s[inon], target)
+        for n, (_, _, q) in checked.items():
+            curve = _edc_steps(q[im], s[im] < tau)
             values[n][b] = _normalise(pauc(curve, limit), float(curve.fnmr[0]), limit)
     return values
+
+
+def _pair_draws(mated: np.ndarray, units: tuple[ArrayLike, ArrayLike] | None,
+                rng: np.random.Generator) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """A function giving one bootstrap draw: (mated pair indices, non-mated pair indices)."""
+    on, off = np.flatnonzero(mated), np.flatnonzero(~mated)
+    if units is None:
+        return lambda: (on[rng.integers(0, on.size, on.size)],
+                        off[rng.integers(0, off.size, off.size)])
+    ua, ub = (np.asarray(u) for u in units)
+    if not (ua.shape == ub.shape == mated.shape):
+        raise ValueError(f"units must give one unit per side of each of the {mated.size} "
+                         f"pairs, got {ua.shape} and {ub.shape}")
+    labels, flat = np.unique(np.concatenate([ua, ub]), return_inverse=True)
+    ua, ub = flat[:mated.size], flat[mated.size:]
+
+    def draw() -> tuple[np.ndarray, np.ndarray]:
+        counts = np.bincount(rng.integers(0, labels.size, labels.size), minlength=labels.size)
+        weight = counts[ua] * counts[ub]
+        return np.repeat(on, weight[on]), np.repeat(off, weight[off])
+
+    return draw
 
 
 def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
@@ -410,11 +439,12 @@ def bootstrap_pauc_norm(
     n_boot: int = 200,
     seed: int | np.random.Generator = 0,
     confidence: float = 0.95,
+    units: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the normalised pAUC (resampling as
+    """Percentile bootstrap CI of the normalised pAUC (resampling pairs, or `units`, as
     :func:`bootstrap_pauc_norms`); ``(nan, nan)`` if every resample had ``e0 == 0``."""
     values = bootstrap_pauc_norms(similarity, mated, {"q": quality_pair}, limit, fmr_target,
-                                  n_boot, seed)["q"]
+                                  n_boot, seed, units)["q"]
     return percentile_interval(values, confidence)
 
 

@@ -114,14 +114,22 @@ def _sampled(v: dict[str, Any]) -> str:
     return ""
 
 
+def _bootstrap_lines(boot: dict[str, Any] | None) -> list[str]:
+    if not boot or not boot["resamples"]:
+        return []
+    return [f"95 % CI: {boot['resamples']} bootstrap resamples of the {boot['unit']}s, each "
+            "drawn with every comparison of its faces (comparisons sharing a face are not "
+            "independent), the threshold recomputed on each.", ""]
+
+
 def _paired_lines(paired: dict[str, Any] | None) -> list[str]:
     """Whether the first scorer's lead over each other scorer is more than resampling noise."""
     if not paired:
         return []
     first = paired["first"]
     lines = ["", f"Paired comparison: {first}'s normalised pAUC at 20 % minus each other "
-             f"scorer's (negative: {first} is better), on the same {paired['resamples']} "
-             f"bootstrap resamples of the pairs; an interval that holds 0 is a tie.", "",
+             f"scorer's (negative: {first} is better), on the same bootstrap resamples; an "
+             "interval that holds 0 is a tie.", "",
              f"| {first} against | difference | 95 % CI | {first} ahead in |", "|---|---|---|---|"]
     for d in paired["against"]:
         ahead = "n/a" if d["ahead"] is None else f"{100 * d['ahead']:.0f} %"
@@ -156,7 +164,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["## Verification: EDC at a fixed threshold (normalised pAUC, lower is better)", "",
               f"Oracle: {fmt(report['verification']['oracle_pauc_norm_20'])} at 20 %, "
               f"{fmt(report['verification']['oracle_pauc_norm_30'])} at 30 %. ![EDC](edc.png)",
-              "", "| scorer | pAUC 20 % | 95 % CI | pAUC 30 % | FNMR @10 % | FNMR @20 % |",
+              "", *_bootstrap_lines(report["verification"].get("bootstrap")),
+              "| scorer | pAUC 20 % | 95 % CI | pAUC 30 % | FNMR @10 % | FNMR @20 % |",
               "|---|---|---|---|---|---|"]
     for r in report["verification"]["scorers"]:
         lines.append(f"| {r['scorer']} | {fmt(r['pauc_norm_20'])} | {interval(r['ci95_20'])} |"
