@@ -280,3 +280,17 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert "| sharpness | " in (md := (tmp_path / "d" / "report.md").read_text())
     assert " | n/a | " in md and "n/a-n/a" not in md  # no interval without a bootstrap
     assert rep["verification"]["paired"] == {} and "Paired comparison" not in md
+
+
+def test_demo_line_calls_a_lead_only_when_the_interval_excludes_zero():
+    from fiqa_gate.evaluation.cli import _lead
+
+    def line(lo, hi):
+        return _lead("student", "embedding-norm",
+                     {"scorer": "embedding-norm", "difference": (lo + hi) / 2, "ci95": [lo, hi]})
+
+    assert line(-0.02, -0.001).endswith(": ahead)\n")
+    assert line(0.001, 0.02).endswith(": behind)\n")
+    assert "a tie" in line(-0.017, 0.010)
+    assert _lead("student", "embedding-norm", None) == ""  # --bootstrap 0: nothing to say
+    assert _lead("student", "x", {"difference": None, "ci95": [None, None]}) == ""
