@@ -61,7 +61,7 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
     ci: dict[str, tuple[float, float]] = {}
     paired: dict[str, Any] = {}
     if bootstrap:
-        unit = np.unique(np.asarray(units), return_inverse=True)[1]
+        unit = np.asarray(units)  # labels as they are: the bootstrap numbers them itself
         resampled = bootstrap_pauc_norms(
             sim, mated, {n: pair_quality(q[a], q[b]) for n, q in raw.items()}, n_boot=bootstrap,
             units=(unit[a], unit[b]))
