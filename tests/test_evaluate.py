@@ -183,6 +183,46 @@ def test_identification_split_keeps_probes_apart_from_candidates():
         assert source[i] not in {source[j] for j in sp.candidates}
 
 
+def test_identification_best_of_n_gain_and_its_interval_through_faiss():
+    """Six people, four pictures each, a clean and a damaged face per picture; a damaged
+    face's embedding points nowhere. Picking the clean candidate (quality 1) enrolls every
+    identity right; a random pick enrolls a useless face about half the time."""
+    from fiqa_gate.datasets import Samples
+    from fiqa_gate.evaluation.identification import identification
+
+    rng = np.random.default_rng(2)
+    people = np.eye(6, 16)
+    ident, source, emb, quality = [], [], [], []
+    for p in range(6):
+        for pic in range(4):
+            for damaged in (False, True):
+                ident.append(f"p{p}")
+                source.append(f"p{p}/{pic}")
+                noise = rng.normal(0, 0.05, 16)
+                emb.append(rng.normal(0, 1, 16) if damaged and pic < 2 else people[p] + noise)
+                quality.append(0.0 if damaged else 1.0)
+    emb = np.asarray(emb, np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    q = np.asarray(quality)
+    s = Samples(np.zeros((len(q), 1, 1, 3), np.uint8), ident, source, [[]] * len(q),
+                np.ones(len(q)))
+    out = identification(s, emb, "sface", 0.3, {"quality": q}, {"quality": q},
+                         bootstrap=200)
+    best, rand = out["best_of_n"]["quality"], out["best_of_n"]["random"]
+    assert out["mated_probes"] == 4 * 2 * 2 and out["bootstrap"]["resamples"] == 200
+    assert best["rank1"] == 1.0 and best["rank1_ci95"] == [1.0, 1.0]
+    assert 0.2 < rand["rank1"] < 0.9
+    lo, hi = best["rank1_gain_ci95"]
+    assert 0 < lo <= best["rank1"] - rand["rank1"] <= hi and best["ahead"] == 1.0
+    gated = out["gated"]["quality"]  # only clean candidates enrolled: no wrong neighbours
+    assert gated["enrolled"] == 4 * 2 and gated["rank1"] == 1.0
+    assert gated["rank1"] - out["ungated"]["rank1"] >= gated["rank1_gain_ci95"][0]
+    assert "rank1_gain_ci95" not in out["ungated"] and "ahead" not in rand
+    again = identification(s, emb, "sface", 0.3, {"quality": q}, {"quality": q}, bootstrap=0)
+    assert again["best_of_n"]["quality"]["rank1"] == 1.0
+    assert "bootstrap" not in again and "rank1_ci95" not in again["best_of_n"]["quality"]
+
+
 def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
     out = tmp_path / "report"
     done = _cli("evaluate", "--scorer", "sharpness", "--scorer", "embedding-norm",
@@ -202,6 +242,10 @@ def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
     ident = report["identification"]
     assert 0 <= ident["best_of_n"]["random"]["rank1"] <= 1
     assert "embedding-norm" in ident["best_of_n"]
+    norm_pick = ident["best_of_n"]["embedding-norm"]
+    lo, hi = norm_pick["rank1_gain_ci95"]
+    assert lo <= norm_pick["rank1"] - ident["best_of_n"]["random"]["rank1"] <= hi
+    assert ident["bootstrap"]["resamples"] == 10
     assert "sharpness" in done.stdout
     groups = {g["group"]: g for g in report["by_degradation"]}
     assert "clean" in groups and len(groups) >= 5
@@ -219,6 +263,7 @@ def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
     assert d["ci95"][0] <= d["ci95"][1] and 0.0 <= d["ahead"] <= 1.0
     assert "| sharpness against | difference |" in md and "| embedding-norm | " in md
     assert "10 bootstrap resamples of the source pictures" in md
+    assert "10 bootstrap resamples of the mated probes' source pictures" in md
 
 
 def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):

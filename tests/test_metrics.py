@@ -14,6 +14,7 @@ from scipy import stats
 from fiqa_gate.evaluation.metrics import (
     EDCCurve,
     agreement,
+    bootstrap_means,
     bootstrap_pauc_norm,
     bootstrap_pauc_norms,
     choose_fmr_target,
@@ -367,6 +368,31 @@ def test_resampling_units_keep_copies_from_passing_for_independent_evidence():
     assert by_pairs < by_faces < 2 * by_pairs
     with pytest.raises(ValueError, match="one unit per side"):
         bootstrap_pauc_norm(s, m, q, n_boot=2, units=(faces[0][:5], faces[1]))
+
+
+def test_bootstrap_means_draw_units_whole_and_share_resamples():
+    """Means over cluster resamples: a unit's elements go in or out together, so four
+    copies of each unit give the same spread as one; arrays compared on shared draws."""
+    rng = np.random.default_rng(5)
+    per_unit = rng.random(60)
+    units = np.arange(60)
+    once = bootstrap_means({"v": per_unit}, units, n_boot=400, seed=3)["v"]
+    four = bootstrap_means({"v": np.repeat(per_unit, 4)}, np.repeat(units, 4), n_boot=400,
+                           seed=3)["v"]
+    np.testing.assert_allclose(four, once)  # same unit draws, same weighted means
+    lo, hi = percentile_interval(once)
+    assert lo < per_unit.mean() < hi
+    # the textbook spread of a mean of 60 draws: sd / sqrt(60)
+    assert once.std() == pytest.approx(per_unit.std() / np.sqrt(60), rel=0.2)
+    # resampled one by one, the copies would pass for 240 independent values
+    singles = bootstrap_means({"v": np.repeat(per_unit, 4)}, np.arange(240), n_boot=400,
+                              seed=3)["v"]
+    assert singles.std() < 0.65 * once.std()
+    shared = bootstrap_means({"a": per_unit, "b": per_unit + 1.0}, units, n_boot=50)
+    np.testing.assert_allclose(shared["b"] - shared["a"], 1.0)
+    assert np.isnan(bootstrap_means({"v": []}, [], n_boot=3)["v"]).all()
+    with pytest.raises(ValueError, match="5 values for 60 units"):
+        bootstrap_means({"v": per_unit[:5]}, units)
 
 
 # ----------------------------------------------------------------------------- ERC

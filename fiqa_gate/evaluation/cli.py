@@ -123,7 +123,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     raw, calibrated = qualities(samples, scorers, recognizer_name, options, progress=True,
                                 norms=norms)
     ident = identification(samples, emb, recognizer_name, recognizer.threshold, raw,
-                           calibrated, gate_threshold=gate_threshold)
+                           calibrated, gate_threshold=gate_threshold, bootstrap=bootstrap)
     title = (f"{'ORL s31-s40' if data is None else data} ({recognizer_name}"
              f"{', held-out degradations' if held_out else ''})")
     judged = _judge(sim, mated, a, b, raw, samples.source, bootstrap, out, title)
@@ -258,6 +258,8 @@ def evaluate(data, pairs, out, recognizer, scorers, model, teacher, variants, se
 @click.option("--recognizer", default=registry.DEFAULT_RECOGNIZER, show_default=True)
 def demo(out, recognizer):
     """The main job: the gate's gain on the bundled ORL test faces, in a few minutes."""
+    from fiqa_gate.evaluation import report as rep
+
     scorers = [s for s in DEFAULT_SCORERS if s in registry.registry().scorers or s == "random"]
     report = run_evaluation(None, recognizer, scorers, out, 3, 314159, 200, 0.5, {},
                             f"fiqa-gate demo --recognizer {recognizer}")
@@ -269,6 +271,8 @@ def demo(out, recognizer):
     ident = report["identification"]
     paired = next((d for d in v["paired"].get("against", []) if d["scorer"] ==
                    best_base["scorer"]), None) if v["paired"].get("first") == main else None
+    ci = rep.gain_interval(ident["best_of_n"].get(main, {}))
+    gain = f"; 95 % CI of the gain {ci} points" if ci else ""
     click.echo(
         f"\nORL test identities s31-s40, clean + degraded, {report['faces']} faces, "
         f"{recognizer} at FMR {v['fmr_target']:g} (tau {v['tau']:.3f}):\n"
@@ -280,7 +284,7 @@ def demo(out, recognizer):
         f"{_lead(main, best_base['scorer'], paired)}"
         f"  rank-1, enrollment picked by {main}:  "
         f"{ident['best_of_n'].get(main, {}).get('rank1', float('nan')):.3f} "
-        f"(random pick {ident['best_of_n']['random']['rank1']:.3f})\n"
+        f"(random pick {ident['best_of_n']['random']['rank1']:.3f}{gain})\n"
         f"plots: {out / 'edc.png'}, {out / 'scores.png'}; tables: {out / 'report.md'}")
 
 

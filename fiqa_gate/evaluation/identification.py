@@ -10,10 +10,16 @@ as non-mated searches for FPIR.
 - gated: every candidate whose calibrated score clears the gate threshold, versus all.
 Rank-1 accuracy over mated probes; FNIR at a fixed FPIR with the decision threshold set on
 the ungated (all candidates) run, then held fixed for every other run.
+
+Intervals: the mated probes are resampled by source picture (a picture's degraded copies
+go in or out together), the enrolled gallery held as each run chose it; every run sees
+the same resamples, so a gain is judged resample by resample against its reference
+(random picks for best-of-N, all candidates for the gate).
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from fiqa_gate.datasets import Samples
+from fiqa_gate.evaluation.metrics import bootstrap_means, percentile_interval
 from fiqa_gate.gallery import Enrollment, Gallery
 
 
@@ -68,62 +75,89 @@ def _search(embeddings: np.ndarray, ident: np.ndarray, enroll: np.ndarray, probe
     return top, sim
 
 
-def _fnir_at(sim_m: np.ndarray, top_m: np.ndarray, truth: np.ndarray, t: float) -> float:
-    """Mated searches that miss: wrong top identity, or right one below the threshold."""
-    return float(np.mean((top_m != truth) | (sim_m < t)))
+def _interval(values: np.ndarray) -> list[float | None]:
+    return [v if math.isfinite(v) else None for v in percentile_interval(values)]
 
 
 def identification(samples: Samples, embeddings: np.ndarray, recognizer: str,
                    threshold: float, qualities: Mapping[str, np.ndarray],
                    calibrated: Mapping[str, np.ndarray], gate_threshold: float = 0.5,
-                   fpir: float = 0.05, random_draws: int = 20) -> dict[str, Any]:
+                   fpir: float = 0.05, random_draws: int = 20,
+                   bootstrap: int = 200) -> dict[str, Any]:
     sp = split(samples)
     ident = np.asarray([str(i) for i in samples.identity])
     truth = ident[sp.mated_probes]
+    probes = np.concatenate([sp.mated_probes, sp.nonmated_probes])
+    n = len(sp.mated_probes)
 
-    def run(enroll: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-        probes = np.concatenate([sp.mated_probes, sp.nonmated_probes])
+    def search(enroll: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         top, sim = _search(embeddings, ident, enroll, probes, recognizer, threshold)
-        n = len(sp.mated_probes)
-        return float(np.mean(top[:n] == truth)), top[:n], sim[:n], sim[n:]
+        return top[:n], sim[:n], sim[n:]
 
-    base_rank1, top_all, sim_all, non_all = run(sp.candidates)
+    top_all, sim_all, non_all = search(sp.candidates)
     # Threshold fixed on the ungated run: the similarity that FPIR of non-mated searches pass.
     t_fpir = float(np.quantile(non_all, 1 - fpir)) if len(non_all) else threshold
+
+    def outcome(top: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per mated probe: rank-1 hit, and miss (FNIR): wrong top identity, or the right
+        one below the FPIR threshold."""
+        hit = top == truth
+        return hit.astype(float), (~hit | (sim < t_fpir)).astype(float)
+
+    # per-probe outcomes of every run, for the shared resamples below
+    hits: dict[str, np.ndarray] = {}
+    misses: dict[str, np.ndarray] = {}
+    hits["ungated"], misses["ungated"] = outcome(top_all, sim_all)
     out: dict[str, Any] = {
         "identities_enrolled": len(set(ident[sp.candidates])),
-        "candidates": len(sp.candidates), "mated_probes": len(sp.mated_probes),
+        "candidates": len(sp.candidates), "mated_probes": n,
         "nonmated_probes": len(sp.nonmated_probes), "fpir": fpir,
         "fpir_threshold": t_fpir, "gate_threshold": gate_threshold,
-        "ungated": {"rank1": base_rank1, "fnir": _fnir_at(sim_all, top_all, truth, t_fpir),
-                    "enrolled": len(sp.candidates)},
+        "ungated": {"enrolled": len(sp.candidates)},
         "best_of_n": {}, "gated": {},
     }
     cand_ident = ident[sp.candidates]
     rng = np.random.default_rng(0)
-    draws = []
-    for _ in range(random_draws):
-        pick = [rng.choice(sp.candidates[cand_ident == name]) for name in sorted(set(cand_ident))]
-        r1, top, sim, _ = run(np.asarray(pick))
-        draws.append((r1, _fnir_at(sim, top, truth, t_fpir)))
-    out["best_of_n"]["random"] = {"rank1": float(np.mean([d[0] for d in draws])),
-                                  "fnir": float(np.mean([d[1] for d in draws])),
-                                  "draws": random_draws}
+    draws = [outcome(*search(np.asarray(
+        [rng.choice(sp.candidates[cand_ident == name]) for name in sorted(set(cand_ident))]
+    ))[:2]) for _ in range(random_draws)]
+    # a probe's chance of a hit under a random pick: its mean over the draws
+    hits["best:random"] = np.mean([d[0] for d in draws], axis=0)
+    misses["best:random"] = np.mean([d[1] for d in draws], axis=0)
+    out["best_of_n"]["random"] = {"draws": random_draws}
     for name, q in qualities.items():
         if name == "random":
             continue
         qc = np.nan_to_num(q[sp.candidates], nan=-np.inf)
-        pick = [sp.candidates[cand_ident == n][np.argmax(qc[cand_ident == n])]
-                for n in sorted(set(cand_ident))]
-        r1, top, sim, _ = run(np.asarray(pick))
-        out["best_of_n"][name] = {"rank1": r1, "fnir": _fnir_at(sim, top, truth, t_fpir)}
+        pick = [sp.candidates[cand_ident == c][np.argmax(qc[cand_ident == c])]
+                for c in sorted(set(cand_ident))]
+        hits[f"best:{name}"], misses[f"best:{name}"] = outcome(*search(np.asarray(pick))[:2])
+        out["best_of_n"][name] = {}
     for name, c in calibrated.items():
         keep = sp.candidates[np.nan_to_num(c[sp.candidates], nan=0.0) >= gate_threshold]
-        if len(keep) == 0:
-            out["gated"][name] = {"rank1": 0.0, "fnir": 1.0, "enrolled": 0}
+        if len(keep) == 0:  # nothing enrolled: every search misses
+            hits[f"gate:{name}"], misses[f"gate:{name}"] = np.zeros(n), np.ones(n)
+            out["gated"][name] = {"enrolled": 0, "identities": 0}
             continue
-        r1, top, sim, _ = run(keep)
-        out["gated"][name] = {"rank1": r1, "fnir": _fnir_at(sim, top, truth, t_fpir),
-                              "enrolled": len(keep),
-                              "identities": len(set(ident[keep]))}
+        hits[f"gate:{name}"], misses[f"gate:{name}"] = outcome(*search(keep)[:2])
+        out["gated"][name] = {"enrolled": len(keep), "identities": len(set(ident[keep]))}
+
+    entries = {"ungated": out["ungated"],
+               **{f"best:{k}": v for k, v in out["best_of_n"].items()},
+               **{f"gate:{k}": v for k, v in out["gated"].items()}}
+    for key, entry in entries.items():
+        entry["rank1"], entry["fnir"] = float(hits[key].mean()), float(misses[key].mean())
+    if bootstrap and n:
+        units = np.asarray(samples.source)[sp.mated_probes]
+        r_hit = bootstrap_means(hits, units, bootstrap)
+        r_miss = bootstrap_means(misses, units, bootstrap, seed=0)  # same draws as the hits
+        out["bootstrap"] = {"resamples": bootstrap, "unit": "source picture of a mated probe"}
+        for key, entry in entries.items():
+            entry["rank1_ci95"] = _interval(r_hit[key])
+            entry["fnir_ci95"] = _interval(r_miss[key])
+            ref = "best:random" if key.startswith("best:") else "ungated"
+            if key not in (ref, "ungated"):
+                gain = r_hit[key] - r_hit[ref]
+                entry["rank1_gain_ci95"] = _interval(gain)
+                entry["ahead"] = float((gain > 0).mean())
     return out

@@ -418,6 +418,33 @@ def _pair_draws(mated: np.ndarray, units: tuple[ArrayLike, ArrayLike] | None,
     return draw
 
 
+def bootstrap_means(values: Mapping[str, ArrayLike], units: ArrayLike, n_boot: int = 200,
+                    seed: int | np.random.Generator = 0) -> dict[str, np.ndarray]:
+    """Each array's mean on the same `n_boot` cluster-bootstrap resamples of `units`.
+
+    `units` gives the unit of each element (the source picture of a probe face, say):
+    units are drawn with replacement and an element counts once for each time its unit
+    was drawn, so copies of one picture go in or out together. Shared resamples let two
+    arrays be compared resample by resample."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    arrays = {n: _as_1d_float(n, v) for n, v in values.items()}
+    labels, unit = np.unique(np.asarray(units), return_inverse=True)
+    for n, v in arrays.items():
+        if v.shape != unit.shape:
+            raise ValueError(f"{n}: {v.size} values for {unit.size} units")
+    rng = np.random.default_rng(seed)
+    out = {n: np.full(n_boot, np.nan) for n in arrays}
+    for b in range(n_boot if labels.size else 0):
+        weight = np.bincount(rng.integers(0, labels.size, labels.size),
+                             minlength=labels.size)[unit]
+        if weight.sum() == 0:
+            continue
+        for n, v in arrays.items():
+            out[n][b] = float(weight @ v) / float(weight.sum())
+    return out
+
+
 def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """The central `confidence` interval of bootstrap values, NaNs left out."""
     if not 0.0 < confidence < 1.0:
