@@ -149,15 +149,17 @@ def identification(samples: Samples, embeddings: np.ndarray, recognizer: str,
         entry["rank1"], entry["fnir"] = float(hits[key].mean()), float(misses[key].mean())
     if bootstrap and n:
         units = np.asarray(samples.source)[sp.mated_probes]
-        r_hit = bootstrap_means(hits, units, bootstrap)
-        r_miss = bootstrap_means(misses, units, bootstrap, seed=0)  # same draws as the hits
+        # one call, so hits and misses share every resample
+        resampled = bootstrap_means({**{f"hit {k}": v for k, v in hits.items()},
+                                     **{f"miss {k}": v for k, v in misses.items()}},
+                                    units, bootstrap)
         out["bootstrap"] = {"resamples": bootstrap, "unit": "source picture of a mated probe"}
         for key, entry in entries.items():
-            entry["rank1_ci95"] = _interval(r_hit[key])
-            entry["fnir_ci95"] = _interval(r_miss[key])
+            entry["rank1_ci95"] = _interval(resampled[f"hit {key}"])
+            entry["fnir_ci95"] = _interval(resampled[f"miss {key}"])
             ref = "best:random" if key.startswith("best:") else "ungated"
             if key not in (ref, "ungated"):
-                gain = r_hit[key] - r_hit[ref]
+                gain = resampled[f"hit {key}"] - resampled[f"hit {ref}"]
                 entry["rank1_gain_ci95"] = _interval(gain)
                 entry["ahead"] = float((gain > 0).mean())
     return out

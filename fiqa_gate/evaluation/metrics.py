@@ -436,10 +436,9 @@ def bootstrap_means(values: Mapping[str, ArrayLike], units: ArrayLike, n_boot: i
     rng = np.random.default_rng(seed)
     out = {n: np.full(n_boot, np.nan) for n in arrays}
     for b in range(n_boot if labels.size else 0):
+        # each drawn unit brings at least one element, so the weights never sum to 0
         weight = np.bincount(rng.integers(0, labels.size, labels.size),
                              minlength=labels.size)[unit]
-        if weight.sum() == 0:
-            continue
         for n, v in arrays.items():
             out[n][b] = float(weight @ v) / float(weight.sum())
     return out
