@@ -206,8 +206,9 @@ def test_identification_best_of_n_gain_and_its_interval_through_faiss():
     q = np.asarray(quality)
     s = Samples(np.zeros((len(q), 1, 1, 3), np.uint8), ident, source, [[]] * len(q),
                 np.ones(len(q)))
-    out = identification(s, emb, "sface", 0.3, {"quality": q}, {"quality": q},
-                         bootstrap=200)
+    # scored by: the truth, its reverse (always the damaged face), and a copy of the truth
+    picks = {"quality": q, "reversed": 1 - q, "copy": q.copy()}
+    out = identification(s, emb, "sface", 0.3, picks, {"quality": q}, bootstrap=200)
     best, rand = out["best_of_n"]["quality"], out["best_of_n"]["random"]
     assert out["mated_probes"] == 4 * 2 * 2 and out["bootstrap"]["resamples"] == 200
     assert best["rank1"] == 1.0 and best["rank1_ci95"] == [1.0, 1.0]
@@ -218,9 +219,18 @@ def test_identification_best_of_n_gain_and_its_interval_through_faiss():
     assert gated["enrolled"] == 4 * 2 and gated["rank1"] == 1.0
     assert gated["rank1"] - out["ungated"]["rank1"] >= gated["rank1_gain_ci95"][0]
     assert "rank1_gain_ci95" not in out["ungated"] and "ahead" not in rand
+    paired = {d["scorer"]: d for d in out["best_of_n_paired"]["against"]}
+    assert out["best_of_n_paired"]["first"] == "quality" and set(paired) == {"reversed", "copy"}
+    rev = paired["reversed"]
+    assert rev["difference"] == 1.0 - out["best_of_n"]["reversed"]["rank1"] > 0.5
+    assert 0 < rev["ci95"][0] <= rev["difference"] <= rev["ci95"][1] and rev["ahead"] == 1.0
+    # the same picks: a difference of exactly 0 in every resample, neither ahead nor behind
+    assert paired["copy"]["ci95"] == [0.0, 0.0]
+    assert paired["copy"]["ahead"] == paired["copy"]["behind"] == 0.0
     again = identification(s, emb, "sface", 0.3, {"quality": q}, {"quality": q}, bootstrap=0)
     assert again["best_of_n"]["quality"]["rank1"] == 1.0
     assert "bootstrap" not in again and "rank1_ci95" not in again["best_of_n"]["quality"]
+    assert "best_of_n_paired" not in again
 
 
 def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
@@ -246,6 +256,14 @@ def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
     lo, hi = norm_pick["rank1_gain_ci95"]
     assert lo <= norm_pick["rank1"] - ident["best_of_n"]["random"]["rank1"] <= hi
     assert ident["bootstrap"]["resamples"] == 10
+    # the first scorer named picks against each other scorer's picks, on the same resamples
+    picked = {d["scorer"]: d for d in ident["best_of_n_paired"]["against"]}
+    assert ident["best_of_n_paired"]["first"] == "sharpness" and "embedding-norm" in picked
+    d = picked["embedding-norm"]
+    assert d["difference"] == pytest.approx(ident["best_of_n"]["sharpness"]["rank1"]
+                                            - norm_pick["rank1"])
+    assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+    assert "Best-of-N, paired" in (out / "report.md").read_text()
     assert "sharpness" in done.stdout
     groups = {g["group"]: g for g in report["by_degradation"]}
     assert "clean" in groups and len(groups) >= 5
@@ -339,3 +357,17 @@ def test_demo_line_calls_a_lead_only_when_the_interval_excludes_zero():
     assert "a tie" in line(-0.017, 0.010)
     assert _lead("student", "embedding-norm", None) == ""  # --bootstrap 0: nothing to say
     assert _lead("student", "x", {"difference": None, "ci95": [None, None]}) == ""
+
+
+def test_demo_picks_line_reads_a_rank1_difference_the_other_way_round():
+    """For rank-1, higher is better: a positive interval is a lead (for pAUC it is a loss)."""
+    from fiqa_gate.evaluation.cli import _picks_line
+
+    def line(lo, hi):
+        return _picks_line("student", "embedding-norm",
+                           {"difference": (lo + hi) / 2, "ci95": [lo, hi]})
+
+    assert line(0.02, 0.1).endswith(": ahead)\n") and "+6.0 points" in line(0.02, 0.1)
+    assert line(-0.1, -0.02).endswith(": behind)\n")
+    assert "a tie" in line(-0.079, 0.021)
+    assert _picks_line("student", "embedding-norm", None) == ""

@@ -271,6 +271,8 @@ def demo(out, recognizer):
     ident = report["identification"]
     paired = next((d for d in v["paired"].get("against", []) if d["scorer"] ==
                    best_base["scorer"]), None) if v["paired"].get("first") == main else None
+    picks = next((d for d in ident.get("best_of_n_paired", {}).get("against", [])
+                  if d["scorer"] == best_base["scorer"]), None)
     ci = rep.gain_interval(ident["best_of_n"].get(main, {}))
     gain = f"; 95 % CI of the gain {ci} points" if ci else ""
     click.echo(
@@ -285,7 +287,23 @@ def demo(out, recognizer):
         f"  rank-1, enrollment picked by {main}:  "
         f"{ident['best_of_n'].get(main, {}).get('rank1', float('nan')):.3f} "
         f"(random pick {ident['best_of_n']['random']['rank1']:.3f}{gain})\n"
+        f"{_picks_line(main, best_base['scorer'], picks)}"
         f"plots: {out / 'edc.png'}, {out / 'scores.png'}; tables: {out / 'report.md'}")
+
+
+def _verdict(lo: float, hi: float, better_is_low: bool) -> str:
+    if better_is_low:
+        lo, hi = -hi, -lo
+    return "ahead" if lo > 0 else "behind" if hi < 0 else "a tie within resampling noise"
+
+
+def _picks_line(main: str, other: str, picks: dict[str, Any] | None) -> str:
+    """One line: does `main` pick better enrollment images than `other`?"""
+    if not picks or None in picks["ci95"]:
+        return ""
+    lo, hi = picks["ci95"]
+    return (f"  rank-1, {main}'s picks minus {other}'s: {100 * picks['difference']:+.1f} points "
+            f"(95 % CI {100 * lo:+.1f} to {100 * hi:+.1f}: {_verdict(lo, hi, False)})\n")
 
 
 def _lead(main: str, other: str, paired: dict[str, Any] | None) -> str:
@@ -293,10 +311,8 @@ def _lead(main: str, other: str, paired: dict[str, Any] | None) -> str:
     if not paired or None in paired["ci95"]:
         return ""
     lo, hi = paired["ci95"]
-    verdict = ("ahead" if hi < 0 else "behind" if lo > 0 else
-               "a tie within resampling noise")
     return (f"  {main} minus {other}:        {paired['difference']:+.3f} "
-            f"(95 % CI {lo:+.3f} to {hi:+.3f}: {verdict})\n")
+            f"(95 % CI {lo:+.3f} to {hi:+.3f}: {_verdict(lo, hi, True)})\n")
 
 
 @click.command()

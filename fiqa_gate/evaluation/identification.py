@@ -14,7 +14,8 @@ the ungated (all candidates) run, then held fixed for every other run.
 Intervals: the mated probes are resampled by source picture (a picture's degraded copies
 go in or out together), the enrolled gallery held as each run chose it; every run sees
 the same resamples, so a gain is judged resample by resample against its reference
-(random picks for best-of-N, all candidates for the gate).
+(random picks for best-of-N, all candidates for the gate), and the first scorer's picks
+are compared with each other scorer's the same way.
 """
 
 from __future__ import annotations
@@ -162,4 +163,24 @@ def identification(samples: Samples, embeddings: np.ndarray, recognizer: str,
                 gain = resampled[f"hit {key}"] - resampled[f"hit {ref}"]
                 entry["rank1_gain_ci95"] = _interval(gain)
                 entry["ahead"] = float((gain > 0).mean())
+        out["best_of_n_paired"] = _paired_picks(hits, resampled, list(qualities))
     return out
+
+
+def _paired_picks(hits: Mapping[str, np.ndarray], resampled: Mapping[str, np.ndarray],
+                  names: list[str]) -> dict[str, Any]:
+    """The first scorer's best-of-N rank-1 minus each other scorer's, on shared resamples:
+    gains over random alone cannot say which of two scorers picks better."""
+    scorers = [n for n in names if n != "random"]
+    if len(scorers) < 2:
+        return {}
+    first = scorers[0]
+    against = []
+    for name in scorers[1:]:
+        diff = resampled[f"hit best:{first}"] - resampled[f"hit best:{name}"]
+        against.append({"scorer": name,
+                        "difference": float(hits[f"best:{first}"].mean()
+                                            - hits[f"best:{name}"].mean()),
+                        "ci95": _interval(diff), "ahead": float((diff > 0).mean()),
+                        "behind": float((diff < 0).mean())})
+    return {"first": first, "against": against}

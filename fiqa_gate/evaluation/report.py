@@ -154,6 +154,7 @@ def _identification_lines(ident: dict[str, Any] | None) -> list[str]:
     for name, r in sorted(ident["best_of_n"].items(), key=lambda kv: -kv[1]["rank1"]):
         lines.append(f"| {name} | {fmt(r['rank1'])} | {interval(r.get('rank1_ci95', (None,) * 2))}"
                      f" | {_gain(r, rand)} | {fmt(r['fnir'])} |")
+    lines += _paired_pick_lines(ident.get("best_of_n_paired"))
     lines += ["", f"Gated enrollment (all candidates with score >= {ident['gate_threshold']}) "
                   f"versus all {u['enrolled']} candidates (rank-1 {fmt(u['rank1'])}, FNIR "
                   f"{fmt(u['fnir'])}):", "",
@@ -163,6 +164,24 @@ def _identification_lines(ident: dict[str, Any] | None) -> list[str]:
         lines.append(f"| {name} | {r['enrolled']} | {fmt(r['rank1'])} | "
                      f"{interval(r.get('rank1_ci95', (None,) * 2))} | {_gain(r, u)} | "
                      f"{fmt(r['fnir'])} |")
+    return lines
+
+
+def _paired_pick_lines(paired: dict[str, Any] | None) -> list[str]:
+    """Whether the first scorer picks better enrollment images than each other scorer."""
+    if not paired:
+        return []
+    first = paired["first"]
+    lines = ["", f"Best-of-N, paired: rank-1 of {first}'s picks minus each other scorer's "
+             f"(points; positive: {first} picked better), on the same resamples; an interval "
+             "that holds 0 is a tie.", "",
+             f"| {first} against | difference | 95 % CI | {first} ahead in | behind in |",
+             "|---|---|---|---|---|"]
+    for d in paired["against"]:
+        lo, hi = d["ci95"]
+        ci = "n/a" if None in (lo, hi) else f"{100 * lo:+.1f} to {100 * hi:+.1f}"
+        lines.append(f"| {d['scorer']} | {100 * d['difference']:+.1f} | {ci} | "
+                     f"{100 * d['ahead']:.0f} % | {100 * d['behind']:.0f} % |")
     return lines
 
 
