@@ -271,8 +271,9 @@ def demo(out, recognizer):
     ident = report["identification"]
     paired = next((d for d in v["paired"].get("against", []) if d["scorer"] ==
                    best_base["scorer"]), None) if v["paired"].get("first") == main else None
-    picks = next((d for d in ident.get("best_of_n_paired", {}).get("against", [])
-                  if d["scorer"] == best_base["scorer"]), None)
+    by_picks = ident.get("best_of_n_paired", {})
+    picks = next((d for d in by_picks.get("against", []) if d["scorer"] ==
+                  best_base["scorer"]), None) if by_picks.get("first") == main else None
     ci = rep.gain_interval(ident["best_of_n"].get(main, {}))
     gain = f"; 95 % CI of the gain {ci} points" if ci else ""
     click.echo(
