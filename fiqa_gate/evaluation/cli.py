@@ -292,28 +292,31 @@ def demo(out, recognizer):
         f"plots: {out / 'edc.png'}, {out / 'scores.png'}; tables: {out / 'report.md'}")
 
 
-def _verdict(lo: float, hi: float, better_is_low: bool) -> str:
-    if better_is_low:
-        lo, hi = -hi, -lo
-    return "ahead" if lo > 0 else "behind" if hi < 0 else "a tie within resampling noise"
-
-
-def _picks_line(main: str, other: str, picks: dict[str, Any] | None) -> str:
-    """One line: does `main` pick better enrollment images than `other`?"""
-    if not picks or None in picks["ci95"]:
+def _comparison(label: str, d: dict[str, Any] | None, better_is_low: bool,
+                scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
+    """One line: is a paired difference more than bootstrap noise?"""
+    if not d or None in d["ci95"]:
         return ""
-    lo, hi = picks["ci95"]
-    return (f"  rank-1, {main}'s picks minus {other}'s: {100 * picks['difference']:+.1f} points "
-            f"(95 % CI {100 * lo:+.1f} to {100 * hi:+.1f}: {_verdict(lo, hi, False)})\n")
+    lo, hi = d["ci95"]
+    verdict = ("ahead" if (hi < 0 if better_is_low else lo > 0) else
+               "behind" if (lo > 0 if better_is_low else hi < 0) else
+               "a tie within resampling noise")
+
+    def f(v: float) -> str:
+        return f"{scale * v:+.{digits}f}"
+
+    return f"  {label} {f(d['difference'])}{unit} (95 % CI {f(lo)} to {f(hi)}: {verdict})\n"
 
 
 def _lead(main: str, other: str, paired: dict[str, Any] | None) -> str:
-    """One line: is `main`'s pAUC lead over `other` more than bootstrap noise?"""
-    if not paired or None in paired["ci95"]:
-        return ""
-    lo, hi = paired["ci95"]
-    return (f"  {main} minus {other}:        {paired['difference']:+.3f} "
-            f"(95 % CI {lo:+.3f} to {hi:+.3f}: {_verdict(lo, hi, True)})\n")
+    """`main`'s normalised pAUC minus `other`'s (lower is better)."""
+    return _comparison(f"{main} minus {other}:       ", paired, better_is_low=True)
+
+
+def _picks_line(main: str, other: str, picks: dict[str, Any] | None) -> str:
+    """Rank-1 of `main`'s best-of-N picks minus `other`'s (higher is better)."""
+    return _comparison(f"rank-1, {main}'s picks minus {other}'s:", picks, better_is_low=False,
+                       scale=100, digits=1, unit=" points")
 
 
 @click.command()

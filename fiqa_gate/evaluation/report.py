@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,7 @@ def _identification_lines(ident: dict[str, Any] | None) -> list[str]:
     for name, r in sorted(ident["best_of_n"].items(), key=lambda kv: -kv[1]["rank1"]):
         lines.append(f"| {name} | {fmt(r['rank1'])} | {interval(r.get('rank1_ci95', (None,) * 2))}"
                      f" | {_gain(r, rand)} | {fmt(r['fnir'])} |")
-    lines += _paired_pick_lines(ident.get("best_of_n_paired"))
+    lines += _against_table(ident.get("best_of_n_paired"), "picks")
     lines += ["", f"Gated enrollment (all candidates with score >= {ident['gate_threshold']}) "
                   f"versus all {u['enrolled']} candidates (rank-1 {fmt(u['rank1'])}, FNIR "
                   f"{fmt(u['fnir'])}):", "",
@@ -167,37 +168,43 @@ def _identification_lines(ident: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _paired_pick_lines(paired: dict[str, Any] | None) -> list[str]:
-    """Whether the first scorer picks better enrollment images than each other scorer."""
-    if not paired:
-        return []
-    first = paired["first"]
-    lines = ["", f"Best-of-N, paired: rank-1 of {first}'s picks minus each other scorer's "
-             f"(points; positive: {first} picked better), on the same resamples; an interval "
-             "that holds 0 is a tie.", "",
-             f"| {first} against | difference | 95 % CI | {first} ahead in | behind in |",
-             "|---|---|---|---|---|"]
-    for d in paired["against"]:
-        lo, hi = d["ci95"]
-        ci = "n/a" if None in (lo, hi) else f"{100 * lo:+.1f} to {100 * hi:+.1f}"
-        lines.append(f"| {d['scorer']} | {100 * d['difference']:+.1f} | {ci} | "
-                     f"{100 * d['ahead']:.0f} % | {100 * d['behind']:.0f} % |")
-    return lines
+def _points(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:+.1f}"
 
 
-def _paired_lines(paired: dict[str, Any] | None) -> list[str]:
-    """Whether the first scorer's lead over each other scorer is more than resampling noise."""
+def _share(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f} %"
+
+
+# what a paired table compares, and how its differences are written
+_AGAINST: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "pauc": ("Paired comparison: {first}'s normalised pAUC at 20 % minus each other scorer's "
+             "(negative: {first} is better), on the same bootstrap resamples; an interval "
+             "that holds 0 is a tie.", fmt),
+    "picks": ("Best-of-N, paired: rank-1 of {first}'s picks minus each other scorer's "
+              "(points; positive: {first} picked better), on the same resamples; an interval "
+              "that holds 0 is a tie.", _points),
+}
+
+
+def _against_table(paired: dict[str, Any] | None, kind: str) -> list[str]:
+    """The first scorer against each other scorer on shared resamples: difference, its
+    interval, and the shares of resamples it is ahead (and, where recorded, behind) in."""
     if not paired:
         return []
-    first = paired["first"]
-    lines = ["", f"Paired comparison: {first}'s normalised pAUC at 20 % minus each other "
-             f"scorer's (negative: {first} is better), on the same bootstrap resamples; an "
-             "interval that holds 0 is a tie.", "",
-             f"| {first} against | difference | 95 % CI | {first} ahead in |", "|---|---|---|---|"]
-    for d in paired["against"]:
-        ahead = "n/a" if d["ahead"] is None else f"{100 * d['ahead']:.0f} %"
-        lines.append(f"| {d['scorer']} | {fmt(d['difference'])} | {interval(d['ci95'], ' to ')} "
-                     f"| {ahead} |")
+    intro, value = _AGAINST[kind]
+    first, rows = paired["first"], paired["against"]
+    behind = all("behind" in d for d in rows)
+    columns = ["difference", "95 % CI", f"{first} ahead in", *(["behind in"] * behind)]
+    lines = ["", intro.format(first=first), "",
+             f"| {first} against | " + " | ".join(columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for d in rows:
+        lo, hi = (value(v) for v in d["ci95"])
+        cells = [d["scorer"], value(d["difference"]),
+                 "n/a" if "n/a" in (lo, hi) else f"{lo} to {hi}", _share(d["ahead"]),
+                 *([_share(d.get("behind"))] * behind)]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -234,7 +241,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['scorer']} | {fmt(r['pauc_norm_20'])} | {interval(r['ci95_20'])} |"
                      f" {fmt(r['pauc_norm_30'])} | {fmt(r['fnmr_at_10'])} |"
                      f" {fmt(r['fnmr_at_20'])} |")
-    lines += _paired_lines(report["verification"].get("paired"))
+    lines += _against_table(report["verification"].get("paired"), "pauc")
     if report.get("erc"):
         lines += ["", "ERC, threshold recomputed (CR-FIQA / MagFace style), area under FNMR vs "
                   "discard 0-95 %:", "", "| scorer | area |", "|---|---|"]
