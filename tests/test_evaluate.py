@@ -371,3 +371,18 @@ def test_demo_picks_line_reads_a_rank1_difference_the_other_way_round():
     assert line(-0.1, -0.02).endswith(": behind)\n")
     assert "a tie" in line(-0.079, 0.021)
     assert _picks_line("student", "embedding-norm", None) == ""
+
+
+def test_score_histograms_switch_to_log_bins_only_for_wide_positive_scores():
+    from fiqa_gate.evaluation.report import histogram_bins
+
+    wide = np.array([5.0, 40.0, 300.0, 17000.0])  # sharpness-like: four decades
+    edges, log = histogram_bins(wide)
+    assert log and edges[0] == 5.0 and edges[-1] >= 17000.0
+    assert np.allclose(edges[1:] / edges[:-1], edges[1] / edges[0])  # equal ratios
+    assert np.histogram(wide, edges)[0].sum() == 4
+    for narrow in (np.array([0.2, 0.9, 1.1]), np.array([0.0, 5.0, 17000.0]),
+                   np.array([-0.5, 1.0])):  # small span, a zero, a negative: linear
+        edges, log = histogram_bins(narrow)
+        assert not log and np.allclose(np.diff(edges), edges[1] - edges[0])
+    assert histogram_bins(np.array([])) == (10, False)

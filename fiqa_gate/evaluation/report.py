@@ -78,6 +78,17 @@ def plot_edc(results: dict[str, EDCResult], path: Path, title: str) -> Path:
     return path
 
 
+def histogram_bins(values: np.ndarray, n: int = 30) -> tuple[np.ndarray | int, bool]:
+    """Bin edges for a score histogram, and whether they are logarithmic: positive scores
+    spanning more than two decades (sharpness) would otherwise pile into the first bin."""
+    if not values.size:
+        return 10, False
+    lo, hi = float(values.min()), float(values.max())
+    if lo > 0 and hi / lo > 100:
+        return np.geomspace(lo, hi * (1 + 1e-9), n), True
+    return np.linspace(lo, hi + 1e-9, n), False
+
+
 def plot_scores(qualities: dict[str, np.ndarray], matched: np.ndarray, path: Path,
                 title: str) -> Path:
     """Per scorer: histograms of its score for faces that match their references and not."""
@@ -94,10 +105,12 @@ def plot_scores(qualities: dict[str, np.ndarray], matched: np.ndarray, path: Pat
     for ax, name in zip(axes.flat, names, strict=False):
         q = qualities[name]
         ok = np.isfinite(q)
-        bins = np.linspace(np.nanmin(q[ok]), np.nanmax(q[ok]) + 1e-9, 30) if ok.any() else 10
+        bins, log = histogram_bins(q[ok])
         ax.hist(q[ok & matched], bins=bins, alpha=0.6, label="matched", color="tab:green")
         ax.hist(q[ok & ~matched], bins=bins, alpha=0.6, label="not matched", color="tab:red")
-        ax.set_title(name, fontsize=9)
+        if log:
+            ax.set_xscale("log")
+        ax.set_title(f"{name}{' (log scale)' * log}", fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
