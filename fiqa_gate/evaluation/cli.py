@@ -269,11 +269,8 @@ def demo(out, recognizer):
     best_base = min((r for n, r in rows.items() if n not in (main, "random")),
                     key=lambda r: np.nan_to_num(r["pauc_norm_20"], nan=9.0))
     ident = report["identification"]
-    paired = next((d for d in v["paired"].get("against", []) if d["scorer"] ==
-                   best_base["scorer"]), None) if v["paired"].get("first") == main else None
-    by_picks = ident.get("best_of_n_paired", {})
-    picks = next((d for d in by_picks.get("against", []) if d["scorer"] ==
-                  best_base["scorer"]), None) if by_picks.get("first") == main else None
+    paired = _against(v["paired"], main, best_base["scorer"])
+    picks = _against(ident.get("best_of_n_paired", {}), main, best_base["scorer"])
     ci = rep.gain_interval(ident["best_of_n"].get(main, {}))
     gain = f"; 95 % CI of the gain {ci} points" if ci else ""
     click.echo(
@@ -292,14 +289,21 @@ def demo(out, recognizer):
         f"plots: {out / 'edc.png'}, {out / 'scores.png'}; tables: {out / 'report.md'}")
 
 
+def _against(block: dict[str, Any], first: str, other: str) -> dict[str, Any] | None:
+    """`first` against `other` from a paired block, if `first` is the one it compares."""
+    if block.get("first") != first:
+        return None
+    return next((d for d in block.get("against", []) if d["scorer"] == other), None)
+
+
 def _comparison(label: str, d: dict[str, Any] | None, better_is_low: bool,
                 scale: float = 1.0, digits: int = 3, unit: str = "") -> str:
     """One line: is a paired difference more than bootstrap noise?"""
     if not d or None in d["ci95"]:
         return ""
     lo, hi = d["ci95"]
-    verdict = ("ahead" if (hi < 0 if better_is_low else lo > 0) else
-               "behind" if (lo > 0 if better_is_low else hi < 0) else
+    gain_lo, gain_hi = (-hi, -lo) if better_is_low else (lo, hi)  # as a gain: above 0 is ahead
+    verdict = ("ahead" if gain_lo > 0 else "behind" if gain_hi < 0 else
                "a tie within resampling noise")
 
     def f(v: float) -> str:
