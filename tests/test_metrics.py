@@ -334,14 +334,21 @@ def test_scorers_share_resamples_and_paired_differences_call_a_tie_a_tie():
     by_name = {d.other: d for d in paired_differences(values, point, "noise")}
     assert set(by_name) == {"oracle", "same noise", "other noise"}
     same = by_name["same noise"]  # a scorer against its copy: exactly level, never ahead
-    assert same.difference == 0.0 and same.ci == (0.0, 0.0) and same.ahead == 0.0
+    assert same.difference == 0.0 and same.ci == (0.0, 0.0)
+    assert same.ahead == same.behind == 0.0
     oracle = by_name["oracle"]  # noise is far worse than the oracle on every resample
-    assert oracle.difference > 0.3 and oracle.ci[0] > 0 and oracle.ahead == 0.0
+    assert oracle.difference > 0.3 and oracle.ci[0] > 0
+    assert oracle.ahead == 0.0 and oracle.behind == 1.0
     rival = by_name["other noise"]  # two random scorers: a tie, the interval holds 0
     assert rival.ci[0] < 0 < rival.ci[1] and 0.0 < rival.ahead < 1.0
+    assert rival.ahead + rival.behind == pytest.approx(1.0)  # continuous pAUCs never tie
     assert rival.difference == pytest.approx(point["noise"] - point["other noise"])
     flipped = {d.other: d for d in paired_differences(values, point, "oracle")}["noise"]
-    assert flipped.ahead == 1.0 and flipped.ci[1] < 0
+    assert flipped.ahead == 1.0 and flipped.behind == 0.0 and flipped.ci[1] < 0
+    # where higher is better (rank-1), the same differences read the other way round
+    higher = {d.other: d for d in paired_differences(values, point, "oracle",
+                                                     higher_is_better=True)}["noise"]
+    assert higher.ci == flipped.ci and higher.ahead == 0.0 and higher.behind == 1.0
 
 
 def test_resampling_units_keep_copies_from_passing_for_independent_evidence():

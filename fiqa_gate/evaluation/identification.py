@@ -30,7 +30,11 @@ from typing import Any
 import numpy as np
 
 from fiqa_gate.datasets import Samples
-from fiqa_gate.evaluation.metrics import bootstrap_means, percentile_interval
+from fiqa_gate.evaluation.metrics import (
+    bootstrap_means,
+    paired_differences,
+    percentile_interval,
+)
 from fiqa_gate.gallery import Enrollment, Gallery
 
 
@@ -174,13 +178,7 @@ def _paired_picks(hits: Mapping[str, np.ndarray], resampled: Mapping[str, np.nda
     scorers = [n for n in names if n != "random"]
     if len(scorers) < 2:
         return {}
-    first = scorers[0]
-    against = []
-    for name in scorers[1:]:
-        diff = resampled[f"hit best:{first}"] - resampled[f"hit best:{name}"]
-        against.append({"scorer": name,
-                        "difference": float(hits[f"best:{first}"].mean()
-                                            - hits[f"best:{name}"].mean()),
-                        "ci95": _interval(diff), "ahead": float((diff > 0).mean()),
-                        "behind": float((diff < 0).mean())})
-    return {"first": first, "against": against}
+    against = paired_differences({n: resampled[f"hit best:{n}"] for n in scorers},
+                                 {n: float(hits[f"best:{n}"].mean()) for n in scorers},
+                                 scorers[0], higher_is_better=True)
+    return {"first": scorers[0], "against": [d.to_dict() for d in against]}

@@ -476,36 +476,43 @@ def bootstrap_pauc_norm(
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """Scorer A's normalised pAUC minus scorer B's (negative: A is better), on shared
-    bootstrap resamples: the interval of the difference and the share of resamples in
-    which A is strictly better."""
+    """Scorer A's figure minus scorer B's on shared bootstrap resamples: the interval of the
+    difference and the shares of resamples in which A is strictly better and strictly
+    worse (both, because two scorers often tie exactly, e.g. when they pick the same
+    enrollment image)."""
 
     other: str
     difference: float
     ci: tuple[float, float]
     ahead: float
+    behind: float
 
     def to_dict(self) -> dict[str, Any]:
         return {"scorer": self.other, "difference": _json_float(self.difference),
-                "ci95": [_json_float(v) for v in self.ci], "ahead": _json_float(self.ahead)}
+                "ci95": [_json_float(v) for v in self.ci], "ahead": _json_float(self.ahead),
+                "behind": _json_float(self.behind)}
 
 
 def paired_differences(resampled: Mapping[str, np.ndarray], point: Mapping[str, float],
-                       first: str, confidence: float = 0.95) -> list[PairedDifference]:
-    """`first` against every other scorer, from :func:`bootstrap_pauc_norms`' values.
+                       first: str, higher_is_better: bool = False,
+                       confidence: float = 0.95) -> list[PairedDifference]:
+    """`first` against every other scorer, from per-resample figures such as
+    :func:`bootstrap_pauc_norms`' (lower is better) or rank-1 rates (higher is better).
 
     A difference inside an interval that holds 0 is a tie at that confidence, however the
     point estimates fall."""
+    sign = 1.0 if higher_is_better else -1.0
     out = []
     for name, values in resampled.items():
         if name == first:
             continue
         diff = resampled[first] - values
-        kept = diff[np.isfinite(diff)]
+        gain = sign * diff[np.isfinite(diff)]
         out.append(PairedDifference(
             other=name, difference=float(point[first] - point[name]),
             ci=percentile_interval(diff, confidence),
-            ahead=float((kept < 0).mean()) if kept.size else math.nan))
+            ahead=float((gain > 0).mean()) if gain.size else math.nan,
+            behind=float((gain < 0).mean()) if gain.size else math.nan))
     return out
 
 

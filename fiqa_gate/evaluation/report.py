@@ -202,13 +202,13 @@ _AGAINST: dict[str, tuple[str, Callable[[Any], str]]] = {
 
 def _against_table(paired: dict[str, Any] | None, kind: str) -> list[str]:
     """The first scorer against each other scorer on shared resamples: difference, its
-    interval, and the shares of resamples it is ahead (and, where recorded, behind) in."""
+    interval, and the shares of resamples it is ahead and behind in (n/a in reports
+    written before "behind" was recorded)."""
     if not paired:
         return []
     intro, value = _AGAINST[kind]
     first, rows = paired["first"], paired["against"]
-    behind = all("behind" in d for d in rows)
-    columns = ["difference", "95 % CI", f"{first} ahead in", *(["behind in"] * behind)]
+    columns = ["difference", "95 % CI", f"{first} ahead in", "behind in"]
     lines = ["", intro.format(first=first), "",
              f"| {first} against | " + " | ".join(columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
@@ -216,7 +216,7 @@ def _against_table(paired: dict[str, Any] | None, kind: str) -> list[str]:
         lo, hi = (value(v) for v in d["ci95"])
         cells = [d["scorer"], value(d["difference"]),
                  "n/a" if "n/a" in (lo, hi) else f"{lo} to {hi}", _share(d["ahead"]),
-                 *([_share(d.get("behind"))] * behind)]
+                 _share(d.get("behind"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
