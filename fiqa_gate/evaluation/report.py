@@ -19,10 +19,16 @@ def fmt(v: Any, digits: int = 3) -> str:
         else f"{v:.{digits}f}"
 
 
-def interval(bounds: list[float | None] | tuple[float | None, ...], sep: str = "-") -> str:
+def _points(v: Any) -> str:
+    """A rank-1 rate or difference in signed points, for a table."""
+    return "n/a" if v is None else f"{100 * v:+.1f}"
+
+
+def interval(bounds: list[float | None] | tuple[float | None, ...], sep: str = "-",
+             value: Callable[[Any], str] = fmt) -> str:
     """A confidence interval for a table, or `n/a` when none was computed (--bootstrap 0);
-    `sep` " to " for signed values."""
-    lo, hi = fmt(bounds[0]), fmt(bounds[1])
+    `sep` " to " for signed values, `value` how each bound is written."""
+    lo, hi = value(bounds[0]), value(bounds[1])
     return "n/a" if "n/a" in (lo, hi) else f"{lo}{sep}{hi}"
 
 
@@ -138,8 +144,8 @@ def _bootstrap_lines(boot: dict[str, Any] | None) -> list[str]:
 
 def gain_interval(entry: dict[str, Any]) -> str:
     """The 95 % interval of a rank-1 gain in points ("+8.0 to +19.1"), or "" without one."""
-    lo, hi = entry.get("rank1_gain_ci95", (None, None))
-    return "" if None in (lo, hi) else f"{100 * lo:+.1f} to {100 * hi:+.1f}"
+    ci = interval(entry.get("rank1_gain_ci95", (None, None)), " to ", _points)
+    return "" if ci == "n/a" else ci
 
 
 def _gain(entry: dict[str, Any], ref: dict[str, Any]) -> str:
@@ -181,10 +187,6 @@ def _identification_lines(ident: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _points(v: Any) -> str:
-    return "n/a" if v is None else f"{100 * v:+.1f}"
-
-
 def _share(v: Any) -> str:
     return "n/a" if v is None else f"{100 * v:.0f} %"
 
@@ -213,10 +215,8 @@ def _against_table(paired: dict[str, Any] | None, kind: str) -> list[str]:
              f"| {first} against | " + " | ".join(columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for d in rows:
-        lo, hi = (value(v) for v in d["ci95"])
-        cells = [d["scorer"], value(d["difference"]),
-                 "n/a" if "n/a" in (lo, hi) else f"{lo} to {hi}", _share(d["ahead"]),
-                 _share(d.get("behind"))]
+        cells = [d["scorer"], value(d["difference"]), interval(d["ci95"], " to ", value),
+                 _share(d["ahead"]), _share(d.get("behind"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
