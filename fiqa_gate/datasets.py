@@ -36,6 +36,7 @@ from fiqa_gate.faces import (
     similarity_transform,
 )
 from fiqa_gate.images import IMAGE_SUFFIXES, iter_files, load_image
+from fiqa_gate.pipeline import enlarge_for_detection
 
 ORL_TRAIN = tuple(f"s{i}" for i in range(1, 25))
 ORL_VAL = tuple(f"s{i}" for i in range(25, 31))
@@ -219,17 +220,6 @@ def unlabelled_folder(root: str | Path) -> list[Path]:
             if Path(p).suffix.lower() in IMAGE_SUFFIXES]
 
 
-def _pad_for_detection(image: np.ndarray) -> tuple[np.ndarray, float]:
-    """Tight or tiny crops (LFW thumbnails) get upscaled so the detector can see them."""
-    import cv2
-
-    side = min(image.shape[:2])
-    if side >= 96:
-        return image, 1.0
-    f = 96 / side
-    return cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_CUBIC), f
-
-
 def detect_sources(items: Iterable[tuple[str | None, Path | str]], detector: Detector,
                    all_faces: bool = False, min_eye_distance: float = 8.0,
                    skipped: list[tuple[str, str]] | None = None) -> list[SourceFace]:
@@ -242,7 +232,7 @@ def detect_sources(items: Iterable[tuple[str | None, Path | str]], detector: Det
             if skipped is not None:
                 skipped.append((str(path), exc.reason))
             continue
-        image, f = _pad_for_detection(image)
+        image, f = enlarge_for_detection(image)
         found = detector.detect(image)
         if not found:
             if skipped is not None:

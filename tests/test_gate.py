@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from fiqa_gate_plugins.baselines import DetectorConfidenceScorer
+from PIL import Image
 
 from fiqa_gate import registry
 from fiqa_gate.gate import Gate
@@ -164,3 +165,29 @@ def test_a_faces_student_score_does_not_depend_on_the_faces_scored_with_it(group
     assert np.array_equal(every_core.raw_from_crops(crops[::-1]), alone[::-1])
     small_batches = OnnxStudentScorer(threads=1, batch_size=4)
     assert np.array_equal(small_batches.raw_from_crops(crops), alone)
+
+
+def test_the_runtime_cuts_the_crops_training_and_evaluation_cut(orl_root, sample_photo, tmp_path):
+    """ORL images (92 px wide) and thumbnails are enlarged before detection on every path,
+    so the gate scores the crops the student was trained and measured on."""
+    from fiqa_gate.datasets import detect_sources
+    from fiqa_gate.faces import align_face
+
+    detector = registry.get_detector("yunet")
+    paths = [orl_root / "s31" / f"{i}.pgm" for i in (1, 2, 3)]
+    for path, source in zip(paths, detect_sources([(None, p) for p in paths], detector),
+                            strict=True):
+        face = faces_from_file(str(path), detector)[0]
+        np.testing.assert_array_equal(face.crop, align_face(source.image,
+                                                            source.detection.landmarks))
+        x, y, w, h = face.detection.box  # reported in the file's own pixels
+        assert 0 <= x < x + w <= 92 + 4 and 0 <= y < y + h <= 112 + 4
+    # a 20 px thumbnail of a face is still found, where the detector alone misses it
+    image = Image.open(sample_photo).convert("RGB")
+    box = faces_from_file(str(sample_photo), detector)[0].detection.box
+    x, y, w, h = (int(v) for v in box)
+    thumb = tmp_path / "thumb.png"
+    margin = (x - w // 4, y - h // 4, x + w + w // 4, y + h + h // 4)
+    image.crop(margin).resize((20, 24)).save(thumb)
+    assert not detector.detect(np.asarray(Image.open(thumb).convert("RGB")))
+    assert len(faces_from_file(str(thumb), detector)) == 1
