@@ -45,17 +45,20 @@ class Calibration:
 
 def isotonic_fit(raw: np.ndarray, target: np.ndarray, max_knots: int = 64) -> tuple[list, list]:
     """Non-decreasing least-squares fit of `target` on `raw` (PAV), as interpolation knots."""
-    order = np.argsort(raw, kind="stable")
-    xs = np.asarray(raw, dtype=np.float64)[order]
-    ys = np.asarray(target, dtype=np.float64)[order]
+    # Equal raw values must get one fitted value whatever their order, so they start as one
+    # block weighted by their count (undetected faces all score 0, for instance).
+    xs, inverse, counts = np.unique(np.asarray(raw, dtype=np.float64), return_inverse=True,
+                                    return_counts=True)
+    sums = np.bincount(inverse.reshape(-1), weights=np.asarray(target, dtype=np.float64),
+                       minlength=len(xs))
     # blocks: value, weight, first x, last x
     vals: list[float] = []
     wts: list[float] = []
     lo: list[float] = []
     hi: list[float] = []
-    for x, y in zip(xs, ys, strict=True):
-        vals.append(y)
-        wts.append(1.0)
+    for x, total, n in zip(xs, sums, counts, strict=True):
+        vals.append(total / n)
+        wts.append(float(n))
         lo.append(x)
         hi.append(x)
         while len(vals) > 1 and vals[-2] >= vals[-1]:

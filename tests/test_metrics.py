@@ -629,3 +629,42 @@ def test_by_degradation_hand_case():
     assert got["defocus"]["srcc"] == {"right": pytest.approx(1.0), "wrong": pytest.approx(-1.0),
                                       "flat": None}
     assert got["clean"]["srcc"]["right"] is None  # two faces say nothing about an order
+
+
+def test_calibration_fit_gives_tied_raw_scores_one_value_whatever_their_order():
+    from fiqa_gate.calibration import Calibration, isotonic_fit
+
+    # four undetected faces (raw 0), two of them matched, and one good face
+    for order in ([0, 1, 2, 3, 4], [2, 3, 0, 1, 4], [4, 3, 2, 1, 0]):
+        raw = np.array([0.0, 0.0, 0.0, 0.0, 1.0])[order]
+        matched = np.array([0.0, 0.0, 1.0, 1.0, 1.0])[order]
+        x, y = isotonic_fit(raw, matched)
+        assert (x, y) == ([0.0, 1.0], [0.5, 1.0])
+        assert Calibration(x, y)(np.array([0.0]))[0] == 0.5
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=2, max_size=40),
+       st.randoms(use_true_random=False))
+def test_calibration_fit_is_the_least_squares_monotone_fit(pairs, rnd):
+    from scipy.optimize import isotonic_regression
+
+    from fiqa_gate.calibration import isotonic_fit
+
+    rnd.shuffle(pairs)
+    raw = np.array([p[0] for p in pairs], dtype=np.float64)
+    matched = np.array([p[1] for p in pairs], dtype=np.float64)
+    x, y = isotonic_fit(raw, matched)
+    values = np.unique(raw)
+    means = np.array([matched[raw == v].mean() for v in values])
+    counts = np.array([(raw == v).sum() for v in values], dtype=np.float64)
+    fitted = isotonic_regression(means, weights=counts).x
+    # one knot per block of equal fitted values, at the block's centre
+    blocks = np.unique(fitted.round(12))
+    if len(blocks) == 1:  # a flat map still needs two knots
+        assert y == pytest.approx([blocks[0]] * 2) and x[0] < (raw.min() + raw.max()) / 2 < x[1]
+        return
+    np.testing.assert_allclose(y, blocks, atol=1e-12)
+    for knot, value in zip(x, blocks, strict=True):
+        members = values[np.abs(fitted - value) < 1e-9]
+        assert knot == pytest.approx((members.min() + members.max()) / 2)
