@@ -386,3 +386,95 @@ def test_score_histograms_switch_to_log_bins_only_for_wide_positive_scores():
         edges, log = histogram_bins(narrow)
         assert not log and np.allclose(np.diff(edges), edges[1] - edges[0])
     assert histogram_bins(np.array([])) == (10, False)
+
+
+def _evaluate(*args: str):
+    """`fiqa-gate evaluate` in-process, stderr kept apart from stdout."""
+    from click.testing import CliRunner
+
+    from fiqa_gate.evaluation.cli import evaluate
+
+    return CliRunner().invoke(evaluate, list(args))
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["--variants", "-1"], "--variants"),  # crashed in datasets.py after detection
+    (["--bootstrap", "-5"], "--bootstrap"),  # a traceback after detection and embedding
+    (["--gate-threshold", "1.5"], "--gate-threshold"),
+    (["--gate-threshold", "-0.1"], "--gate-threshold"),
+])
+def test_evaluate_rejects_nonsense_numbers_before_any_work(tmp_path, args, option):
+    done = _evaluate("--data", str(tmp_path), *args, "-o", str(tmp_path / "r"))
+    assert done.exit_code == 2 and f"Invalid value for '{option}'" in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_rejects_fewer_than_one_repeat():
+    from click.testing import CliRunner
+
+    from fiqa_gate.evaluation.cli import bench
+
+    done = CliRunner().invoke(bench, ["--repeats", "0"])
+    assert done.exit_code == 2 and "Invalid value for '--repeats'" in done.stderr
+
+
+def test_evaluate_help_says_what_the_identity_folder_reader_accepts():
+    text = " ".join(_evaluate("--help").output.split())
+    assert "root/<identity>/images" not in text
+    assert "one sub-folder per identity" in text and "at any depth" in text
+    assert "files directly in ROOT are ignored" in text
+
+
+def test_identity_folder_reads_images_at_any_depth_and_not_in_root(tmp_path):
+    from fiqa_gate.datasets import identity_folder
+
+    (tmp_path / "ann" / "2020" / "trip").mkdir(parents=True)
+    for p in ("ann/a.jpg", "ann/2020/trip/b.PNG", "loose.jpg", "ann/notes.txt"):
+        (tmp_path / p).write_bytes(b"")
+    assert [(i, p.relative_to(tmp_path).as_posix()) for i, p in identity_folder(tmp_path)] \
+        == [("ann", "ann/2020/trip/b.PNG"), ("ann", "ann/a.jpg")]
+
+
+def test_evaluate_warns_on_stderr_and_lists_the_files_it_wrote(tmp_path, orl_root):
+    # two people, two clean pictures each: few impostor pairs, nothing to discard, one
+    # identity enrolled -- each said on stderr, not only in report.md
+    folder = tmp_path / "people"
+    for s in ("s31", "s32"):
+        (folder / s).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
+    out = tmp_path / "r"
+    done = _evaluate("--data", str(folder), "--variants", "0", "--bootstrap", "0",
+                     "--scorer", "sharpness", "-o", str(out))
+    assert done.exit_code == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["e0"] == 0 and report["verification"]["warning"]
+    err = done.stderr
+    assert "warning: only 4 non-mated comparisons" in err and "relaxed from 0.001" in err
+    assert "warning: every pAUC is n/a: FNMR is 0 with nothing discarded" in err
+    assert "--variants 0 adds no degraded faces" in err
+    assert report["identification"]["identities_enrolled"] == 1
+    assert "warning: identification: 1 identity enrolled" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"report: {out / 'report.md'} (+ ")
+    listed = last.split("(+ ")[1].rstrip(")").split(", ")
+    assert sorted(listed) == ["edc.png", "report.json", "scores.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*listed, "report.md"])
+
+
+def test_report_warnings_explain_only_what_went_wrong():
+    from fiqa_gate.evaluation.cli import _report_warnings
+
+    fine = {"verification": {"warning": None, "e0": 0.12, "tau": 0.3},
+            "degradation": {"variants_per_image": 3},
+            "identification": {"identities_enrolled": 7, "mated_probes": 40}}
+    assert _report_warnings(fine) == []
+    pairs = {"verification": {"warning": None, "e0": 0.0, "tau": 0.3}}  # --pairs: no variants
+    (note,) = _report_warnings(pairs)
+    assert "every pAUC is n/a" in note and "tau 0.300" in note and "--variants" not in note
+    harder = {**fine, "verification": {"warning": None, "e0": 0.0, "tau": 0.3}}
+    assert "more --variants" in _report_warnings(harder)[0]
+    no_probes = {**fine, "identification": {"identities_enrolled": 2, "mated_probes": 0}}
+    assert _report_warnings(no_probes) == [
+        "identification: no mated probes (an enrolled identity needs 2 or more pictures: "
+        "the first half enroll, the rest probe), so rank-1 is n/a"]

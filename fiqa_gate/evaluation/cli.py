@@ -203,7 +203,7 @@ def _evaluation_options(fn):
         click.option("--teacher", type=click.Path(exists=True, dir_okay=False),
                      help="A training run's RUN/export/teacher.onnx, scored as its "
                           "pseudo-labels were (add --scorer teacher to compare it)."),
-        click.option("--variants", default=3, show_default=True,
+        click.option("--variants", type=click.IntRange(min=0), default=3, show_default=True,
                      help="Seeded degradations per image (besides the clean face)."),
         click.option("--seed", default=314159, show_default=True,
                      help="Degradation seed of the test protocol."),
@@ -212,9 +212,11 @@ def _evaluation_options(fn):
                      help="Draw from the kinds the recipes train on, or from kinds no "
                           "training run saw (pixelation, haze, shadow, colour cast, salt "
                           "and pepper, posterisation, glare)."),
-        click.option("--bootstrap", default=200, show_default=True,
+        click.option("--bootstrap", type=click.IntRange(min=0), default=200,
+                     show_default=True,
                      help="Bootstrap resamples for confidence intervals (0: none)."),
-        click.option("--gate-threshold", default=0.5, show_default=True,
+        click.option("--gate-threshold", type=click.FloatRange(0.0, 1.0), default=0.5,
+                     show_default=True,
                      help="Calibrated score a candidate needs for gated enrollment."),
     ]):
         fn = option(fn)
@@ -223,8 +225,10 @@ def _evaluation_options(fn):
 
 @click.command()
 @click.option("--data", type=click.Path(exists=True, file_okay=False),
-              help="Identity-labelled folder root/<identity>/images (default: ORL "
-                   "s31-s40); with --pairs, the folder the pairs' images are in.")
+              help="Identity-labelled folder: one sub-folder per identity, its images "
+                   "at any depth below it (ROOT/<identity>/**/*.jpg, .png, ...; files "
+                   "directly in ROOT are ignored). Default: ORL s31-s40. With --pairs, "
+                   "the folder the pairs' images are in.")
 @click.option("--pairs", type=click.Path(exists=True, dir_okay=False),
               help="Comparisons to judge instead of the identity protocol: a CSV "
                    "path_a,path_b,mated (1/0), or LFW's pairs.txt with --data LFW_ROOT.")
@@ -249,7 +253,33 @@ def evaluate(data, pairs, out, recognizer, scorers, model, teacher, variants, se
     from fiqa_gate.evaluation.report import print_table
 
     print_table(report)
-    click.echo(f"report: {out / 'report.md'} (+ report.json, edc.png)", err=True)
+    for note in _report_warnings(report):
+        click.echo(f"warning: {note}", err=True)
+    click.echo(f"report: {out / 'report.md'} (+ report.json, edc.png, scores.png)", err=True)
+
+
+def _report_warnings(report: dict[str, Any]) -> list[str]:
+    """What a reader of the table alone would miss: why figures are relaxed, n/a or empty."""
+    v, notes = report["verification"], []
+    if v.get("warning"):
+        notes.append(v["warning"])
+    if v.get("e0") == 0:
+        variants = report.get("degradation", {}).get("variants_per_image")
+        hint = ("; --variants 0 adds no degraded faces" if variants == 0
+                else "; harder images or more --variants would give it errors to remove"
+                if variants is not None else "")
+        notes.append(f"every pAUC is n/a: FNMR is 0 with nothing discarded (every mated "
+                     f"pair already matches at tau {v['tau']:.3f}), so discarding has no "
+                     f"error to remove{hint}")
+    ident = report.get("identification")
+    if ident and ident["identities_enrolled"] < 2:
+        notes.append(f"identification: {ident['identities_enrolled']} identity enrolled (70 % "
+                     "of the identities are), so every search finds it and rank-1 cannot "
+                     "tell the picks apart; it needs 3 or more identities")
+    elif ident and not ident["mated_probes"]:
+        notes.append("identification: no mated probes (an enrolled identity needs 2 or more "
+                     "pictures: the first half enroll, the rest probe), so rank-1 is n/a")
+    return notes
 
 
 @click.command()
@@ -324,7 +354,8 @@ def _picks_line(main: str, other: str, picks: dict[str, Any] | None) -> str:
 
 
 @click.command()
-@click.option("--repeats", default=7, show_default=True, help="Repeats; medians reported.")
+@click.option("--repeats", type=click.IntRange(min=1), default=7, show_default=True,
+              help="Repeats; medians reported.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the JSON here too.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False),
