@@ -81,20 +81,45 @@ def pipeline_options(fn):
 
 
 class Pipeline:
-    """What a command needs: detector (unless aligned), scorer, lazily the recognizer."""
+    """What a command needs: the detector (unless aligned) and the scorer (if it scores),
+    for the recognizer the scores are meant for."""
 
-    def __init__(self, aligned: bool, scorer: str, model: str | None, detector: str,
+    def __init__(self, aligned: bool, scorer: str | None, model: str | None, detector: str,
                  recognizer: str):
         self.detector = None if aligned else registry.get_detector(detector)
-        self.recognizer_name = recognizer
-        ctx = registry.ScorerContext(recognizer_name=recognizer,
-                                     options={"model": model} if model else {})
-        self.scorer = registry.get_scorer(scorer, ctx)
+        self.recognizer = recognizer
+        self.scorer = None
+        if scorer is not None:
+            ctx = registry.ScorerContext(recognizer_name=recognizer,
+                                         options={"model": model} if model else {})
+            self.scorer = registry.get_scorer(scorer, ctx)
+            calibrated_for = self.scorer.calibrated_for
+            if calibrated_for is None:
+                log.warning("scorer %r has no calibration for recognizer %r: its score is "
+                            "its raw output clipped to [0, 1]", scorer, recognizer)
+            elif calibrated_for != recognizer:
+                log.warning("scorer %r is calibrated for %s, not %s: its score is the chance "
+                            "of a match with %s; measure it with `fiqa-gate evaluate "
+                            "--recognizer %s` before trusting a threshold", scorer,
+                            calibrated_for, recognizer, calibrated_for, recognizer)
 
     def faces(self, path: str):
         from fiqa_gate.pipeline import faces_from_file
 
         return faces_from_file(path, self.detector)
+
+    def gate(self, threshold: float, stage: str):
+        """A Gate on this pipeline's scorer; a threshold needs the calibrated scale."""
+        from fiqa_gate.gate import Gate
+
+        assert self.scorer is not None
+        if self.scorer.calibration is None:
+            raise click.UsageError(
+                f"scorer {self.scorer.name!r} has no calibration for recognizer "
+                f"{self.recognizer!r}, so its scores are not on the [0, 1] scale a "
+                "threshold is set on; gate with the student, or with a baseline and a "
+                "recognizer it was calibrated for (`fiqa-gate plugins` lists them)")
+        return Gate(self.scorer, threshold, stage=stage)
 
 
 class _Group(click.Group):
@@ -161,7 +186,8 @@ def score(paths, output, resume, aligned, scorer, model, detector, recognizer):
 def _place_copy(src: str, dest: Path, move: bool) -> str:
     """Copy src to dest via a temporary file and an atomic, non-overwriting link."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    # a short fixed prefix: the file's own name may already be at the 255-byte limit
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".fiqa-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out)
@@ -171,7 +197,10 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
         try:
             os.link(tmp, dest)  # fails if dest exists: never overwrite silently
         except FileExistsError:
-            if _same_content(tmp, dest):
+            if _same_content(tmp, dest):  # a rerun after an interruption
+                if move:
+                    os.unlink(src)
+                    return "moved (was already present)"
                 return "already present"
             raise FileExistsError(f"{dest} exists with other content; not overwritten") \
                 from None
@@ -185,6 +214,11 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
     if move:
         os.unlink(src)
     return "moved" if move else "copied"
+
+
+def _is_inside(path: str, folders: Sequence[str]) -> bool:
+    where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    return any(os.path.commonpath([where, f]) == f for f in folders)
 
 
 def _same_content(a: str | Path, b: str | Path) -> bool:
@@ -213,17 +247,19 @@ def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, 
 
     Inputs are only read, never changed or deleted (unless --move with a target dir).
     """
-    from fiqa_gate.gate import Gate
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
     if move and not (accepted_dir or rejected_dir):
         raise click.UsageError("--move needs --accepted-dir and/or --rejected-dir")
     pipe = Pipeline(aligned, scorer, model, detector, recognizer)
-    gate = Gate(pipe.scorer, threshold=threshold, stage="filter")
+    gate = pipe.gate(threshold, "filter")
     failures = Failures()
-    files = list(iter_files(paths))
+    # target folders inside an input folder hold this command's own copies: never inputs
+    targets = [os.path.realpath(d) for d in (accepted_dir, rejected_dir) if d]
+    files = [f for f in iter_files(paths) if not _is_inside(f, targets)]
     counts = {"accepted": 0, "rejected": 0, "error": 0}
+    not_copied = 0
     with open_manifest(output, FILTER_COLUMNS, resume=resume) as manifest:
         for path in _progress([f for f in files if f not in manifest.done], "filter"):
             row: dict = {"path": path, "threshold": threshold}
@@ -244,10 +280,13 @@ def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, 
                     row["copied_to"] = f"{dest} ({_place_copy(path, dest, move)})"
                 except OSError as exc:
                     failures.count += 1
+                    not_copied += 1
                     row["error"] = (row.get("error", "") + f"; copy failed: {exc}").lstrip("; ")
             manifest.write_rows([row])
     click.echo(f"{len(files)} files: {counts['accepted']} accepted, {counts['rejected']} "
-               f"rejected, {counts['error']} failed (threshold {threshold})", err=True)
+               f"rejected, {counts['error']} failed (threshold {threshold})"
+               + (f"; {not_copied} not copied (see the manifest's error column)"
+                  if not_copied else ""), err=True)
     failures.exit()
 
 
@@ -281,23 +320,18 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
     A file already in the gallery under its identity is skipped, so a run that was
     interrupted just runs again and enrolls only what is missing."""
     from fiqa_gate.gallery import Enrollment, Gallery
-    from fiqa_gate.gate import Gate
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
     folders = _identity_folders(root)
-    pipe = Pipeline(aligned, scorer, model, detector, recognizer) if gate else None
-    detector_obj = (pipe.detector if pipe else
-                    None if aligned else registry.get_detector(detector))
+    pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
+    the_gate = pipe.gate(threshold, "enroll") if gate else None
     rec = registry.get_recognizer(recognizer)
     gallery = Gallery.create(index_path, rec.name, rec.dim, rec.threshold, factory)
-    the_gate = Gate(pipe.scorer, threshold, stage="enroll") if pipe else None
     failures = Failures()
     columns = ["path", "identity", "decision", "score", "reason", "error", "face_id"]
     manifest = open_manifest(output, columns) if output else None
     n_in = n_skipped = 0
-    from fiqa_gate.pipeline import faces_from_file
-
     for identity, files in _progress(folders, "enroll"):
         items, rows = [], []
         enrolled = gallery.sources(identity)
@@ -309,7 +343,7 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
                 rows.append(row)
                 continue
             try:
-                face = primary_face(faces_from_file(path, detector_obj))
+                face = primary_face(pipe.faces(path))
                 if the_gate is not None:
                     decision = the_gate.decide_one(face)
                     row.update(score=f"{decision.score:.6f}", reason=decision.reason)
@@ -354,7 +388,7 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--index", "index_path", required=True, help="Gallery folder.")
-@click.option("-k", "--top-k", default=5, show_default=True)
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--gate/--no-gate", default=False, show_default=True,
               help="Gate probes (stage 'probe') before searching.")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
@@ -366,22 +400,19 @@ def search(paths, index_path, top_k, gate, threshold, output, aligned, scorer, m
     import numpy as np
 
     from fiqa_gate.gallery import Gallery
-    from fiqa_gate.gate import Gate
     from fiqa_gate.manifest import open_manifest
-    from fiqa_gate.pipeline import faces_from_file
 
     gallery = Gallery.open(index_path)
     rec = registry.get_recognizer(recognizer)
     gallery.search(np.zeros((1, rec.dim), np.float32), rec.name, k=1)  # refuses a mismatch
-    detector_obj = None if aligned else registry.get_detector(detector)
-    the_gate = (Gate(Pipeline(True, scorer, model, detector, recognizer).scorer, threshold,
-                     stage="probe") if gate else None)
+    pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
+    the_gate = pipe.gate(threshold, "probe") if gate else None
     failures = Failures()
     columns = ["path", "face", "rank", "identity", "similarity", "match", "source", "error"]
     with open_manifest(output, columns) as out:
         for path in iter_files(paths):
             try:
-                faces = faces_from_file(path, detector_obj)
+                faces = pipe.faces(path)
                 if the_gate is not None:
                     decisions = the_gate.decide(faces)
                     rejected = [f for f, d in zip(faces, decisions, strict=True) if not d.accepted]

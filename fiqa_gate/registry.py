@@ -82,6 +82,7 @@ def reset() -> None:
     _pm = None
     _registry = None
     _failed.clear()
+    _instances.clear()  # made by factories of the plugins just forgotten
 
 
 def failed_plugins() -> dict[str, str]:

@@ -183,3 +183,26 @@ def test_plugins_lists_first_party():
 def test_import_is_torch_free():
     code = "import fiqa_gate, fiqa_gate.cli, fiqa_gate.gate, sys; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_threshold_needs_a_score_calibrated_for_the_recognizer(tmp_path, orl_root):
+    d = tmp_path / "f"
+    d.mkdir()
+    shutil.copy(orl_root / "s34" / "1.pgm", d / "a.pgm")
+    # sharpness is calibrated for SFace only: with dlib its raw value (thousands) would
+    # have passed any threshold
+    res = run("filter", str(d), "--scorer", "sharpness", "--recognizer", "dlib")
+    assert res.returncode == 2 and "no calibration for recognizer 'dlib'" in res.stderr
+    assert res.stdout == ""
+    # scoring alone works, and says what the score column then is
+    res = run("score", str(d), "--scorer", "sharpness", "--recognizer", "dlib")
+    assert res.returncode == 0 and "raw output clipped" in res.stderr
+    # the student is calibrated for SFace: with another recognizer it works, with a warning
+    res = run("filter", str(d), "--recognizer", "dlib")
+    assert res.returncode == 0 and "calibrated for sface, not dlib" in res.stderr
+    assert "calibrated for" not in run("filter", str(d)).stderr
+
+
+def test_search_needs_at_least_one_hit(tmp_path):
+    res = run("search", str(tmp_path), "--index", str(tmp_path / "g"), "-k", "0")
+    assert res.returncode == 2 and "--top-k" in res.stderr

@@ -73,3 +73,12 @@ def test_allow_list_excludes_plugin(plugin_site):
     listed = json.loads(fiqa("plugins", "--json", env=env).stdout)
     assert "audit" not in {p["name"] for p in listed["plugins"]}
     assert "sface" in {p["name"] for p in listed["plugins"]}
+
+
+def test_reset_forgets_the_components_the_old_plugins_made():
+    from fiqa_gate import registry
+
+    before = registry.get_detector("yunet")
+    assert registry.get_detector("yunet") is before  # one instance per name
+    registry.reset()
+    assert registry.get_detector("yunet") is not before

@@ -35,3 +35,40 @@ def test_existing_destination_is_never_overwritten(tmp_path, orl_root):
     assert done.returncode == 1
     assert (ok / "1.pgm").read_bytes() == b"someone else's file"
     assert "not overwritten" in _rows(tmp_path / "m.csv")[0]["error"]
+
+
+def test_target_folders_inside_the_input_are_not_read_again(tmp_path, orl_root):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a.pgm", "sub/b.pgm"):
+        (src / name).write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
+    args = ["filter", str(src), "--accepted-dir", str(src / "ok"), "--rejected-dir",
+            str(src / "bad"), "--threshold", "0", "--move", *SCORER]
+    assert _run(*args, "-o", str(tmp_path / "m1.csv")).returncode == 0
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.pgm")) == [
+        "ok/a.pgm", "ok/sub/b.pgm"]
+    # a second run finds nothing new: its own copies are not inputs, nothing nests
+    assert _run(*args, "-o", str(tmp_path / "m2.csv")).returncode == 0
+    assert _rows(tmp_path / "m2.csv") == []
+    assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.pgm")) == [
+        "ok/a.pgm", "ok/sub/b.pgm"]
+
+
+def test_a_move_interrupted_after_its_copy_finishes_on_the_rerun(tmp_path, orl_root):
+    src, ok = tmp_path / "in", tmp_path / "ok"
+    src.mkdir()
+    ok.mkdir()
+    name = "x" * 240 + ".pgm"  # a long name: the temporary copy's name must still fit
+    face = (orl_root / "s38" / "1.pgm").read_bytes()
+    (src / name).write_bytes(face)
+    (src / "other.pgm").write_bytes(face)
+    (ok / "other.pgm").write_bytes(face)  # copied and synced, then killed before the unlink
+    done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
+                "--threshold", "0", "--move", *SCORER)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in src.iterdir()) == []
+    assert sorted(p.name for p in ok.iterdir()) == sorted([name, "other.pgm"])
+    assert (ok / name).read_bytes() == face
+    copied = {Path(r["path"]).name: r["copied_to"] for r in _rows(tmp_path / "m.csv")}
+    assert copied["other.pgm"].endswith("(moved (was already present))")
+    assert copied[name].endswith("(moved)")
