@@ -139,6 +139,8 @@ class Gallery:
                factory: str = "Flat") -> Gallery:
         """Open the gallery at `path`, creating it for `recognizer` if it does not exist."""
         p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise GalleryError(f"{p}: is a file, not a gallery folder; give --index a folder")
         p.mkdir(parents=True, exist_ok=True)
         _check_factory(factory, dim)
         with _locked(p):
@@ -206,9 +208,14 @@ class Gallery:
 
         base = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
         if not base.is_trained:
-            if len(embs) < 1:
-                return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-            base.train(embs)
+            try:
+                base.train(embs)
+            except RuntimeError as exc:
+                # Too few faces to train it (an IVF needs one per list at least): exact
+                # search until the gallery is big enough; each write rebuilds the index.
+                log.info("%s: %d faces are too few to train %s (%s); exact search for now",
+                         self.path, len(embs), self.factory, str(exc).splitlines()[-1])
+                base = faiss.IndexFlatIP(self.dim)
         index = faiss.IndexIDMap2(base)
         if len(ids):
             index.add_with_ids(embs, ids)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from typing import IO
@@ -45,7 +46,8 @@ class Manifest:
     def close(self) -> None:
         if self._owned:
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            if stat.S_ISREG(os.fstat(self._fh.fileno()).st_mode):  # not /dev/null, a pipe
+                os.fsync(self._fh.fileno())
             self._fh.close()
 
     def __enter__(self) -> Manifest:
@@ -112,12 +114,15 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
         out.write(",".join(columns) + "\n")
         return Manifest(out, columns, set(), owned=False)
     done: set[str] = set()
-    if resume and os.path.exists(path):
-        done = _read_done(path, columns, key, multi_row)
-    if resume and os.path.exists(path) and os.path.getsize(path) > 0:
-        fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
-    else:
-        fh = open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")
-        fh.write(",".join(columns) + "\n")
-        fh.flush()
+    try:
+        if resume and os.path.exists(path):
+            done = _read_done(path, columns, key, multi_row)
+        if resume and os.path.exists(path) and os.path.getsize(path) > 0:
+            fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
+        else:
+            fh = open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")
+            fh.write(",".join(columns) + "\n")
+            fh.flush()
+    except OSError as exc:  # a folder, a missing parent, no permission: before any work
+        raise ManifestError(f"cannot write the manifest {path}: {exc.strerror}") from None
     return Manifest(fh, columns, done, owned=True)

@@ -206,3 +206,22 @@ def test_a_threshold_needs_a_score_calibrated_for_the_recognizer(tmp_path, orl_r
 def test_search_needs_at_least_one_hit(tmp_path):
     res = run("search", str(tmp_path), "--index", str(tmp_path / "g"), "-k", "0")
     assert res.returncode == 2 and "--top-k" in res.stderr
+
+
+def test_unwritable_outputs_are_usage_errors_and_dev_null_is_fine(tmp_path, orl_root):
+    d = tmp_path / "f"
+    d.mkdir()
+    shutil.copy(orl_root / "s34" / "1.pgm", d / "a.pgm")
+    for target in (tmp_path, tmp_path / "missing" / "m.csv"):  # a folder, a missing parent
+        res = run("score", str(d), "-o", str(target))
+        assert res.returncode == 2 and "cannot write the manifest" in res.stderr
+        assert "Traceback" not in res.stderr
+    assert run("filter", str(d), "-o", os.devnull).returncode == 0
+    (tmp_path / "g").write_text("not a gallery")
+    res = run("enroll", str(tmp_path / "people"), "--index", str(tmp_path / "g"))
+    assert res.returncode == 2
+    (tmp_path / "people" / "ann").mkdir(parents=True)
+    shutil.copy(orl_root / "s34" / "1.pgm", tmp_path / "people" / "ann" / "1.pgm")
+    res = run("enroll", str(tmp_path / "people"), "--index", str(tmp_path / "g"))
+    assert res.returncode == 2 and "is a file, not a gallery folder" in res.stderr
+    assert (tmp_path / "g").read_text() == "not a gallery"

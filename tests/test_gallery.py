@@ -91,3 +91,19 @@ def test_bad_factory_and_dimension(tmp_path):
     g = Gallery.create(tmp_path / "h", "sface", 128, 0.383)
     with pytest.raises(GalleryError, match="shape"):
         g.enroll([Enrollment("x", np.zeros(64, np.float32), "x.jpg")])
+
+
+def test_a_trained_index_type_enrolls_before_it_has_enough_faces_to_train(tmp_path,
+                                                                          orl_embeddings):
+    import faiss
+
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383, "IVF16,Flat")
+    g.enroll([Enrollment("s31", e, f"s31/{i}.pgm", 0.9)
+              for i, e in enumerate(orl_embeddings["s31"][:5])])  # 5 faces, 16 lists
+    assert len(g) == 5 and isinstance(faiss.downcast_index(g.index().index), faiss.IndexFlat)
+    _enroll_first_five(g, {k: v for k, v in orl_embeddings.items() if k != "s31"})
+    assert len(g) == 30
+    assert isinstance(faiss.downcast_index(g.index().index), faiss.IndexIVFFlat)
+    enrolled = np.concatenate([e[:5] for e in orl_embeddings.values()])
+    assert all(h[0].similarity == pytest.approx(1.0, abs=1e-5)
+               for h in g.search(enrolled, "sface", k=1))
