@@ -36,8 +36,9 @@ class FusedTeacherScorer(OnnxStudentScorer):
 
     def __init__(self, model_path: str | Path | None = None, batch_size: int = 64):
         if not model_path:
-            raise ModelError("the teacher scorer needs a run's exported teacher: --teacher "
-                             "RUN/export/teacher.onnx (written by `fiqa-gate train run "
+            raise ModelError("the teacher scorer needs a run's exported teacher: "
+                             "RUN/export/teacher.onnx, given as --teacher to evaluate and as "
+                             "--model to score and filter (written by `fiqa-gate train run "
                              "CONFIG --stage report`)")
         super().__init__(model_path, batch_size=batch_size, threads=None)
         self.fusion = self.meta.get("fusion")

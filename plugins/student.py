@@ -17,4 +17,5 @@ def register_scorers(register):
     register("teacher",
              lambda ctx: FusedTeacherScorer(ctx.options.get("model")),
              "a training run's enhanced teacher, fused with the embedding norm as its "
-             "pseudo-labels were (--teacher RUN/export/teacher.onnx; for measuring only)")
+             "pseudo-labels were (RUN/export/teacher.onnx: evaluate --teacher, score --model; "
+             "for measuring only)")
