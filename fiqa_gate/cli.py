@@ -19,7 +19,7 @@ import click
 
 from fiqa_gate import registry
 from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError
-from fiqa_gate.images import iter_files
+from fiqa_gate.images import identity_folders, iter_files
 
 log = logging.getLogger("fiqa_gate")
 
@@ -291,18 +291,6 @@ def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, 
 
 
 # -- enroll / search --------------------------------------------------------------------
-def _identity_folders(root: str) -> list[tuple[str, list[str]]]:
-    if not os.path.isdir(root):
-        raise click.UsageError(f"{root}: not a directory (expected DIR/<identity>/images)")
-    out = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.is_dir():
-            out.append((entry.name, list(iter_files([entry.path]))))
-    if not out:
-        raise click.UsageError(f"{root}: no identity folders (expected DIR/<identity>/images)")
-    return out
-
-
 @cli.command()
 @click.argument("root")
 @click.option("--index", "index_path", required=True, help="Gallery folder (created if new).")
@@ -323,7 +311,7 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
-    folders = _identity_folders(root)
+    folders = identity_folders(root)
     pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
     the_gate = pipe.gate(threshold, "enroll") if gate else None
     rec = registry.get_recognizer(recognizer)

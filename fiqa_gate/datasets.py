@@ -35,7 +35,7 @@ from fiqa_gate.faces import (
     align_face,
     similarity_transform,
 )
-from fiqa_gate.images import IMAGE_SUFFIXES, iter_files, load_image
+from fiqa_gate.images import IMAGE_SUFFIXES, identity_folders, iter_files, load_image
 from fiqa_gate.pipeline import enlarge_for_detection
 
 ORL_TRAIN = tuple(f"s{i}" for i in range(1, 25))
@@ -123,13 +123,10 @@ def orl_items(identities: Iterable[str]) -> list[tuple[str, Path]]:
 
 def identity_folder(root: str | Path) -> list[tuple[str, Path]]:
     """(identity, image path) for every image in `root/<identity>/...`, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FiqaGateError(f"{root}: not a directory (expected root/<identity>/images)")
-    items = [(d.name, p) for d in sorted(root.iterdir()) if d.is_dir()
-             for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    items = [(identity, p) for identity, files in identity_folders(root)
+             for p in sorted(map(Path, files)) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
-        raise FiqaGateError(f"{root}: no images in root/<identity>/ sub-folders")
+        raise FiqaGateError(f"{root}: no images in ROOT/<identity>/ sub-folders")
     return items
 
 

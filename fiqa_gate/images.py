@@ -6,6 +6,7 @@ animated image), callers get an RGB uint8 array or an `ImageLoadError` with a sh
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -13,7 +14,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fiqa_gate.errors import ImageLoadError
+from fiqa_gate.errors import FiqaGateError, ImageLoadError
+
+log = logging.getLogger("fiqa_gate")
 
 # 50 Mpx: far above any camera frame a gate sees, far below a decompression bomb.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -127,3 +130,23 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
                 yield os.path.join(dirpath, name)
         # a folder that cannot be listed becomes an input that fails with its reason
         yield from (e.filename for e in unlistable if e.filename)
+
+
+def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]]:
+    """(identity, every file below it) for each sub-folder of `root`, the layout of
+    CASIA-WebFace, VGGFace2 and LFW: ROOT/<identity>/**/<file>. Files directly in ROOT
+    belong to no one: skipped, with a warning."""
+    top = os.fspath(root)
+    if not os.path.isdir(top):
+        raise FiqaGateError(f"{top}: not a directory (expected ROOT/<identity>/<images>)")
+    entries = sorted(os.scandir(top), key=lambda e: e.name)
+    loose = [e.name for e in entries if not e.is_dir()]
+    if loose:
+        log.warning("%s: %d files directly in the folder skipped (%s); an identity's images "
+                    "go in ROOT/<identity>/", top, len(loose), ", ".join(loose[:3]) +
+                    (", ..." if len(loose) > 3 else ""))
+    folders = [(e.name, list(iter_files([e.path]))) for e in entries if e.is_dir()]
+    if not folders:
+        raise FiqaGateError(f"{top}: no identity sub-folders (expected "
+                            "ROOT/<identity>/<images>)")
+    return folders

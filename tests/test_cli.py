@@ -225,3 +225,14 @@ def test_unwritable_outputs_are_usage_errors_and_dev_null_is_fine(tmp_path, orl_
     res = run("enroll", str(tmp_path / "people"), "--index", str(tmp_path / "g"))
     assert res.returncode == 2 and "is a file, not a gallery folder" in res.stderr
     assert (tmp_path / "g").read_text() == "not a gallery"
+
+
+def test_enroll_says_which_files_belong_to_no_identity(tmp_path, orl_root):
+    people = tmp_path / "people"
+    (people / "ann").mkdir(parents=True)
+    shutil.copy(orl_root / "s35" / "1.pgm", people / "ann" / "1.pgm")
+    shutil.copy(orl_root / "s35" / "2.pgm", people / "loose.pgm")
+    res = run("enroll", str(people), "--index", str(tmp_path / "g"))
+    assert res.returncode == 0, res.stderr
+    assert "1 files directly in the folder skipped (loose.pgm)" in res.stderr
+    assert "enrolled 1 faces of 1 identities" in res.stderr
