@@ -6,12 +6,14 @@ stderr. Exit codes: 0 success, 1 some inputs failed, 2 usage error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -291,6 +293,11 @@ def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, 
 
 
 # -- enroll / search --------------------------------------------------------------------
+# enroll commits whole identities at least this often (each commit rewrites the index)
+COMMIT_SECONDS = 5.0
+COMMIT_FACES = 2000
+
+
 @cli.command()
 @click.argument("root")
 @click.option("--index", "index_path", required=True, help="Gallery folder (created if new).")
@@ -317,59 +324,74 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
     rec = registry.get_recognizer(recognizer)
     gallery = Gallery.create(index_path, rec.name, rec.dim, rec.threshold, factory)
     failures = Failures()
-    columns = ["path", "identity", "decision", "score", "reason", "error", "face_id"]
-    manifest = open_manifest(output, columns) if output else None
+    columns = ["path", "identity", "decision", "score", "reason", "error", "face_id", "faces"]
+    pending: list[tuple[Enrollment | None, dict]] = []  # whole identities, not yet committed
     n_in = n_skipped = 0
-    for identity, files in _progress(folders, "enroll"):
-        items, rows = [], []
-        enrolled = gallery.sources(identity)
-        for path in files:
-            row = {"path": path, "identity": identity}
-            if os.path.abspath(path) in enrolled:
-                row.update(decision="skip", reason="already enrolled")
-                n_skipped += 1
-                rows.append(row)
-                continue
-            try:
-                face = primary_face(pipe.faces(path))
-                if the_gate is not None:
-                    decision = the_gate.decide_one(face)
-                    row.update(score=f"{decision.score:.6f}", reason=decision.reason)
-                    if not decision.accepted:
-                        row["decision"] = "reject"
-                        rows.append(row)
-                        continue
-                emb = rec.embed(face.crop[None])[0]
-                items.append(Enrollment(identity, emb, os.path.abspath(path),
-                                        row.get("score") and
-                                        float(row["score"])))
-                row["decision"] = "enroll"
-            except Exception as exc:
-                failures.count += 1
-                row.update(decision="error", error=_error_text(exc))
-            rows.append(row)
+
+    def commit(manifest) -> int:
+        """Enroll the pending faces in one transaction (all or nothing), then log their
+        rows. Each transaction rewrites the whole index, so they are batched."""
+        items = [item for item, _ in pending if item is not None]
         try:
-            ids = gallery.enroll(items)  # one transaction per identity: all or nothing
+            ids = gallery.enroll(items)
         except Exception as exc:  # e.g. a damaged gallery: the batch's rows say so
             ids, items = [], []
-            for row in rows:
+            for _, row in pending:
                 if row.get("decision") == "enroll":
                     failures.count += 1
                     row.update(decision="error", error=f"not enrolled: {_error_text(exc)}")
-        n_in += len(ids)
         id_by_source = {it.source: fid for it, fid in zip(items, ids, strict=True)}
-        for row in rows:
+        for _, row in pending:
             face_id = id_by_source.get(os.path.abspath(row["path"]))
             if face_id is not None:
                 row["face_id"] = face_id
-                registry.emit("face_enrolled", identity=identity, face_id=str(row["face_id"]))
+                registry.emit("face_enrolled", identity=row["identity"], face_id=str(face_id))
             if manifest:
                 manifest.write_rows([row])
-    if manifest:
-        manifest.close()
+        pending.clear()
+        return len(ids)
+
+    last_commit = time.monotonic()
+    with open_manifest(output, columns) if output else contextlib.nullcontext() as manifest:
+        for identity, files in _progress(folders, "enroll"):
+            enrolled = gallery.sources(identity)
+            for path in files:
+                row = {"path": path, "identity": identity}
+                item = None
+                if os.path.abspath(path) in enrolled:
+                    row.update(decision="skip", reason="already enrolled")
+                    n_skipped += 1
+                    pending.append((None, row))
+                    continue
+                try:
+                    faces = pipe.faces(path)
+                    face = primary_face(faces)
+                    row["faces"] = len(faces)
+                    if the_gate is not None:
+                        decision = the_gate.decide_one(face)
+                        row.update(score=f"{decision.score:.6f}", reason=decision.reason)
+                        if not decision.accepted:
+                            row["decision"] = "reject"
+                            pending.append((None, row))
+                            continue
+                    item = Enrollment(identity, rec.embed(face.crop[None])[0],
+                                      os.path.abspath(path),
+                                      decision.score if the_gate is not None else None)
+                    row["decision"] = "enroll"
+                except Exception as exc:
+                    failures.count += 1
+                    row.update(decision="error", error=_error_text(exc))
+                pending.append((item, row))
+            # A kill loses at most the last COMMIT_SECONDS of work; the rerun redoes it.
+            if (sum(item is not None for item, _ in pending) >= COMMIT_FACES
+                    or time.monotonic() - last_commit >= COMMIT_SECONDS):
+                n_in += commit(manifest)
+                last_commit = time.monotonic()
+        n_in += commit(manifest)
     skipped = f", {n_skipped} already there" if n_skipped else ""
     click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path}"
                f"{skipped} ({len(gallery)} faces in the gallery)", err=True)
+    gallery.close()
     failures.exit()
 
 
