@@ -56,6 +56,13 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _listed(paths: Sequence[str], files: Iterable[str]) -> list[str]:
+    files = list(files)
+    if not files:
+        log.warning("no files under %s", ", ".join(paths))
+    return files
+
+
 def _relpath(path: str, roots: Sequence[str]) -> str:
     for root in roots:
         if os.path.isdir(root):
@@ -158,7 +165,7 @@ def score(paths, output, resume, aligned, scorer, model, detector, recognizer):
 
     pipe = Pipeline(aligned, scorer, model, detector, recognizer)
     failures = Failures()
-    files = list(iter_files(paths))
+    files = _listed(paths, iter_files(paths))
     with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True) as manifest:
         for path in _progress([f for f in files if f not in manifest.done], "score"):
             try:
@@ -259,7 +266,7 @@ def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, 
     failures = Failures()
     # target folders inside an input folder hold this command's own copies: never inputs
     targets = [os.path.realpath(d) for d in (accepted_dir, rejected_dir) if d]
-    files = [f for f in iter_files(paths) if not _is_inside(f, targets)]
+    files = _listed(paths, (f for f in iter_files(paths) if not _is_inside(f, targets)))
     counts = {"accepted": 0, "rejected": 0, "error": 0}
     not_copied = 0
     with open_manifest(output, FILTER_COLUMNS, resume=resume) as manifest:
@@ -425,10 +432,10 @@ def search(paths, index_path, top_k, gate, threshold, output, aligned, scorer, m
                 faces = pipe.faces(path)
                 if the_gate is not None:
                     decisions = the_gate.decide(faces)
-                    rejected = [f for f, d in zip(faces, decisions, strict=True) if not d.accepted]
-                    for f in rejected:
-                        out.write_rows([{"path": path, "face": f.index,
-                                         "error": "probe rejected by the gate"}])
+                    for f, d in zip(faces, decisions, strict=True):
+                        if not d.accepted:
+                            out.write_rows([{"path": path, "face": f.index,
+                                             "error": f"probe rejected by the gate: {d.reason}"}])
                     faces = [f for f, d in zip(faces, decisions, strict=True) if d.accepted]
                 if not faces:
                     continue

@@ -85,8 +85,14 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZ
 
 
 def as_aligned_crop(image: np.ndarray) -> np.ndarray:
-    """Treat an image as an already aligned crop: resize to 112x112 if needed."""
-    if image.shape[:2] == (ALIGNED_SIZE, ALIGNED_SIZE):
+    """Treat an image as an already aligned crop: resize to 112x112 if needed. Aligned
+    crops are square; anything else would be stretched, so it is refused."""
+    h, w = image.shape[:2]
+    if h != w:
+        raise ValueError(f"not an aligned face crop: {w}x{h} pixels (aligned crops are "
+                         f"square, {ALIGNED_SIZE}x{ALIGNED_SIZE} or a multiple); drop "
+                         "--aligned to detect and align the face")
+    if h == ALIGNED_SIZE:
         return image
     import cv2
 

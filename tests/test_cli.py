@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 FIQA = [sys.executable, "-m", "fiqa_gate"]
 
@@ -76,6 +76,9 @@ def test_score_aligned_crops(tmp_path, orl_root):
     assert res.returncode == 0, res.stderr
     table = rows(out)
     assert len(table) == 3 and all(r["det_score"] == "" and r["score"] for r in table)
+    # an ORL picture (92x112) is not an aligned crop: an error row, not a stretched face
+    res = run("score", str(orl_root / "s33" / "1.pgm"), "--aligned", "--scorer", "sharpness")
+    assert res.returncode == 1 and "not an aligned face crop: 92x112" in res.stdout
 
 
 def test_filter_never_touches_inputs(mixed_dir, tmp_path):
@@ -239,3 +242,19 @@ def test_enroll_says_which_files_belong_to_no_identity(tmp_path, orl_root):
     assert res.returncode == 0, res.stderr
     assert "1 files directly in the folder skipped (loose.pgm)" in res.stderr
     assert "enrolled 1 faces of 1 identities" in res.stderr
+
+
+def test_empty_input_warns_and_a_gated_probe_says_why(tmp_path, orl_root):
+    (tmp_path / "empty").mkdir()
+    res = run("score", str(tmp_path / "empty"))
+    assert res.returncode == 0 and "no files under" in res.stderr
+    people = tmp_path / "people" / "ann"
+    people.mkdir(parents=True)
+    shutil.copy(orl_root / "s36" / "1.pgm", people / "1.pgm")
+    assert run("enroll", str(tmp_path / "people"), "--index", str(tmp_path / "g")).returncode == 0
+    probe = tmp_path / "probe.png"
+    Image.open(orl_root / "s36" / "2.pgm").filter(ImageFilter.GaussianBlur(6)).save(probe)
+    res = run("search", str(probe), "--index", str(tmp_path / "g"), "--gate",
+              "--threshold", "0.9")
+    (row,) = list(csv.DictReader(res.stdout.splitlines()))
+    assert row["error"].startswith("probe rejected by the gate: low quality: score 0.")
