@@ -465,6 +465,7 @@ def plugins(as_json):
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
         provides = {kind: sorted(n for n, e in getattr(reg, kind).items() if e.plugin == name)
                     for kind in ("detectors", "recognizers", "scorers")}
+        provides["commands"] = PLUGIN_COMMANDS.get(name, [])
         out.append({"name": name, "module": getattr(plugin, "__name__", str(plugin)),
                     "hooks": hooks, **{k: v for k, v in provides.items() if v}})
     failed = registry.failed_plugins()
@@ -473,7 +474,7 @@ def plugins(as_json):
         return
     for p in out:
         extras = "; ".join(f"{k}: {', '.join(v)}" for k, v in p.items()
-                           if k in ("detectors", "recognizers", "scorers"))
+                           if k in ("detectors", "recognizers", "scorers", "commands"))
         click.echo(f"{p['name']} ({p['module']})\n  hooks: {', '.join(p['hooks'])}"
                    + (f"\n  {extras}" if extras else ""))
     for name, why in failed.items():
@@ -495,10 +496,15 @@ def _add_plugin_commands(group: click.Group) -> None:
     else:
         group.add_command(train)
     for impl in registry.plugin_manager().hook.register_commands.get_hookimpls():
+        before = set(group.commands)
         try:
             impl.function(cli=group)
         except Exception as exc:
             log.warning("plugin %s failed to add commands: %s", impl.plugin_name, exc)
+        PLUGIN_COMMANDS[impl.plugin_name] = sorted(set(group.commands) - before)
+
+
+PLUGIN_COMMANDS: dict[str, list[str]] = {}  # plugin name -> the commands it added
 
 
 def main(argv: Iterable[str] | None = None) -> None:

@@ -65,6 +65,10 @@ def test_policy_plugin_changes_enrollment(plugin_site, orl_split_dirs, tmp_path)
     assert {r["decision"] for r in _rows(tmp_path / "m2.csv")} == {"enroll"}
     # And the plugin's own command is there only when it is loaded.
     assert "scored" in fiqa("audit-summary", env=env).stdout
+    listed = {p["name"]: p for p in json.loads(fiqa("plugins", "--json", env=env).stdout)[
+        "plugins"]}
+    assert listed["audit"]["commands"] == ["audit-summary"]
+    assert "commands" not in listed["sface"]
     assert fiqa("--no-plugins", "audit-summary", env=env).returncode == 2
 
 
