@@ -163,10 +163,23 @@ def get_scorer(name: str = DEFAULT_SCORER, context: ScorerContext | None = None)
     return _lookup("scorer", registry().scorers, name).factory(ctx)
 
 
+def _plain_impls(hook: Any) -> list[Any]:
+    """The hook's implementations in pluggy's call order (newest first). The two hooks
+    below call them one by one (pluggy's own call cannot isolate one plugin's error or
+    say which plugin decided), so wrappers, which only pluggy can drive, are refused."""
+    impls = []
+    for impl in reversed(hook.get_hookimpls()):
+        if impl.hookwrapper or getattr(impl, "wrapper", False):
+            log.warning("plugin %s: a wrapper for %s is not supported; ignored",
+                        impl.plugin_name, hook.name)
+            continue
+        impls.append(impl)
+    return impls
+
+
 def emit(event: str, **kwargs: Any) -> None:
     """Call an event hook on every plugin; one plugin's exception is logged, not raised."""
-    hook = getattr(plugin_manager().hook, event)
-    for impl in hook.get_hookimpls():
+    for impl in _plain_impls(getattr(plugin_manager().hook, event)):
         try:
             impl.function(**{k: kwargs[k] for k in impl.argnames})
         except Exception as exc:
@@ -177,8 +190,7 @@ def emit(event: str, **kwargs: Any) -> None:
 def policy_decision(face: Any, score: float, threshold: float,
                     stage: str) -> tuple[bool, str] | None:
     """Ask the `gate_decision` policy hooks, newest plugin first; first non-None wins."""
-    hook = plugin_manager().hook.gate_decision
-    for impl in reversed(hook.get_hookimpls()):
+    for impl in _plain_impls(plugin_manager().hook.gate_decision):
         args = {"face": face, "score": score, "threshold": threshold, "stage": stage}
         result = impl.function(**{k: args[k] for k in impl.argnames})
         if result is None:

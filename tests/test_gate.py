@@ -105,6 +105,20 @@ def test_event_hook_errors_do_not_stop_the_gate(group_faces, policy):
     assert len(decisions) == len(group_faces)
 
 
+def test_a_wrapper_policy_is_refused_and_the_others_still_decide(group_faces, policy, caplog):
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def gate_decision(self, face, score, threshold, stage):
+            return (yield)
+
+    scorer = registry.get_scorer("detector-confidence")
+    policy(_Policy(result=(False, "camera 7 needs more")))
+    policy(Wrapper())  # newest: called first, were it called as a plain function
+    d = Gate(scorer, 0.0, stage="probe").decide_one(group_faces[0])
+    assert not d.accepted and d.reason.endswith("camera 7 needs more")
+    assert "a wrapper for gate_decision is not supported" in caplog.text
+
+
 class _YuNetAsInsightface:
     """insightface's det_model interface over the real YuNet detector."""
 
