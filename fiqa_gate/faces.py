@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,7 +39,6 @@ class Face:
     source: str = ""
     index: int = 0
     detection: Detection | None = None
-    meta: dict[str, object] = field(default_factory=dict)
 
     @property
     def det_score(self) -> float | None:

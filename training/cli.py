@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import click
-
-STAGE_NAMES = ("data", "teacher", "pseudo_a", "enhanced", "pseudo_b", "student", "calibrate",
-               "export", "ablation", "input_size", "report")
+from fiqa_gate_training.recipe import STAGES  # torch-free at import
 
 
 def _need_torch() -> None:
@@ -43,7 +41,7 @@ def train() -> None:
 @click.argument("config")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default runs/CONFIG). Re-running resumes.")
-@click.option("--stage", "stages", multiple=True, type=click.Choice(STAGE_NAMES),
+@click.option("--stage", "stages", multiple=True, type=click.Choice(STAGES),
               help="Run only these stages (default: all in order, except ablation and "
                    "input_size). A named report is made again.")
 @click.option("--install/--no-install", default=False,

@@ -31,15 +31,10 @@ class Timing:
                 "min_ms_per_face": self.spread[0], "max_ms_per_face": self.spread[1]}
 
 
-def measure(name: str, run: Callable[[], object], faces_per_call: int, repeats: int = 7,
-            warmup: int = 2, min_seconds: float = 0.2) -> Timing:
-    """Median time per face of `run()`, each repeat looping until `min_seconds` pass."""
-    return measure_all([(name, run, faces_per_call)], repeats, warmup, min_seconds)[name]
-
-
 def measure_all(jobs: Sequence[tuple[str, Callable[[], object], int]], repeats: int = 7,
                 warmup: int = 2, min_seconds: float = 0.2) -> dict[str, Timing]:
-    """`measure` for several jobs, taken in turn within each repeat (round robin).
+    """Median time per face of each job's `run()` (each repeat loops a job until
+    `min_seconds` pass), the jobs taken in turn within each repeat (round robin).
 
     On a shared machine the speed drifts over tens of seconds; timed one after another,
     a ratio of two rows compares two different moments. In turns, every row sees the
