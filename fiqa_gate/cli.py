@@ -7,6 +7,7 @@ stderr. Exit codes: 0 success, 1 some inputs failed, 2 usage error.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -225,6 +226,17 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
     return "moved" if move else "copied"
 
 
+def _same_threshold(manifest_path: str, threshold: float) -> None:
+    """A resumed manifest keeps one threshold, or its decisions would not add up."""
+    with open(manifest_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        earlier = {float(r["threshold"]) for r in csv.DictReader(fh) if r.get("threshold")}
+    if earlier - {threshold}:
+        raise click.UsageError(
+            f"{manifest_path} was written with --threshold "
+            f"{', '.join(f'{t:g}' for t in sorted(earlier))}; resume with the same "
+            "threshold, or write a new manifest")
+
+
 def _is_inside(path: str, folders: Sequence[str]) -> bool:
     where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     return any(os.path.commonpath([where, f]) == f for f in folders)
@@ -270,7 +282,10 @@ def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, 
     counts = {"accepted": 0, "rejected": 0, "error": 0}
     not_copied = 0
     with open_manifest(output, FILTER_COLUMNS, resume=resume) as manifest:
-        for path in _progress([f for f in files if f not in manifest.done], "filter"):
+        if manifest.done:
+            _same_threshold(output, threshold)
+        todo = [f for f in files if f not in manifest.done]
+        for path in _progress(todo, "filter"):
             row: dict = {"path": path, "threshold": threshold}
             try:
                 faces = pipe.faces(path)
@@ -294,6 +309,8 @@ def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, 
             manifest.write_rows([row])
     click.echo(f"{len(files)} files: {counts['accepted']} accepted, {counts['rejected']} "
                f"rejected, {counts['error']} failed (threshold {threshold})"
+               + (f"; {len(files) - len(todo)} done before, in the manifest"
+                  if len(todo) < len(files) else "")
                + (f"; {not_copied} not copied (see the manifest's error column)"
                   if not_copied else ""), err=True)
     failures.exit()

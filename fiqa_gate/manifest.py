@@ -110,6 +110,8 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     `multi_row`: an input may have several rows (see the module docstring).
     """
     if path == "-":
+        if resume:
+            raise ManifestError("--resume continues a manifest file: give it with -o FILE")
         out = sys.stdout
         out.write(",".join(columns) + "\n")
         return Manifest(out, columns, set(), owned=False)

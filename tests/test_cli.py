@@ -258,3 +258,21 @@ def test_empty_input_warns_and_a_gated_probe_says_why(tmp_path, orl_root):
               "--threshold", "0.9")
     (row,) = list(csv.DictReader(res.stdout.splitlines()))
     assert row["error"].startswith("probe rejected by the gate: low quality: score 0.")
+
+
+def test_a_resumed_filter_keeps_its_threshold_and_counts_what_was_done(tmp_path, orl_root):
+    d = tmp_path / "f"
+    d.mkdir()
+    for i in (1, 2):
+        shutil.copy(orl_root / "s37" / f"{i}.pgm", d / f"{i}.pgm")
+    manifest = tmp_path / "m.csv"
+    assert run("filter", str(d / "1.pgm"), "-o", str(manifest)).returncode == 0
+    before = manifest.read_bytes()
+    res = run("filter", str(d), "-o", str(manifest), "--resume", "--threshold", "0.9")
+    assert res.returncode == 2 and "written with --threshold 0.5" in res.stderr
+    assert manifest.read_bytes() == before
+    res = run("filter", str(d), "-o", str(manifest), "--resume")
+    assert res.returncode == 0 and "1 done before, in the manifest" in res.stderr
+    assert len(rows(manifest)) == 2
+    res = run("filter", str(d), "--resume")  # nothing to resume into on stdout
+    assert res.returncode == 2 and "give it with -o FILE" in res.stderr
