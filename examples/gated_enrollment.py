@@ -5,7 +5,8 @@ between alignment and embedding via `Gate.wrap`, so a rejected face costs no emb
 
     python examples/gated_enrollment.py PEOPLE_DIR [--scorer student] [--threshold 0.5]
 
-PEOPLE_DIR/<identity>/* images. Prints what was enrolled and what was kept out.
+PEOPLE_DIR/<identity>/ holds each person's images (sub-folders too). Prints what was
+enrolled and what was kept out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from fiqa_gate import registry
 from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.gate import Gate
+from fiqa_gate.images import identity_folders
 from fiqa_gate.pipeline import faces_from_file, primary_face
 
 
@@ -52,18 +54,18 @@ def main() -> None:
     gate = Gate(registry.get_scorer(args.scorer), threshold=args.threshold, stage="enroll")
     pipeline = MyEnrollmentPipeline(gate.wrap(recognizer.embed), recognizer.dim)
 
-    for person in sorted(p for p in args.people.iterdir() if p.is_dir()):
+    for person, images in identity_folders(args.people):  # <identity>/**/<images>
         faces = []
-        for image in sorted(person.iterdir()):
+        for image in images:
             try:
-                faces.append(primary_face(faces_from_file(str(image), detector)))
+                faces.append(primary_face(faces_from_file(image, detector)))
             except FiqaGateError as exc:
                 print(f"skip {image}: {exc}")
-        n = pipeline.enroll(person.name, faces)
+        n = pipeline.enroll(person, faces)
         for face, d in zip(faces, pipeline.embed.last_decisions, strict=True):
             if not d.accepted:
                 print(f"kept out {face.source}: {d.reason}")
-        print(f"{person.name}: enrolled {n} of {len(faces)}")
+        print(f"{person}: enrolled {n} of {len(faces)}")
     print(f"index holds {pipeline.index.ntotal} faces of {len(set(pipeline.labels))} people")
 
 
