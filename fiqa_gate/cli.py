@@ -278,6 +278,10 @@ def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, 
     failures = Failures()
     # target folders inside an input folder hold this command's own copies: never inputs
     targets = [os.path.realpath(d) for d in (accepted_dir, rejected_dir) if d]
+    for p in paths:
+        if any(os.path.commonpath([os.path.realpath(p), t]) == t for t in targets):
+            raise click.UsageError(f"{p} is inside a target folder; copy to a folder "
+                                   "outside (or inside) the input instead")
     files = _listed(paths, (f for f in iter_files(paths) if not _is_inside(f, targets)))
     counts = {"accepted": 0, "rejected": 0, "error": 0}
     not_copied = 0

@@ -50,6 +50,9 @@ def test_target_folders_inside_the_input_are_not_read_again(tmp_path, orl_root):
     # a second run finds nothing new: its own copies are not inputs, nothing nests
     assert _run(*args, "-o", str(tmp_path / "m2.csv")).returncode == 0
     assert _rows(tmp_path / "m2.csv") == []
+    # an input inside a target folder would be skipped whole: refused instead
+    done = _run("filter", str(src / "ok"), "--accepted-dir", str(src), *SCORER)
+    assert done.returncode == 2 and b"is inside a target folder" in done.stderr
     assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.pgm")) == [
         "ok/a.pgm", "ok/sub/b.pgm"]
 
