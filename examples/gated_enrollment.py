@@ -12,6 +12,7 @@ enrolled and what was kept out.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import faiss
@@ -19,6 +20,7 @@ import numpy as np
 
 from fiqa_gate import registry
 from fiqa_gate.errors import FiqaGateError
+from fiqa_gate.faces import Face
 from fiqa_gate.gate import Gate
 from fiqa_gate.images import identity_folders
 from fiqa_gate.pipeline import faces_from_file, primary_face
@@ -27,12 +29,13 @@ from fiqa_gate.pipeline import faces_from_file, primary_face
 class MyEnrollmentPipeline:
     """Stands for the code you already run: a FAISS index and a list of labels."""
 
-    def __init__(self, embed, dim: int):
+    def __init__(self, embed: Callable[[Sequence[Face]], list[np.ndarray | None]],
+                 dim: int) -> None:
         self.embed = embed
         self.index = faiss.IndexFlatIP(dim)
         self.labels: list[str] = []
 
-    def enroll(self, identity: str, faces) -> int:
+    def enroll(self, identity: str, faces: Sequence[Face]) -> int:
         embeddings = self.embed(faces)
         # The gated embed returns None for rejected faces: they never reach the index.
         kept = [e for e in embeddings if e is not None]

@@ -11,8 +11,12 @@ import importlib.util
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fiqa_gate.errors import ModelError
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 # Digests of third-party model files, pinned to the package releases in pyproject.toml.
 PINNED_SHA256 = {
@@ -89,7 +93,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def onnx_session(path: str | os.PathLike[str], threads: int | None = None):
+def onnx_session(path: str | os.PathLike[str],
+                 threads: int | None = None) -> onnxruntime.InferenceSession:
     """An ONNX Runtime CPU session; quiet, and with an error that names the file."""
     import onnxruntime as ort
 

@@ -15,8 +15,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -24,7 +25,15 @@ from fiqa_gate import registry
 from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError
 from fiqa_gate.images import identity_folders, iter_files
 
+if TYPE_CHECKING:
+    from fiqa_gate.faces import Face
+    from fiqa_gate.gate import Gate
+    from fiqa_gate.manifest import Manifest
+
 log = logging.getLogger("fiqa_gate")
+
+_T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 SCORE_COLUMNS = ["path", "score", "raw_score", "face", "box_x", "box_y", "box_w", "box_h",
                  "det_score", "error"]
@@ -42,7 +51,7 @@ class Failures:
         sys.exit(1 if self.count else 0)
 
 
-def _progress(items: Sequence, desc: str):
+def _progress(items: Sequence[_T], desc: str) -> Iterable[_T]:
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="file", file=sys.stderr, disable=None,
@@ -74,7 +83,7 @@ def _relpath(path: str, roots: Sequence[str]) -> str:
 
 
 # -- shared options ---------------------------------------------------------------------
-def pipeline_options(fn):
+def pipeline_options(fn: _F) -> _F:
     for opt in reversed([
         click.option("--aligned", is_flag=True,
                      help="Inputs are already 112x112 aligned crops: no detection."),
@@ -95,7 +104,7 @@ class Pipeline:
     for the recognizer the scores are meant for."""
 
     def __init__(self, aligned: bool, scorer: str | None, model: str | None, detector: str,
-                 recognizer: str):
+                 recognizer: str) -> None:
         self.detector = None if aligned else registry.get_detector(detector)
         self.recognizer = recognizer
         self.scorer = None
@@ -113,12 +122,12 @@ class Pipeline:
                             "--recognizer %s` before trusting a threshold", scorer,
                             calibrated_for, recognizer, calibrated_for, recognizer)
 
-    def faces(self, path: str):
+    def faces(self, path: str) -> list[Face]:
         from fiqa_gate.pipeline import faces_from_file
 
         return faces_from_file(path, self.detector)
 
-    def gate(self, threshold: float, stage: str):
+    def gate(self, threshold: float, stage: str) -> Gate:
         """A Gate on this pipeline's scorer; a threshold needs the calibrated scale."""
         from fiqa_gate.gate import Gate
 
@@ -133,7 +142,7 @@ class Pipeline:
 
 
 class _Group(click.Group):
-    def invoke(self, ctx):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except FiqaGateError as exc:
@@ -160,7 +169,8 @@ def cli(no_plugins: bool, verbose: int) -> None:
               help="CSV file to write ('-' for stdout).")
 @click.option("--resume", is_flag=True, help="Append to OUTPUT, skipping files already in it.")
 @pipeline_options
-def score(paths, output, resume, aligned, scorer, model, detector, recognizer):
+def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scorer: str,
+          model: str | None, detector: str, recognizer: str) -> None:
     """Score every image file under PATHS: one CSV row per face (or per failed file)."""
     from fiqa_gate.manifest import open_manifest
 
@@ -262,8 +272,9 @@ def _same_content(a: str | Path, b: str | Path) -> bool:
               help="Remove each source after its copy is complete and synced.")
 @click.option("--resume", is_flag=True, help="Append to the manifest, skipping files in it.")
 @pipeline_options
-def filter_(paths, threshold, output, accepted_dir, rejected_dir, move, resume, aligned,
-            scorer, model, detector, recognizer):
+def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir: str | None,
+            rejected_dir: str | None, move: bool, resume: bool, aligned: bool, scorer: str,
+            model: str | None, detector: str, recognizer: str) -> None:
     """Decide accept/reject for every image under PATHS (largest face decides).
 
     Inputs are only read, never changed or deleted (unless --move with a target dir).
@@ -336,8 +347,9 @@ COMMIT_FACES = 2000
               help="FAISS index factory for a new gallery: Flat, HNSW32, IVF64,Flat ...")
 @click.option("-o", "--manifest", "output", help="CSV of every image's outcome.")
 @pipeline_options
-def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, model, detector,
-           recognizer):
+def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: str,
+           output: str | None, aligned: bool, scorer: str, model: str | None, detector: str,
+           recognizer: str) -> None:
     """Enroll ROOT/<identity>/images into the gallery at --index.
 
     A file already in the gallery under its identity is skipped, so a run that was
@@ -356,7 +368,7 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
     pending: list[tuple[Enrollment | None, dict]] = []  # whole identities, not yet committed
     n_in = n_skipped = 0
 
-    def commit(manifest) -> int:
+    def commit(manifest: Manifest | None) -> int:
         """Enroll the pending faces in one transaction (all or nothing), then log their
         rows. Each transaction rewrites the whole index, so they are batched."""
         items = [item for item, _ in pending if item is not None]
@@ -432,8 +444,9 @@ def enroll(root, index_path, gate, threshold, factory, output, aligned, scorer, 
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
 @click.option("-o", "--output", default="-", show_default=True)
 @pipeline_options
-def search(paths, index_path, top_k, gate, threshold, output, aligned, scorer, model, detector,
-           recognizer):
+def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, threshold: float,
+           output: str, aligned: bool, scorer: str, model: str | None, detector: str,
+           recognizer: str) -> None:
     """Search the gallery for the faces in PATHS; CSV rows of ranked hits."""
     import numpy as np
 
@@ -477,7 +490,7 @@ def search(paths, index_path, top_k, gate, threshold, output, aligned, scorer, m
 # -- plugins ------------------------------------------------------------------------------
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
-def plugins(as_json):
+def plugins(as_json: bool) -> None:
     """List loaded plugins, their hooks, and what each registers."""
     pm = registry.plugin_manager()
     reg = registry.registry()

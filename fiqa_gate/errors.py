@@ -8,7 +8,7 @@ class FiqaGateError(Exception):
 class ImageLoadError(FiqaGateError):
     """A file could not be read as an image; `reason` is short and stable (for manifests)."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason

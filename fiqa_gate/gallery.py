@@ -29,15 +29,22 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
 from fiqa_gate.errors import GalleryError
 
+if TYPE_CHECKING:
+    import faiss
+
 log = logging.getLogger("fiqa_gate")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,10 +73,11 @@ def _from_db(value: str | bytes) -> str:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
-def _db_errors(method):
+def _db_errors(method: Callable[Concatenate[Gallery, _P], _R]
+               ) -> Callable[Concatenate[Gallery, _P], _R]:
     """SQLite errors of a gallery method become a GalleryError that names the gallery."""
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: Gallery, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return method(self, *args, **kwargs)
         except sqlite3.OperationalError as exc:
@@ -98,10 +106,10 @@ class Enrollment:
 
 
 class Gallery:
-    def __init__(self, path: str | os.PathLike[str], db: sqlite3.Connection):
+    def __init__(self, path: str | os.PathLike[str], db: sqlite3.Connection) -> None:
         self.path = Path(path)
         self._db = db
-        self._index = None
+        self._index: faiss.Index | None = None
         self._index_gen = -1
         try:
             self._read_info()
@@ -203,7 +211,7 @@ class Gallery:
                 if rows else np.zeros((0, self.dim), np.float32))
         return ids, embs
 
-    def _build_index(self, ids: np.ndarray, embs: np.ndarray):
+    def _build_index(self, ids: np.ndarray, embs: np.ndarray) -> faiss.Index:
         import faiss
 
         base = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
@@ -222,7 +230,7 @@ class Gallery:
         return index
 
     @_db_errors
-    def index(self):
+    def index(self) -> faiss.Index:
         """The FAISS index for the current generation: loaded if its file is the one the
         database recorded, else rebuilt from the database (a consistent snapshot)."""
         self._db.execute("BEGIN")  # one read snapshot: generation, digest and faces agree
@@ -240,7 +248,7 @@ class Gallery:
         self._index, self._index_gen = index, gen
         return index
 
-    def _load_index_file(self, gen: int, digest: str | None):
+    def _load_index_file(self, gen: int, digest: str | None) -> faiss.Index | None:
         import faiss
 
         if digest is None:
@@ -345,7 +353,7 @@ class Gallery:
                 log.warning("%s: index file not updated (%s); readers rebuild it", self.path,
                             exc)
 
-    def _write_temporary_index(self, index) -> tuple[str, str]:
+    def _write_temporary_index(self, index: faiss.Index) -> tuple[str, str]:
         """Write `index` to a synced temporary file in the gallery; (its path, SHA-256)."""
         import faiss
 

@@ -41,7 +41,7 @@ class Gate:
     (`gate_decision` hook) decides otherwise for this `stage`."""
 
     def __init__(self, scorer: Scorer, threshold: float = 0.5, stage: str = "filter",
-                 use_plugins: bool = True):
+                 use_plugins: bool = True) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if stage not in STAGES:

@@ -10,6 +10,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterable, Iterator
+from io import BufferedReader
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,7 +45,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _open(p: str):
+def _open(p: str) -> BufferedReader:
     """Open for reading, or an ImageLoadError that says why not (before any decoding)."""
     try:
         return open(p, "rb")

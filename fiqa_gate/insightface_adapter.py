@@ -19,7 +19,7 @@ from fiqa_gate.gate import Gate
 
 
 class GatedFaceAnalysis:
-    def __init__(self, app: Any, gate: Gate):
+    def __init__(self, app: Any, gate: Gate) -> None:
         self.app = app
         self.gate = gate
 

@@ -24,7 +24,8 @@ from fiqa_gate.errors import ManifestError
 
 
 class Manifest:
-    def __init__(self, fh: IO[str], columns: Sequence[str], done: set[str], owned: bool):
+    def __init__(self, fh: IO[str], columns: Sequence[str], done: set[str],
+                 owned: bool) -> None:
         self.columns = list(columns)
         self.done = done
         self._fh = fh

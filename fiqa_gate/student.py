@@ -32,7 +32,7 @@ class OnnxStudentScorer(Scorer):
     name = "student"
 
     def __init__(self, model_path: str | Path | None = None, batch_size: int = 64,
-                 threads: int | None = 1):
+                 threads: int | None = 1) -> None:
         # `threads` faces are scored at once, each on one thread; None: one per core (a
         # scoring-only job). The gate's default is 1: a second scoring thread competes with
         # the recognizer's, as ONNX Runtime's own pool did (measured on 2 cores: the gated

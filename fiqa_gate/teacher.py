@@ -34,7 +34,7 @@ def fuse(stats: dict[str, float], net: np.ndarray, norm: np.ndarray) -> np.ndarr
 class FusedTeacherScorer(OnnxStudentScorer):
     name = "teacher"
 
-    def __init__(self, model_path: str | Path | None = None, batch_size: int = 64):
+    def __init__(self, model_path: str | Path | None = None, batch_size: int = 64) -> None:
         if not model_path:
             raise ModelError("the teacher scorer needs a run's exported teacher: "
                              "RUN/export/teacher.onnx, given as --teacher to evaluate and as "

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from fiqa_gate_plugins import shipped_calibration
@@ -42,7 +42,7 @@ class DetectorConfidenceScorer(Scorer):
 class EmbeddingNormScorer(Scorer):
     name = "embedding-norm"
 
-    def __init__(self, context: ScorerContext):
+    def __init__(self, context: ScorerContext) -> None:
         self.recognizer = context.recognizer()
 
     def raw_scores(self, faces: Sequence[Face]) -> np.ndarray:
@@ -55,7 +55,7 @@ def _calibrated(scorer: Scorer, recognizer: str) -> Scorer:
 
 
 @hookimpl
-def register_scorers(register):
+def register_scorers(register: Callable[..., None]) -> None:
     register("sharpness", lambda ctx: _calibrated(SharpnessScorer(), ctx.recognizer_name),
              "variance of the Laplacian of the aligned crop (baseline)")
     register("detector-confidence",

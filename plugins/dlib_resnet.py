@@ -7,6 +7,8 @@ alignment it was trained with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from fiqa_gate.assets import pinned_package_file
@@ -26,7 +28,7 @@ class DlibResNetRecognizer(Recognizer):
     threshold = 0.931
     threshold_source = "FMR 1e-3 on ORL s1-s30"
 
-    def __init__(self):
+    def __init__(self) -> None:
         try:
             import dlib
         except ImportError:
@@ -50,6 +52,6 @@ class DlibResNetRecognizer(Recognizer):
 
 
 @hookimpl
-def register_recognizers(register):
+def register_recognizers(register: Callable[..., None]) -> None:
     register("dlib", DlibResNetRecognizer,
              "dlib ResNet v1 (CC0), needs the [dlib] extra")

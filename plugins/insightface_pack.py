@@ -9,7 +9,9 @@ recognizer `insightface` picks the first pack found, or says how to get one.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -46,7 +48,7 @@ class InsightfaceRecognizer(Recognizer):
 
     dim = 512
 
-    def __init__(self, pack: str, model_file: Path):
+    def __init__(self, pack: str, model_file: Path) -> None:
         from insightface.model_zoo import get_model
 
         self.name = f"insightface:{pack}"
@@ -64,7 +66,7 @@ class InsightfaceRecognizer(Recognizer):
         return np.asarray(self._model.get_feat(bgr), dtype=np.float32).reshape(len(crops), -1)
 
 
-def _missing(*_args):
+def _missing(*_args: object) -> NoReturn:
     raise ModelError(
         f"no insightface model pack under {models_root()}: packs (buffalo_l, antelopev2) are "
         "non-commercial and not downloadable here; unpack one into "
@@ -73,7 +75,7 @@ def _missing(*_args):
 
 
 @hookimpl
-def register_recognizers(register):
+def register_recognizers(register: Callable[..., None]) -> None:
     packs = find_packs()
     for pack, path in packs.items():
         register(f"insightface:{pack}", lambda p=pack, f=path: InsightfaceRecognizer(p, f),

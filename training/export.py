@@ -56,7 +56,7 @@ def export_onnx(model: QualityNet, path: Path, input_size: int, check_crops: np.
 class _FixedPositions(torch.nn.Module):
     """EdgeNeXt's Fourier position encoding depends on the input size only: computed once."""
 
-    def __init__(self, positions: torch.Tensor):
+    def __init__(self, positions: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("positions", positions)
 

@@ -26,7 +26,7 @@ class Normalise(nn.Module):
     """0..255 RGB in, `(x / 255 - mean) / std` out (ImageNet statistics by default)."""
 
     def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD, scale: float = 1 / 255):
+                 std: tuple[float, ...] = IMAGENET_STD, scale: float = 1 / 255) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) / scale)
         self.register_buffer("inv_std", (1 / torch.tensor(std)).view(1, -1, 1, 1) * scale)
@@ -118,7 +118,7 @@ def sface_backbone(onnx_path: str) -> tuple[nn.Module, int]:
 class QualityNet(nn.Module):
     """Backbone features -> Linear(width, 128) -> Linear(128, 1), as the paper's head."""
 
-    def __init__(self, backbone: nn.Module, width: int, normalise: nn.Module | None):
+    def __init__(self, backbone: nn.Module, width: int, normalise: nn.Module | None) -> None:
         super().__init__()
         self.normalise = normalise if normalise is not None else nn.Identity()
         self.backbone = backbone

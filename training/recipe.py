@@ -25,11 +25,14 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fiqa_gate.datasets import Samples
+
+if TYPE_CHECKING:
+    from fiqa_gate_training.models import QualityNet
 
 log = logging.getLogger("fiqa_gate.training")
 
@@ -58,7 +61,7 @@ def load_config(name_or_path: str) -> dict[str, Any]:
 class Run:
     """A run directory: config, log, stage outputs, and the wall time each stage took."""
 
-    def __init__(self, cfg: dict[str, Any], out: Path):
+    def __init__(self, cfg: dict[str, Any], out: Path) -> None:
         self.cfg, self.out = cfg, out
         out.mkdir(parents=True, exist_ok=True)
         self.data = out / "data"
@@ -107,7 +110,7 @@ class Run:
         self.times_path.write_text(json.dumps(self.times, indent=2))
 
 
-def _model(spec: dict[str, Any]):
+def _model(spec: dict[str, Any]) -> QualityNet:
     from fiqa_gate_training.models import build_model
 
     return build_model(spec)
@@ -204,7 +207,7 @@ def _trunk_views(run: Run, sets: list[str], set_b: bool = False) -> tuple[Any, n
     return views, np.concatenate(rows)
 
 
-def _load(run: Run, key: str, name: str):
+def _load(run: Run, key: str, name: str) -> QualityNet:
     from fiqa_gate_training.export import load_weights
 
     return load_weights(_model(run.cfg[key]), run.out / f"{name}.safetensors")

@@ -144,7 +144,7 @@ class WeightAverage:
     running statistics must follow the averaged weights); integer buffers are copied.
     The decay ramps up as (1 + step) / (10 + step) so the random start fades quickly."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.steps = decay, 0
 
@@ -172,7 +172,7 @@ class StackedViews:
     """Several [M_i, 2, C, h, w] view tensors indexed as one, rows numbered part after part,
     without the copy (and twice the memory) of `torch.cat`."""
 
-    def __init__(self, parts: list[torch.Tensor]):
+    def __init__(self, parts: list[torch.Tensor]) -> None:
         self.parts = parts
         self.ends = np.cumsum([len(p) for p in parts])
         self.shape = (int(self.ends[-1]), *parts[0].shape[1:])
@@ -217,7 +217,7 @@ class TrunkHint(nn.Module):
     """
 
     def __init__(self, model: QualityNet, views: torch.Tensor, rows: np.ndarray,
-                 spec: dict[str, Any]):
+                 spec: dict[str, Any]) -> None:
         super().__init__()
         stages = hint_stages(model.backbone)
         self.views, self.rows = views, torch.as_tensor(rows, dtype=torch.long)

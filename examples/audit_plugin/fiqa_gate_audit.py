@@ -16,38 +16,44 @@ import json
 import os
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import click
 
 from fiqa_gate.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from fiqa_gate.faces import Face
+    from fiqa_gate.gate import Decision
 
 
 def _log_path() -> str:
     return os.environ.get("FIQA_GATE_AUDIT_LOG", "fiqa-gate-audit.jsonl")
 
 
-def _append(event: str, **fields) -> None:
+def _append(event: str, **fields: object) -> None:
     with open(_log_path(), "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"t": time.time(), "event": event, **fields}) + "\n")
 
 
 @hookimpl
-def face_scored(face, score):
+def face_scored(face: Face, score: Decision) -> None:
     _append("scored", face=face.face_id, score=score.score, accepted=score.accepted)
 
 
 @hookimpl
-def face_rejected(face, score, reason):
+def face_rejected(face: Face, score: Decision, reason: str) -> None:
     _append("rejected", face=face.face_id, score=score.score, reason=reason)
 
 
 @hookimpl
-def face_enrolled(identity, face_id):
+def face_enrolled(identity: str, face_id: str) -> None:
     _append("enrolled", identity=identity, face_id=face_id)
 
 
 @hookimpl
-def gate_decision(face, score, threshold, stage):
+def gate_decision(face: Face, score: float, threshold: float,
+                  stage: str) -> tuple[bool, str] | None:
     if stage != "enroll":
         return None
     strict = float(os.environ.get("FIQA_GATE_ENROLL_THRESHOLD", "0.8"))
@@ -57,9 +63,9 @@ def gate_decision(face, score, threshold, stage):
 
 
 @hookimpl
-def register_commands(cli):
+def register_commands(cli: click.Group) -> None:
     @cli.command(name="audit-summary")
-    def audit_summary():
+    def audit_summary() -> None:
         """Count the events in the audit log."""
         with open(_log_path(), encoding="utf-8") as fh:
             counts = Counter(json.loads(line)["event"] for line in fh if line.strip())

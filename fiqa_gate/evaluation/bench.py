@@ -10,13 +10,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fiqa_gate import models_dir, registry
 from fiqa_gate.evaluation.timing import machine, measure_all
+
+if TYPE_CHECKING:
+    import torch
+    from fiqa_gate_training.models import QualityNet
+
+    from fiqa_gate.student import OnnxStudentScorer
 
 log = logging.getLogger("fiqa_gate")
 
@@ -37,7 +44,7 @@ def _batch(crops: np.ndarray, size: int) -> np.ndarray:
     return crops[np.arange(size) % len(crops)]
 
 
-def _torch_student(size: int, meta: dict[str, Any]):
+def _torch_student(size: int, meta: dict[str, Any]) -> QualityNet:
     """The shipped student's weights in torch (needs the [train] extra)."""
     from fiqa_gate_training.models import build_model
     from safetensors.torch import load_file
@@ -48,7 +55,8 @@ def _torch_student(size: int, meta: dict[str, Any]):
     return model.eval()
 
 
-def _paper_size_student(folder: Path, crops: np.ndarray, meta: dict[str, Any]):
+def _paper_size_student(folder: Path, crops: np.ndarray,
+                        meta: dict[str, Any]) -> OnnxStudentScorer:
     import json
 
     from fiqa_gate_training.export import export_onnx, quantize_int8
@@ -73,7 +81,7 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
     t = out["timings"]
     jobs: list[tuple[str, Any, int]] = []
 
-    def rec(name: str, fn, faces: int) -> None:
+    def rec(name: str, fn: Callable[[], object], faces: int) -> None:
         jobs.append((name, fn, faces))  # timed together, in turns, once all are set up
 
     crops, paths = _faces(64)
@@ -98,7 +106,7 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
             for batch, xs in ((1, x1), (64, x64)):
                 inp = to_input(xs, size)
 
-                def fwd(net=net, inp=inp):
+                def fwd(net: QualityNet = net, inp: torch.Tensor = inp) -> torch.Tensor:
                     with torch.no_grad():
                         return net(inp)
 
@@ -160,11 +168,11 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
         gate = Gate(student, threshold=0.5, use_plugins=False)
         few = paths[:16]
 
-        def ungated():
+        def ungated() -> None:
             faces = [f for p in few for f in faces_from_file(p, detector)]
             sface.embed(np.stack([f.crop for f in faces]))
 
-        def gated():
+        def gated() -> None:
             faces = [f for p in few for f in faces_from_file(p, detector)]
             decisions = gate.decide(faces)
             kept = [f for f, d in zip(faces, decisions, strict=True) if d.accepted]

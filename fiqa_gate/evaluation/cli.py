@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import numpy as np
@@ -17,6 +17,8 @@ from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.timing import machine
 
 log = logging.getLogger("fiqa_gate")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 DEFAULT_SCORERS = ("student", "sharpness", "detector-confidence", "embedding-norm", "random")
 
@@ -191,7 +193,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     return report
 
 
-def _evaluation_options(fn):
+def _evaluation_options(fn: _F) -> _F:
     for option in reversed([
         click.option("--recognizer", default=registry.DEFAULT_RECOGNIZER, show_default=True,
                      help="Recognizer plugin whose errors the scores must predict."),
@@ -235,8 +237,9 @@ def _evaluation_options(fn):
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("fiqa-gate-report"), show_default=True)
 @_evaluation_options
-def evaluate(data, pairs, out, recognizer, scorers, model, teacher, variants, seed,
-             degradations, bootstrap, gate_threshold):
+def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
+             scorers: Sequence[str], model: str | None, teacher: str | None, variants: int,
+             seed: int, degradations: str, bootstrap: int, gate_threshold: float) -> None:
     """How much each scorer improves recognition: EDC, ERC, identification, plots."""
     scorers = _available_scorers(scorers or DEFAULT_SCORERS)
     if "teacher" in scorers and not teacher:  # before minutes of detection and embedding
@@ -286,7 +289,7 @@ def _report_warnings(report: dict[str, Any]) -> list[str]:
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("fiqa-gate-report"), show_default=True)
 @click.option("--recognizer", default=registry.DEFAULT_RECOGNIZER, show_default=True)
-def demo(out, recognizer):
+def demo(out: Path, recognizer: str) -> None:
     """The main job: the gate's gain on the bundled ORL test faces, in a few minutes."""
     from fiqa_gate.evaluation import report as rep
 
@@ -360,7 +363,7 @@ def _picks_line(main: str, other: str, picks: dict[str, Any] | None) -> str:
               help="Write the JSON here too.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False),
               help="Student ONNX file instead of the shipped one.")
-def bench(repeats, output, model):
+def bench(repeats: int, output: Path | None, model: str | None) -> None:
     """Faces/s and latency of the gate, detection, embeddings, and the whole pipeline."""
     from fiqa_gate.evaluation.bench import run_bench
 

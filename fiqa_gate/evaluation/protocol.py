@@ -17,7 +17,7 @@ folder's comparisons of one kind past `MAX_PAIRS` are a seeded uniform sample of
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ from fiqa_gate.evaluation.metrics import EDCResult, edc, pair_quality
 
 TEST_SEED = 314159
 TEST_VARIANTS = 3
+
+# Which candidate pairs (a[i], b[i]) may be compared: a boolean mask over the candidates.
+_PairFilter = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def load_test_set(detector: Detector, root: str | Path | None = None,
@@ -121,7 +124,7 @@ def verification_pairs(identity: Sequence[str | None], source: Sequence[str],
 class _IdentityGroups:
     """Faces and references sorted by identity, with where each identity starts."""
 
-    def __init__(self, ident: np.ndarray, refs: np.ndarray):
+    def __init__(self, ident: np.ndarray, refs: np.ndarray) -> None:
         self.faces = np.bincount(ident)  # faces per identity
         self.refs = np.bincount(ident[refs], minlength=len(self.faces))
         self.face_order = np.argsort(ident, kind="stable")
@@ -129,7 +132,7 @@ class _IdentityGroups:
         self.face_start = np.cumsum(self.faces) - self.faces
         self.ref_start = np.cumsum(self.refs) - self.refs
 
-    def mated_pairs(self, valid) -> tuple[np.ndarray, np.ndarray]:
+    def mated_pairs(self, valid: _PairFilter) -> tuple[np.ndarray, np.ndarray]:
         """Every valid mated pair, one identity at a time: only same-identity candidates
         are looked at (a large folder's mated pairs are few, its candidates are not)."""
         parts_a, parts_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
@@ -147,7 +150,7 @@ class _IdentityGroups:
         return a[order], b[order]
 
 
-def _nonmated_pairs(n: int, refs: np.ndarray, ident: np.ndarray, valid
+def _nonmated_pairs(n: int, refs: np.ndarray, ident: np.ndarray, valid: _PairFilter
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Every valid non-mated pair, faces taken in blocks so no block outgrows memory."""
     step = max(1, _BLOCK // max(len(refs), 1))
@@ -162,7 +165,7 @@ def _nonmated_pairs(n: int, refs: np.ndarray, ident: np.ndarray, valid
 
 
 def _sample_pairs(n: int, refs: np.ndarray, ident: np.ndarray, groups: _IdentityGroups,
-                  mated: bool, valid, size: int, rng: np.random.Generator
+                  mated: bool, valid: _PairFilter, size: int, rng: np.random.Generator
                   ) -> tuple[np.ndarray, np.ndarray]:
     """`size` distinct valid pairs of one kind, uniform: candidates drawn uniformly (mated
     ones identity by identity, weighted by faces x references), invalid ones rejected."""
@@ -257,7 +260,8 @@ def as_faces(samples: Samples) -> list:
             for c, s, d in zip(samples.crops, samples.source, samples.det_score, strict=True)]
 
 
-def in_chunks(fn, items: Sequence, desc: str | None = None, size: int = 256) -> Any:
+def in_chunks(fn: Callable[[Any], Any], items: Sequence, desc: str | None = None,
+              size: int = 256) -> Any:
     """`fn` over `items` a chunk at a time, with a progress bar when `desc` is given; the
     chunks' arrays joined (each of them, where `fn` returns a tuple of arrays)."""
     from tqdm import tqdm
