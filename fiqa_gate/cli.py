@@ -455,7 +455,7 @@ def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, thre
 
     gallery = Gallery.open(index_path)
     rec = registry.get_recognizer(recognizer)
-    gallery.search(np.zeros((1, rec.dim), np.float32), rec.name, k=1)  # refuses a mismatch
+    gallery.check_recognizer(rec.name)  # before any face is detected
     pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
     the_gate = pipe.gate(threshold, "probe") if gate else None
     failures = Failures()

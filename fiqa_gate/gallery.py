@@ -266,12 +266,16 @@ class Gallery:
             return None  # not written (writer killed after its commit), or removed since
 
     @_db_errors
-    def search(self, embeddings: np.ndarray, recognizer: str, k: int = 5) -> list[list[Hit]]:
-        """Top-k faces for each L2-normalised query; `match` uses the gallery's threshold."""
+    def check_recognizer(self, recognizer: str) -> None:
+        """Refuse queries embedded by another recognizer than the gallery's."""
         if recognizer != self.recognizer:
             raise GalleryError(f"{self.path}: gallery holds {self.recognizer!r} embeddings; "
                                f"it cannot be searched with {recognizer!r} "
                                f"(use --recognizer {self.recognizer})")
+
+    def search(self, embeddings: np.ndarray, recognizer: str, k: int = 5) -> list[list[Hit]]:
+        """Top-k faces for each L2-normalised query; `match` uses the gallery's threshold."""
+        self.check_recognizer(recognizer)
         q = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise GalleryError(f"query dimension {q.shape[1]} != gallery dimension {self.dim}")
