@@ -309,6 +309,19 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert set(rep["erc"]) == {"sharpness"} and (tmp_path / "p" / "scores.png").stat().st_size
     assert len(rep["verification"]["scorers"][0]["ci95_20"]) == 2  # bootstrapped (nan here:
     # every mated pair matches, so FNMR is 0 and the normalised pAUC is undefined)
+    # an image with itself, and a pair listed again the other way round, are left out
+    with pairs.open("a", newline="") as fh:
+        csv.writer(fh).writerows([[str(paths[0]), str(paths[0]), 1], [rows[0][1], rows[0][0],
+                                                                     rows[0][2]]])
+    done = _cli("evaluate", "--pairs", str(pairs), "--scorer", "sharpness", "--bootstrap",
+                "0", "-o", str(tmp_path / "p2"))
+    assert done.returncode == 0 and "1 pairs of an image with itself and 1 repeated" in \
+        done.stderr
+    again = json.loads((tmp_path / "p2" / "report.json").read_text())["verification"]
+    assert (again["n_mated"], again["n_nonmated"]) == (18, len(rows) - 18)
+    done = _cli("evaluate", "--pairs", str(pairs), "--variants", "5", "-o",
+                str(tmp_path / "p3"))
+    assert done.returncode == 2 and "--variants apply to the identity protocol" in done.stderr
     # the same faces as an LFW tree (name/name_000i.jpg) with LFW's pairs.txt layout
     lfw = tmp_path / "lfw"
     for x in paths:

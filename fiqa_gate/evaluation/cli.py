@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -157,6 +158,15 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     from fiqa_gate.pipeline import faces_from_file, primary_face
 
     rows = read_pairs(pairs, image_root)
+    # An image compared with itself matches whatever its quality, and a pair listed twice
+    # counts twice: both would bend the EDC, so they are left out, with a word.
+    selfs = sum(os.path.realpath(r[0]) == os.path.realpath(r[1]) for r in rows)
+    unique = list({(min(r[0], r[1]), max(r[0], r[1]), r[2]): r for r in rows
+                   if os.path.realpath(r[0]) != os.path.realpath(r[1])}.values())
+    if selfs or len(unique) < len(rows) - selfs:
+        log.warning("%s: %d pairs of an image with itself and %d repeated pairs left out",
+                    pairs, selfs, len(rows) - selfs - len(unique))
+    listed, rows = len(rows), unique
     paths = sorted({p for r in rows for p in r[:2]})
     detector = registry.get_detector()
     faces, failed = {}, {}
@@ -164,7 +174,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
         try:
             faces[p] = primary_face(faces_from_file(p, detector))
         except FiqaGateError as exc:
-            failed[p] = str(exc)
+            failed[p] = str(exc).removeprefix(f"{p}: ")  # the path is the key already
     _warn_skipped(failed)
     kept = [r for r in rows if r[0] in faces and r[1] in faces]
     if not kept:
@@ -186,7 +196,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
                        norms=norms)
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
               "machine": machine(), "command": command, "skipped_images": failed,
-              "pairs": {"listed": len(rows), "compared": len(kept)},
+              "pairs": {"listed": listed, "compared": len(kept)},
               **_judge(sim, mated, a, b, raw, order, bootstrap, out,
                        f"{pairs} ({recognizer_name})")}
     rep.write(report, out)
@@ -248,6 +258,13 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
     options = {name: {"model": path} for name, path in
                (("student", model), ("teacher", teacher)) if path}
     if pairs:
+        ctx = click.get_current_context()
+        ignored = [f"--{n.replace('_', '-')}" for n in ("variants", "seed", "degradations",
+                                                          "gate_threshold")
+                   if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
+        if ignored:  # a pairs list is judged as it is, without identification
+            raise click.UsageError(f"{', '.join(ignored)} apply to the identity protocol, "
+                                   "not to --pairs")
         report = _pairs_evaluation(pairs, recognizer, scorers, out, options, command, data,
                                    bootstrap)
     else:
