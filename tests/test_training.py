@@ -173,6 +173,16 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
                               timeout=600)
     assert ablation.returncode == 0, ablation.stderr[-3000:]
     assert (out / "student_l.safetensors").exists() and (out / "student_la.safetensors").exists()
+    # Without a model card (smoke skips the report stage) nothing replaces the shipped model.
+    import click
+    from fiqa_gate_training.cli import install_student
+
+    from fiqa_gate import models_dir
+
+    shipped = {p.name: p.read_bytes() for p in models_dir().iterdir() if p.is_file()}
+    with pytest.raises(click.UsageError, match=r"lacks student\.md"):
+        install_student(out / "export")
+    assert {p.name: p.read_bytes() for p in models_dir().iterdir() if p.is_file()} == shipped
     # The smoke config skips the report stage (2 min); the model card's code runs here.
     from fiqa_gate_training.recipe import Run, load_config
     from fiqa_gate_training.report import write_report
@@ -518,3 +528,139 @@ def test_model_card_names_every_built_in_unlabelled_source():
     from fiqa_gate_training.sources import SOURCE_NAMES, SOURCES
 
     assert set(SOURCE_NAMES) == set(SOURCES)
+
+
+def test_a_stage_without_its_inputs_or_a_file_as_out_is_a_usage_error(tmp_path):
+    cmd = [sys.executable, "-m", "fiqa_gate", "train", "run", "smoke"]
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "run"), "--stage", "calibrate"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "stage calibrate reads the output of stage data, student" in done.stderr
+    (tmp_path / "file").write_text("mine")
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "file")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 2 and "is a file" in done.stderr
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+# Config checks (training/config.py): broken copies of smoke.json, checked directly (fast).
+
+_DELETE = object()  # in `_broken_smoke`'s changes: remove the key
+
+
+def _config_dir():
+    from pathlib import Path
+
+    from fiqa_gate_training import config
+
+    return Path(config.__file__).parent / "configs"
+
+
+def _broken_smoke(tmp_path, changes):
+    """smoke.json with `changes` (dotted key -> new value, or _DELETE), written to
+    tmp_path/smoke_bad.json and read back from there as a config file is."""
+    cfg = json.loads((_config_dir() / "smoke.json").read_text())
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = cfg
+        for key in parents:
+            node = node[key]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    path = tmp_path / "smoke_bad.json"
+    path.write_text(json.dumps(cfg))
+    return json.loads(path.read_text()), path.name
+
+
+def test_config_check_accepts_the_built_in_configs_and_what_the_code_allows(tmp_path):
+    from fiqa_gate_training.config import ACTIVATIONS, check_config
+    from fiqa_gate_training.models import ACTIVATIONS as BUILT
+
+    assert set(ACTIVATIONS) == set(BUILT)  # the check's copy of the models' choices
+    paths = sorted(_config_dir().glob("*.json"))
+    assert {p.stem for p in paths} >= {"cpu", "paper", "smoke"}
+    for path in paths:
+        check_config(json.loads(path.read_text()), path.name)
+    # a JSON integer where a number is expected; the other forms and options the code reads
+    check_config(*_broken_smoke(tmp_path, {
+        "student.lr": 1, "data.temperature": 1, "data.labelled": "identity:/faces",
+        "data.mos_csv": "mos.csv", "data.mos_root": "/faces", "student.targets": "labels",
+        "data.memory_check": False, "data.detector": "yunet", "student.hint.set_b": True,
+        "student.schedule": "step", "student.decay_epochs": 10, "student.decay_ratio": 0.1,
+        "student.backbone_args": {"depths": [3, 3, 9, 3]}, "skip_stages": [],
+        "input_size_ablation": {"sizes": [112, 352], "epochs": 1, "max_faces": 10,
+                                "seeds": [13, 14]}}))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"student.epocs": 1},
+     "smoke_bad.json: student.epocs: unknown key (did you mean student.epochs?)"),
+    ({"studnet": {}}, "smoke_bad.json: studnet: unknown key (did you mean student?)"),
+    ({"student.hint.wieght": 1.0},
+     "student.hint.wieght: unknown key (did you mean student.hint.weight?)"),
+    ({"student.lr": _DELETE}, "smoke_bad.json: student.lr: missing (required: a number)"),
+    ({"data": _DELETE}, "smoke_bad.json: data: missing (required: an object)"),
+    ({"student.hint.components": _DELETE}, "student.hint.components: missing"),
+    ({"input_size_ablation": {"sizes": [112], "epochs": 1}},
+     "input_size_ablation.max_faces: missing"),
+    ({"data.variants": "two"},
+     "smoke_bad.json: data.variants: expected an integer, got a string ('two')"),
+    ({"student.epochs": "1"}, "student.epochs: expected an integer, got a string ('1')"),
+    ({"student.epochs": 1.5}, "student.epochs: expected an integer, got a number (1.5)"),
+    ({"teacher.epochs": True}, "teacher.epochs: expected an integer, got true"),
+    ({"student.lr": "2e-3"}, "student.lr: expected a number, got a string"),
+    ({"student.select_on_val": 1}, "student.select_on_val: expected true or false"),
+    ({"student.hint": None}, "student.hint: expected an object, got null"),
+    ({"data.train_identities": "s1"},
+     "data.train_identities: expected a list of strings, got a string ('s1')"),
+    ({"data.val_identities": ["s25", 26]}, "data.val_identities[1]: expected a string"),
+    ({"skip_stages": ["reprot"]}, "skip_stages[0]: 'reprot' is not one of data, teacher"),
+    ({"skip_stages": "report"}, "skip_stages: expected a list of strings"),
+    ({"student.schedule": "cos"},
+     "student.schedule: 'cos' is not one of cosine, step (did you mean cosine?)"),
+    ({"student.targets": "teacher"},
+     "student.targets: 'teacher' is not one of labels, enhanced"),
+    ({"student.activation": "silu"}, "student.activation: 'silu' is not one of gelu, relu"),
+    ({"student.quantize": "fp16"}, "student.quantize: 'fp16' is not one of int8"),
+    ({"data.labelled": "lfw"}, "data.labelled: 'lfw' is not one of orl, identity:/path"),
+    ({"data.labelled": "identity:"}, "data.labelled: 'identity:' is not one of"),
+    ({"data.b_extra_kinds": ["sepia"]}, "data.b_extra_kinds[0]: 'sepia' is not one of"),
+    ({"student.schedule": "step", "student.decay_ratio": 0.1},
+     "student.decay_epochs: missing (required with schedule 'step')"),
+    ({"teacher.freeze": _DELETE}, "student.hint: needs teacher.freeze > 0"),
+    ({"data.mos_csv": "mos.csv"},
+     "student.targets: 'enhanced' cannot be used with data.mos_csv"),
+])
+def test_config_check_names_the_file_and_key_of_each_mistake(tmp_path, changes, message):
+    from fiqa_gate_training.config import check_config
+
+    with pytest.raises(ValueError) as err:
+        check_config(*_broken_smoke(tmp_path, changes))
+    assert message in str(err.value)
+    assert str(err.value).startswith("smoke_bad.json: ") and "\n" not in str(err.value)
+
+
+def test_config_check_refuses_a_top_level_that_is_not_an_object():
+    import re
+
+    from fiqa_gate_training.config import check_config
+
+    for value, got in (([], "a list"), ("smoke", "a string ('smoke')"), (None, "null")):
+        with pytest.raises(ValueError, match=r"^x\.json: the top level must be a JSON "
+                                             rf"object, not {re.escape(got)}$"):
+            check_config(value, "x.json")
+
+
+def test_config_check_reports_every_problem_at_once(tmp_path):
+    from fiqa_gate_training.config import check_config
+
+    with pytest.raises(ValueError) as err:
+        check_config(*_broken_smoke(tmp_path, {
+            "student.epocs": 1, "studnet": {}, "data.variants": "two", "teacher.lr": _DELETE,
+            "skip_stages": ["reprot"]}))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 5 and all(line.startswith("smoke_bad.json: ") for line in lines)
+    for key in ("student.epocs", "studnet", "data.variants", "teacher.lr", "skip_stages[0]"):
+        assert any(f": {key}: " in line for line in lines), key

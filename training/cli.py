@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -56,10 +55,15 @@ def run_command(config: str, out: Path | None, stages: tuple[str, ...], install:
     except (FileNotFoundError, ValueError) as exc:
         raise click.UsageError(str(exc)) from exc
     out = out or Path("runs") / cfg["name"]
+    if out.exists() and not out.is_dir():
+        raise click.UsageError(f"--out {out} is a file; a run needs a folder")
     _log_to(out)
     chosen = recipe.DEFAULT_STAGES if not stages else tuple(
         s for s in recipe.STAGES if s in stages)
-    run = recipe.run_recipe(cfg, out, chosen, remake_report="report" in stages)
+    try:
+        run = recipe.run_recipe(cfg, out, chosen, remake_report="report" in stages)
+    except recipe.RecipeError as exc:
+        raise click.UsageError(str(exc)) from None
     click.echo(json.dumps(run.times, indent=2), err=True)
     if install:
         install_student(out / "export")
@@ -68,15 +72,21 @@ def run_command(config: str, out: Path | None, stages: tuple[str, ...], install:
 def install_student(export: Path) -> None:
     """Copy student.{onnx,json,md} into the package: it becomes the default scorer."""
     from fiqa_gate import models_dir
+    from fiqa_gate.assets import atomic_write_bytes
     from fiqa_gate.student import OnnxStudentScorer
 
     OnnxStudentScorer(export / "student.onnx")  # refuse to install what would not load
+    names = ("student.onnx", "student.json", "student.md", "student.safetensors",
+             "baselines.json")
+    missing = [n for n in names if not (export / n).is_file()]
+    if missing:  # a shipped student always comes with its figures (the report stage's card)
+        raise click.UsageError(
+            f"not installed: {export} lacks {', '.join(missing)}; the shipped student needs "
+            "all of them (the report stage writes student.md; smoke skips it)")
     dest = models_dir()
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("student.onnx", "student.json", "student.md", "student.safetensors",
-                 "baselines.json"):
-        if (export / name).exists():
-            shutil.copy(export / name, dest / name)
+    for name in names:  # each file whole or not at all: the runtime may be reading them
+        atomic_write_bytes(dest / name, (export / name).read_bytes())
     click.echo(f"installed {export / 'student.onnx'} -> {dest}", err=True)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from fiqa_gate_training.config import check_config
 
 from fiqa_gate.datasets import Samples
 
@@ -43,6 +44,15 @@ STAGES = ("data", "teacher", "pseudo_a", "enhanced", "pseudo_b", "student", "cal
 # shipped student instead.
 ON_REQUEST = ("ablation", "input_size")
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in ON_REQUEST)
+# The stages whose outputs each stage reads (the rest of the chain is theirs to need).
+NEEDS = {"teacher": ("data",), "pseudo_a": ("teacher",), "enhanced": ("pseudo_a",),
+         "pseudo_b": ("enhanced",), "student": ("pseudo_b",), "calibrate": ("data", "student"),
+         "export": ("calibrate",), "ablation": ("pseudo_b",), "input_size": ("pseudo_b",),
+         "report": ("export",)}
+
+
+class RecipeError(Exception):
+    """A run that cannot go on as asked (not a bug): the message says what to do."""
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -53,7 +63,11 @@ def load_config(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
         raise FileNotFoundError(f"no config {name_or_path!r} (built-in: {known})")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    check_config(cfg, path.name)  # before any work: a typo found here, not an hour in
     cfg.setdefault("name", path.stem)
     return cfg
 
@@ -70,7 +84,7 @@ class Run:
         self.b_views: Any = None  # set B's, when the hint asks for them (`hint.set_b`)
         saved = out / "config.json"
         if saved.exists() and json.loads(saved.read_text()) != cfg:
-            raise RuntimeError(f"{out} holds a run of another config; use a new --out")
+            raise RecipeError(f"{out} holds a run of another config; use a new --out")
         saved.write_text(json.dumps(cfg, indent=2))
         self.times_path = out / "stage_times.json"
         self.times: dict[str, float] = (json.loads(self.times_path.read_text())
@@ -461,14 +475,25 @@ def run_recipe(cfg: dict[str, Any], out: Path,
     """Run `stages` in order, skipping those whose output exists; with `remake_report` the
     report is made again (it reads every other stage's output and changes none)."""
     run = Run(cfg, out)
+    skipped = cfg.get("skip_stages", ())
     for stage in stages:
-        if stage in cfg.get("skip_stages", ()):
+        if stage in skipped:
+            log.info("stage %s: skipped (the config's skip_stages)", stage)
+            continue
+        if stage in ("ablation", "input_size") and not (
+                cfg.get("ablation") if stage == "ablation" else cfg.get("input_size_ablation")):
+            log.info("stage %s: nothing to run (the config asks for none)", stage)
             continue
         if stage == "report" and remake_report:
             run.times.pop(stage, None)
         elif stage_done(run, stage):
             log.info("stage %s: done already", stage)
             continue
+        missing = [n for n in NEEDS.get(stage, ()) if n not in skipped and not stage_done(run, n)]
+        if missing:
+            raise RecipeError(f"stage {stage} reads the output of stage {', '.join(missing)}, "
+                              f"which {out} does not hold: run the recipe without --stage, or "
+                              f"with --stage {' --stage '.join(missing)} first")
         log.info("stage %s: start", stage)
         run.timed(stage, lambda stage=stage: STAGE_FUNCS[stage](run))
         log.info("stage %s: done in %.0f s", stage, run.times[stage])

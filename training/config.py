@@ -1,0 +1,205 @@
+"""What a training config may hold, checked before any stage runs.
+
+`SCHEMA` lists every key the recipe reads: required where the code reads it with `[]`,
+optional where it reads it with `.get` (or a default). `check_config` refuses a config
+with an unknown key (a typo would be ignored), a missing required key (the stage that
+needs it would fail only after the hours before it), a value of the wrong JSON type, or
+a string outside the fixed set the code handles, naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import GenericAlias
+from typing import Any
+
+Choices = tuple[str, ...] | Callable[[], tuple[str, ...]]  # a callable: imported when used
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key: its type (int, float, str, bool, dict = any object, list[...] = a list of
+    those, or a nested schema), whether it must be there, and the strings it may hold (a
+    choice ending in ':' is a prefix: 'identity:' accepts 'identity:/path')."""
+
+    type: Any
+    required: bool = False
+    choices: Choices = ()
+
+
+def required(type_: Any, choices: Choices = ()) -> Key:
+    return Key(type_, True, choices)
+
+
+def optional(type_: Any, choices: Choices = ()) -> Key:
+    return Key(type_, False, choices)
+
+
+def _stages() -> tuple[str, ...]:
+    from fiqa_gate_training.recipe import STAGES  # recipe imports this module
+
+    return STAGES
+
+
+def _kinds() -> tuple[str, ...]:
+    from fiqa_gate.degradations import ALL_KINDS
+
+    return ALL_KINDS
+
+
+# models.py::ACTIVATIONS (that module imports torch; a test keeps the two equal)
+ACTIVATIONS = ("gelu", "relu")
+
+# the network and its training, teacher and student alike: models.build_model, train.fit,
+# recipe._train, data.trunk_view_bytes, teacher.py
+SPEC: dict[str, Key] = {
+    "backbone": required(str), "input_size": required(int), "epochs": required(int),
+    "batch_size": required(int), "lr": required(float), "weight_decay": required(float),
+    "schedule": optional(str, ("cosine", "step")),
+    "decay_epochs": optional(int), "decay_ratio": optional(float),  # with schedule "step"
+    "seed": optional(int), "freeze": optional(int), "drop_path": optional(float),
+    "ema": optional(float), "select_on_val": optional(bool),
+    "activation": optional(str, ACTIVATIONS), "timm_img_size": optional(bool),
+    "backbone_args": optional(dict), "max_steps": optional(int),
+}
+
+SCHEMA: dict[str, Key] = {
+    # cli.py, report.py (name: the run folder and the model card)
+    "name": optional(str), "description": optional(str),
+    # data.build, data.memory_plan, data.distillation_kinds; recipe, teacher.py, report.py
+    "data": required({
+        "labelled": required(str, ("orl", "identity:")),
+        "train_identities": optional(list[str]), "val_identities": optional(list[str]),
+        "recognizer": required(str), "detector": optional(str),
+        "variants": required(int), "unlabelled": required(list[str]),
+        "unlabelled_variants": required(int), "b_labelled_variants": optional(int),
+        "b_extra_kinds": optional(list[str], _kinds),
+        "temperature": required(float), "seed": required(int),
+        "mos_csv": optional(str), "mos_root": optional(str), "memory_check": optional(bool),
+    }),
+    # recipe.stage_teacher / stage_enhanced, teacher.py (fuse_norm)
+    "teacher": required({**SPEC, "fuse_norm": optional(bool)}),
+    # recipe.stage_student / _distillation_set / _student_graph, train.TrunkHint (hint)
+    "student": required({
+        **SPEC, "quantize": optional(str, ("int8",)),
+        "targets": optional(str, ("labels", "enhanced")),
+        "hint": optional({"weight": required(float), "components": required(int),
+                          "stage": optional(int), "set_b": optional(bool)}),
+    }),
+    # recipe._students (the ablation stage), report.model_card
+    "ablation": optional(bool),
+    # recipe._size_runs / stage_input_size, report.model_card (which reads max_faces)
+    "input_size_ablation": optional({
+        "sizes": required(list[int]), "epochs": required(int),
+        "max_faces": required(int), "seeds": optional(list[int]),
+    }),
+    # recipe.run_recipe
+    "skip_stages": optional(list[str], _stages),
+}
+
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+          dict: "an object"}
+
+
+def _expected(type_: Any) -> str:
+    if isinstance(type_, GenericAlias):
+        return f"a list of {_NAMES[type_.__args__[0]].split(' ', 1)[1]}s"
+    return "an object" if isinstance(type_, dict) else _NAMES[type_]
+
+
+def _got(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return f"{'an integer' if isinstance(value, int) else 'a number'} ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _is(value: Any, type_: Any) -> bool:
+    if isinstance(value, bool):  # JSON true is no integer here
+        return type_ is bool
+    if type_ is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, type_)
+
+
+def _allowed(value: str, choices: tuple[str, ...]) -> bool:
+    return any(value.startswith(c) and len(value) > len(c) if c.endswith(":") else value == c
+               for c in choices)
+
+
+def _dotted(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _check(value: Any, key: Key, where: str, problems: list[str]) -> None:
+    """Append to `problems` what is wrong with `value`, found at the dotted key `where`."""
+    if isinstance(key.type, dict):  # a nested schema
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected an object, got {_got(value)}")
+            return
+        for name, sub in value.items():
+            if name not in key.type:
+                close = difflib.get_close_matches(name, list(key.type), n=1)
+                hint = f" (did you mean {_dotted(where, close[0])}?)" if close else ""
+                problems.append(f"{_dotted(where, name)}: unknown key{hint}")
+            else:
+                _check(sub, key.type[name], _dotted(where, name), problems)
+        problems += [f"{_dotted(where, name)}: missing (required: {_expected(sub.type)})"
+                     for name, sub in key.type.items() if sub.required and name not in value]
+        return
+    item = key.type.__args__[0] if isinstance(key.type, GenericAlias) else None
+    if not _is(value, list if item else key.type):
+        problems.append(f"{where}: expected {_expected(key.type)}, got {_got(value)}")
+        return
+    choices = key.choices() if callable(key.choices) else key.choices
+    for at, v in ([(f"{where}[{i}]", v) for i, v in enumerate(value)] if item
+                  else [(where, value)]):
+        if item and not _is(v, item):
+            problems.append(f"{at}: expected {_expected(item)}, got {_got(v)}")
+        elif choices and not _allowed(v, choices):
+            shown = [c + "/path" if c.endswith(":") else c for c in choices]
+            close = difflib.get_close_matches(v, shown, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{at}: {v!r} is not one of {', '.join(shown)}{hint}")
+
+
+def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    value = cfg.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _across(cfg: dict[str, Any]) -> list[str]:
+    """What one key needs of another, where the code would fail late without it."""
+    problems = []
+    for name in ("teacher", "student"):
+        spec = _section(cfg, name)
+        if spec.get("schedule") == "step":  # train.fit's StepLR
+            problems += [f"{name}.{k}: missing (required with schedule 'step')"
+                         for k in ("decay_epochs", "decay_ratio") if k not in spec]
+    student, teacher = _section(cfg, "student"), _section(cfg, "teacher")
+    if student.get("targets") == "enhanced" and _section(cfg, "data").get("mos_csv"):
+        problems.append("student.targets: 'enhanced' cannot be used with data.mos_csv "
+                        "(recipe._distillation_set); use 'labels'")
+    if student.get("hint") and not teacher.get("freeze"):
+        problems.append("student.hint: needs teacher.freeze > 0 (the hint is taken from "
+                        "the teacher's frozen trunk)")
+    return problems
+
+
+def check_config(cfg: object, source: str) -> None:
+    """Raise ValueError listing every problem of `cfg` (read from `source`), one a line:
+    "SOURCE: dotted.key: what is wrong"."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source}: the top level must be a JSON object, not {_got(cfg)}")
+    problems: list[str] = []
+    _check(cfg, required(SCHEMA), "", problems)
+    problems += _across(cfg)
+    if problems:
+        raise ValueError("\n".join(f"{source}: {p}" for p in problems))
