@@ -39,18 +39,31 @@ class OnnxStudentScorer(Scorer):
         # pipeline went from 16.8 to 19.5 ms per face).
         path = Path(model_path) if model_path else SHIPPED_STUDENT
         meta_path = path.with_suffix(".json")
-        if not path.is_file() or not meta_path.is_file():
+        if path.suffix != ".onnx":
+            raise ModelError(f"{path}: a student model is the .onnx file (its .json beside it)")
+        if not path.is_file():
             raise ModelError(
-                f"no student model at {path} (+ {meta_path.name}). Train and export one with "
+                f"no student model at {path}. Train and export one with "
                 "`fiqa-gate train run CONFIG`, pass --model FILE.onnx, or pick a baseline "
                 "scorer: --scorer sharpness | detector-confidence | embedding-norm"
             )
+        if not meta_path.is_file():
+            raise ModelError(f"{path}: its metadata {meta_path.name} is missing (input size, "
+                             "calibration, digest; the export stage writes it beside the "
+                             ".onnx)")
         try:
             self.meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as exc:
             raise ModelError(f"{meta_path}: unreadable model metadata: {exc}") from exc
         if "sha256" in self.meta:
-            verify_sha256(path, self.meta["sha256"])
+            try:
+                verify_sha256(path, self.meta["sha256"])
+            except ModelError:
+                if path == SHIPPED_STUDENT:
+                    raise
+                raise ModelError(f"{path}: its SHA-256 does not match the one {meta_path.name}"
+                                 " pins: the .onnx was changed or the two files come from "
+                                 "different exports") from None
         elif path == SHIPPED_STUDENT:
             raise ModelError(f"{meta_path}: the shipped student must pin its sha256")
         self.path = path

@@ -164,7 +164,12 @@ def test_broken_student_files_are_refused(tmp_path):
     path.with_suffix(".json").write_text("{ not json")
     with pytest.raises(ModelError, match="unreadable model metadata"):
         OnnxStudentScorer(path)
+    with pytest.raises(ModelError, match=r"a student model is the \.onnx file"):
+        OnnxStudentScorer(path.with_suffix(".json"))
     path.with_suffix(".json").unlink()
+    with pytest.raises(ModelError, match=r"its metadata s\.json is missing"):
+        OnnxStudentScorer(path)
+    path.unlink()
     with pytest.raises(ModelError, match="no student model"):
         OnnxStudentScorer(path)
 
@@ -175,7 +180,7 @@ def test_a_student_changed_after_export_is_refused(tmp_path):
     model = onnx.load(path)
     model.graph.node[1].op_type = "ReduceMax"  # a different, still valid, network
     onnx.save(model, path)
-    with pytest.raises(ModelError, match="does not match the pinned"):
+    with pytest.raises(ModelError, match=r"does not match the one s\.json pins"):
         OnnxStudentScorer(path)
 
 
@@ -193,7 +198,7 @@ def test_the_shipped_student_is_pinned_and_a_changed_copy_is_refused(tmp_path):
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01
     copy.write_bytes(bytes(data))
-    with pytest.raises(ModelError, match="does not match the pinned"):
+    with pytest.raises(ModelError, match=r"does not match the one student\.json pins"):
         OnnxStudentScorer(copy)
 
 
