@@ -491,3 +491,23 @@ def test_report_warnings_explain_only_what_went_wrong():
     assert _report_warnings(no_probes) == [
         "identification: no mated probes (an enrolled identity needs 2 or more pictures: "
         "the first half enroll, the rest probe), so rank-1 is n/a"]
+
+
+def test_a_report_names_the_model_file_it_measured(tmp_path, orl_root):
+    from fiqa_gate.assets import sha256_file
+    from fiqa_gate.student import SHIPPED_STUDENT
+
+    model = tmp_path / "mine.onnx"
+    shutil.copy(SHIPPED_STUDENT, model)
+    shutil.copy(SHIPPED_STUDENT.with_suffix(".json"), model.with_suffix(".json"))
+    folder = tmp_path / "people"
+    for s in ("s31", "s32", "s33"):
+        (folder / s).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
+    done = _evaluate("--data", str(folder), "--variants", "0", "--bootstrap", "0",
+                     "--scorer", "student", "--model", str(model), "-o", str(tmp_path / "r"))
+    assert done.exit_code == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["models"] == {"student": {"path": str(model.resolve()),
+                                            "sha256": sha256_file(model)}}

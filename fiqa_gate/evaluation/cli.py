@@ -136,7 +136,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         "recognizer": recognizer_name, "faces": len(samples), "machine": machine(),
         "degradation": {"variants_per_image": variants, "seed": seed,
                         "protocol": degradations, "kinds": list(kinds)},
-        "command": command, "skipped_images": skipped,
+        "command": command, "models": _models(options), "skipped_images": skipped,
         **judged,
         "identification": ident,
         "by_degradation": by_degradation(samples.records, sim, mated, a, b, raw),
@@ -195,12 +195,21 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     raw, _ = qualities(samples, scorers, recognizer_name, options, progress=True,
                        norms=norms)
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
-              "machine": machine(), "command": command, "skipped_images": failed,
+              "machine": machine(), "command": command, "models": _models(options),
+              "skipped_images": failed,
               "pairs": {"listed": listed, "compared": len(kept)},
               **_judge(sim, mated, a, b, raw, order, bootstrap, out,
                        f"{pairs} ({recognizer_name})")}
     rep.write(report, out)
     return report
+
+
+def _models(options: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Which model files the scorers ran (path and digest), beside the command line."""
+    from fiqa_gate.assets import sha256_file
+
+    return {name: {"path": str(Path(o["model"]).resolve()), "sha256": sha256_file(o["model"])}
+            for name, o in options.items() if o.get("model")}
 
 
 def _evaluation_options(fn: _F) -> _F:
@@ -243,7 +252,8 @@ def _evaluation_options(fn: _F) -> _F:
                    "the folder the pairs' images are in.")
 @click.option("--pairs", type=click.Path(exists=True, dir_okay=False),
               help="Comparisons to judge instead of the identity protocol: a CSV "
-                   "path_a,path_b,mated (1/0), or LFW's pairs.txt with --data LFW_ROOT.")
+                   "path_a,path_b,mated (1/0; relative paths from --data, else from the "
+                   "working folder), or LFW's pairs.txt with --data LFW_ROOT.")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("fiqa-gate-report"), show_default=True)
 @_evaluation_options
