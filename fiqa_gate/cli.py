@@ -217,6 +217,8 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
         try:
             os.link(tmp, dest)  # fails if dest exists: never overwrite silently
         except FileExistsError:
+            if os.path.samefile(src, dest):  # a link back to the source: nothing to do
+                return "already there (it is the source itself)"
             if _same_content(tmp, dest):  # a rerun after an interruption
                 if move:
                     os.unlink(src)

@@ -75,3 +75,19 @@ def test_a_move_interrupted_after_its_copy_finishes_on_the_rerun(tmp_path, orl_r
     copied = {Path(r["path"]).name: r["copied_to"] for r in _rows(tmp_path / "m.csv")}
     assert copied["other.pgm"].endswith("(moved (was already present))")
     assert copied[name].endswith("(moved)")
+
+
+def test_a_move_onto_a_link_back_to_the_source_keeps_the_source(tmp_path, orl_root):
+    src, ok = tmp_path / "in", tmp_path / "ok"
+    (src / "sub").mkdir(parents=True)
+    ok.mkdir()
+    face = (orl_root / "s38" / "1.pgm").read_bytes()
+    (src / "a.pgm").write_bytes(face)
+    (src / "sub" / "b.pgm").write_bytes(face)
+    (ok / "a.pgm").symlink_to(src / "a.pgm")  # the destination is the source itself
+    (ok / "sub").symlink_to(src / "sub")
+    done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
+                "--threshold", "0", "--move", *SCORER)
+    assert done.returncode == 0, done.stderr
+    assert (src / "a.pgm").read_bytes() == face and (src / "sub" / "b.pgm").read_bytes() == face
+    assert all("it is the source itself" in r["copied_to"] for r in _rows(tmp_path / "m.csv"))
