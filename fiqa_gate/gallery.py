@@ -149,7 +149,10 @@ class Gallery:
         p = Path(path)
         if p.exists() and not p.is_dir():
             raise GalleryError(f"{p}: is a file, not a gallery folder; give --index a folder")
-        p.mkdir(parents=True, exist_ok=True)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent that is a file, a dangling link, no permission
+            raise GalleryError(f"{p}: cannot make a gallery folder here: {exc}") from None
         _check_factory(factory, dim)
         with _locked(p):
             db = cls._connect(p)

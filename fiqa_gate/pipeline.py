@@ -23,7 +23,9 @@ def enlarge_for_detection(image: np.ndarray) -> tuple[np.ndarray, float]:
     import cv2
 
     side = min(image.shape[:2])
-    if side >= MIN_DETECTION_SIDE:
+    # A thin strip would grow past any detector's input (which shrinks it again) and could
+    # take gigabytes on the way: only images that stay small are enlarged.
+    if side >= MIN_DETECTION_SIDE or max(image.shape[:2]) * MIN_DETECTION_SIDE > 2048 * side:
         return image, 1.0
     f = MIN_DETECTION_SIDE / side
     return cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_CUBIC), f

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,11 +312,14 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     # every mated pair matches, so FNMR is 0 and the normalised pAUC is undefined)
     # an image with itself, and a pair listed again the other way round, are left out
     with pairs.open("a", newline="") as fh:
-        csv.writer(fh).writerows([[str(paths[0]), str(paths[0]), 1], [rows[0][1], rows[0][0],
-                                                                     rows[0][2]]])
+        x = Path(rows[1][0])
+        other_spelling = str(x.parent / ".." / x.parent.name / x.name)
+        csv.writer(fh).writerows([[str(paths[0]), str(paths[0]), 1],
+                                  [rows[0][1], rows[0][0], rows[0][2]],
+                                  [other_spelling, rows[1][1], rows[1][2]]])
     done = _cli("evaluate", "--pairs", str(pairs), "--scorer", "sharpness", "--bootstrap",
                 "0", "-o", str(tmp_path / "p2"))
-    assert done.returncode == 0 and "1 pairs of an image with itself and 1 repeated" in \
+    assert done.returncode == 0 and "1 pairs of an image with itself and 2 repeated" in \
         done.stderr
     again = json.loads((tmp_path / "p2" / "report.json").read_text())["verification"]
     assert (again["n_mated"], again["n_nonmated"]) == (18, len(rows) - 18)

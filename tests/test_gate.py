@@ -205,3 +205,13 @@ def test_the_runtime_cuts_the_crops_training_and_evaluation_cut(orl_root, sample
     image.crop(margin).resize((20, 24)).save(thumb)
     assert not detector.detect(np.asarray(Image.open(thumb).convert("RGB")))
     assert len(faces_from_file(str(thumb), detector)) == 1
+
+
+def test_a_thin_strip_is_not_enlarged_past_what_a_detector_takes():
+    from fiqa_gate.pipeline import enlarge_for_detection
+
+    strip = np.zeros((8, 300_000, 3), np.uint8)  # enlarged 12x it would be 345 M pixels
+    assert enlarge_for_detection(strip)[1] == 1.0
+    small = np.zeros((46, 56, 3), np.uint8)
+    image, factor = enlarge_for_detection(small)
+    assert factor == pytest.approx(96 / 46) and min(image.shape[:2]) == 96

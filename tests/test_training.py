@@ -536,6 +536,16 @@ def test_a_stage_without_its_inputs_or_a_file_as_out_is_a_usage_error(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "stage calibrate reads the output of stage data, student" in done.stderr
+    # a stage the config skips is not done either: its readers still need it
+    from fiqa_gate_training.recipe import CONFIG_DIR
+
+    cfg = json.loads((CONFIG_DIR / "smoke.json").read_text())
+    cfg["skip_stages"] = ["data", "report"]
+    (tmp_path / "skip.json").write_text(json.dumps(cfg))
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "train", "run",
+                           str(tmp_path / "skip.json"), "--out", str(tmp_path / "skip"),
+                           "--stage", "teacher"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "reads the output of stage data" in done.stderr
     (tmp_path / "file").write_text("mine")
     done = subprocess.run([*cmd, "--out", str(tmp_path / "file")], capture_output=True,
                           text=True, timeout=600)

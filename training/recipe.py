@@ -489,7 +489,7 @@ def run_recipe(cfg: dict[str, Any], out: Path,
         elif stage_done(run, stage):
             log.info("stage %s: done already", stage)
             continue
-        missing = [n for n in NEEDS.get(stage, ()) if n not in skipped and not stage_done(run, n)]
+        missing = [n for n in NEEDS.get(stage, ()) if not stage_done(run, n)]
         if missing:
             raise RecipeError(f"stage {stage} reads the output of stage {', '.join(missing)}, "
                               f"which {out} does not hold: run the recipe without --stage, or "

@@ -160,13 +160,16 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     rows = read_pairs(pairs, image_root)
     # An image compared with itself matches whatever its quality, and a pair listed twice
     # counts twice: both would bend the EDC, so they are left out, with a word.
-    selfs = sum(os.path.realpath(r[0]) == os.path.realpath(r[1]) for r in rows)
-    unique = list({(min(r[0], r[1]), max(r[0], r[1]), r[2]): r for r in rows
-                   if os.path.realpath(r[0]) != os.path.realpath(r[1])}.values())
+    real = [(os.path.realpath(r[0]), os.path.realpath(r[1])) for r in rows]
+    selfs = sum(x == y for x, y in real)
+    unique = list({(min(x, y), max(x, y), r[2]): r for r, (x, y) in zip(rows, real, strict=True)
+                   if x != y}.values())
     if selfs or len(unique) < len(rows) - selfs:
         log.warning("%s: %d pairs of an image with itself and %d repeated pairs left out",
                     pairs, selfs, len(rows) - selfs - len(unique))
     listed, rows = len(rows), unique
+    # one face per file, however the list spells its path
+    rows = [(os.path.realpath(r[0]), os.path.realpath(r[1]), r[2]) for r in rows]
     paths = sorted({p for r in rows for p in r[:2]})
     detector = registry.get_detector()
     faces, failed = {}, {}
