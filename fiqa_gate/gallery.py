@@ -301,7 +301,8 @@ class Gallery:
     # -- writing ------------------------------------------------------------------
     @_db_errors
     def enroll(self, items: Sequence[Enrollment]) -> list[int]:
-        """Add faces in one transaction; returns their face ids."""
+        """Add faces in one transaction; returns their face ids. A face whose source is
+        enrolled under its identity already keeps its id (enrolling is idempotent)."""
         if not items:
             return []
         for item in items:
@@ -309,12 +310,17 @@ class Gallery:
                 raise GalleryError(f"embedding of {item.source} has shape "
                                    f"{item.embedding.shape}, gallery expects ({self.dim},)")
         with self._write_transaction():
-            ids = [self._db.execute(
-                "INSERT INTO faces (identity, source, score, added, embedding) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (_to_db(it.identity), _to_db(it.source), it.score, time.time(),
-                 np.asarray(it.embedding, np.float32).tobytes())).lastrowid
-                for it in items]
+            ids = []
+            for it in items:
+                key = (_to_db(it.identity), _to_db(it.source))
+                # Under the lock: a writer that ran meanwhile may have enrolled it already.
+                row = self._db.execute("SELECT id FROM faces WHERE identity = ? AND source = ?",
+                                       key).fetchone()
+                ids.append(row[0] if row else self._db.execute(
+                    "INSERT INTO faces (identity, source, score, added, embedding) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (*key, it.score, time.time(),
+                     np.asarray(it.embedding, np.float32).tobytes())).lastrowid)
         return [int(i) for i in ids]
 
     @_db_errors

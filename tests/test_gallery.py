@@ -107,3 +107,13 @@ def test_a_trained_index_type_enrolls_before_it_has_enough_faces_to_train(tmp_pa
     enrolled = np.concatenate([e[:5] for e in orl_embeddings.values()])
     assert all(h[0].similarity == pytest.approx(1.0, abs=1e-5)
                for h in g.search(enrolled, "sface", k=1))
+
+
+def test_enrolling_a_source_again_under_its_identity_keeps_one_face(tmp_path, orl_embeddings):
+    # what two enroll runs racing on one folder do: each saw the file as new
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    first = g.enroll([Enrollment("s31", orl_embeddings["s31"][0], "s31/1.pgm", 0.9)])
+    again = g.enroll([Enrollment("s31", orl_embeddings["s31"][0], "s31/1.pgm", 0.9),
+                      Enrollment("s32", orl_embeddings["s32"][0], "s31/1.pgm", 0.9)])
+    assert again[0] == first[0] and again[1] != first[0]  # another identity is another face
+    assert len(g) == 2
