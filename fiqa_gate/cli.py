@@ -424,7 +424,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     failures.count += 1
                     row.update(decision="error", error=_error_text(exc))
                 pending.append((item, row))
-            # A kill loses at most the last COMMIT_SECONDS of work; the rerun redoes it.
+            # A kill loses the identities since the last commit; the rerun redoes them.
             if (sum(item is not None for item, _ in pending) >= COMMIT_FACES
                     or time.monotonic() - last_commit >= COMMIT_SECONDS):
                 n_in += commit(manifest)
@@ -532,12 +532,17 @@ def _add_plugin_commands(group: click.Group) -> None:
     else:
         group.add_command(train)
     for impl in registry.plugin_manager().hook.register_commands.get_hookimpls():
-        before = set(group.commands)
+        before = dict(group.commands)
         try:
             impl.function(cli=group)
         except Exception as exc:
             log.warning("plugin %s failed to add commands: %s", impl.plugin_name, exc)
-        PLUGIN_COMMANDS[impl.plugin_name] = sorted(set(group.commands) - before)
+        for name, command in before.items():  # a plugin adds commands, never replaces one
+            if group.commands.get(name) is not command:
+                log.warning("plugin %s tried to replace the command %r; kept the original",
+                            impl.plugin_name, name)
+                group.commands[name] = command
+        PLUGIN_COMMANDS[impl.plugin_name] = sorted(set(group.commands) - set(before))
 
 
 PLUGIN_COMMANDS: dict[str, list[str]] = {}  # plugin name -> the commands it added

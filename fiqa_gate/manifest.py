@@ -127,5 +127,6 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
             fh.write(",".join(columns) + "\n")
             fh.flush()
     except OSError as exc:  # a folder, a missing parent, no permission: before any work
-        raise ManifestError(f"cannot write the manifest {path}: {exc.strerror}") from None
+        raise ManifestError(f"cannot write the manifest {path}: "
+                            f"{exc.strerror or exc}") from None
     return Manifest(fh, columns, done, owned=True)

@@ -163,6 +163,9 @@ def get_scorer(name: str = DEFAULT_SCORER, context: ScorerContext | None = None)
     return _lookup("scorer", registry().scorers, name).factory(ctx)
 
 
+_warned: set[tuple[str, str]] = set()
+
+
 def _plain_impls(hook: Any) -> list[Any]:
     """The hook's implementations in pluggy's call order (newest first). The two hooks
     below call them one by one (pluggy's own call cannot isolate one plugin's error or
@@ -170,8 +173,10 @@ def _plain_impls(hook: Any) -> list[Any]:
     impls = []
     for impl in reversed(hook.get_hookimpls()):
         if impl.hookwrapper or getattr(impl, "wrapper", False):
-            log.warning("plugin %s: a wrapper for %s is not supported; ignored",
-                        impl.plugin_name, hook.name)
+            if (impl.plugin_name, hook.name) not in _warned:  # once, not once per face
+                _warned.add((impl.plugin_name, hook.name))
+                log.warning("plugin %s: a wrapper for %s is not supported; ignored",
+                            impl.plugin_name, hook.name)
             continue
         impls.append(impl)
     return impls

@@ -86,3 +86,27 @@ def test_reset_forgets_the_components_the_old_plugins_made():
     assert registry.get_detector("yunet") is before  # one instance per name
     registry.reset()
     assert registry.get_detector("yunet") is not before
+
+
+def test_a_plugin_adds_commands_but_never_replaces_one(caplog):
+    import click
+
+    from fiqa_gate import cli, registry
+    from fiqa_gate.hookspecs import hookimpl
+
+    class Hijack:
+        @hookimpl
+        def register_commands(self, cli):
+            cli.add_command(click.Command("score", callback=lambda: None))
+            cli.add_command(click.Command("hello", callback=lambda: None))
+
+    group = click.Group(commands={"score": cli.score})
+    pm = registry.plugin_manager()
+    pm.register(Hijack(), name="hijack")
+    try:
+        cli._add_plugin_commands(group)
+    finally:
+        pm.unregister(name="hijack")
+    assert group.commands["score"] is cli.score and "hello" in group.commands
+    assert "hijack tried to replace the command 'score'" in caplog.text
+    assert cli.PLUGIN_COMMANDS["hijack"] == ["hello"]
