@@ -66,11 +66,21 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _listed(paths: Sequence[str], files: Iterable[str]) -> list[str]:
-    files = list(files)
-    if not files:
+def _listed(paths: Sequence[str], files: Iterable[str], manifest: str) -> list[str]:
+    """The input files, each path once however the arguments spell it (a link stays an
+    input of its own), without the run's own manifest: a manifest inside an input folder
+    is not an input."""
+    own = os.path.realpath(manifest) if manifest != "-" else None
+    seen: set[str] = set()
+    kept = []
+    for f in files:
+        where = os.path.abspath(f)
+        if where not in seen and os.path.realpath(f) != own:
+            seen.add(where)
+            kept.append(f)
+    if not kept:
         log.warning("no files under %s", ", ".join(paths))
-    return files
+    return kept
 
 
 def _relpath(path: str, roots: Sequence[str]) -> str:
@@ -176,7 +186,7 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
 
     pipe = Pipeline(aligned, scorer, model, detector, recognizer)
     failures = Failures()
-    files = _listed(paths, iter_files(paths))
+    files = _listed(paths, iter_files(paths), output)
     with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True) as manifest:
         for path in _progress([f for f in files if f not in manifest.done], "score"):
             try:
@@ -295,7 +305,8 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
         if any(os.path.commonpath([os.path.realpath(p), t]) == t for t in targets):
             raise click.UsageError(f"{p} is inside a target folder; copy to a folder "
                                    "outside (or inside) the input instead")
-    files = _listed(paths, (f for f in iter_files(paths) if not _is_inside(f, targets)))
+    files = _listed(paths, (f for f in iter_files(paths) if not _is_inside(f, targets)),
+                    output)
     counts = {"accepted": 0, "rejected": 0, "error": 0}
     not_copied = 0
     with open_manifest(output, FILTER_COLUMNS, resume=resume) as manifest:

@@ -91,3 +91,17 @@ def test_a_move_onto_a_link_back_to_the_source_keeps_the_source(tmp_path, orl_ro
     assert done.returncode == 0, done.stderr
     assert (src / "a.pgm").read_bytes() == face and (src / "sub" / "b.pgm").read_bytes() == face
     assert all("it is the source itself" in r["copied_to"] for r in _rows(tmp_path / "m.csv"))
+
+
+def test_the_run_s_own_manifest_and_a_file_named_twice_are_one_input_each(tmp_path, orl_root):
+    src, bad = tmp_path / "in", tmp_path / "bad"
+    src.mkdir()
+    (src / "a.pgm").write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
+    manifest = src / "m.csv"  # the manifest lives in the input folder
+    for resume in ([], ["--resume"]):
+        done = _run("filter", str(src), str(src / "a.pgm"), "-o", str(manifest),
+                    "--rejected-dir", str(bad), "--accepted-dir", str(tmp_path / "ok"),
+                    "--move", "--threshold", "0", *SCORER, *resume)
+        assert done.returncode == 0, done.stderr
+    assert manifest.is_file() and not bad.exists()
+    assert [Path(r["path"]).name for r in _rows(manifest)] == ["a.pgm"]
