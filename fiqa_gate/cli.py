@@ -216,8 +216,10 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
 def _place_copy(src: str, dest: Path, move: bool) -> str:
     """Copy src to dest via a temporary file and an atomic, non-overwriting link."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # a short fixed prefix: the file's own name may already be at the 255-byte limit
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".fiqa-", suffix=".part")
+    _remove_dead_parts(dest.parent)
+    # a short prefix with our pid: the file's own name may already be at the 255-byte limit
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".fiqa-{os.getpid()}-",
+                               suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             shutil.copyfileobj(inp, out)
@@ -246,6 +248,30 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
     if move:
         os.unlink(src)
     return "moved" if move else "copied"
+
+
+_cleaned: set[Path] = set()
+
+
+def _remove_dead_parts(folder: Path) -> None:
+    """Partial copies left by a killed filter run (its pid is gone), once per folder."""
+    if folder in _cleaned:
+        return
+    _cleaned.add(folder)
+    for part in folder.glob(".fiqa-*-*.part"):
+        pid = part.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _same_threshold(manifest_path: str, threshold: float) -> None:

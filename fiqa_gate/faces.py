@@ -89,7 +89,7 @@ def as_aligned_crop(image: np.ndarray) -> np.ndarray:
     h, w = image.shape[:2]
     if h != w:
         raise ValueError(f"not an aligned face crop: {w}x{h} pixels (aligned crops are "
-                         f"square, {ALIGNED_SIZE}x{ALIGNED_SIZE} or a multiple); drop "
+                         f"square; they are resized to {ALIGNED_SIZE}x{ALIGNED_SIZE}); drop "
                          "--aligned to detect and align the face")
     if h == ALIGNED_SIZE:
         return image

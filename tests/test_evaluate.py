@@ -515,3 +515,7 @@ def test_a_report_names_the_model_file_it_measured(tmp_path, orl_root):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["models"] == {"student": {"path": str(model.resolve()),
                                             "sha256": sha256_file(model)}}
+    done = _evaluate("--data", str(folder), "--variants", "0", "--bootstrap", "0",
+                     "--scorer", "student", "-o", str(tmp_path / "r2"))
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert report["models"]["student"]["sha256"] == sha256_file(SHIPPED_STUDENT)

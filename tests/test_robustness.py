@@ -105,3 +105,23 @@ def test_the_run_s_own_manifest_and_a_file_named_twice_are_one_input_each(tmp_pa
         assert done.returncode == 0, done.stderr
     assert manifest.is_file() and not bad.exists()
     assert [Path(r["path"]).name for r in _rows(manifest)] == ["a.pgm"]
+
+
+def test_partial_copies_of_a_killed_run_are_removed_and_a_live_run_s_are_not(tmp_path,
+                                                                             orl_root):
+    import os
+
+    from fiqa_gate.cli import _alive
+
+    src, ok = tmp_path / "in", tmp_path / "ok"
+    src.mkdir()
+    ok.mkdir()
+    (src / "a.pgm").write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
+    dead = next(p for p in range(4_000_000, 4_100_000) if not _alive(p))
+    (ok / f".fiqa-{dead}-x1.part").write_bytes(b"half a copy")  # its filter was killed
+    (ok / f".fiqa-{os.getpid()}-x2.part").write_bytes(b"in flight")  # a live one's
+    done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
+                "--threshold", "0", *SCORER)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in ok.iterdir()) == sorted([f".fiqa-{os.getpid()}-x2.part",
+                                                           "a.pgm"])

@@ -136,7 +136,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         "recognizer": recognizer_name, "faces": len(samples), "machine": machine(),
         "degradation": {"variants_per_image": variants, "seed": seed,
                         "protocol": degradations, "kinds": list(kinds)},
-        "command": command, "models": _models(options), "skipped_images": skipped,
+        "command": command, "models": _models(scorers, options), "skipped_images": skipped,
         **judged,
         "identification": ident,
         "by_degradation": by_degradation(samples.records, sim, mated, a, b, raw),
@@ -198,7 +198,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     raw, _ = qualities(samples, scorers, recognizer_name, options, progress=True,
                        norms=norms)
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
-              "machine": machine(), "command": command, "models": _models(options),
+              "machine": machine(), "command": command, "models": _models(scorers, options),
               "skipped_images": failed,
               "pairs": {"listed": listed, "compared": len(kept)},
               **_judge(sim, mated, a, b, raw, order, bootstrap, out,
@@ -207,12 +207,18 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     return report
 
 
-def _models(options: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
-    """Which model files the scorers ran (path and digest), beside the command line."""
+def _models(scorers: Sequence[str], options: dict[str, dict[str, Any]]
+            ) -> dict[str, dict[str, str]]:
+    """Which model files the scorers ran (path and digest), beside the command line: a
+    --model or --teacher file, else the shipped student."""
     from fiqa_gate.assets import sha256_file
+    from fiqa_gate.student import SHIPPED_STUDENT
 
-    return {name: {"path": str(Path(o["model"]).resolve()), "sha256": sha256_file(o["model"])}
-            for name, o in options.items() if o.get("model")}
+    files = {name: Path(o["model"]) for name, o in options.items() if o.get("model")}
+    if "student" in scorers and "student" not in files:
+        files["student"] = SHIPPED_STUDENT
+    return {name: {"path": str(path.resolve()), "sha256": sha256_file(path)}
+            for name, path in files.items()}
 
 
 def _evaluation_options(fn: _F) -> _F:
