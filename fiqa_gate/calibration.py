@@ -45,12 +45,14 @@ class Calibration:
 
 def isotonic_fit(raw: np.ndarray, target: np.ndarray, max_knots: int = 64) -> tuple[list, list]:
     """Non-decreasing least-squares fit of `target` on `raw` (PAV), as interpolation knots."""
+    raw, target = np.asarray(raw, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    ok = np.isfinite(raw)  # a face with no score has nothing to calibrate
+    if not ok.any():
+        raise ValueError("no finite raw score to fit a calibration on")
     # Equal raw values must get one fitted value whatever their order, so they start as one
     # block weighted by their count (undetected faces all score 0, for instance).
-    xs, inverse, counts = np.unique(np.asarray(raw, dtype=np.float64), return_inverse=True,
-                                    return_counts=True)
-    sums = np.bincount(inverse.reshape(-1), weights=np.asarray(target, dtype=np.float64),
-                       minlength=len(xs))
+    xs, inverse, counts = np.unique(raw[ok], return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse.reshape(-1), weights=target[ok], minlength=len(xs))
     # blocks: value, weight, first x, last x
     vals: list[float] = []
     wts: list[float] = []

@@ -668,3 +668,13 @@ def test_calibration_fit_is_the_least_squares_monotone_fit(pairs, rnd):
     for knot, value in zip(x, blocks, strict=True):
         members = values[np.abs(fitted - value) < 1e-9]
         assert knot == pytest.approx((members.min() + members.max()) / 2)
+
+
+def test_calibration_fit_leaves_faces_without_a_score_out():
+    from fiqa_gate.calibration import isotonic_fit
+
+    # a stand-in for "no score" far below the rest used to pull a knot to -5e8
+    x, y = isotonic_fit([np.nan, np.nan, 0.5, 0.5, 0.6, 0.6], [1, 1, 0, 0, 1, 1])
+    assert (x, y) == ([0.5, 0.6], [0.0, 1.0])
+    with pytest.raises(ValueError, match="no finite raw score"):
+        isotonic_fit([np.nan, np.inf], [1, 0])

@@ -370,8 +370,8 @@ def stage_calibrate(run: Run) -> None:
     raw = {"student": run_onnx(_student_graph(run)[0], val.crops,
                                run.cfg["student"]["input_size"], batch=1),
            **qualities(val, BASELINE_SCORERS, rec_name)[0]}
-    fitted = {name: fit_calibration(np.nan_to_num(r[faces], nan=-1e9), matched, rec_name,
-                                    note=note).to_dict() for name, r in raw.items()}
+    fitted = {name: fit_calibration(r[faces], matched, rec_name, note=note).to_dict()
+              for name, r in raw.items()}
     (run.out / "calibration.json").write_text(json.dumps(fitted.pop("student"), indent=2))
     (run.out / "baselines.json").write_text(json.dumps(
         {rec_name: {k: {"x": v["x"], "y": v["y"], "note": note} for k, v in fitted.items()}},
