@@ -123,10 +123,7 @@ class Pipeline:
                                          options={"model": model} if model else {})
             self.scorer = registry.get_scorer(scorer, ctx)
             calibrated_for = self.scorer.calibrated_for
-            if calibrated_for is None:
-                log.warning("scorer %r has no calibration for recognizer %r: its score is "
-                            "its raw output clipped to [0, 1]", scorer, recognizer)
-            elif calibrated_for != recognizer:
+            if calibrated_for is not None and calibrated_for != recognizer:
                 log.warning("scorer %r is calibrated for %s, not %s: its score is the chance "
                             "of a match with %s; measure it with `fiqa-gate evaluate "
                             "--recognizer %s` before trusting a threshold", scorer,
@@ -147,7 +144,7 @@ class Pipeline:
                 f"scorer {self.scorer.name!r} has no calibration for recognizer "
                 f"{self.recognizer!r}, so its scores are not on the [0, 1] scale a "
                 "threshold is set on; gate with the student, or with a baseline and a "
-                "recognizer it was calibrated for (`fiqa-gate plugins` lists them)")
+                "recognizer it ships a calibration for (sface, for the built-in ones)")
         return Gate(self.scorer, threshold, stage=stage)
 
 
@@ -185,6 +182,9 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
     from fiqa_gate.manifest import open_manifest
 
     pipe = Pipeline(aligned, scorer, model, detector, recognizer)
+    if pipe.scorer is not None and pipe.scorer.calibration is None:  # gates refuse it
+        log.warning("scorer %r has no calibration for recognizer %r: its score is its raw "
+                    "output clipped to [0, 1]", scorer, recognizer)
     failures = Failures()
     files = _listed(paths, iter_files(paths), output)
     with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True) as manifest:
