@@ -214,7 +214,8 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
 
 # -- filter -------------------------------------------------------------------------------
 def _place_copy(src: str, dest: Path, move: bool) -> str:
-    """Copy src to dest via a temporary file and an atomic, non-overwriting link."""
+    """Copy src to dest via a temporary file and an atomic, non-overwriting link; with
+    `move`, remove src after, only if it is still the file that was copied."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_parts(dest.parent)
     # a short prefix with our pid: the file's own name may already be at the 255-byte limit
@@ -222,6 +223,7 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
                                suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            copied = os.fstat(inp.fileno())
             shutil.copyfileobj(inp, out)
             out.flush()
             os.fsync(out.fileno())
@@ -229,11 +231,14 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
         try:
             os.link(tmp, dest)  # fails if dest exists: never overwrite silently
         except FileExistsError:
-            if os.path.samefile(src, dest):  # a link back to the source: nothing to do
+            if os.path.realpath(src) == os.path.realpath(dest):  # a link back to the source
                 return "already there (it is the source itself)"
-            if _same_content(tmp, dest):  # a rerun after an interruption
+            if os.path.islink(dest):  # a link to some other file is not our copy
+                raise FileExistsError(f"{dest} is a link to another file; not overwritten") \
+                    from None
+            if _same_content(tmp, dest):  # a rerun after an interruption (or a hard link)
                 if move:
-                    os.unlink(src)
+                    _unlink_if_unchanged(src, copied)
                     return "moved (was already present)"
                 return "already present"
             raise FileExistsError(f"{dest} exists with other content; not overwritten") \
@@ -246,8 +251,18 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
     finally:
         os.close(dir_fd)
     if move:
-        os.unlink(src)
+        _unlink_if_unchanged(src, copied)
     return "moved" if move else "copied"
+
+
+def _unlink_if_unchanged(src: str, copied: os.stat_result) -> None:
+    """Remove src unless another file took its name, or it changed, while it was copied."""
+    now = os.stat(src)
+    if ((now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns)
+            != (copied.st_dev, copied.st_ino, copied.st_size, copied.st_mtime_ns)):
+        raise FileExistsError(f"{src} changed while it was copied; the copy is made, the "
+                              "source kept")
+    os.unlink(src)
 
 
 _cleaned: set[Path] = set()
@@ -260,8 +275,13 @@ def _remove_dead_parts(folder: Path) -> None:
     _cleaned.add(folder)
     for part in folder.glob(".fiqa-*-*.part"):
         pid = part.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            part.unlink(missing_ok=True)
+        try:  # an hour untouched too: a pid from another pid namespace may look dead
+            if (pid.isascii() and pid.isdigit() and int(pid) < 2**22 and not _alive(int(pid))
+                    and part.is_file() and not part.is_symlink()
+                    and time.time() - part.stat().st_mtime > 3600):
+                part.unlink()
+        except OSError:  # not ours to remove after all: leave it
+            continue
 
 
 def _alive(pid: int) -> bool:

@@ -118,10 +118,60 @@ def test_partial_copies_of_a_killed_run_are_removed_and_a_live_run_s_are_not(tmp
     ok.mkdir()
     (src / "a.pgm").write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
     dead = next(p for p in range(4_000_000, 4_100_000) if not _alive(p))
-    (ok / f".fiqa-{dead}-x1.part").write_bytes(b"half a copy")  # its filter was killed
-    (ok / f".fiqa-{os.getpid()}-x2.part").write_bytes(b"in flight")  # a live one's
+    old = ok / f".fiqa-{dead}-x1.part"
+    old.write_bytes(b"half a copy")  # its filter was killed two hours ago
+    os.utime(old, (os.path.getmtime(old) - 7200,) * 2)
+    kept = [f".fiqa-{os.getpid()}-x2.part",  # a live run's
+            f".fiqa-{dead}-x3.part",  # fresh: maybe a live run in another pid namespace
+            ".fiqa-99999999999999999999-x.part", ".fiqa-²-x.part"]  # not pids at all
+    for name in kept:
+        (ok / name).write_bytes(b"in flight")
+        os.utime(ok / name, (os.path.getmtime(ok / name) - 7200,) * 2)
+    os.utime(ok / kept[1])  # fresh again
+    (ok / f".fiqa-{dead}-dir.part").mkdir()  # not a file: left alone
     done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
                 "--threshold", "0", *SCORER)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in ok.iterdir()) == sorted([f".fiqa-{os.getpid()}-x2.part",
-                                                           "a.pgm"])
+    assert sorted(p.name for p in ok.iterdir()) == sorted(
+        [*kept, f".fiqa-{dead}-dir.part", "a.pgm"])
+
+
+def test_a_move_onto_a_hard_link_finishes_and_onto_a_link_to_another_file_does_not(
+        tmp_path, orl_root):
+    import os
+
+    src, ok = tmp_path / "in", tmp_path / "ok"
+    src.mkdir()
+    ok.mkdir()
+    face = (orl_root / "s38" / "1.pgm").read_bytes()
+    for name in ("a.pgm", "b.pgm", "c.pgm"):
+        (src / name).write_bytes(face)
+    os.link(src / "a.pgm", ok / "a.pgm")  # a second name of the same data
+    (ok / "b.pgm").symlink_to(src / "c.pgm")  # the same bytes, but another input's name
+    done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
+                "--threshold", "0", "--move", *SCORER)
+    assert done.returncode == 1
+    rows = {Path(r["path"]).name: r for r in _rows(tmp_path / "m.csv")}
+    assert rows["a.pgm"]["copied_to"].endswith("(moved (was already present))")
+    assert "is a link to another file" in rows["b.pgm"]["error"]
+    assert (ok / "a.pgm").read_bytes() == face and not (src / "a.pgm").exists()
+    assert (src / "b.pgm").read_bytes() == face and (ok / "c.pgm").read_bytes() == face
+
+
+def test_a_source_replaced_while_it_was_copied_is_kept(tmp_path):
+    import os
+
+    import pytest
+
+    from fiqa_gate.cli import _unlink_if_unchanged
+
+    src = tmp_path / "a.pgm"
+    src.write_bytes(b"old version")
+    copied = os.stat(src)  # what the copy read
+    (tmp_path / "new").write_bytes(b"NEW VERSION")
+    os.replace(tmp_path / "new", src)  # another program saves over the name mid-copy
+    with pytest.raises(FileExistsError, match="changed while it was copied"):
+        _unlink_if_unchanged(str(src), copied)
+    assert src.read_bytes() == b"NEW VERSION"
+    _unlink_if_unchanged(str(src), os.stat(src))  # unchanged: removed
+    assert not src.exists()
