@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -67,20 +68,30 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _listed(paths: Sequence[str], files: Iterable[str], manifest: str) -> list[str]:
-    """The input files, each path once however the arguments spell it (a link stays an
-    input of its own), without the run's own manifest: a manifest inside an input folder
-    is not an input."""
-    own = os.path.realpath(manifest) if manifest != "-" else None
+    """The input files, each once however the arguments spell its folder (a link to a
+    file stays an input of its own), without the run's own manifest: a manifest written
+    into an input folder, by -o or by redirecting stdout, is not an input."""
+    own = _file_id(manifest)
     seen: set[str] = set()
     kept = []
     for f in files:
-        where = os.path.abspath(f)
-        if where not in seen and os.path.realpath(f) != own:
+        # the folder resolved before "..", which may leave a linked folder
+        where = os.path.join(os.path.realpath(os.path.dirname(f) or "."), os.path.basename(f))
+        if where not in seen and (own is None or _file_id(f) != own):
             seen.add(where)
             kept.append(f)
     if not kept:
         log.warning("no files under %s", ", ".join(paths))
     return kept
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of a file, or of a regular file stdout ("-") writes to."""
+    try:
+        st = os.fstat(sys.stdout.fileno()) if path == "-" else os.stat(path)
+    except (OSError, ValueError):  # gone, or a stdout without a file descriptor
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def _relpath(path: str, roots: Sequence[str]) -> str:
@@ -417,7 +428,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
-    folders = identity_folders(root)
+    folders = [(identity, _listed([root], files, output or "-")) if files else (identity, files)
+               for identity, files in identity_folders(root)]
     pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
     the_gate = pipe.gate(threshold, "enroll") if gate else None
     rec = registry.get_recognizer(recognizer)

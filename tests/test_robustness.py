@@ -175,3 +175,25 @@ def test_a_source_replaced_while_it_was_copied_is_kept(tmp_path):
     assert src.read_bytes() == b"NEW VERSION"
     _unlink_if_unchanged(str(src), os.stat(src))  # unchanged: removed
     assert not src.exists()
+
+
+def test_stdout_redirected_into_the_input_is_not_an_input(tmp_path, orl_root):
+    src = tmp_path / "in"
+    (tmp_path / "x").mkdir()
+    src.mkdir()
+    (src / "a.pgm").write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
+    (src / "sub").symlink_to(tmp_path / "x")  # in/sub/../a.pgm is x/../a.pgm, not in/a.pgm
+    (tmp_path / "a.pgm").write_bytes((orl_root / "s38" / "2.pgm").read_bytes())
+    with open(src / "0-run.csv", "wb") as out:  # sorts before the image
+        done = subprocess.run([sys.executable, "-m", "fiqa_gate", "filter", str(src),
+                               str(src / "sub" / ".." / "a.pgm"), "--rejected-dir",
+                               str(tmp_path / "rej"), "--accepted-dir", str(tmp_path / "ok"),
+                               "--move", "--threshold", "0", *SCORER], stdout=out,
+                              stderr=subprocess.PIPE, timeout=600)
+    rows = {r["path"]: r for r in _rows(src / "0-run.csv")}
+    assert sorted(rows) == sorted([str(src / "a.pgm"), str(src / "sub" / ".." / "a.pgm")])
+    assert not (tmp_path / "rej").exists()  # the manifest stayed where it is written
+    # two files, one destination name: the second is not copied over the first, nor moved
+    assert done.returncode == 1
+    assert "other content" in rows[str(src / "sub" / ".." / "a.pgm")]["error"]
+    assert (tmp_path / "a.pgm").is_file() and (tmp_path / "ok" / "a.pgm").is_file()
