@@ -146,10 +146,13 @@ class Gallery:
     def create(cls, path: str | os.PathLike[str], recognizer: str, dim: int, threshold: float,
                factory: str = "Flat") -> Gallery:
         """Open the gallery at `path`, creating it for `recognizer` if it does not exist."""
+        if not os.fspath(path):
+            raise GalleryError("the gallery path is empty; give --index a folder")
         p = Path(path)
-        if p.exists() and not p.is_dir():
-            raise GalleryError(f"{p}: is a file, not a gallery folder; give --index a folder")
         try:
+            if p.exists() and not p.is_dir():
+                raise GalleryError(f"{p}: is a file, not a gallery folder; give --index a "
+                                   "folder")
             p.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent that is a file, a dangling link, no permission
             raise GalleryError(f"{p}: cannot make a gallery folder here: {exc}") from None

@@ -519,3 +519,12 @@ def test_a_report_names_the_model_file_it_measured(tmp_path, orl_root):
                      "--scorer", "student", "-o", str(tmp_path / "r2"))
     report = json.loads((tmp_path / "r2" / "report.json").read_text())
     assert report["models"]["student"]["sha256"] == sha256_file(SHIPPED_STUDENT)
+
+
+def test_the_score_plot_of_the_random_scorer_alone_is_drawn(tmp_path):
+    from fiqa_gate.evaluation.report import plot_scores
+
+    rng = np.random.default_rng(0)
+    path = plot_scores({"random": rng.random(50)}, rng.random(50) > 0.5, tmp_path / "s.png",
+                       "random only")
+    assert path.stat().st_size > 0

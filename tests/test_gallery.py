@@ -117,3 +117,8 @@ def test_enrolling_a_source_again_under_its_identity_keeps_one_face(tmp_path, or
                       Enrollment("s32", orl_embeddings["s32"][0], "s31/1.pgm", 0.9)])
     assert again[0] == first[0] and again[1] != first[0]  # another identity is another face
     assert len(g) == 2
+
+
+def test_an_empty_gallery_path_is_refused():
+    with pytest.raises(GalleryError, match="path is empty"):
+        Gallery.create("", "sface", 128, 0.383)

@@ -546,6 +546,7 @@ def test_a_stage_without_its_inputs_or_a_file_as_out_is_a_usage_error(tmp_path):
                            str(tmp_path / "skip.json"), "--out", str(tmp_path / "skip"),
                            "--stage", "teacher"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "reads the output of stage data" in done.stderr
+    assert "skip_stages leaves out data" in done.stderr
     (tmp_path / "file").write_text("mine")
     done = subprocess.run([*cmd, "--out", str(tmp_path / "file")], capture_output=True,
                           text=True, timeout=600)

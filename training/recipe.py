@@ -491,9 +491,12 @@ def run_recipe(cfg: dict[str, Any], out: Path,
             continue
         missing = [n for n in NEEDS.get(stage, ()) if not stage_done(run, n)]
         if missing:
+            how = (f"the config's skip_stages leaves out {', '.join(set(missing) & set(skipped))}"
+                   if set(missing) & set(skipped) else
+                   f"run the recipe without --stage, or with --stage "
+                   f"{' --stage '.join(missing)} first")
             raise RecipeError(f"stage {stage} reads the output of stage {', '.join(missing)}, "
-                              f"which {out} does not hold: run the recipe without --stage, or "
-                              f"with --stage {' --stage '.join(missing)} first")
+                              f"which {out} does not hold: {how}")
         log.info("stage %s: start", stage)
         run.timed(stage, lambda stage=stage: STAGE_FUNCS[stage](run))
         log.info("stage %s: done in %.0f s", stage, run.times[stage])

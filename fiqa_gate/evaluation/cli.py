@@ -214,7 +214,8 @@ def _models(scorers: Sequence[str], options: dict[str, dict[str, Any]]
     from fiqa_gate.assets import sha256_file
     from fiqa_gate.student import SHIPPED_STUDENT
 
-    files = {name: Path(o["model"]) for name, o in options.items() if o.get("model")}
+    files = {name: Path(o["model"]) for name, o in options.items()
+             if o.get("model") and name in scorers}
     if "student" in scorers and "student" not in files:
         files["student"] = SHIPPED_STUDENT
     return {name: {"path": str(path.resolve()), "sha256": sha256_file(path)}

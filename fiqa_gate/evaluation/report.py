@@ -103,7 +103,9 @@ def plot_scores(qualities: dict[str, np.ndarray], matched: np.ndarray, path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in qualities if n != "random"]
+    names = [n for n in qualities if n != "random"]  # random's histogram says nothing
+    if not names:
+        names = list(qualities)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), dpi=110,
