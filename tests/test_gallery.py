@@ -122,3 +122,17 @@ def test_enrolling_a_source_again_under_its_identity_keeps_one_face(tmp_path, or
 def test_an_empty_gallery_path_is_refused():
     with pytest.raises(GalleryError, match="path is empty"):
         Gallery.create("", "sface", 128, 0.383)
+
+
+def test_an_ivf_gallery_finds_what_a_flat_one_finds(tmp_path, orl_embeddings):
+    galleries = {f: Gallery.create(tmp_path / f.replace(",", "_"), "sface", 128, 0.383, f)
+                 for f in ("Flat", "IVF4,Flat")}
+    for g in galleries.values():
+        _enroll_first_five(g, orl_embeddings)  # 30 faces: the IVF trains on the fly
+    probes = np.concatenate([e[5:] for e in orl_embeddings.values()])
+    flat, ivf = (g.search(probes, "sface", k=10) for g in galleries.values())
+    assert all(len(h) == 10 for h in ivf)  # it probed more than one of its four lists
+    assert [[x.face_id for x in h] for h in ivf] == [[x.face_id for x in h] for h in flat]
+    again = Gallery.open(tmp_path / "IVF4_Flat")  # nprobe is not stored with the index
+    assert [[x.face_id for x in h] for h in again.search(probes, "sface", k=10)] == \
+        [[x.face_id for x in h] for h in flat]
