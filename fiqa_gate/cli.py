@@ -75,14 +75,25 @@ def _listed(paths: Sequence[str], files: Iterable[str], manifest: str) -> list[s
     seen: set[str] = set()
     kept = []
     for f in files:
-        # the folder resolved before "..", which may leave a linked folder
-        where = os.path.join(os.path.realpath(os.path.dirname(f) or "."), os.path.basename(f))
+        where = _where(f)
         if where not in seen and (own is None or _file_id(f) != own):
             seen.add(where)
             kept.append(f)
     if not kept:
         log.warning("no files under %s", ", ".join(paths))
     return kept
+
+
+def _where(path: str) -> str:
+    """A file's path with its folder resolved (before "..", which may leave a linked
+    folder): one string for every spelling of the same place."""
+    return os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+
+
+def _not_done(files: Sequence[str], done: set[str]) -> list[str]:
+    """The files a resumed manifest does not hold yet, however either spelled the path."""
+    finished = {_where(d) for d in done}
+    return [f for f in files if _where(f) not in finished]
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
@@ -199,7 +210,7 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
     failures = Failures()
     files = _listed(paths, iter_files(paths), output)
     with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True) as manifest:
-        for path in _progress([f for f in files if f not in manifest.done], "score"):
+        for path in _progress(_not_done(files, manifest.done), "score"):
             try:
                 faces = pipe.faces(path)
                 scores = pipe.scorer.score(faces)
@@ -369,7 +380,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
     with open_manifest(output, FILTER_COLUMNS, resume=resume) as manifest:
         if manifest.done:
             _same_threshold(output, threshold)
-        todo = [f for f in files if f not in manifest.done]
+        todo = _not_done(files, manifest.done)
         for path in _progress(todo, "filter"):
             row: dict = {"path": path, "threshold": threshold}
             try:

@@ -197,3 +197,20 @@ def test_stdout_redirected_into_the_input_is_not_an_input(tmp_path, orl_root):
     assert done.returncode == 1
     assert "other content" in rows[str(src / "sub" / ".." / "a.pgm")]["error"]
     assert (tmp_path / "a.pgm").is_file() and (tmp_path / "ok" / "a.pgm").is_file()
+
+
+def test_a_resume_with_the_folder_spelled_another_way_redoes_nothing(tmp_path, orl_root):
+    import os
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in (1, 2):
+        (src / f"{i}.pgm").write_bytes((orl_root / "s38" / f"{i}.pgm").read_bytes())
+    manifest = tmp_path / "m.csv"
+    assert _run("filter", str(src / "1.pgm"), "-o", str(manifest), *SCORER).returncode == 0
+    relative = os.path.relpath(src, tmp_path / "in")  # "." from inside the folder
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "filter", relative, "-o",
+                           str(manifest), "--resume", *SCORER], capture_output=True,
+                          cwd=src, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert sorted(Path(r["path"]).name for r in _rows(manifest)) == ["1.pgm", "2.pgm"]
