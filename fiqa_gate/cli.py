@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -71,12 +72,11 @@ def _listed(paths: Sequence[str], files: Iterable[str], manifest: str) -> list[s
     """The input files, each once however the arguments spell its folder (a link to a
     file stays an input of its own), without the run's own manifest: a manifest written
     into an input folder, by -o or by redirecting stdout, is not an input."""
-    own = _file_id(manifest)
     seen: set[str] = set()
     kept = []
-    for f in files:
+    for f in _not_own(files, manifest):
         where = _where(f)
-        if where not in seen and (own is None or _file_id(f) != own):
+        if where not in seen:
             seen.add(where)
             kept.append(f)
     if not kept:
@@ -84,10 +84,22 @@ def _listed(paths: Sequence[str], files: Iterable[str], manifest: str) -> list[s
     return kept
 
 
+def _not_own(files: Iterable[str], output: str) -> Iterator[str]:
+    """`files` without the file `output` writes to ("-": stdout), by device and inode."""
+    own = _file_id(output)
+    return iter(files) if own is None else (f for f in files if _file_id(f) != own)
+
+
 def _where(path: str) -> str:
     """A file's path with its folder resolved (before "..", which may leave a linked
     folder): one string for every spelling of the same place."""
-    return os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+    return os.path.join(_real_folder(os.path.dirname(path) or "."), os.path.basename(path))
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    # a folder's files share it: resolved once, not once per file and again on resume
+    return os.path.realpath(folder)
 
 
 def _not_done(files: Sequence[str], done: set[str]) -> list[str]:
@@ -439,7 +451,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
-    folders = [(identity, _listed([root], files, output or "-")) if files else (identity, files)
+    folders = [(identity, list(_not_own(files, output or "-")))
                for identity, files in identity_folders(root)]
     pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
     the_gate = pipe.gate(threshold, "enroll") if gate else None

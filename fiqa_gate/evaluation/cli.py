@@ -157,19 +157,18 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     from fiqa_gate.evaluation.protocol import in_chunks, qualities, similarities
     from fiqa_gate.pipeline import faces_from_file, primary_face
 
-    rows = read_pairs(pairs, image_root)
-    # An image compared with itself matches whatever its quality, and a pair listed twice
-    # counts twice: both would bend the EDC, so they are left out, with a word.
-    real = [(os.path.realpath(r[0]), os.path.realpath(r[1])) for r in rows]
-    selfs = sum(x == y for x, y in real)
-    unique = list({(min(x, y), max(x, y), r[2]): r for r, (x, y) in zip(rows, real, strict=True)
-                   if x != y}.values())
+    # One face per file, however the list spells its path. An image compared with itself
+    # matches whatever its quality, and a pair listed twice counts twice: both would bend
+    # the EDC, so they are left out, with a word.
+    rows = [(os.path.realpath(a), os.path.realpath(b), m) for a, b, m in
+            read_pairs(pairs, image_root)]
+    selfs = sum(a == b for a, b, _ in rows)
+    unique = list({(min(a, b), max(a, b), m): (a, b, m) for a, b, m in rows
+                   if a != b}.values())
     if selfs or len(unique) < len(rows) - selfs:
         log.warning("%s: %d pairs of an image with itself and %d repeated pairs left out",
                     pairs, selfs, len(rows) - selfs - len(unique))
     listed, rows = len(rows), unique
-    # one face per file, however the list spells its path
-    rows = [(os.path.realpath(r[0]), os.path.realpath(r[1]), r[2]) for r in rows]
     paths = sorted({p for r in rows for p in r[:2]})
     detector = registry.get_detector()
     faces, failed = {}, {}
