@@ -136,7 +136,8 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
 def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]]:
     """(identity, every file below it) for each sub-folder of `root`, the layout of
     CASIA-WebFace, VGGFace2 and LFW: ROOT/<identity>/**/<file>. Files directly in ROOT
-    belong to no one: skipped, with a warning."""
+    belong to no one, and a linked alias of another identity's folder is not a second person:
+    both skipped, with a warning."""
     top = os.fspath(root)
     if not os.path.isdir(top):
         raise FiqaGateError(f"{top}: not a directory (expected ROOT/<identity>/<images>)")
@@ -146,7 +147,19 @@ def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]
         log.warning("%s: %d files directly in the folder skipped (%s); an identity's images "
                     "go in ROOT/<identity>/", top, len(loose), ", ".join(loose[:3]) +
                     (", ..." if len(loose) > 3 else ""))
-    folders = [(e.name, list(iter_files([e.path]))) for e in entries if e.is_dir()]
+    folders, first_name = [], {}
+    for e in entries:
+        if not e.is_dir():
+            continue
+        # A linked alias of another identity's folder would enroll one person twice, under
+        # two names, and make same-image "impostor" pairs in an evaluation.
+        real = os.path.realpath(e.path)
+        if real in first_name:
+            log.warning("%s: identity %r skipped: its folder is the folder of %r", top,
+                        e.name, first_name[real])
+            continue
+        first_name[real] = e.name
+        folders.append((e.name, list(iter_files([e.path]))))
     if not folders:
         raise FiqaGateError(f"{top}: no identity sub-folders (expected "
                             "ROOT/<identity>/<images>)")

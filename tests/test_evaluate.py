@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -310,16 +311,23 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert set(rep["erc"]) == {"sharpness"} and (tmp_path / "p" / "scores.png").stat().st_size
     assert len(rep["verification"]["scorers"][0]["ci95_20"]) == 2  # bootstrapped (nan here:
     # every mated pair matches, so FNMR is 0 and the normalised pAUC is undefined)
-    # an image with itself, and a pair listed again the other way round, are left out
+    # an image with itself, and a pair listed again the other way round, are left out,
+    # however the list spells the file: another path to it, or a hard link of it
     with pairs.open("a", newline="") as fh:
         x = Path(rows[1][0])
         other_spelling = str(x.parent / ".." / x.parent.name / x.name)
+        hard_link = tmp_path / "same-file.pgm"
+        os.link(paths[0], hard_link)
+        y = Path(rows[2][1])
+        os.link(y, tmp_path / "same-b.pgm")
         csv.writer(fh).writerows([[str(paths[0]), str(paths[0]), 1],
+                                  [str(hard_link), str(paths[0]), 1],
                                   [rows[0][1], rows[0][0], rows[0][2]],
-                                  [other_spelling, rows[1][1], rows[1][2]]])
+                                  [other_spelling, rows[1][1], rows[1][2]],
+                                  [rows[2][0], str(tmp_path / "same-b.pgm"), rows[2][2]]])
     done = _cli("evaluate", "--pairs", str(pairs), "--scorer", "sharpness", "--bootstrap",
                 "0", "-o", str(tmp_path / "p2"))
-    assert done.returncode == 0 and "1 pairs of an image with itself and 2 repeated" in \
+    assert done.returncode == 0 and "2 pairs of an image with itself and 3 repeated" in \
         done.stderr
     again = json.loads((tmp_path / "p2" / "report.json").read_text())["verification"]
     assert (again["n_mated"], again["n_nonmated"]) == (18, len(rows) - 18)
@@ -450,6 +458,26 @@ def test_identity_folder_reads_images_at_any_depth_and_not_in_root(tmp_path):
         (tmp_path / p).write_bytes(b"")
     assert [(i, p.relative_to(tmp_path).as_posix()) for i, p in identity_folder(tmp_path)] \
         == [("ann", "ann/2020/trip/b.PNG"), ("ann", "ann/a.jpg")]
+
+
+def test_identity_folder_skips_a_linked_alias_of_another_identity(tmp_path, caplog):
+    # bob -> ann would enroll ann's faces twice under two names, and pair her images
+    # with themselves as impostors
+    from fiqa_gate.datasets import identity_folder
+
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "a.jpg").write_bytes(b"")
+    (tmp_path / "bob").symlink_to("ann")
+    (tmp_path / "cy").symlink_to(tmp_path / "dee")  # the first name of a folder is kept
+    (tmp_path / "dee").mkdir()
+    (tmp_path / "dee" / "d.jpg").write_bytes(b"")
+    (tmp_path / "dee" / "e.jpg").symlink_to("../ann/a.jpg")
+    with caplog.at_level("WARNING"):
+        items = identity_folder(tmp_path)
+    assert [(i, p.name) for i, p in items] == [("ann", "a.jpg"), ("cy", "d.jpg"),
+                                              ("cy", "e.jpg")]
+    assert "identity 'bob' skipped: its folder is the folder of 'ann'" in caplog.text
+    assert "identity 'dee' skipped: its folder is the folder of 'cy'" in caplog.text
 
 
 def test_evaluate_warns_on_stderr_and_lists_the_files_it_wrote(tmp_path, orl_root):

@@ -157,11 +157,12 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     from fiqa_gate.evaluation.protocol import in_chunks, qualities, similarities
     from fiqa_gate.pipeline import faces_from_file, primary_face
 
-    # One face per file, however the list spells its path. An image compared with itself
-    # matches whatever its quality, and a pair listed twice counts twice: both would bend
-    # the EDC, so they are left out, with a word.
-    rows = [(os.path.realpath(a), os.path.realpath(b), m) for a, b, m in
-            read_pairs(pairs, image_root)]
+    # One face per file, however the list spells its path (links, hard links included).
+    # An image compared with itself matches whatever its quality, and a pair listed twice
+    # counts twice: both would bend the EDC, so they are left out, with a word.
+    listed_rows = read_pairs(pairs, image_root)
+    name = _one_name_per_file({p for a, b, _ in listed_rows for p in (a, b)})
+    rows = [(name[a], name[b], m) for a, b, m in listed_rows]
     selfs = sum(a == b for a, b, _ in rows)
     unique = list({(min(a, b), max(a, b), m): (a, b, m) for a, b, m in rows
                    if a != b}.values())
@@ -204,6 +205,21 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
                        f"{pairs} ({recognizer_name})")}
     rep.write(report, out)
     return report
+
+
+def _one_name_per_file(paths: set[str]) -> dict[str, str]:
+    """Each listed path mapped to one name for its file: the real path, and for hard links
+    of one file (same device and inode) the first of their real paths."""
+    name, first = {}, {}
+    for p in sorted(paths):
+        real = os.path.realpath(p)
+        try:
+            st = os.stat(real)
+        except OSError:  # missing or unreadable: fails later, with its reason
+            name[p] = real
+            continue
+        name[p] = first.setdefault((st.st_dev, st.st_ino), real)
+    return name
 
 
 def _models(scorers: Sequence[str], options: dict[str, dict[str, Any]]
