@@ -560,10 +560,13 @@ def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, thre
                 faces = pipe.faces(path)
                 if the_gate is not None:
                     decisions = the_gate.decide(faces)
-                    for f, d in zip(faces, decisions, strict=True):
-                        if not d.accepted:
-                            out.write_rows([{"path": path, "face": f.index,
-                                             "error": f"probe rejected by the gate: {d.reason}"}])
+                    rejected = [(f, d) for f, d in zip(faces, decisions, strict=True)
+                                if not d.accepted]
+                    # a probe not searched is an error row, so it sets the exit code too
+                    failures.count += bool(rejected)
+                    out.write_rows([{"path": path, "face": f.index,
+                                     "error": f"probe rejected by the gate: {d.reason}"}
+                                    for f, d in rejected])
                     faces = [f for f, d in zip(faces, decisions, strict=True) if d.accepted]
                 if not faces:
                     continue

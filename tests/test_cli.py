@@ -258,6 +258,11 @@ def test_empty_input_warns_and_a_gated_probe_says_why(tmp_path, orl_root):
               "--threshold", "0.9")
     (row,) = list(csv.DictReader(res.stdout.splitlines()))
     assert row["error"].startswith("probe rejected by the gate: low quality: score 0.")
+    assert res.returncode == 1  # a row with an error: the probe was not searched
+    res = run("search", str(orl_root / "s36" / "3.pgm"), "--index", str(tmp_path / "g"),
+              "--gate", "--threshold", "0.5")
+    (row,) = list(csv.DictReader(res.stdout.splitlines()))
+    assert res.returncode == 0 and row["identity"] == "ann" and not row["error"]
 
 
 def test_a_resumed_filter_keeps_its_threshold_and_counts_what_was_done(tmp_path, orl_root):
