@@ -471,11 +471,13 @@ def test_identity_folder_skips_a_linked_alias_of_another_identity(tmp_path, capl
     (tmp_path / "cy").symlink_to(tmp_path / "dee")  # the first name of a folder is kept
     (tmp_path / "dee").mkdir()
     (tmp_path / "dee" / "d.jpg").write_bytes(b"")
+    # one picture under two names (a link, a hard link) is one face, kept where first seen
     (tmp_path / "dee" / "e.jpg").symlink_to("../ann/a.jpg")
+    os.link(tmp_path / "dee" / "d.jpg", tmp_path / "dee" / "f.jpg")
     with caplog.at_level("WARNING"):
         items = identity_folder(tmp_path)
-    assert [(i, p.name) for i, p in items] == [("ann", "a.jpg"), ("cy", "d.jpg"),
-                                              ("cy", "e.jpg")]
+    assert [(i, p.name) for i, p in items] == [("ann", "a.jpg"), ("cy", "d.jpg")]
+    assert "2 images skipped, each the same file as one listed before" in caplog.text
     assert "identity 'bob' skipped: its folder is the folder of 'ann'" in caplog.text
     assert "identity 'dee' skipped: its folder is the folder of 'cy'" in caplog.text
 
