@@ -127,11 +127,11 @@ def orl_items(identities: Iterable[str]) -> list[tuple[str, Path]]:
 def identity_folder(root: str | Path) -> list[tuple[str, Path]]:
     """(identity, image path) for every image in `root/<identity>/...`, sorted; a file
     reached twice (a link, a hard link) is kept once, under the first identity."""
-    items, first, again = [], {}, []
+    items, first, again, emptied = [], {}, [], []
     for identity, files in identity_folders(root):
-        for p in sorted(map(Path, files)):
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
+        before = len(items)
+        images = [p for p in sorted(map(Path, files)) if p.suffix.lower() in IMAGE_SUFFIXES]
+        for p in images:
             try:
                 st = p.stat()
             except OSError:  # fails later, with its reason
@@ -145,9 +145,12 @@ def identity_folder(root: str | Path) -> list[tuple[str, Path]]:
                 continue
             first[key] = p
             items.append((identity, p))
+        if images and len(items) == before:
+            emptied.append(identity)
     if again:
-        log.warning("%s: %d images skipped, each the same file as one listed before: %s",
-                    root, len(again), "; ".join(again[:3]) + ("; ..." if len(again) > 3 else ""))
+        log.warning("%s: %d images skipped, each the same file as one listed before: %s%s",
+                    root, len(again), "; ".join(again[:3]) + ("; ..." if len(again) > 3 else ""),
+                    f"; identities left with none: {', '.join(emptied)}" if emptied else "")
     if not items:
         raise FiqaGateError(f"{root}: no images in ROOT/<identity>/ sub-folders")
     return items

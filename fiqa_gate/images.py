@@ -135,32 +135,62 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
 
 def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]]:
     """(identity, every file below it) for each sub-folder of `root`, the layout of
-    CASIA-WebFace, VGGFace2 and LFW: ROOT/<identity>/**/<file>. Files directly in ROOT
-    belong to no one, and a linked alias of another identity's folder is not a second person:
-    both skipped, with a warning."""
+    CASIA-WebFace, VGGFace2 and LFW: ROOT/<identity>/**/<file>. Skipped, with a warning:
+    files directly in ROOT (they belong to no one), links that lead nowhere, and a linked
+    sub-folder that leads into, onto or above another identity's folder or ROOT (one
+    person, or everyone, under a second name)."""
     top = os.fspath(root)
     if not os.path.isdir(top):
         raise FiqaGateError(f"{top}: not a directory (expected ROOT/<identity>/<images>)")
     entries = sorted(os.scandir(top), key=lambda e: e.name)
-    loose = [e.name for e in entries if not e.is_dir()]
-    if loose:
-        log.warning("%s: %d files directly in the folder skipped (%s); an identity's images "
-                    "go in ROOT/<identity>/", top, len(loose), ", ".join(loose[:3]) +
-                    (", ..." if len(loose) > 3 else ""))
-    folders, first_name = [], {}
-    for e in entries:
-        if not e.is_dir():
+    kinds = {e.name: _entry_kind(e) for e in entries}
+    _warn_skipped(top, [n for n, k in kinds.items() if k == "file"],
+                  "files directly in the folder skipped", "an identity's images go in "
+                  "ROOT/<identity>/")
+    _warn_skipped(top, [n for n, k in kinds.items() if k == "broken"],
+                  "links that lead to no file or folder skipped", "")
+    # Real folders own their place first, so a link never takes a real folder's name.
+    real_top, owners, kept = os.path.realpath(top), {}, set()
+    for e in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):
+        if kinds[e.name] != "dir":
             continue
-        # A linked alias of another identity's folder would enroll one person twice, under
-        # two names, and make same-image "impostor" pairs in an evaluation.
         real = os.path.realpath(e.path)
-        if real in first_name:
-            log.warning("%s: identity %r skipped: its folder is the folder of %r", top,
-                        e.name, first_name[real])
-            continue
-        first_name[real] = e.name
-        folders.append((e.name, list(iter_files([e.path]))))
+        if e.is_symlink():
+            clash = "ROOT" if real == real_top or _inside(real_top, real) else next(
+                (name for r, name in owners.items()
+                 if real == r or _inside(real, r) or _inside(r, real)),
+                "ROOT" if _inside(real, real_top) else None)
+            if clash is not None:
+                log.warning("%s: identity %r skipped: it is a link into, onto or above the "
+                            "folder of %r", top, e.name, clash)
+                continue
+        owners[real] = e.name
+        kept.add(e.name)
+    folders = [(e.name, list(iter_files([e.path]))) for e in entries if e.name in kept]
     if not folders:
         raise FiqaGateError(f"{top}: no identity sub-folders (expected "
                             "ROOT/<identity>/<images>)")
     return folders
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    """'dir', 'file' or 'broken' (a dangling or looping link, or unreadable)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file() or not entry.is_symlink():
+            return "file"
+    except OSError:
+        pass
+    return "broken"
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _warn_skipped(top: str, names: list[str], what: str, hint: str) -> None:
+    if names:
+        log.warning("%s: %d %s (%s)%s", top, len(names), what,
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
+                    f"; {hint}" if hint else "")

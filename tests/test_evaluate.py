@@ -324,13 +324,20 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
                                   [str(hard_link), str(paths[0]), 1],
                                   [rows[0][1], rows[0][0], rows[0][2]],
                                   [other_spelling, rows[1][1], rows[1][2]],
-                                  [rows[2][0], str(tmp_path / "same-b.pgm"), rows[2][2]]])
+                                  [rows[2][0], str(tmp_path / "same-b.pgm"), rows[2][2]],
+                                  [rows[3][1], rows[3][0], 1 - rows[3][2]]])
     done = _cli("evaluate", "--pairs", str(pairs), "--scorer", "sharpness", "--bootstrap",
                 "0", "-o", str(tmp_path / "p2"))
     assert done.returncode == 0 and "2 pairs of an image with itself and 3 repeated" in \
         done.stderr
+    assert "1 pairs listed both as mated and as non-mated left out" in done.stderr
     again = json.loads((tmp_path / "p2" / "report.json").read_text())["verification"]
-    assert (again["n_mated"], again["n_nonmated"]) == (18, len(rows) - 18)
+    assert rows[3][2] == 0 and (again["n_mated"], again["n_nonmated"]) == (18, len(rows) - 19)
+    collapsed = tmp_path / "collapsed.csv"
+    collapsed.write_text(f"{paths[0]},{hard_link},1\n{rows[3][0]},{rows[3][1]},0\n"
+                         f"{rows[3][1]},{rows[3][0]},1\n")
+    done = _cli("evaluate", "--pairs", str(collapsed), "-o", str(tmp_path / "p4"))
+    assert done.returncode == 2 and "no pair of two different images left" in done.stderr
     done = _cli("evaluate", "--pairs", str(pairs), "--variants", "5", "-o",
                 str(tmp_path / "p3"))
     assert done.returncode == 2 and "--variants apply to the identity protocol" in done.stderr
@@ -460,26 +467,37 @@ def test_identity_folder_reads_images_at_any_depth_and_not_in_root(tmp_path):
         == [("ann", "ann/2020/trip/b.PNG"), ("ann", "ann/a.jpg")]
 
 
-def test_identity_folder_skips_a_linked_alias_of_another_identity(tmp_path, caplog):
+def test_identity_folder_skips_links_to_another_identity_or_root(tmp_path, caplog):
     # bob -> ann would enroll ann's faces twice under two names, and pair her images
-    # with themselves as impostors
+    # with themselves as impostors; "all -> ." would hold everyone's images as one person
     from fiqa_gate.datasets import identity_folder
 
-    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "sub").mkdir(parents=True)
     (tmp_path / "ann" / "a.jpg").write_bytes(b"")
+    (tmp_path / "ann" / "sub" / "b.jpg").write_bytes(b"")
     (tmp_path / "bob").symlink_to("ann")
-    (tmp_path / "cy").symlink_to(tmp_path / "dee")  # the first name of a folder is kept
+    (tmp_path / "ann2").symlink_to(tmp_path / "ann" / "sub")
+    (tmp_path / "0all").symlink_to(".")
+    (tmp_path / "0dee").symlink_to(tmp_path / "dee")  # the real folder keeps its name
     (tmp_path / "dee").mkdir()
     (tmp_path / "dee" / "d.jpg").write_bytes(b"")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "gone").symlink_to("nowhere")
     # one picture under two names (a link, a hard link) is one face, kept where first seen
     (tmp_path / "dee" / "e.jpg").symlink_to("../ann/a.jpg")
     os.link(tmp_path / "dee" / "d.jpg", tmp_path / "dee" / "f.jpg")
+    (tmp_path / "eve").mkdir()  # only copies of others' files: named, since it vanishes
+    os.link(tmp_path / "dee" / "d.jpg", tmp_path / "eve" / "g.jpg")
     with caplog.at_level("WARNING"):
         items = identity_folder(tmp_path)
-    assert [(i, p.name) for i, p in items] == [("ann", "a.jpg"), ("cy", "d.jpg")]
-    assert "2 images skipped, each the same file as one listed before" in caplog.text
-    assert "identity 'bob' skipped: its folder is the folder of 'ann'" in caplog.text
-    assert "identity 'dee' skipped: its folder is the folder of 'cy'" in caplog.text
+    assert [(i, p.relative_to(tmp_path).as_posix()) for i, p in items] == [
+        ("ann", "ann/a.jpg"), ("ann", "ann/sub/b.jpg"), ("dee", "dee/d.jpg")]
+    for link, owner in (("0all", "ROOT"), ("0dee", "dee"), ("ann2", "ann"), ("bob", "ann")):
+        assert f"identity {link!r} skipped: it is a link into, onto or above the folder " \
+            f"of {owner!r}" in caplog.text
+    assert "2 links that lead to no file or folder skipped (gone, loop)" in caplog.text
+    assert "3 images skipped, each the same file as one listed before" in caplog.text
+    assert "identities left with none: eve" in caplog.text
 
 
 def test_evaluate_warns_on_stderr_and_lists_the_files_it_wrote(tmp_path, orl_root):

@@ -169,6 +169,18 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     if selfs or len(unique) < len(rows) - selfs:
         log.warning("%s: %d pairs of an image with itself and %d repeated pairs left out",
                     pairs, selfs, len(rows) - selfs - len(unique))
+    # A pair listed as mated and as non-mated has no label to trust.
+    labels: dict[tuple[str, str], set[bool]] = {}
+    for a, b, m in unique:
+        labels.setdefault((min(a, b), max(a, b)), set()).add(m)
+    both = {k for k, v in labels.items() if len(v) == 2}
+    if both:
+        log.warning("%s: %d pairs listed both as mated and as non-mated left out (%s)", pairs,
+                    len(both), ", ".join(" & ".join(k) for k in sorted(both)[:2]) +
+                    (", ..." if len(both) > 2 else ""))
+        unique = [r for r in unique if (min(r[0], r[1]), max(r[0], r[1])) not in both]
+    if not unique:
+        raise FiqaGateError(f"{pairs}: no pair of two different images left to compare")
     listed, rows = len(rows), unique
     paths = sorted({p for r in rows for p in r[:2]})
     detector = registry.get_detector()
