@@ -138,9 +138,10 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
 def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]]:
     """(identity, every file below it) for each sub-folder of `root`, the layout of
     CASIA-WebFace, VGGFace2 and LFW: ROOT/<identity>/**/<file>. Skipped, with a warning:
-    files directly in ROOT (they belong to no one), links that lead nowhere, and a linked
+    files directly in ROOT (they belong to no one), links that lead nowhere, a linked
     sub-folder that leads into, onto or above another identity's folder or ROOT (one
-    person, or everyone, under a second name)."""
+    person, or everyone, under a second name), and, deeper down, files reached through a
+    link into another identity's folder or ROOT."""
     top = os.fspath(root)
     if not os.path.isdir(top):
         raise FiqaGateError(f"{top}: not a directory (expected ROOT/<identity>/<images>)")
@@ -166,7 +167,22 @@ def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]
                 continue
         owners.add(real, e.name)
         kept.add(e.name)
-    folders = [(e.name, list(iter_files([e.path]))) for e in entries if e.name in kept]
+    folders, strays = [], []
+    for e in entries:
+        if e.name not in kept:
+            continue
+        files = []
+        for f in iter_files([e.path]):
+            # A link deeper down can lead into another identity's folder, or back to ROOT.
+            real = os.path.realpath(f)
+            owner = owners.owner(real) or ("ROOT" if _inside(real, real_top) else e.name)
+            if owner == e.name:
+                files.append(f)
+            else:
+                strays.append(f"{f} (in {owner!r})")
+        folders.append((e.name, files))
+    _warn_skipped(top, strays, "files skipped: reached through a link into another "
+                  "identity's folder or ROOT", "")
     if not folders:
         raise FiqaGateError(f"{top}: no identity sub-folders (expected "
                             "ROOT/<identity>/<images>)")
@@ -201,10 +217,16 @@ class _Owners:
         self.name[real] = name
         bisect.insort(self.sorted, real)
 
-    def clash(self, real: str) -> str | None:
-        for folder in (real, *map(str, PurePath(real).parents)):  # the same, or inside
+    def owner(self, real: str) -> str | None:
+        """The kept folder that `real` is, or is inside."""
+        for folder in (real, *map(str, PurePath(real).parents)):
             if folder in self.name:
                 return self.name[folder]
+        return None
+
+    def clash(self, real: str) -> str | None:
+        if (name := self.owner(real)) is not None:
+            return name
         below = real.rstrip(os.sep) + os.sep  # above: a kept folder starts with it
         i = bisect.bisect_left(self.sorted, below)
         if i < len(self.sorted) and self.sorted[i].startswith(below):

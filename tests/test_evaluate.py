@@ -483,10 +483,10 @@ def test_identity_folder_skips_links_to_another_identity_or_root(tmp_path, caplo
     (tmp_path / "dee" / "d.jpg").write_bytes(b"")
     (tmp_path / "loop").symlink_to("loop")
     (tmp_path / "gone").symlink_to("nowhere")
-    # one picture under two names (a link, a hard link) is one face, kept where first seen
+    # a link to ann's picture stays ann's; a hard link is one face, kept where first seen
     (tmp_path / "dee" / "e.jpg").symlink_to("../ann/a.jpg")
     os.link(tmp_path / "dee" / "d.jpg", tmp_path / "dee" / "f.jpg")
-    (tmp_path / "eve").mkdir()  # only copies of others' files: named, since it vanishes
+    (tmp_path / "eve").mkdir()  # only hard links of others' files: named, since it vanishes
     os.link(tmp_path / "dee" / "d.jpg", tmp_path / "eve" / "g.jpg")
     with caplog.at_level("WARNING"):
         items = identity_folder(tmp_path)
@@ -496,8 +496,36 @@ def test_identity_folder_skips_links_to_another_identity_or_root(tmp_path, caplo
         assert f"identity {link!r} skipped: it is a link into, onto or above the folder " \
             f"of {owner!r}" in caplog.text
     assert "2 links that lead to no file or folder skipped (gone, loop)" in caplog.text
-    assert "3 images skipped, each the same file as one listed before" in caplog.text
+    assert "1 files skipped: reached through a link into another identity's folder or " \
+        "ROOT (dee/e.jpg (in 'ann'))" in caplog.text.replace(f"{tmp_path}/", "")
+    assert "2 images skipped, each the same file as one listed before" in caplog.text
     assert "identities left with none: eve" in caplog.text
+
+
+def test_identity_folders_skip_files_reached_through_a_deeper_link(tmp_path, caplog):
+    # ann/all -> .. would list bob's pictures as ann's too; ann/bob1.jpg -> ../bob/1.jpg
+    # is bob's picture, not ann's; a link to a folder outside ROOT stays ann's
+    from fiqa_gate.images import identity_folders
+
+    root = tmp_path / "root"
+    for who in ("ann", "bob"):
+        (root / who).mkdir(parents=True)
+        (root / who / "1.jpg").write_bytes(b"")
+    (root / "loose.jpg").write_bytes(b"")
+    (root / "ann" / "all").symlink_to("..")
+    (root / "ann" / "bob1.jpg").symlink_to("../bob/1.jpg")
+    (tmp_path / "trip").mkdir()
+    (tmp_path / "trip" / "2.jpg").write_bytes(b"")
+    (root / "ann" / "trip").symlink_to(tmp_path / "trip")
+    with caplog.at_level("WARNING"):
+        found = {who: sorted(os.path.relpath(f, root) for f in files)
+                 for who, files in identity_folders(root)}
+    assert found == {"ann": ["ann/1.jpg", "ann/trip/2.jpg"], "bob": ["bob/1.jpg"]}
+    assert "files skipped: reached through a link into another identity's folder or " \
+        "ROOT" in caplog.text
+    for stray in ("ann/all/bob/1.jpg (in 'bob')", "ann/all/loose.jpg (in 'ROOT')",
+                  "ann/bob1.jpg (in 'bob')"):
+        assert stray in caplog.text
 
 
 def test_evaluate_warns_on_stderr_and_lists_the_files_it_wrote(tmp_path, orl_root):
