@@ -10,7 +10,7 @@ import bisect
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from io import BufferedReader
 from pathlib import PurePath
 
@@ -100,12 +100,14 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         raise ImageLoadError(p, f"unreadable image: {type(exc).__name__}: {exc}") from None
 
 
-def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
+def iter_files(paths: Iterable[str | os.PathLike[str]],
+               enter: Callable[[str], bool] | None = None) -> Iterator[str]:
     """Every file under `paths`, each once, in a stable order.
 
-    Directories are walked (following links, guarding against loops); files given
-    by name are yielded even if they do not exist or are not images, so that the
-    caller reports them instead of skipping them silently.
+    Directories are walked (following links, guarding against loops; `enter`, when given,
+    says whether to walk a folder); files given by name are yielded even if they do not
+    exist or are not images, so that the caller reports them instead of skipping them
+    silently.
     """
     seen_dirs: set[tuple[int, int]] = set()
     for raw in paths:
@@ -124,8 +126,8 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
                 yield dirpath  # vanished or unreadable: reported, not skipped
                 continue
             key = (st.st_dev, st.st_ino)
-            if key in seen_dirs:  # a symlink loop, or the same folder twice
-                dirnames[:] = []
+            if key in seen_dirs or (enter is not None and not enter(dirpath)):
+                dirnames[:] = []  # a symlink loop, the same folder twice, or not wanted
                 continue
             seen_dirs.add(key)
             dirnames.sort()
@@ -137,56 +139,93 @@ def iter_files(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
 
 def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]]:
     """(identity, every file below it) for each sub-folder of `root`, the layout of
-    CASIA-WebFace, VGGFace2 and LFW: ROOT/<identity>/**/<file>. Skipped, with a warning:
-    files directly in ROOT (they belong to no one), links that lead nowhere, a linked
-    sub-folder that leads into, onto or above another identity's folder or ROOT (one
-    person, or everyone, under a second name), and, deeper down, files reached through a
-    link into another identity's folder or ROOT."""
+    CASIA-WebFace, VGGFace2 and LFW: ROOT/<identity>/**/<file>.
+
+    Each picture belongs to one identity, once: one person must not be counted again under
+    a second name, nor everyone under one. Skipped, with a warning: files directly in ROOT
+    (no one's); links at the top that lead nowhere; a linked identity folder, or a link at
+    any depth below one, that leads into another identity's folder, into ROOT or above it;
+    and a file reached a second time (a link or a hard link to one listed before). A real
+    folder keeps its name over a link to it; a link to a folder outside ROOT is its
+    identity's. A link below an identity that leads nowhere stays, to fail with its reason.
+    """
     top = os.fspath(root)
     if not os.path.isdir(top):
         raise FiqaGateError(f"{top}: not a directory (expected ROOT/<identity>/<images>)")
     entries = sorted(os.scandir(top), key=lambda e: e.name)
     kinds = {e.name: _entry_kind(e) for e in entries}
     _warn_skipped(top, [n for n, k in kinds.items() if k == "file"],
-                  "files directly in the folder skipped", "an identity's images go in "
+                  "files directly in the folder skipped; an identity's images go in "
                   "ROOT/<identity>/")
     _warn_skipped(top, [n for n, k in kinds.items() if k == "broken"],
-                  "links that lead to no file or folder skipped", "")
-    # Real folders own their place first, so a link never takes a real folder's name.
-    real_top, owners, kept = os.path.realpath(top), _Owners(), set()
-    for e in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):
+                  "links that lead to no file or folder skipped")
+    real_top, owners, kept, linked = os.path.realpath(top), _Owners(), set(), []
+    for e in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):  # real folders first
         if kinds[e.name] != "dir":
             continue
         real = os.path.realpath(e.path)
-        if e.is_symlink():
-            clash = "ROOT" if real == real_top or _inside(real_top, real) else (
-                owners.clash(real) or ("ROOT" if _inside(real, real_top) else None))
-            if clash is not None:
-                log.warning("%s: identity %r skipped: it is a link into, onto or above the "
-                            "folder of %r", top, e.name, clash)
-                continue
+        where = _elsewhere(real, None, owners, real_top) if e.is_symlink() else None
+        if where is not None:
+            linked.append(f"{e.name} ({where})")
+            continue
         owners.add(real, e.name)
         kept.add(e.name)
-    folders, strays = [], []
+    _warn_skipped(top, linked, "identity folders skipped: links into another identity's "
+                  "folder, into ROOT or above it")
+    folders, strays, again, emptied = [], [], [], []
+    seen: dict[tuple[int, int], str] = {}
     for e in entries:
         if e.name not in kept:
             continue
-        files = []
-        for f in iter_files([e.path]):
-            # A link deeper down can lead into another identity's folder, or back to ROOT.
-            real = os.path.realpath(f)
-            owner = owners.owner(real) or ("ROOT" if _inside(real, real_top) else e.name)
-            if owner == e.name:
+
+        def enter(folder: str, name: str = e.name) -> bool:
+            where = _elsewhere(os.path.realpath(folder), name, owners, real_top)
+            if where is not None:
+                strays.append(f"{folder} ({where})")
+            return where is None
+
+        files, found = [], 0
+        for f in iter_files([e.path], enter=enter):
+            found += 1
+            try:
+                st = os.stat(f)
+            except OSError:  # dangling or unreadable: an input that fails with its reason
                 files.append(f)
+                continue
+            where = _elsewhere(os.path.realpath(f), e.name, owners, real_top)
+            if where is not None:
+                strays.append(f"{f} ({where})")
+            elif (st.st_dev, st.st_ino) in seen:
+                again.append(f"{f} (= {seen[st.st_dev, st.st_ino]})")
             else:
-                strays.append(f"{f} (in {owner!r})")
+                seen[st.st_dev, st.st_ino] = f
+                files.append(f)
+        if found and not files:
+            emptied.append(e.name)
         folders.append((e.name, files))
-    _warn_skipped(top, strays, "files skipped: reached through a link into another "
-                  "identity's folder or ROOT", "")
+    _warn_skipped(top, strays, "files and folders skipped: reached through a link into "
+                  "another identity's folder, into ROOT or above it")
+    _warn_skipped(top, again, "files skipped: the same file as one listed before")
+    _warn_skipped(top, emptied, "identities left with no file of their own")
     if not folders:
         raise FiqaGateError(f"{top}: no identity sub-folders (expected "
                             "ROOT/<identity>/<images>)")
     return folders
+
+
+def _elsewhere(real: str, name: str | None, owners: _Owners, real_top: str) -> str | None:
+    """Where `real` lies if it is not identity `name`'s (None: it is); `name` None asks
+    about a linked identity folder, which must not hold another identity's folder either."""
+    owner = owners.owner(real)
+    if owner is not None:
+        return None if owner == name else f"in {owner!r}"
+    if real == real_top or _inside(real_top, real):
+        return "ROOT or above it"
+    if _inside(real, real_top):
+        return "in ROOT"
+    if name is None and (below := owners.below(real)) is not None:
+        return f"above {below!r}"
+    return None
 
 
 def _entry_kind(entry: os.DirEntry[str]) -> str:
@@ -224,18 +263,16 @@ class _Owners:
                 return self.name[folder]
         return None
 
-    def clash(self, real: str) -> str | None:
-        if (name := self.owner(real)) is not None:
-            return name
-        below = real.rstrip(os.sep) + os.sep  # above: a kept folder starts with it
-        i = bisect.bisect_left(self.sorted, below)
-        if i < len(self.sorted) and self.sorted[i].startswith(below):
+    def below(self, real: str) -> str | None:
+        """A kept folder inside `real`."""
+        prefix = real.rstrip(os.sep) + os.sep
+        i = bisect.bisect_left(self.sorted, prefix)
+        if i < len(self.sorted) and self.sorted[i].startswith(prefix):
             return self.name[self.sorted[i]]
         return None
 
 
-def _warn_skipped(top: str, names: list[str], what: str, hint: str) -> None:
+def _warn_skipped(top: str, names: list[str], what: str) -> None:
     if names:
-        log.warning("%s: %d %s (%s)%s", top, len(names), what,
-                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
-                    f"; {hint}" if hint else "")
+        log.warning("%s: %d %s: %s", top, len(names), what,
+                    ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""))

@@ -240,7 +240,8 @@ def test_enroll_says_which_files_belong_to_no_identity(tmp_path, orl_root):
     shutil.copy(orl_root / "s35" / "2.pgm", people / "loose.pgm")
     res = run("enroll", str(people), "--index", str(tmp_path / "g"))
     assert res.returncode == 0, res.stderr
-    assert "1 files directly in the folder skipped (loose.pgm)" in res.stderr
+    assert "1 files directly in the folder skipped; an identity's images go in " \
+        "ROOT/<identity>/: loose.pgm" in res.stderr
     assert "enrolled 1 faces of 1 identities" in res.stderr
 
 

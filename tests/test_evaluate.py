@@ -467,65 +467,49 @@ def test_identity_folder_reads_images_at_any_depth_and_not_in_root(tmp_path):
         == [("ann", "ann/2020/trip/b.PNG"), ("ann", "ann/a.jpg")]
 
 
-def test_identity_folder_skips_links_to_another_identity_or_root(tmp_path, caplog):
-    # bob -> ann would enroll ann's faces twice under two names, and pair her images
-    # with themselves as impostors; "all -> ." would hold everyone's images as one person
-    from fiqa_gate.datasets import identity_folder
-
-    (tmp_path / "ann" / "sub").mkdir(parents=True)
-    (tmp_path / "ann" / "a.jpg").write_bytes(b"")
-    (tmp_path / "ann" / "sub" / "b.jpg").write_bytes(b"")
-    (tmp_path / "bob").symlink_to("ann")
-    (tmp_path / "ann2").symlink_to(tmp_path / "ann" / "sub")
-    (tmp_path / "0all").symlink_to(".")
-    (tmp_path / "0dee").symlink_to(tmp_path / "dee")  # the real folder keeps its name
-    (tmp_path / "dee").mkdir()
-    (tmp_path / "dee" / "d.jpg").write_bytes(b"")
-    (tmp_path / "loop").symlink_to("loop")
-    (tmp_path / "gone").symlink_to("nowhere")
-    # a link to ann's picture stays ann's; a hard link is one face, kept where first seen
-    (tmp_path / "dee" / "e.jpg").symlink_to("../ann/a.jpg")
-    os.link(tmp_path / "dee" / "d.jpg", tmp_path / "dee" / "f.jpg")
-    (tmp_path / "eve").mkdir()  # only hard links of others' files: named, since it vanishes
-    os.link(tmp_path / "dee" / "d.jpg", tmp_path / "eve" / "g.jpg")
-    with caplog.at_level("WARNING"):
-        items = identity_folder(tmp_path)
-    assert [(i, p.relative_to(tmp_path).as_posix()) for i, p in items] == [
-        ("ann", "ann/a.jpg"), ("ann", "ann/sub/b.jpg"), ("dee", "dee/d.jpg")]
-    for link, owner in (("0all", "ROOT"), ("0dee", "dee"), ("ann2", "ann"), ("bob", "ann")):
-        assert f"identity {link!r} skipped: it is a link into, onto or above the folder " \
-            f"of {owner!r}" in caplog.text
-    assert "2 links that lead to no file or folder skipped (gone, loop)" in caplog.text
-    assert "1 files skipped: reached through a link into another identity's folder or " \
-        "ROOT (dee/e.jpg (in 'ann'))" in caplog.text.replace(f"{tmp_path}/", "")
-    assert "2 images skipped, each the same file as one listed before" in caplog.text
-    assert "identities left with none: eve" in caplog.text
-
-
-def test_identity_folders_skip_files_reached_through_a_deeper_link(tmp_path, caplog):
-    # ann/all -> .. would list bob's pictures as ann's too; ann/bob1.jpg -> ../bob/1.jpg
-    # is bob's picture, not ann's; a link to a folder outside ROOT stays ann's
+def test_identity_folders_count_each_picture_once_under_one_identity(tmp_path, caplog):
+    # A link must not count one person again under a second name (bob -> ann), nor
+    # everyone under one (0all -> ., ann/up -> ../..); enroll, evaluate and training
+    # all read identities through this one function.
     from fiqa_gate.images import identity_folders
 
     root = tmp_path / "root"
-    for who in ("ann", "bob"):
-        (root / who).mkdir(parents=True)
-        (root / who / "1.jpg").write_bytes(b"")
-    (root / "loose.jpg").write_bytes(b"")
-    (root / "ann" / "all").symlink_to("..")
-    (root / "ann" / "bob1.jpg").symlink_to("../bob/1.jpg")
-    (tmp_path / "trip").mkdir()
-    (tmp_path / "trip" / "2.jpg").write_bytes(b"")
-    (root / "ann" / "trip").symlink_to(tmp_path / "trip")
+    (root / "ann" / "sub").mkdir(parents=True)
+    for f in ("ann/a.jpg", "ann/sub/b.jpg", "loose.jpg"):
+        (root / f).write_bytes(b"")
+    (root / "dee").mkdir()
+    (root / "dee" / "d.jpg").write_bytes(b"")
+    (tmp_path / "out" / "E").mkdir(parents=True)  # a folder outside ROOT, linked twice
+    (tmp_path / "out" / "E" / "e.jpg").write_bytes(b"")
+    (tmp_path / "beside").mkdir()  # next to ROOT: reachable only by climbing above it
+    (tmp_path / "beside" / "x.jpg").write_bytes(b"")
+    links = {"bob": "ann", "ann2": "ann/sub", "0all": ".", "0dee": str(root / "dee"),
+             "loop": "loop", "gone": "nowhere", "ann/up": "../..", "ann/ext": "../../out/E",
+             "dee/ext": str(tmp_path / "out" / "E"), "dee/a.jpg": "../ann/a.jpg",
+             "dee/stray.jpg": "../loose.jpg", "dee/lost.jpg": "../ann/lost.jpg"}
+    for link, target in links.items():
+        (root / link).symlink_to(target)
+    os.link(root / "dee" / "d.jpg", root / "dee" / "hard.jpg")
+    (root / "eve").mkdir()  # only a hard link of another's picture: named, since it empties
+    os.link(root / "dee" / "d.jpg", root / "eve" / "g.jpg")
     with caplog.at_level("WARNING"):
         found = {who: sorted(os.path.relpath(f, root) for f in files)
                  for who, files in identity_folders(root)}
-    assert found == {"ann": ["ann/1.jpg", "ann/trip/2.jpg"], "bob": ["bob/1.jpg"]}
-    assert "files skipped: reached through a link into another identity's folder or " \
-        "ROOT" in caplog.text
-    for stray in ("ann/all/bob/1.jpg (in 'bob')", "ann/all/loose.jpg (in 'ROOT')",
-                  "ann/bob1.jpg (in 'bob')"):
-        assert stray in caplog.text
+    assert found == {"ann": ["ann/a.jpg", "ann/ext/e.jpg", "ann/sub/b.jpg"],
+                     "dee": ["dee/d.jpg", "dee/lost.jpg"],  # lost.jpg fails later, named
+                     "eve": []}
+    log = caplog.text.replace(f"{root}/", "")
+    assert "1 files directly in the folder skipped; an identity's images go in " \
+        "ROOT/<identity>/: loose.jpg" in log
+    assert "2 links that lead to no file or folder skipped: gone, loop" in log
+    assert "4 identity folders skipped: links into another identity's folder, into ROOT " \
+        "or above it: 0all (ROOT or above it), 0dee (in 'dee'), ann2 (in 'ann'), ..." in log
+    assert "3 files and folders skipped: reached through a link into another identity's " \
+        "folder, into ROOT or above it: ann/up (ROOT or above it), dee/a.jpg (in 'ann'), " \
+        "dee/stray.jpg (in ROOT)" in log
+    assert "3 files skipped: the same file as one listed before: dee/hard.jpg (= dee/d.jpg)" \
+        ", dee/ext/e.jpg (= ann/ext/e.jpg), eve/g.jpg (= dee/d.jpg)" in log
+    assert "1 identities left with no file of their own: eve" in log
 
 
 def test_evaluate_warns_on_stderr_and_lists_the_files_it_wrote(tmp_path, orl_root):
