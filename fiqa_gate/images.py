@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from io import BufferedReader
@@ -50,7 +51,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _open(p: str) -> BufferedReader:
     """Open for reading, or an ImageLoadError that says why not (before any decoding)."""
     try:
-        return open(p, "rb")
+        # Non-blocking, so a named pipe among the pictures cannot stall the run.
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise ImageLoadError(p, "is a directory" if stat.S_ISDIR(mode) else
+                                 "not a regular file (a pipe, socket or device)")
+        return os.fdopen(fd, "rb")
     except FileNotFoundError:
         raise ImageLoadError(p, "file not found (deleted or a dangling link?)") from None
     except IsADirectoryError:
@@ -141,13 +149,14 @@ def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]
     """(identity, every file below it) for each sub-folder of `root`, the layout of
     CASIA-WebFace, VGGFace2 and LFW: ROOT/<identity>/**/<file>.
 
-    Each picture belongs to one identity, once: one person must not be counted again under
-    a second name, nor everyone under one. Skipped, with a warning: files directly in ROOT
+    Each picture belongs to one identity: one person must not be counted again under a
+    second name, nor everyone under one. Skipped, with a warning: files directly in ROOT
     (no one's); links at the top that lead nowhere; a linked identity folder, or a link at
     any depth below one, that leads into another identity's folder, into ROOT or above it;
-    and a file reached a second time (a link or a hard link to one listed before). A real
-    folder keeps its name over a link to it; a link to a folder outside ROOT is its
-    identity's. A link below an identity that leads nowhere stays, to fail with its reason.
+    and a file another identity listed first (a link or a hard link to it). A real folder
+    keeps its name over a link to it; a link to a folder outside ROOT is its identity's.
+    Every other file is listed, to be read or to fail with its reason: a dangling link, or
+    a second name of a picture inside one identity (`datasets.identity_folder` keeps one).
     """
     top = os.fspath(root)
     if not os.path.isdir(top):
@@ -173,7 +182,7 @@ def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]
     _warn_skipped(top, linked, "identity folders skipped: links into another identity's "
                   "folder, into ROOT or above it")
     folders, strays, again, emptied = [], [], [], []
-    seen: dict[tuple[int, int], str] = {}
+    seen: dict[tuple[int, int], tuple[str, str]] = {}  # a file: its identity, its path
     for e in entries:
         if e.name not in kept:
             continue
@@ -195,17 +204,16 @@ def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]
             where = _elsewhere(os.path.realpath(f), e.name, owners, real_top)
             if where is not None:
                 strays.append(f"{f} ({where})")
-            elif (st.st_dev, st.st_ino) in seen:
-                again.append(f"{f} (= {seen[st.st_dev, st.st_ino]})")
+            elif seen.setdefault((st.st_dev, st.st_ino), (e.name, f))[0] != e.name:
+                again.append(f"{f} (= {seen[st.st_dev, st.st_ino][1]})")
             else:
-                seen[st.st_dev, st.st_ino] = f
                 files.append(f)
         if found and not files:
             emptied.append(e.name)
         folders.append((e.name, files))
     _warn_skipped(top, strays, "files and folders skipped: reached through a link into "
                   "another identity's folder, into ROOT or above it")
-    _warn_skipped(top, again, "files skipped: the same file as one listed before")
+    _warn_skipped(top, again, "files skipped: the same file as one of another identity")
     _warn_skipped(top, emptied, "identities left with no file of their own")
     if not folders:
         raise FiqaGateError(f"{top}: no identity sub-folders (expected "

@@ -117,3 +117,13 @@ def test_arbitrary_bytes_never_crash(tmp_path_factory, data):
         assert exc.reason
     else:
         assert arr.ndim == 3 and arr.shape[2] == 3
+
+
+def test_a_named_pipe_fails_at_once_instead_of_blocking(tmp_path):
+    # open() on a FIFO waits for a writer: one stray pipe among the pictures hung enroll
+    fifo = tmp_path / "2.pgm"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(fifo)
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)
