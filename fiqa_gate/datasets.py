@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import logging
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +37,6 @@ from fiqa_gate.faces import (
 )
 from fiqa_gate.images import IMAGE_SUFFIXES, identity_folders, iter_files, load_image
 from fiqa_gate.pipeline import enlarge_for_detection
-
-log = logging.getLogger("fiqa_gate")
 
 ORL_TRAIN = tuple(f"s{i}" for i in range(1, 25))
 ORL_VAL = tuple(f"s{i}" for i in range(25, 31))
@@ -126,26 +123,9 @@ def orl_items(identities: Iterable[str]) -> list[tuple[str, Path]]:
 
 def identity_folder(root: str | Path) -> list[tuple[str, Path]]:
     """(identity, image path) for every image in `root/<identity>/...`, sorted; each
-    picture under one identity (`images.identity_folders`) and once: two names of one
-    picture would be compared as a mated pair that matches whatever its quality."""
-    items, first, again = [], {}, []
-    for identity, files in identity_folders(root):
-        for p in sorted(map(Path, files)):
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                st = p.stat()
-            except OSError:  # fails later, with its reason
-                items.append((identity, p))
-                continue
-            if (st.st_dev, st.st_ino) in first:
-                again.append(f"{p} (= {first[st.st_dev, st.st_ino]})")
-                continue
-            first[st.st_dev, st.st_ino] = p
-            items.append((identity, p))
-    if again:
-        log.warning("%s: %d images skipped, each the same file as one listed before: %s",
-                    root, len(again), ", ".join(again[:3]) + (", ..." if len(again) > 3 else ""))
+    picture once, under one identity (`images.identity_folders`)."""
+    items = [(identity, p) for identity, files in identity_folders(root, once=True)
+             for p in sorted(map(Path, files)) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
         raise FiqaGateError(f"{root}: no images in ROOT/<identity>/ sub-folders")
     return items

@@ -145,7 +145,8 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
         yield from (e.filename for e in unlistable if e.filename)
 
 
-def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]]:
+def identity_folders(root: str | os.PathLike[str], once: bool = False
+                     ) -> list[tuple[str, list[str]]]:
     """(identity, every file below it) for each sub-folder of `root`, the layout of
     CASIA-WebFace, VGGFace2 and LFW: ROOT/<identity>/**/<file>.
 
@@ -155,8 +156,9 @@ def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]
     any depth below one, that leads into another identity's folder, into ROOT or above it;
     and a file another identity listed first (a link or a hard link to it). A real folder
     keeps its name over a link to it; a link to a folder outside ROOT is its identity's.
-    Every other file is listed, to be read or to fail with its reason: a dangling link, or
-    a second name of a picture inside one identity (`datasets.identity_folder` keeps one).
+    Every other file is listed, to be read or to fail with its reason: a dangling link,
+    and a second name of a picture inside one identity unless `once` (evaluation and
+    training compare faces, and one picture under two names would match itself).
     """
     top = os.fspath(root)
     if not os.path.isdir(top):
@@ -181,7 +183,7 @@ def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]
         kept.add(e.name)
     _warn_skipped(top, linked, "identity folders skipped: links into another identity's "
                   "folder, into ROOT or above it")
-    folders, strays, again, emptied = [], [], [], []
+    folders, strays, again, twice, emptied = [], [], [], [], []
     seen: dict[tuple[int, int], tuple[str, str]] = {}  # a file: its identity, its path
     for e in entries:
         if e.name not in kept:
@@ -204,8 +206,10 @@ def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]
             where = _elsewhere(os.path.realpath(f), e.name, owners, real_top)
             if where is not None:
                 strays.append(f"{f} ({where})")
-            elif seen.setdefault((st.st_dev, st.st_ino), (e.name, f))[0] != e.name:
-                again.append(f"{f} (= {seen[st.st_dev, st.st_ino][1]})")
+            elif (first := seen.setdefault((st.st_dev, st.st_ino), (e.name, f)))[0] != e.name:
+                again.append(f"{f} (= {first[1]})")
+            elif once and first[1] != f:
+                twice.append(f"{f} (= {first[1]})")
             else:
                 files.append(f)
         if found and not files:
@@ -214,6 +218,7 @@ def identity_folders(root: str | os.PathLike[str]) -> list[tuple[str, list[str]]
     _warn_skipped(top, strays, "files and folders skipped: reached through a link into "
                   "another identity's folder, into ROOT or above it")
     _warn_skipped(top, again, "files skipped: the same file as one of another identity")
+    _warn_skipped(top, twice, "images skipped, each the same file as one listed before")
     _warn_skipped(top, emptied, "identities left with no file of their own")
     if not folders:
         raise FiqaGateError(f"{top}: no identity sub-folders (expected "

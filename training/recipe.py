@@ -42,7 +42,8 @@ STAGES = ("data", "teacher", "pseudo_a", "enhanced", "pseudo_b", "student", "cal
 # Run only when named (`--stage ablation`): the shipped model depends on neither, and the
 # time they take (the 352 px student alone a quarter of the CPU recipe's) goes to the
 # shipped student instead.
-ON_REQUEST = ("ablation", "input_size")
+# Each with the config key that asks for it.
+ON_REQUEST = {"ablation": "ablation", "input_size": "input_size_ablation"}
 DEFAULT_STAGES = tuple(s for s in STAGES if s not in ON_REQUEST)
 # The stages whose outputs each stage reads (the rest of the chain is theirs to need).
 NEEDS = {"teacher": ("data",), "pseudo_a": ("teacher",), "enhanced": ("pseudo_a",),
@@ -51,9 +52,11 @@ NEEDS = {"teacher": ("data",), "pseudo_a": ("teacher",), "enhanced": ("pseudo_a"
          "report": ("export",)}
 
 
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
 class RecipeError(Exception):
     """A run that cannot go on as asked (not a bug): the message says what to do."""
-CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 def load_config(name_or_path: str) -> dict[str, Any]:
@@ -480,8 +483,7 @@ def run_recipe(cfg: dict[str, Any], out: Path,
         if stage in skipped:
             log.info("stage %s: skipped (the config's skip_stages)", stage)
             continue
-        if stage in ("ablation", "input_size") and not (
-                cfg.get("ablation") if stage == "ablation" else cfg.get("input_size_ablation")):
+        if stage in ON_REQUEST and not cfg.get(ON_REQUEST[stage]):
             log.info("stage %s: nothing to run (the config asks for none)", stage)
             continue
         if stage == "report" and remake_report:

@@ -163,22 +163,25 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     listed_rows = read_pairs(pairs, image_root)
     name = _one_name_per_file({p for a, b, _ in listed_rows for p in (a, b)})
     rows = [(name[a], name[b], m) for a, b, m in listed_rows]
-    selfs = sum(a == b for a, b, _ in rows)
-    unique = list({(min(a, b), max(a, b), m): (a, b, m) for a, b, m in rows
-                   if a != b}.values())
-    if selfs or len(unique) < len(rows) - selfs:
+    selfs = repeats = 0
+    labelled: dict[tuple[str, str], dict[bool, tuple[str, str, bool]]] = {}
+    for a, b, m in rows:
+        if a == b:
+            selfs += 1
+            continue
+        listings = labelled.setdefault((min(a, b), max(a, b)), {})
+        repeats += m in listings
+        listings[m] = (a, b, m)  # kept in the order its last listing gives
+    if selfs or repeats:
         log.warning("%s: %d pairs of an image with itself and %d repeated pairs left out",
-                    pairs, selfs, len(rows) - selfs - len(unique))
+                    pairs, selfs, repeats)
     # A pair listed as mated and as non-mated has no label to trust.
-    labels: dict[tuple[str, str], set[bool]] = {}
-    for a, b, m in unique:
-        labels.setdefault((min(a, b), max(a, b)), set()).add(m)
-    both = {k for k, v in labels.items() if len(v) == 2}
+    both = sorted(k for k, v in labelled.items() if len(v) == 2)
     if both:
         log.warning("%s: %d pairs listed both as mated and as non-mated left out (%s)", pairs,
-                    len(both), ", ".join(" & ".join(k) for k in sorted(both)[:2]) +
+                    len(both), ", ".join(" & ".join(k) for k in both[:2]) +
                     (", ..." if len(both) > 2 else ""))
-        unique = [r for r in unique if (min(r[0], r[1]), max(r[0], r[1])) not in both]
+    unique = [row for v in labelled.values() if len(v) == 1 for row in v.values()]
     if not unique:
         raise FiqaGateError(f"{pairs}: no pair of two different images left to compare")
     listed, rows = len(rows), unique
