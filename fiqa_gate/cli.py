@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import itertools
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from fiqa_gate import registry
-from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError
+from fiqa_gate.errors import FiqaGateError, ImageLoadError, ManifestError, NoFaceError
 from fiqa_gate.images import identity_folders, iter_files
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ def _relpath(path: str, roots: Sequence[str]) -> str:
     for root in roots:
         if os.path.isdir(root):
             rel = os.path.relpath(path, root)
-            if not rel.startswith(".."):
+            if rel != os.pardir and not rel.startswith(os.pardir + os.sep):  # not "..sub/"
                 return rel
     return os.path.basename(path)
 
@@ -189,6 +190,9 @@ class _Group(click.Group):
         except FiqaGateError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # what was written stays; --resume or a rerun goes on
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group)
@@ -389,7 +393,9 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                     output)
     counts = {"accepted": 0, "rejected": 0, "error": 0}
     not_copied = 0
-    with open_manifest(output, FILTER_COLUMNS, resume=resume) as manifest:
+    # a resumed run copies again what could not be copied (a full disk, since freed)
+    with open_manifest(output, FILTER_COLUMNS, resume=resume,
+                       redo=lambda row: "copy failed: " in (row.get("error") or "")) as manifest:
         if manifest.done:
             _same_threshold(output, threshold)
         todo = _not_done(files, manifest.done)
@@ -414,7 +420,13 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                     failures.count += 1
                     not_copied += 1
                     row["error"] = (row.get("error", "") + f"; copy failed: {exc}").lstrip("; ")
-            manifest.write_rows([row])
+            try:
+                manifest.write_rows([row])
+            except ManifestError as exc:
+                if "(moved" in row.get("copied_to", ""):  # its source is gone: say where
+                    raise ManifestError(f"{exc}; {path} was moved to {row['copied_to']} "
+                                        "before its row could be written") from None
+                raise
     click.echo(f"{len(files)} files: {counts['accepted']} accepted, {counts['rejected']} "
                f"rejected, {counts['error']} failed (threshold {threshold})"
                + (f"; {len(files) - len(todo)} done before, in the manifest"
@@ -476,7 +488,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     row.update(decision="error", error=f"not enrolled: {_error_text(exc)}")
         id_by_source = {it.source: fid for it, fid in zip(items, ids, strict=True)}
         for _, row in pending:
-            face_id = id_by_source.get(os.path.abspath(row["path"]))
+            face_id = id_by_source.get(_where(row["path"]))
             if face_id is not None:
                 row["face_id"] = face_id
                 registry.emit("face_enrolled", identity=row["identity"], face_id=str(face_id))
@@ -492,7 +504,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
             for path in files:
                 row = {"path": path, "identity": identity}
                 item = None
-                if os.path.abspath(path) in enrolled:
+                if _where(path) in enrolled:
                     row.update(decision="skip", reason="already enrolled")
                     n_skipped += 1
                     pending.append((None, row))
@@ -508,8 +520,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                             row["decision"] = "reject"
                             pending.append((None, row))
                             continue
-                    item = Enrollment(identity, rec.embed(face.crop[None])[0],
-                                      os.path.abspath(path),
+                    item = Enrollment(identity, rec.embed(face.crop[None])[0], _where(path),
                                       decision.score if the_gate is not None else None)
                     row["decision"] = "enroll"
                 except Exception as exc:
@@ -649,9 +660,15 @@ def main(argv: Iterable[str] | None = None) -> None:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
     args = list(sys.argv[1:] if argv is None else argv)
-    # Plugins register commands before parsing, so --no-plugins must act first.
-    if "--no-plugins" in args[: args.index("--") if "--" in args else len(args)]:
+    # Plugins register commands before parsing, so --no-plugins must act first. It is an
+    # option of the group, before the command: later, it is a file name (`-o --no-plugins`).
+    group_options = itertools.takewhile(lambda a: a.startswith("-") and a != "--", args)
+    if "--no-plugins" in group_options:
         os.environ["FIQA_GATE_NO_PLUGINS"] = "1"
         registry.reset()
-    _add_plugin_commands(cli)
-    cli.main(args=args, prog_name="fiqa-gate")
+    try:
+        _add_plugin_commands(cli)
+        cli.main(args=args, prog_name="fiqa-gate")
+    except KeyboardInterrupt:  # before a command runs (e.g. while plugins import)
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)

@@ -16,7 +16,10 @@ missed the face).
 from __future__ import annotations
 
 import csv
+import glob
 import importlib.util
+import io
+import os
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -124,8 +127,10 @@ def orl_items(identities: Iterable[str]) -> list[tuple[str, Path]]:
 def identity_folder(root: str | Path) -> list[tuple[str, Path]]:
     """(identity, image path) for every image in `root/<identity>/...`, sorted; each
     picture once, under one identity (`images.identity_folders`)."""
+    # every file, whatever its suffix, as enroll reads them: a non-image is reported
+    # (evaluate's skipped_images) instead of silently left out
     items = [(identity, p) for identity, files in identity_folders(root, once=True)
-             for p in sorted(map(Path, files)) if p.suffix.lower() in IMAGE_SUFFIXES]
+             for p in sorted(map(Path, files))]
     if not items:
         raise FiqaGateError(f"{root}: no images in ROOT/<identity>/ sub-folders")
     return items
@@ -153,34 +158,60 @@ def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None
                ) -> list[tuple[str, str, bool]]:
     """(path a, path b, mated) comparisons of a pairs list, in one of two layouts:
 
-    - CSV `path_a,path_b,mated` (mated 1/0, header optional); relative paths are taken
-      from `image_root` when given, else from the working folder;
+    - CSV `path_a,path_b,mated` (mated 1/0, header optional), read as Python's csv module
+      reads it, so a quoted path may hold commas, quotes and line breaks. A path is taken
+      as written; only when no file has that name are the spaces around it dropped
+      (`a.jpg, b.jpg, 1`). Relative paths are taken from `image_root` when given, else
+      from the working folder;
     - LFW's `pairs.txt` (and its `pairsDevTest.txt` kin): `name i j` for a mated pair,
       `name_a i name_b j` for a non-mated one, `image_root/name/name_000i.*` the image;
-      lines of numbers only (fold counts) are skipped. Needs `image_root`.
+      lines of one or two numbers (fold counts) are skipped, so names may be numbers
+      (CASIA-WebFace). Needs `image_root`.
     """
     pairs_path = Path(pairs_path)
     root = Path(image_root) if image_root else None
     try:
-        text = pairs_path.read_text(encoding="utf-8").splitlines()
+        with pairs_path.open(encoding="utf-8-sig", newline="") as fh:
+            text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise FiqaGateError(f"{pairs_path}: not a readable UTF-8 pairs list ({exc})") from exc
-    lines = [(n, line.strip()) for n, line in enumerate(text, start=1)
-             if line.strip() and not line.lstrip().startswith("#")]
-    if not lines:
+    if not text.strip():
         raise FiqaGateError(f"{pairs_path}: no pairs")
-    if "," in lines[0][1]:
-        rows = []
-        for n, line in lines:
-            cells = [c.strip() for c in next(csv.reader([line]))]
-            if n == lines[0][0] and cells[2:3] == ["mated"]:
-                continue
-            if len(cells) != 3 or cells[2] not in ("0", "1", "true", "false", "True", "False"):
-                raise FiqaGateError(f"{pairs_path}:{n}: expected path_a,path_b,mated (1/0)")
-            a, b = (str(root / c) if root and not Path(c).is_absolute() else c
-                    for c in cells[:2])
-            rows.append((a, b, cells[2] in ("1", "true", "True")))
-        return rows
+    # LFW's layout has no commas; a CSV's quoted first path may span lines, so the
+    # whole text decides, not its first line.
+    rows = _csv_pairs(pairs_path, text, root) if "," in text else \
+        _lfw_pairs(pairs_path, text, root)
+    if not rows:
+        raise FiqaGateError(f"{pairs_path}: no pairs")
+    return rows
+
+
+def _csv_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str, str, bool]]:
+    def place(cell: str) -> str:
+        exact = str(root / cell) if root and not Path(cell).is_absolute() else cell
+        if cell == cell.strip() or os.path.lexists(exact):
+            return exact
+        return place(cell.strip())
+
+    rows = []
+    reader = csv.reader(io.StringIO(text, newline=""))
+    first = True
+    for cells in reader:
+        if not "".join(cells).strip():
+            continue
+        if first and [c.strip() for c in cells[2:3]] == ["mated"]:
+            first = False
+            continue
+        first = False
+        mated = cells[2].strip() if len(cells) == 3 else ""
+        if mated not in ("0", "1", "true", "false", "True", "False"):
+            raise FiqaGateError(f"{pairs_path}:{reader.line_num}: expected "
+                                "path_a,path_b,mated (1/0)")
+        rows.append((place(cells[0]), place(cells[1]), mated in ("1", "true", "True")))
+    return rows
+
+
+def _lfw_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str, str, bool]]:
     if root is None:
         raise FiqaGateError(f"{pairs_path}: an LFW-style pairs list needs the image folder "
                             "(--data LFW_ROOT)")
@@ -190,17 +221,17 @@ def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None
         key = (name, int(number))
         if key not in found:
             stem = f"{name}_{int(number):04d}"
-            hits = [q for q in sorted((root / name).glob(stem + ".*"))
+            hits = [q for q in sorted((root / name).glob(glob.escape(stem) + ".*"))
                     if q.suffix.lower() in IMAGE_SUFFIXES]
             found[key] = str(hits[0] if hits else root / name / f"{stem}.jpg")
         return found[key]
 
     rows = []
-    for n, line in lines:
+    for n, line in enumerate(text.splitlines(), start=1):
         cells = line.split()
+        if len(cells) <= 2 and all(c.isdigit() for c in cells):
+            continue  # a blank line, or "10 300": folds and pairs per fold
         try:
-            if all(c.isdigit() for c in cells):
-                continue  # "10 300": folds and pairs per fold
             if len(cells) == 3:
                 rows.append((image(cells[0], cells[1]), image(cells[0], cells[2]), True))
             elif len(cells) == 4:
@@ -306,7 +337,9 @@ def source_key(source: str) -> str:
 
 
 def sample_seed(seed: int, source: str, variant: int) -> int:
-    return zlib.crc32(f"{seed}:{source_key(source)}:{variant}".encode()) & 0x7FFFFFFF
+    # surrogateescape: an undecodable file name (POSIX bytes) seeds like any other
+    key = f"{seed}:{source_key(source)}:{variant}".encode("utf-8", "surrogateescape")
+    return zlib.crc32(key) & 0x7FFFFFFF
 
 
 def build_samples(sources: Sequence[SourceFace], detector: Detector, variants: int,

@@ -131,8 +131,11 @@ class Gallery:
 
     # -- opening --------------------------------------------------------------------
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
         try:
+            if read_only:  # WAL needs to write beside the database even to read it
+                uri = f"{(path / 'meta.sqlite').resolve().as_uri()}?immutable=1"
+                return sqlite3.connect(uri, uri=True, isolation_level=None)
             db = sqlite3.connect(path / "meta.sqlite", timeout=60, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -183,7 +186,10 @@ class Gallery:
         if not (p / "meta.sqlite").is_file():
             raise GalleryError(f"{p}: no gallery here (enroll first: fiqa-gate enroll DIR "
                                f"--index {p})")
-        return cls(p, cls._connect(p))
+        # A gallery on read-only media (a container image, a read-only mount) is read as
+        # the snapshot it is: nothing can write to it meanwhile.
+        read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        return cls(p, cls._connect(p, read_only))
 
     def close(self) -> None:
         self._db.close()
@@ -417,7 +423,12 @@ def _check_factory(factory: str, dim: int) -> None:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Serialise writers across processes (flock is released if the process dies)."""
-    with open(path / "lock", "a+") as fh:
+    try:
+        fh = open(path / "lock", "a+")
+    except OSError as exc:  # read-only media, no permission: before any work
+        raise GalleryError(f"{path}: cannot write to this gallery: "
+                           f"{exc.strerror or exc}") from None
+    with fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield

@@ -12,12 +12,15 @@ Resuming never touches a file that is not a manifest with the expected columns.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import os
+import shutil
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from fiqa_gate.errors import ManifestError
@@ -25,11 +28,13 @@ from fiqa_gate.errors import ManifestError
 
 class Manifest:
     def __init__(self, fh: IO[str], columns: Sequence[str], done: set[str],
-                 owned: bool) -> None:
+                 owned: bool, name: str = "-") -> None:
         self.columns = list(columns)
         self.done = done
+        self.name = name
         self._fh = fh
         self._owned = owned
+        self._failed = False
 
     def write_rows(self, rows: Sequence[dict]) -> None:
         """Write all rows of one input at once, so a resumed run never sees half of them."""
@@ -41,15 +46,34 @@ class Manifest:
                                 quoting=csv.QUOTE_ALL if bare_cr else csv.QUOTE_MINIMAL)
         writer.writerows(rows)
         # One write per input: a kill leaves whole inputs plus at most one partial line.
-        self._fh.write(buf.getvalue())
-        self._fh.flush()
+        try:
+            self._fh.write(buf.getvalue())
+            self._fh.flush()
+        except OSError as exc:  # a full disk: the rows before stay, a resumed run goes on
+            if exc.errno == errno.EPIPE:  # `| head` closed stdout: click ends quietly
+                raise
+            self._failed = True
+            where = "to stdout" if self.name == "-" else self.name
+            raise ManifestError(f"cannot write the manifest {where}: "
+                                f"{exc.strerror or exc}; the rows before are kept"
+                                + ("" if self.name == "-" else " (--resume continues)")) \
+                from None
 
     def close(self) -> None:
-        if self._owned:
+        if not self._owned:
+            return
+        try:
             self._fh.flush()
             if stat.S_ISREG(os.fstat(self._fh.fileno()).st_mode):  # not /dev/null, a pipe
                 os.fsync(self._fh.fileno())
-            self._fh.close()
+        except OSError as exc:
+            if not self._failed:  # else write_rows has said so already
+                self._failed = True
+                raise ManifestError(f"cannot write the manifest {self.name}: "
+                                    f"{exc.strerror or exc}") from None
+        finally:
+            with contextlib.suppress(OSError):  # a buffer that could not be written
+                self._fh.close()
 
     def __enter__(self) -> Manifest:
         return self
@@ -80,7 +104,8 @@ def _field(record: bytes, index: int) -> str | None:
     return row[index] if index < len(row) else None
 
 
-def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool) -> set[str]:
+def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool,
+               redo: Callable[[dict[str, str]], bool] | None = None) -> set[str]:
     header = (",".join(columns) + "\n").encode()
     with open(path, "rb+") as fh:
         data = fh.read()
@@ -101,14 +126,40 @@ def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool) -> 
         if cut != len(data):
             fh.truncate(cut)
             data = data[:cut]
-    return {row[key] for row in csv.DictReader(io.StringIO(_text(data), newline=""))}
+    rows = list(csv.DictReader(io.StringIO(_text(data), newline="")))
+    if redo and any(redo(row) for row in rows):
+        # Those inputs are done again, so their rows go: every input keeps exactly one.
+        ends = _record_ends(data)
+        kept = [data[:ends[0]]] + [data[start:end] for start, end, row
+                                   in zip(ends[:-1], ends[1:], rows, strict=True)
+                                   if not redo(row)]
+        _replace(path, b"".join(kept))
+        rows = [row for row in rows if not redo(row)]
+    return {row[key] for row in rows}
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Rewrite a file whole or not at all (a temporary file renamed over it)."""
+    tmp = f"{path}.fiqa-part"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
-                  key: str = "path", multi_row: bool = False) -> Manifest:
+                  key: str = "path", multi_row: bool = False,
+                  redo: Callable[[dict[str, str]], bool] | None = None) -> Manifest:
     """Open `path` ("-" = stdout) for writing rows; with `resume`, continue an old run.
 
     `multi_row`: an input may have several rows (see the module docstring).
+    `redo`: rows of inputs a resumed run does again (their rows are removed first).
     """
     if path == "-":
         if resume:
@@ -119,7 +170,7 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     done: set[str] = set()
     try:
         if resume and os.path.exists(path):
-            done = _read_done(path, columns, key, multi_row)
+            done = _read_done(path, columns, key, multi_row, redo)
         if resume and os.path.exists(path) and os.path.getsize(path) > 0:
             fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
         else:
@@ -129,4 +180,4 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     except OSError as exc:  # a folder, a missing parent, no permission: before any work
         raise ManifestError(f"cannot write the manifest {path}: "
                             f"{exc.strerror or exc}") from None
-    return Manifest(fh, columns, done, owned=True)
+    return Manifest(fh, columns, done, owned=True, name=path)

@@ -286,6 +286,14 @@ def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
     assert "10 bootstrap resamples of the mated probes' source pictures" in md
 
 
+def _strict_json(path: Path) -> dict:
+    """A report as any JSON reader takes it: NaN and Infinity are not JSON."""
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     folder = tmp_path / "people"
     rows = []
@@ -304,13 +312,14 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     done = _cli("evaluate", "--pairs", str(pairs), "--scorer", "sharpness", "-o",
                 str(tmp_path / "p"))
     assert done.returncode == 0, done.stderr[-3000:]
-    rep = json.loads((tmp_path / "p" / "report.json").read_text())
+    rep = _strict_json(tmp_path / "p" / "report.json")
     assert rep["verification"]["n_mated"] == 3 * 6
     assert rep["verification"]["n_nonmated"] == len(rows) - 18
     assert rep["verification"]["warning"]  # 48 impostor pairs cannot resolve FMR 1e-3
     assert set(rep["erc"]) == {"sharpness"} and (tmp_path / "p" / "scores.png").stat().st_size
-    assert len(rep["verification"]["scorers"][0]["ci95_20"]) == 2  # bootstrapped (nan here:
-    # every mated pair matches, so FNMR is 0 and the normalised pAUC is undefined)
+    # bootstrapped, and null here, as strict JSON has it: every mated pair matches, so FNMR
+    # is 0 and the normalised pAUC is undefined
+    assert rep["verification"]["scorers"][0]["ci95_20"] == [None, None]
     # an image with itself, and a pair listed again the other way round, are left out,
     # however the list spells the file: another path to it, or a hard link of it
     with pairs.open("a", newline="") as fh:
@@ -331,7 +340,10 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert done.returncode == 0 and "2 pairs of an image with itself and 3 repeated" in \
         done.stderr
     assert "1 pairs listed both as mated and as non-mated left out" in done.stderr
-    again = json.loads((tmp_path / "p2" / "report.json").read_text())["verification"]
+    report = _strict_json(tmp_path / "p2" / "report.json")
+    assert report["pairs"]["left_out"] == {"same_image": 2, "repeated": 3,
+                                           "mated_and_non_mated": 1, "image_skipped": 0}
+    again = report["verification"]
     assert rows[3][2] == 0 and (again["n_mated"], again["n_nonmated"]) == (18, len(rows) - 19)
     collapsed = tmp_path / "collapsed.csv"
     collapsed.write_text(f"{paths[0]},{hard_link},1\n{rows[3][0]},{rows[3][1]},0\n"
@@ -354,8 +366,11 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     done = _cli("evaluate", "--pairs", str(tmp_path / "pairs.txt"), "--data", str(lfw),
                 "--scorer", "sharpness", "-o", str(tmp_path / "lfw_report"))
     assert done.returncode == 0, done.stderr[-3000:]
-    rep = json.loads((tmp_path / "lfw_report" / "report.json").read_text())
-    assert rep["pairs"] == {"listed": 6, "compared": 5}
+    rep = _strict_json(tmp_path / "lfw_report" / "report.json")
+    assert rep["pairs"] == {"listed": 6, "compared": 5, "left_out": {
+        "same_image": 0, "repeated": 0, "mated_and_non_mated": 0, "image_skipped": 1}}
+    assert "Pairs list: 6 listed, 5 compared; left out: 1 with an image left out (below)." \
+        in (tmp_path / "lfw_report" / "report.md").read_text()
     assert (rep["verification"]["n_mated"], rep["verification"]["n_nonmated"]) == (3, 2)
     assert list(rep["skipped_images"]) == [str(lfw / "Person_s31" / "Person_s31_0009.jpg")]
     md = (tmp_path / "lfw_report" / "report.md").read_text()
@@ -457,14 +472,16 @@ def test_evaluate_help_says_what_the_identity_folder_reader_accepts():
     assert "files directly in ROOT are ignored" in text
 
 
-def test_identity_folder_reads_images_at_any_depth_and_not_in_root(tmp_path):
+def test_identity_folder_reads_every_file_at_any_depth_and_not_in_root(tmp_path):
+    # every file, as enroll reads them: a JPEG without a suffix is a face, and a note is
+    # an unreadable image that evaluate reports, not one it silently leaves out
     from fiqa_gate.datasets import identity_folder
 
     (tmp_path / "ann" / "2020" / "trip").mkdir(parents=True)
     for p in ("ann/a.jpg", "ann/2020/trip/b.PNG", "loose.jpg", "ann/notes.txt"):
         (tmp_path / p).write_bytes(b"")
     assert [(i, p.relative_to(tmp_path).as_posix()) for i, p in identity_folder(tmp_path)] \
-        == [("ann", "ann/2020/trip/b.PNG"), ("ann", "ann/a.jpg")]
+        == [("ann", "ann/2020/trip/b.PNG"), ("ann", "ann/a.jpg"), ("ann", "ann/notes.txt")]
 
 
 def test_identity_folders_count_each_picture_once_under_one_identity(tmp_path, caplog):
@@ -597,3 +614,108 @@ def test_the_score_plot_of_the_random_scorer_alone_is_drawn(tmp_path):
     path = plot_scores({"random": rng.random(50)}, rng.random(50) > 0.5, tmp_path / "s.png",
                        "random only")
     assert path.stat().st_size > 0
+
+
+def test_pairs_lists_are_read_as_csv_and_lfw_readers_read_them(tmp_path):
+    # names a CSV writer quotes (a line break), spaces a name really has, a leading '#',
+    # numbers as LFW identity names (CASIA-WebFace) and glob characters in them
+    import csv as csv_module
+
+    from fiqa_gate.datasets import read_pairs, sample_seed
+
+    names = ["new\nline.jpg", "trail.jpg ", "#s1/a.jpg", "plain.jpg"]
+    for n in names:
+        (tmp_path / n).parent.mkdir(exist_ok=True)
+        (tmp_path / n).write_bytes(b"")
+    with open(tmp_path / "pairs.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv_module.writer(fh)
+        writer.writerow(["path_a", "path_b", "mated"])
+        writer.writerows([[names[0], names[1], 1], [names[2], names[3], 0]])
+        fh.write("plain.jpg , #s1/a.jpg, 1\r\n")  # hand-written: spaces around cells
+    assert read_pairs(tmp_path / "pairs.csv", tmp_path) == [
+        (str(tmp_path / names[0]), str(tmp_path / names[1]), True),
+        (str(tmp_path / names[2]), str(tmp_path / names[3]), False),
+        (str(tmp_path / "plain.jpg"), str(tmp_path / "#s1/a.jpg"), True)]
+
+    lfw = tmp_path / "lfw"
+    for name in ("0000045", "0000099", "Jo[s]e"):
+        (lfw / name).mkdir(parents=True)
+        for i in (1, 2):
+            (lfw / name / f"{name}_000{i}.png").write_bytes(b"")
+    (tmp_path / "pairs.txt").write_text("\ufeff1\t3\n0000045\t1\t2\nJo[s]e 1 2\n"
+                                        "0000045 1 0000099 2\n", encoding="utf-8")
+    assert [tuple(os.path.relpath(p, lfw) if isinstance(p, str) else p for p in row)
+            for row in read_pairs(tmp_path / "pairs.txt", lfw)] == [
+        ("0000045/0000045_0001.png", "0000045/0000045_0002.png", True),
+        ("Jo[s]e/Jo[s]e_0001.png", "Jo[s]e/Jo[s]e_0002.png", True),
+        ("0000045/0000045_0001.png", "0000099/0000099_0002.png", False)]
+    # an undecodable file name (POSIX bytes) draws its degradations like any other
+    assert sample_seed(7, "s1/\udcff1.png", 0) != sample_seed(7, "s1/\udcfe1.png", 0)
+
+
+FLAKY_PLUGIN = '''
+import numpy as np
+from fiqa_gate.components import Scorer
+from fiqa_gate.hookspecs import hookimpl
+
+
+class NoScoreForSome(Scorer):
+    name = "no-score-for-some"
+
+    def raw_scores(self, faces):
+        out = np.arange(len(faces), dtype=float)
+        out[::3] = np.nan  # a model that cannot rate every face
+        return out
+
+
+class Broken(Scorer):
+    name = "broken"
+
+    def raw_scores(self, faces):
+        raise RuntimeError("model server timed out")
+
+
+@hookimpl
+def register_scorers(register):
+    register("no-score-for-some", lambda ctx: NoScoreForSome(), "NaN for every third face")
+    register("broken", lambda ctx: Broken(), "always fails")
+'''
+
+
+def test_evaluate_survives_a_scorer_plugin_that_fails(tmp_path, orl_root):
+    # A user's scorer plugin that raises is left out, and one that cannot rate some faces
+    # has them counted as its lowest quality: neither takes the run down.
+    site = tmp_path / "site"
+    (site / "flaky-0.1.dist-info").mkdir(parents=True)
+    (site / "flaky_scorers.py").write_text(FLAKY_PLUGIN)
+    (site / "flaky-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: flaky\nVersion: 0.1\n")
+    (site / "flaky-0.1.dist-info" / "entry_points.txt").write_text(
+        "[fiqa_gate]\nflaky = flaky_scorers\n")
+    folder = tmp_path / "people"
+    for s in ("s31", "s32", "s33"):
+        (folder / s).mkdir(parents=True)
+        for i in (1, 2, 3):
+            shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
+    done = subprocess.run(
+        [sys.executable, "-m", "fiqa_gate", "evaluate", "--data", str(folder), "--variants",
+         "1", "--bootstrap", "0", "--scorer", "sharpness", "--scorer", "broken", "--scorer",
+         "no-score-for-some", "-o", str(tmp_path / "r")], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(site)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scorer broken failed (RuntimeError: model server timed out); left out" \
+        in done.stderr
+    assert "scorer no-score-for-some gave 6 of 18 faces no finite score; each counts as its " \
+        "lowest quality" in done.stderr
+    rep = _strict_json(tmp_path / "r" / "report.json")
+    assert [r["scorer"] for r in rep["verification"]["scorers"]].count("broken") == 0
+    assert {"sharpness", "no-score-for-some"} <= set(rep["erc"])
+
+
+def test_evaluate_and_bench_refuse_an_unwritable_output_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    done = _cli("evaluate", "-o", str(tmp_path / "a-file" / "report"))
+    assert done.returncode == 2 and "cannot write to" in done.stderr
+    assert "embedding" not in done.stderr and "Traceback" not in done.stderr
+    done = _cli("bench", "--repeats", "1", "-o", str(tmp_path / "a-file" / "bench.json"))
+    assert done.returncode == 2 and "cannot write to" in done.stderr and not done.stdout

@@ -136,3 +136,31 @@ def test_an_ivf_gallery_finds_what_a_flat_one_finds(tmp_path, orl_embeddings):
     again = Gallery.open(tmp_path / "IVF4_Flat")  # nprobe is not stored with the index
     assert [[x.face_id for x in h] for h in again.search(probes, "sface", k=10)] == \
         [[x.face_id for x in h] for h in flat]
+
+
+def test_a_gallery_on_read_only_media_is_searched_and_refuses_writes(tmp_path,
+                                                                      orl_embeddings):
+    # A gallery shipped in a container image or on a read-only mount: SQLite's WAL would
+    # need to write beside the database to read it, which read the gallery as corrupt.
+    import subprocess
+
+    media = tmp_path / "media"
+    media.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(media)],
+                      capture_output=True).returncode:
+        pytest.skip("needs a tmpfs mounted read-only (mount as root)")
+    try:
+        g = Gallery.create(media / "g", "sface", 128, 0.383)
+        _enroll_first_five(g, orl_embeddings)
+        g.close()
+        for f in (media / "g").glob("index.*.faiss"):  # a reader rebuilds it in memory
+            f.unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(media)], check=True)
+        g = Gallery.open(media / "g")
+        hits = g.search(orl_embeddings["s33"][5:6], "sface", k=1)
+        assert len(g) == 30 and hits[0][0].identity == "s33"
+        g.close()
+        with pytest.raises(GalleryError, match="cannot write to this gallery: Read-only"):
+            Gallery.create(media / "g", "sface", 128, 0.383)
+    finally:
+        subprocess.run(["umount", "--lazy", str(media)], check=False)  # even if busy

@@ -70,6 +70,15 @@ def test_policy_plugin_changes_enrollment(plugin_site, orl_split_dirs, tmp_path)
     assert listed["audit"]["commands"] == ["audit-summary"]
     assert "commands" not in listed["sface"]
     assert fiqa("--no-plugins", "audit-summary", env=env).returncode == 2
+    # After the command, "--no-plugins" is a value (here the manifest's file name), not
+    # the switch: the policy plugin must still run.
+    log.unlink()
+    one = str(next(enroll_dir.glob("*/1.pgm")))
+    res = subprocess.run([sys.executable, "-m", "fiqa_gate", "filter", one, *common, "-o",
+                          "--no-plugins"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "--no-plugins").is_file() and "scored" in log.read_text()
 
 
 def test_allow_list_excludes_plugin(plugin_site):

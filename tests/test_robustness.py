@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCORER = ["--scorer", "sharpness"]  # the gate under test is the pipeline, not a model
 
 
@@ -40,13 +42,14 @@ def test_existing_destination_is_never_overwritten(tmp_path, orl_root):
 def test_target_folders_inside_the_input_are_not_read_again(tmp_path, orl_root):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
-    for name in ("a.pgm", "sub/b.pgm"):
+    (src / "..sub").mkdir()  # a name, not the parent: its files keep their sub-folder
+    for name in ("a.pgm", "sub/b.pgm", "..sub/a.pgm"):
         (src / name).write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
     args = ["filter", str(src), "--accepted-dir", str(src / "ok"), "--rejected-dir",
             str(src / "bad"), "--threshold", "0", "--move", *SCORER]
     assert _run(*args, "-o", str(tmp_path / "m1.csv")).returncode == 0
     assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.pgm")) == [
-        "ok/a.pgm", "ok/sub/b.pgm"]
+        "ok/..sub/a.pgm", "ok/a.pgm", "ok/sub/b.pgm"]
     # a second run finds nothing new: its own copies are not inputs, nothing nests
     assert _run(*args, "-o", str(tmp_path / "m2.csv")).returncode == 0
     assert _rows(tmp_path / "m2.csv") == []
@@ -54,7 +57,7 @@ def test_target_folders_inside_the_input_are_not_read_again(tmp_path, orl_root):
     done = _run("filter", str(src / "ok"), "--accepted-dir", str(src), *SCORER)
     assert done.returncode == 2 and b"is inside a target folder" in done.stderr
     assert sorted(p.relative_to(src).as_posix() for p in src.rglob("*.pgm")) == [
-        "ok/a.pgm", "ok/sub/b.pgm"]
+        "ok/..sub/a.pgm", "ok/a.pgm", "ok/sub/b.pgm"]
 
 
 def test_a_move_interrupted_after_its_copy_finishes_on_the_rerun(tmp_path, orl_root):
@@ -214,3 +217,93 @@ def test_a_resume_with_the_folder_spelled_another_way_redoes_nothing(tmp_path, o
                           cwd=src, timeout=600)
     assert done.returncode == 0, done.stderr
     assert sorted(Path(r["path"]).name for r in _rows(manifest)) == ["1.pgm", "2.pgm"]
+
+
+def test_a_resumed_filter_copies_what_could_not_be_copied_before(tmp_path, orl_root):
+    # A copy that failed (here a file stands where a sub-folder must go; a full disk
+    # alike) is not done: --resume copies it once the way is clear, one row per input.
+    src, ok = tmp_path / "in", tmp_path / "ok"
+    for sub in ("a", "b"):
+        (src / sub).mkdir(parents=True)
+        for i in (1, 2):
+            (src / sub / f"{i}.pgm").write_bytes((orl_root / "s38" / f"{i}.pgm").read_bytes())
+    ok.mkdir()
+    (ok / "b").write_bytes(b"in the way")
+    args = ["filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
+            "--threshold", "0", "--move", *SCORER]
+    assert _run(*args).returncode == 1
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pgm")) == [
+        "in/b/1.pgm", "in/b/2.pgm", "ok/a/1.pgm", "ok/a/2.pgm"]
+    (ok / "b").unlink()
+    done = _run(*args, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pgm")) == [
+        "ok/a/1.pgm", "ok/a/2.pgm", "ok/b/1.pgm", "ok/b/2.pgm"]
+    rows = _rows(tmp_path / "m.csv")
+    assert sorted(Path(r["path"]).relative_to(src).as_posix() for r in rows) == [
+        "a/1.pgm", "a/2.pgm", "b/1.pgm", "b/2.pgm"]
+    assert all(r["copied_to"].endswith("(moved)") and not r["error"] for r in rows)
+
+
+def test_a_full_disk_under_the_manifest_is_a_clear_error_and_resume_finishes(tmp_path,
+                                                                           orl_root):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("needs a small tmpfs (mount as root) to fill")
+    try:
+        src, ok = tmp_path / "in", tmp_path / "ok"
+        for s in ("s31", "s32", "s33", "s34", "s35", "s36"):
+            (src / s).mkdir(parents=True)
+            for i in range(1, 8):
+                (src / s / f"{i}.pgm").write_bytes((orl_root / s / f"{i}.pgm").read_bytes())
+        args = ["filter", str(src), "-o", str(small / "m.csv"), "--accepted-dir", str(ok),
+                "--threshold", "0", "--move", *SCORER]
+        done = _run(*args)
+        # 42 rows of about 150 bytes do not fit in 4 KiB: the run stops, says why and which
+        # file was moved without its row, and nothing is lost
+        assert done.returncode == 2
+        err = done.stderr.decode()
+        assert "cannot write the manifest" in err and "No space left on device" in err
+        assert "before its row could be written" in err and "Traceback" not in err
+        placed = sorted(p.relative_to(p.parents[1]).as_posix()
+                        for p in tmp_path.rglob("*.pgm"))
+        assert len(placed) == 42
+        subprocess.run(["mount", "-o", "remount,size=64k", str(small)], check=True)
+        done = _run(*args, "--resume")
+        assert done.returncode == 0, done.stderr
+        assert not list(src.rglob("*.pgm")) and len(list(ok.rglob("*.pgm"))) == 42
+        rows = _rows(small / "m.csv")
+        # every input once, but the one the error named: moved before its row was written
+        assert len(rows) == len({r["path"] for r in rows}) == 41
+    finally:
+        subprocess.run(["umount", "--lazy", str(small)], check=False)  # even if busy
+
+
+def test_ctrl_c_exits_130_without_a_traceback_and_resume_finishes(tmp_path, orl_root):
+    import signal
+    import time
+
+    src = tmp_path / "in"
+    for s in ("s31", "s32", "s33", "s34"):
+        (src / s).mkdir(parents=True)
+        for i in range(1, 11):
+            (src / s / f"{i}.pgm").write_bytes((orl_root / s / f"{i}.pgm").read_bytes())
+    manifest = tmp_path / "m.csv"
+    args = [sys.executable, "-m", "fiqa_gate", "filter", str(src), "-o", str(manifest),
+            "--threshold", "0.5", *SCORER]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while (not manifest.exists() or manifest.read_text().count("\n") < 3) \
+            and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal")
+    assert proc.returncode == 130 and b"Interrupted." in err and b"Traceback" not in err
+    done = _run(*args[3:], "--resume")
+    assert done.returncode == 0, done.stderr
+    rows = _rows(manifest)
+    assert len(rows) == len({r["path"] for r in rows}) == 40

@@ -6,9 +6,10 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import numpy as np
@@ -16,6 +17,9 @@ import numpy as np
 from fiqa_gate import registry
 from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.timing import machine
+
+if TYPE_CHECKING:
+    from fiqa_gate.datasets import Samples
 
 log = logging.getLogger("fiqa_gate")
 
@@ -38,8 +42,7 @@ def _warn_skipped(skipped: dict[str, str]) -> None:
     if n:
         shown = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:3])
         more = f" (and {n - 3} more)" if n > 3 else ""
-        click.echo(f"warning: {n} image{'s' * (n != 1)} left out, listed in report.json: "
-                   f"{shown}{more}", err=True)
+        click.echo(f"warning: {n} image{'s' * (n != 1)} left out: {shown}{more}", err=True)
 
 
 def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
@@ -74,12 +77,15 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
         point = {n: r.pauc_norm[0.2] for n, r in results.items()}
         paired = {"first": first,
                   "against": [d.to_dict() for d in paired_differences(resampled, point, first)]}
-    # A face "matches" when it matches most of its references at the recognizer threshold.
+    # A face "matches" when it matches most of its references at the recognizer threshold;
+    # a face with no mated comparison (a pairs list's impostor-only face) is neither.
     tau = next(iter(results.values())).tau
-    matched = mated_mean(sim >= tau, mated, a, b, len(units))[0] >= 0.5
+    share, references = mated_mean(sim >= tau, mated, a, b, len(units))
+    has = references > 0
     out.mkdir(parents=True, exist_ok=True)
     rep.plot_edc(results, out / "edc.png", f"EDC, {title}")
-    rep.plot_scores(raw, matched, out / "scores.png", f"Raw scores, {title}")
+    rep.plot_scores({n: q[has] for n, q in raw.items()}, share[has] >= 0.5,
+                    out / "scores.png", f"Raw scores, {title}")
     return {"verification": {**rep.verification_summary(results, ci), "paired": paired,
                              "bootstrap": {"resamples": bootstrap, "unit": "source picture"},
                              "curves": {n: r.to_dict() for n, r in results.items()}},
@@ -100,7 +106,6 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         by_degradation,
         in_chunks,
         load_test_set,
-        qualities,
         similarities,
         verification_pairs,
     )
@@ -121,10 +126,14 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     emb, norms = in_chunks(recognizer.embed_with_norms, samples.crops, "embedding")
     a, b, mated = verification_pairs(samples.identity, samples.source, samples.clean)
     if not mated.any() or mated.all():
-        raise FiqaGateError("evaluation needs at least two identities with two images each")
+        pictures = len(set(samples.source))
+        raise FiqaGateError(
+            "evaluation needs at least two identities with two images each in which a face "
+            f"is found; a face was found in {pictures} image{'s' * (pictures != 1)} of "
+            f"{len(set(samples.identity))} identities"
+            + (f" ({len(skipped)} left out, above)" if skipped else ""))
     sim = similarities(emb, a, b)
-    raw, calibrated = qualities(samples, scorers, recognizer_name, options, progress=True,
-                                norms=norms)
+    raw, calibrated = _qualities(samples, scorers, recognizer_name, options, norms)
     ident = identification(samples, emb, recognizer_name, recognizer.threshold, raw,
                            calibrated, gate_threshold=gate_threshold, bootstrap=bootstrap)
     title = (f"{'ORL s31-s40' if data is None else data} ({recognizer_name}"
@@ -136,7 +145,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         "recognizer": recognizer_name, "faces": len(samples), "machine": machine(),
         "degradation": {"variants_per_image": variants, "seed": seed,
                         "protocol": degradations, "kinds": list(kinds)},
-        "command": command, "models": _models(scorers, options), "skipped_images": skipped,
+        "command": command, "models": _models(list(raw), options), "skipped_images": skipped,
         **judged,
         "identification": ident,
         "by_degradation": by_degradation(samples.records, sim, mated, a, b, raw),
@@ -154,7 +163,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
 
     from fiqa_gate.datasets import Samples, read_pairs
     from fiqa_gate.evaluation import report as rep
-    from fiqa_gate.evaluation.protocol import in_chunks, qualities, similarities
+    from fiqa_gate.evaluation.protocol import in_chunks, similarities
     from fiqa_gate.pipeline import faces_from_file, primary_face
 
     # One face per file, however the list spells its path (links, hard links included).
@@ -186,6 +195,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
         raise FiqaGateError(f"{pairs}: no pair of two different images left to compare")
     listed, rows = len(rows), unique
     paths = sorted({p for r in rows for p in r[:2]})
+    recognizer = registry.get_recognizer(recognizer_name)  # a wrong name fails before detection
     detector = registry.get_detector()
     faces, failed = {}, {}
     for p in tqdm(paths, desc="images", unit="image", leave=False):
@@ -207,15 +217,16 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     mated = np.asarray([r[2] for r in kept], dtype=bool)
     if not mated.any() or mated.all():
         raise FiqaGateError(f"{pairs}: need both mated and non-mated pairs with faces found")
-    emb, norms = in_chunks(registry.get_recognizer(recognizer_name).embed_with_norms,
-                           samples.crops, "embedding")
+    emb, norms = in_chunks(recognizer.embed_with_norms, samples.crops, "embedding")
     sim = similarities(emb, a, b)
-    raw, _ = qualities(samples, scorers, recognizer_name, options, progress=True,
-                       norms=norms)
+    raw, _ = _qualities(samples, scorers, recognizer_name, options, norms)
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
-              "machine": machine(), "command": command, "models": _models(scorers, options),
+              "machine": machine(), "command": command, "models": _models(list(raw), options),
               "skipped_images": failed,
-              "pairs": {"listed": listed, "compared": len(kept)},
+              "pairs": {"listed": listed, "compared": len(kept),
+                        "left_out": {"same_image": selfs, "repeated": repeats,
+                                     "mated_and_non_mated": len(both),
+                                     "image_skipped": len(rows) - len(kept)}},
               **_judge(sim, mated, a, b, raw, order, bootstrap, out,
                        f"{pairs} ({recognizer_name})")}
     rep.write(report, out)
@@ -235,6 +246,19 @@ def _one_name_per_file(paths: set[str]) -> dict[str, str]:
             continue
         name[p] = first.setdefault((st.st_dev, st.st_ino), real)
     return name
+
+
+def _qualities(samples: Samples, scorers: Sequence[str], recognizer_name: str,
+               options: dict[str, dict[str, Any]], norms: np.ndarray
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every scorer's qualities; a user's plugin that fails is left out, not the run."""
+    from fiqa_gate.evaluation.protocol import qualities
+
+    raw, calibrated = qualities(samples, scorers, recognizer_name, options, progress=True,
+                                norms=norms, tolerant=True)
+    if not raw:
+        raise FiqaGateError("no scorer left to compare: each one failed (see the warnings)")
+    return raw, calibrated
 
 
 def _models(scorers: Sequence[str], options: dict[str, dict[str, Any]]
@@ -295,7 +319,9 @@ def _evaluation_options(fn: _F) -> _F:
                    "path_a,path_b,mated (1/0; relative paths from --data, else from the "
                    "working folder), or LFW's pairs.txt with --data LFW_ROOT.")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("fiqa-gate-report"), show_default=True)
+              default=Path("fiqa-gate-report"), show_default=True,
+              help="Report folder; its report.md, report.json, edc.png and scores.png are "
+                   "replaced.")
 @_evaluation_options
 def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
              scorers: Sequence[str], model: str | None, teacher: str | None, variants: int,
@@ -315,9 +341,11 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
         if ignored:  # a pairs list is judged as it is, without identification
             raise click.UsageError(f"{', '.join(ignored)} apply to the identity protocol, "
                                    "not to --pairs")
+        _check_writable(out)
         report = _pairs_evaluation(pairs, recognizer, scorers, out, options, command, data,
                                    bootstrap)
     else:
+        _check_writable(out)
         report = run_evaluation(data, recognizer, scorers, out, variants, seed, bootstrap,
                                 gate_threshold, options, command, degradations)
     from fiqa_gate.evaluation.report import print_table
@@ -360,6 +388,7 @@ def demo(out: Path, recognizer: str) -> None:
     """The main job: the gate's gain on the bundled ORL test faces, in a few minutes."""
     from fiqa_gate.evaluation import report as rep
 
+    _check_writable(out)
     scorers = [s for s in DEFAULT_SCORERS if s in registry.registry().scorers or s == "random"]
     report = run_evaluation(None, recognizer, scorers, out, 3, 314159, 200, 0.5, {},
                             f"fiqa-gate demo --recognizer {recognizer}")
@@ -433,9 +462,22 @@ def _picks_line(main: str, other: str, picks: dict[str, Any] | None) -> str:
 def bench(repeats: int, output: Path | None, model: str | None) -> None:
     """Faces/s and latency of the gate, detection, embeddings, and the whole pipeline."""
     from fiqa_gate.evaluation.bench import run_bench
+    from fiqa_gate.evaluation.report import replace_file
 
+    if output:
+        _check_writable(output.parent)
     result = run_bench(repeats=repeats, model=model)
     text = json.dumps(result, indent=2)
-    if output:
-        output.write_text(text)
     click.echo(text)
+    if output:  # after the figures are on stdout, whatever happens to the file
+        replace_file(output, lambda tmp: tmp.write_text(text))
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before minutes of work, not after, when the results could not be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise FiqaGateError(f"cannot write to {folder}: {exc.strerror or exc}") from None

@@ -17,6 +17,7 @@ folder's comparisons of one kind past `MAX_PAIRS` are a seeded uniform sample of
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from fiqa_gate.datasets import (
     orl_items,
 )
 from fiqa_gate.evaluation.metrics import EDCResult, edc, pair_quality
+
+log = logging.getLogger(__name__)
 
 TEST_SEED = 314159
 TEST_VARIANTS = 3
@@ -281,14 +284,19 @@ def in_chunks(fn: Callable[[Any], Any], items: Sequence, desc: str | None = None
 
 def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
               options: Mapping[str, Mapping[str, object]] | None = None,
-              progress: bool = False, norms: np.ndarray | None = None
+              progress: bool = False, norms: np.ndarray | None = None,
+              tolerant: bool = False
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Raw output of each named scorer plugin on every sample (`random` is built in), and
     the calibrated score of those scorers that carry a calibration for `recognizer`.
 
     `norms`: the recognizer's raw embedding norms of these samples, where the caller has
     embedded them already; `embedding-norm` then takes them instead of embedding again
-    (a second pass of a slow recognizer: dlib needs 0.1 s a face here)."""
+    (a second pass of a slow recognizer: dlib needs 0.1 s a face here).
+
+    `tolerant` (a user's evaluation, where any plugin may run): a scorer that fails is
+    left out with a warning, and a face it gives no finite score counts as its lowest
+    quality (a gate would reject it first). Training's own scorers must not fail."""
     from fiqa_gate.registry import ScorerContext, get_scorer
 
     faces = as_faces(samples)
@@ -303,7 +311,24 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
         if name == "embedding-norm" and norms is not None:
             raw[name] = norms
         else:
-            raw[name] = in_chunks(scorer.raw_scores, faces, name if progress else None)
+            try:
+                raw[name] = np.asarray(in_chunks(scorer.raw_scores, faces,
+                                                 name if progress else None), dtype=float)
+            except Exception as exc:
+                if not tolerant:
+                    raise
+                log.warning("scorer %s failed (%s: %s); left out", name, type(exc).__name__,
+                            exc)
+                continue
+        bad = ~np.isfinite(raw[name])
+        if tolerant and bad.any():
+            if bad.all():
+                log.warning("scorer %s gave no finite score; left out", name)
+                del raw[name]
+                continue
+            log.warning("scorer %s gave %d of %d faces no finite score; each counts as its "
+                        "lowest quality", name, int(bad.sum()), len(bad))
+            raw[name] = np.where(bad, raw[name][~bad].min() - 1.0, raw[name])
         if getattr(scorer, "calibration", None) is not None:
             calibrated[name] = scorer.calibration(np.nan_to_num(raw[name], nan=-1e9))
     return raw, calibrated

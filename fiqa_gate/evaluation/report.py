@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.metrics import EDCResult
 
 
@@ -79,7 +81,7 @@ def plot_edc(results: dict[str, EDCResult], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.legend(title="scorer (normalised pAUC 20 %)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    replace_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 
@@ -124,7 +126,7 @@ def plot_scores(qualities: dict[str, np.ndarray], matched: np.ndarray, path: Pat
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    replace_file(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 
@@ -234,7 +236,12 @@ def markdown(report: dict[str, Any]) -> str:
              f"Machine: {report['machine']}.", ""]
     listed = report.get("pairs")
     if listed:
-        lines += [f"Pairs list: {listed['listed']} listed, {listed['compared']} compared.", ""]
+        why = {"same_image": "of an image with itself", "repeated": "listed again",
+               "mated_and_non_mated": "listed both as mated and as non-mated",
+               "image_skipped": "with an image left out (below)"}
+        out = [f"{n} {why[k]}" for k, n in listed.get("left_out", {}).items() if n]
+        lines += [f"Pairs list: {listed['listed']} listed, {listed['compared']} compared"
+                  + (f"; left out: {', '.join(out)}" if out else "") + ".", ""]
     if report.get("skipped_images"):
         n = len(report["skipped_images"])
         lines += [f"{n} image{'s' * (n != 1)} left out (unreadable, no face, or "
@@ -281,16 +288,36 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (out / "report.md").write_text(markdown(report))
+    text = json.dumps(_strict(report), indent=2, allow_nan=False)  # JSON has no NaN
+    replace_file(out / "report.json", lambda tmp: tmp.write_text(text))
+    replace_file(out / "report.md", lambda tmp: tmp.write_text(markdown(report)))
 
 
-def _json_default(o: Any) -> Any:
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
+    """Write `path` whole or not at all: a full disk or a kill leaves the previous file,
+    not a torn one beside newer ones."""
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a folder gone read-only
+        raise FiqaGateError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _strict(o: Any) -> Any:
+    """The report as strict JSON values: NumPy to Python, NaN and infinities (a figure
+    that could not be computed, e.g. every interval with --bootstrap 0) to null."""
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, np.ndarray)):
+        return [_strict(v) for v in o]
     if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def print_table(report: dict[str, Any]) -> None:
