@@ -19,6 +19,8 @@ import csv
 import glob
 import importlib.util
 import io
+import logging
+import math
 import os
 import zlib
 from collections.abc import Iterable, Sequence
@@ -40,6 +42,8 @@ from fiqa_gate.faces import (
 )
 from fiqa_gate.images import IMAGE_SUFFIXES, identity_folders, iter_files, load_image
 from fiqa_gate.pipeline import enlarge_for_detection
+
+log = logging.getLogger(__name__)
 
 ORL_TRAIN = tuple(f"s{i}" for i in range(1, 25))
 ORL_VAL = tuple(f"s{i}" for i in range(25, 31))
@@ -213,8 +217,9 @@ def _csv_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str
 
 def _lfw_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str, str, bool]]:
     if root is None:
-        raise FiqaGateError(f"{pairs_path}: an LFW-style pairs list needs the image folder "
-                            "(--data LFW_ROOT)")
+        raise FiqaGateError(f"{pairs_path}: no comma in it, so it is read as LFW's pairs.txt "
+                            "(name i j), which needs the image folder (--data LFW_ROOT); a "
+                            "CSV must be path_a,path_b,mated, comma-separated")
     found: dict[tuple[str, int], str] = {}
 
     def image(name: str, number: str) -> str:
@@ -227,10 +232,13 @@ def _lfw_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str
         return found[key]
 
     rows = []
+    promised = None
     for n, line in enumerate(text.splitlines(), start=1):
         cells = line.split()
         if len(cells) <= 2 and all(c.isdigit() for c in cells):
-            continue  # a blank line, or "10 300": folds and pairs per fold
+            if cells and promised is None:  # "10 300": folds of 300 mated + 300 non-mated
+                promised = 2 * math.prod(int(c) for c in cells)
+            continue  # a blank line, or the counts
         try:
             if len(cells) == 3:
                 rows.append((image(cells[0], cells[1]), image(cells[0], cells[2]), True))
@@ -241,6 +249,9 @@ def _lfw_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str
         except ValueError:
             raise FiqaGateError(f"{pairs_path}:{n}: expected 'name i j' or 'name_a i name_b j' "
                                 "(LFW pairs.txt) or path_a,path_b,mated") from None
+    if promised is not None and promised != len(rows):  # a cut or edited copy
+        log.warning("%s: its first line promises %d pairs; it lists %d", pairs_path, promised,
+                    len(rows))
     return rows
 
 

@@ -134,6 +134,12 @@ class Gallery:
     def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
         try:
             if read_only:  # WAL needs to write beside the database even to read it
+                wal = path / "meta.sqlite-wal"
+                if wal.exists() and wal.stat().st_size:  # immutable would not read it
+                    raise GalleryError(
+                        f"{path}: this gallery is on read-only media with changes not yet "
+                        f"merged into its database ({wal.name}); open it once where it "
+                        "can be written (e.g. fiqa-gate search there), then copy it again")
                 uri = f"{(path / 'meta.sqlite').resolve().as_uri()}?immutable=1"
                 return sqlite3.connect(uri, uri=True, isolation_level=None)
             db = sqlite3.connect(path / "meta.sqlite", timeout=60, isolation_level=None)

@@ -320,6 +320,9 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     # bootstrapped, and null here, as strict JSON has it: every mated pair matches, so FNMR
     # is 0 and the normalised pAUC is undefined
     assert rep["verification"]["scorers"][0]["ci95_20"] == [None, None]
+    assert rep["verification"]["bootstrap"]["undefined"] == 200  # and said so
+    assert "200 left out, in which every mated pair matches" in \
+        (tmp_path / "p" / "report.md").read_text()
     # an image with itself, and a pair listed again the other way round, are left out,
     # however the list spells the file: another path to it, or a hard link of it
     with pairs.open("a", newline="") as fh:
@@ -616,7 +619,7 @@ def test_the_score_plot_of_the_random_scorer_alone_is_drawn(tmp_path):
     assert path.stat().st_size > 0
 
 
-def test_pairs_lists_are_read_as_csv_and_lfw_readers_read_them(tmp_path):
+def test_pairs_lists_are_read_as_csv_and_lfw_readers_read_them(tmp_path, caplog):
     # names a CSV writer quotes (a line break), spaces a name really has, a leading '#',
     # numbers as LFW identity names (CASIA-WebFace) and glob characters in them
     import csv as csv_module
@@ -649,6 +652,8 @@ def test_pairs_lists_are_read_as_csv_and_lfw_readers_read_them(tmp_path):
         ("0000045/0000045_0001.png", "0000045/0000045_0002.png", True),
         ("Jo[s]e/Jo[s]e_0001.png", "Jo[s]e/Jo[s]e_0002.png", True),
         ("0000045/0000045_0001.png", "0000099/0000099_0002.png", False)]
+    # one fold of 3 mated and 3 non-mated pairs promised, 3 listed: a cut copy, said so
+    assert "its first line promises 6 pairs; it lists 3" in caplog.text
     # an undecodable file name (POSIX bytes) draws its degradations like any other
     assert sample_seed(7, "s1/\udcff1.png", 0) != sample_seed(7, "s1/\udcfe1.png", 0)
 

@@ -142,6 +142,7 @@ def test_a_gallery_on_read_only_media_is_searched_and_refuses_writes(tmp_path,
                                                                       orl_embeddings):
     # A gallery shipped in a container image or on a read-only mount: SQLite's WAL would
     # need to write beside the database to read it, which read the gallery as corrupt.
+    import shutil
     import subprocess
 
     media = tmp_path / "media"
@@ -152,6 +153,8 @@ def test_a_gallery_on_read_only_media_is_searched_and_refuses_writes(tmp_path,
     try:
         g = Gallery.create(media / "g", "sface", 128, 0.383)
         _enroll_first_five(g, orl_embeddings)
+        # copied while open: its WAL holds committed faces that a snapshot would not see
+        shutil.copytree(media / "g", media / "copied-while-open")
         g.close()
         for f in (media / "g").glob("index.*.faiss"):  # a reader rebuilds it in memory
             f.unlink()
@@ -162,5 +165,8 @@ def test_a_gallery_on_read_only_media_is_searched_and_refuses_writes(tmp_path,
         g.close()
         with pytest.raises(GalleryError, match="cannot write to this gallery: Read-only"):
             Gallery.create(media / "g", "sface", 128, 0.383)
+        assert (media / "copied-while-open" / "meta.sqlite-wal").stat().st_size
+        with pytest.raises(GalleryError, match="changes not yet merged into its database"):
+            Gallery.open(media / "copied-while-open")
     finally:
         subprocess.run(["umount", "--lazy", str(media)], check=False)  # even if busy

@@ -66,12 +66,15 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
     results = edc_by_scorer(sim, mated, a, b, raw)
     ci: dict[str, tuple[float, float]] = {}
     paired: dict[str, Any] = {}
+    undefined = 0
     if bootstrap:
         unit = np.asarray(units)  # labels as they are: the bootstrap numbers them itself
         resampled = bootstrap_pauc_norms(
             sim, mated, {n: pair_quality(q[a], q[b]) for n, q in raw.items()}, n_boot=bootstrap,
             units=(unit[a], unit[b]))
         ci = {n: percentile_interval(v) for n, v in resampled.items()}
+        # a resample whose mated pairs all match has no pAUC to normalise (same for all)
+        undefined = int((~np.isfinite(next(iter(resampled.values())))).sum())
         # the first scorer named (the student by default) against each of the others
         first = next(iter(raw))
         point = {n: r.pauc_norm[0.2] for n, r in results.items()}
@@ -87,7 +90,8 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
     rep.plot_scores({n: q[has] for n, q in raw.items()}, share[has] >= 0.5,
                     out / "scores.png", f"Raw scores, {title}")
     return {"verification": {**rep.verification_summary(results, ci), "paired": paired,
-                             "bootstrap": {"resamples": bootstrap, "unit": "source picture"},
+                             "bootstrap": {"resamples": bootstrap, "unit": "source picture",
+                                           "undefined": undefined},
                              "curves": {n: r.to_dict() for n, r in results.items()}},
             "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area for n, q in raw.items()}}
 

@@ -141,9 +141,12 @@ def _sampled(v: dict[str, Any]) -> str:
 def _bootstrap_lines(boot: dict[str, Any] | None) -> list[str]:
     if not boot or not boot["resamples"]:
         return []
+    undefined = boot.get("undefined", 0)
     return [f"95 % CI: {boot['resamples']} bootstrap resamples of the {boot['unit']}s, each "
             "drawn with every comparison of its faces (comparisons sharing a face are not "
-            "independent), the threshold recomputed on each.", ""]
+            "independent), the threshold recomputed on each"
+            + (f"; {undefined} left out, in which every mated pair matches with nothing "
+               "discarded (no normalised pAUC)" if undefined else "") + ".", ""]
 
 
 def gain_interval(entry: dict[str, Any]) -> str:
