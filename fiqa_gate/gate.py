@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -42,8 +44,17 @@ class Gate:
 
     def __init__(self, scorer: Scorer, threshold: float = 0.5, stage: str = "filter",
                  use_plugins: bool = True) -> None:
+        if not callable(getattr(scorer, "score", None)):
+            raise TypeError(f"Gate needs a scorer (registry.get_scorer('student')), not "
+                            f"{type(scorer).__name__}")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+            raise TypeError(f"threshold must be a number in [0, 1], got {threshold!r}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if getattr(scorer, "calibration", None) is None:  # the CLI refuses to gate on it
+            log.warning("scorer %s has no calibration: the threshold applies to its raw "
+                        "output clipped to [0, 1], not to a probability of a match",
+                        getattr(scorer, "name", type(scorer).__name__))
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.scorer = scorer
@@ -86,22 +97,35 @@ class Gate:
     def decide_one(self, face: Face) -> Decision:
         return self.decide([face])[0]
 
-    def wrap(self, embed: Callable[[np.ndarray], np.ndarray]
-             ) -> Callable[[Sequence[Face]], list[np.ndarray | None]]:
+    def wrap(self, embed: Callable[[np.ndarray], np.ndarray]) -> GatedEmbedding:
         """Wrap any embedding function (aligned crops in, embeddings out) so that only
         accepted faces reach it. The wrapped function returns None for rejected faces;
-        the last decisions stay readable as `.last_decisions`."""
+        the decisions of this thread's last call stay readable as `.last_decisions`."""
+        return GatedEmbedding(self, embed)
 
-        def gated(faces: Sequence[Face]) -> list[np.ndarray | None]:
-            decisions = self.decide(faces)
-            gated.last_decisions = decisions  # type: ignore[attr-defined]
-            keep = [i for i, d in enumerate(decisions) if d.accepted]
-            out: list[np.ndarray | None] = [None] * len(faces)
-            if keep:
-                embs = embed(stack_crops([faces[i] for i in keep]))
-                for i, e in zip(keep, embs, strict=True):
-                    out[i] = e
-            return out
 
-        gated.last_decisions = []  # type: ignore[attr-defined]
-        return gated
+class GatedEmbedding:
+    """An embedding function behind a gate (`Gate.wrap`)."""
+
+    def __init__(self, gate: Gate, embed: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.gate = gate
+        self.embed = embed
+        self._local = threading.local()  # one pipeline's decisions, not another thread's
+
+    @property
+    def last_decisions(self) -> list[Decision]:
+        return getattr(self._local, "decisions", [])
+
+    def __call__(self, faces: Sequence[Face]) -> list[np.ndarray | None]:
+        decisions = self.gate.decide(faces)
+        self._local.decisions = decisions
+        keep = [i for i, d in enumerate(decisions) if d.accepted]
+        out: list[np.ndarray | None] = [None] * len(faces)
+        if keep:
+            embs = list(self.embed(stack_crops([faces[i] for i in keep])))
+            if len(embs) != len(keep):
+                raise ValueError(f"the embedding function returned {len(embs)} embeddings "
+                                 f"for {len(keep)} faces")
+            for i, e in zip(keep, embs, strict=True):
+                out[i] = e
+        return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,8 +33,13 @@ def enlarge_for_detection(image: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def faces_in_image(image: np.ndarray, detector: Detector, source: str = "") -> list[Face]:
-    """Every face the detector finds, aligned, largest first; detections in the
-    coordinates of `image`."""
+    """Every face the detector finds in an image in memory (RGB, uint8, height x width x
+    3, as `images.load_image` gives), aligned, largest first; detections in the
+    coordinates of `image`. A BGR array (OpenCV's order) would be scored wrongly."""
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+            and image.shape[2] == 3):
+        raise TypeError("faces_in_image takes an RGB uint8 array of shape (height, width, "
+                        f"3); got {_describe(image)} (images.load_image reads a file so)")
     work, f = enlarge_for_detection(image)
     faces = []
     for i, d in enumerate(detector.detect(work)):
@@ -48,7 +54,11 @@ def faces_from_file(path: str, detector: Detector | None) -> list[Face]:
     """Faces of one file; `detector=None` means the file is an aligned crop already.
 
     Raises ImageLoadError for unreadable files and NoFaceError when nothing is found.
+    An image already in memory goes to `faces_in_image`.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"faces_from_file takes a file path; got {_describe(path)} (an "
+                        "image in memory: faces_in_image(rgb_uint8_array, detector))")
     image = load_image(path)
     if detector is None:
         return [Face(crop=as_aligned_crop(image), source=path, index=0)]
@@ -61,3 +71,9 @@ def faces_from_file(path: str, detector: Detector | None) -> list[Face]:
 def primary_face(faces: Sequence[Face]) -> Face:
     """The subject of a portrait: the largest face (detectors here sort largest first)."""
     return faces[0]
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype}, shape {value.shape}"
+    return type(value).__name__

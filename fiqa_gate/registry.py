@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -131,20 +132,23 @@ def _lookup(kind: str, table: dict[str, Entry], name: str) -> Entry:
 
 
 _instances: dict[tuple[str, str], Any] = {}
+_instances_lock = threading.RLock()  # threads asking at once get one model, loaded once
+
+
+def _instance(kind: str, table: dict[str, Any], name: str) -> Any:
+    key = (kind, name)
+    with _instances_lock:
+        if key not in _instances:
+            _instances[key] = _lookup(kind, table, name).factory()
+        return _instances[key]
 
 
 def get_detector(name: str = DEFAULT_DETECTOR) -> Any:
-    key = ("detector", name)
-    if key not in _instances:
-        _instances[key] = _lookup("detector", registry().detectors, name).factory()
-    return _instances[key]
+    return _instance("detector", registry().detectors, name)
 
 
 def get_recognizer(name: str = DEFAULT_RECOGNIZER) -> Any:
-    key = ("recognizer", name)
-    if key not in _instances:
-        _instances[key] = _lookup("recognizer", registry().recognizers, name).factory()
-    return _instances[key]
+    return _instance("recognizer", registry().recognizers, name)
 
 
 @dataclass

@@ -53,6 +53,18 @@ def test_wrap_never_embeds_rejected_faces(group_faces):
     assert [e is not None for e in out] == accepted
     i = accepted.index(True)
     np.testing.assert_allclose(out[i], rec.embed(group_faces[i].crop[None])[0], atol=1e-6)
+    # one wrapped function serving several threads: each reads its own call's decisions
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(n: int) -> int:
+        got = []
+        for _ in range(20):
+            gated(group_faces[:n])
+            got.append(len(gated.last_decisions))
+        return max(got) if set(got) == {n} else -1
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(call, [1, 3, 5, 6])) == [1, 3, 5, 6]
 
 
 class _Policy:
@@ -125,7 +137,7 @@ class _YuNetAsInsightface:
     def __init__(self):
         self.yunet = registry.get_detector("yunet")
 
-    def detect(self, img_bgr, max_num=0):
+    def detect(self, img_bgr, max_num=0, metric="default"):
         dets = self.yunet.detect(np.ascontiguousarray(img_bgr[:, :, ::-1]))
         bboxes = np.array([[d.box[0], d.box[1], d.box[0] + d.box[2], d.box[1] + d.box[3],
                             d.score] for d in dets], np.float32)
@@ -154,6 +166,39 @@ def test_faceanalysis_adapter(sample_photo):
     for f in faces:
         assert (f.embedding is not None) == f.gate_decision.accepted
     assert sum(f.embedding is not None for f in faces) == 4
+    # What FaceAnalysis.get itself does (insightface's own code is the reference) happens
+    # here too, but recognition: every other task model runs on every face, and the
+    # liveness addon's "not live" keeps a face from being embedded even when the gate
+    # accepts it. insightface's genderage and liveness weights are downloads, so two small
+    # task objects with their interface stand in for them.
+    from insightface.app import FaceAnalysis
+
+    class Tagger:  # a task model: .get(img, face) adds a field
+        def get(self, img, face):
+            face.tagged = float(face.det_score)
+
+    class Liveness:  # the addon's contract: sets face.liveness.is_live
+        def get(self, img, face):
+            from insightface.app.common import Face as InsightFace
+
+            # the most confident face, which the gate accepts, is the spoof
+            face.liveness = InsightFace(is_live=abs(float(face.det_score) - scores[-1]) > 1e-4)
+
+    full = FaceAnalysis.__new__(FaceAnalysis)
+    full.det_model = App.det_model
+    full.models = {"detection": App.det_model, "tag": Tagger(), "recognition": recognition}
+    full.addons, full.liveness_mode = {"liveness": Liveness()}, "normal"
+    img = np.ascontiguousarray(rgb[:, :, ::-1])
+    plain = FaceAnalysis.get(full, img)
+    gated = GatedFaceAnalysis(full, gate).get(img, det_metric="max", source="group.jpg")
+    assert [f.tagged for f in gated] == [f.tagged for f in plain]
+    for p, g in zip(plain, gated, strict=True):
+        assert g.liveness.is_live == p.liveness.is_live
+        embedded = g.gate_decision.accepted and g.liveness.is_live
+        assert (g.get("embedding") is not None) == embedded
+        if embedded:
+            assert np.allclose(g.embedding, p.embedding)
+    assert sum(not g.liveness.is_live and g.gate_decision.accepted for g in gated) == 1
     # the adapter's embedding equals the one from our own pipeline for the same face
     ours = faces_in_image(rgb, App.det_model.yunet)
     rec = registry.get_recognizer("sface")
