@@ -43,7 +43,7 @@ class Calibration:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def isotonic_fit(raw: np.ndarray, target: np.ndarray, max_knots: int = 64) -> tuple[list, list]:
+def isotonic_fit(raw: np.ndarray, target: np.ndarray, max_knots: int = 256) -> tuple[list, list]:
     """Non-decreasing least-squares fit of `target` on `raw` (PAV), as interpolation knots."""
     raw, target = np.asarray(raw, dtype=np.float64), np.asarray(target, dtype=np.float64)
     ok = np.isfinite(raw)  # a face with no score has nothing to calibrate
@@ -70,10 +70,15 @@ def isotonic_fit(raw: np.ndarray, target: np.ndarray, max_knots: int = 64) -> tu
             wts[-2:] = [w]
             lo[-2:] = [lo[-2]]
             hi[-2:] = [hi[-1]]
-    # Knots at block centres; interpolation between blocks keeps the map strictly usable
-    # as a ranking (ties only inside a block).
-    kx = [(a + b) / 2 for a, b in zip(lo, hi, strict=True)]
-    ky = list(vals)
+    # Knots at both ends of each block, so every raw score the fit saw maps to its fitted
+    # value; linear between blocks. (Knots at block centres had a face inside a wide block
+    # interpolated towards the block below: sharpness, whose top block spans 3 to 8777,
+    # mapped most faces to 0.48 instead of its fitted 0.65.)
+    kx, ky = [], []
+    for a, b, v in zip(lo, hi, vals, strict=True):
+        for x in dict.fromkeys((a, b)):  # one knot for a block of one raw value
+            kx.append(x)
+            ky.append(v)
     if len(kx) == 1:
         kx, ky = [kx[0] - 1e-6, kx[0] + 1e-6], [ky[0], ky[0]]
     if len(kx) > max_knots:

@@ -7,7 +7,6 @@ stderr. Exit codes: 0 success, 1 some inputs failed, 2 usage error.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import itertools
 import json
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from fiqa_gate import registry
-from fiqa_gate.errors import FiqaGateError, ImageLoadError, ManifestError, NoFaceError
+from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError
 from fiqa_gate.images import identity_folders, iter_files
 
 if TYPE_CHECKING:
@@ -251,9 +250,11 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
 
 
 # -- filter -------------------------------------------------------------------------------
-def _place_copy(src: str, dest: Path, move: bool) -> str:
-    """Copy src to dest via a temporary file and an atomic, non-overwriting link; with
-    `move`, remove src after, only if it is still the file that was copied."""
+def _place_copy(src: str, dest: Path, move: bool) -> tuple[str, os.stat_result | None]:
+    """Copy src to dest via a temporary file and an atomic, non-overwriting link. With
+    `move`, also the stat of src as copied (`_check_unchanged` passed): the caller removes
+    src after the manifest row saying so is written, so a failed write never leaves a
+    moved file without its row."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_parts(dest.parent)
     # a short prefix with our pid: the file's own name may already be at the 255-byte limit
@@ -270,15 +271,15 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
             os.link(tmp, dest)  # fails if dest exists: never overwrite silently
         except FileExistsError:
             if os.path.realpath(src) == os.path.realpath(dest):  # a link back to the source
-                return "already there (it is the source itself)"
+                return "already there (it is the source itself)", None
             if os.path.islink(dest):  # a link to some other file is not our copy
                 raise FileExistsError(f"{dest} is a link to another file; not overwritten") \
                     from None
             if _same_content(tmp, dest):  # a rerun after an interruption (or a hard link)
                 if move:
-                    _unlink_if_unchanged(src, copied)
-                    return "moved (was already present)"
-                return "already present"
+                    _check_unchanged(src, copied)
+                    return "moved (was already present)", copied
+                return "already present", None
             raise FileExistsError(f"{dest} exists with other content; not overwritten") \
                 from None
     finally:
@@ -289,18 +290,40 @@ def _place_copy(src: str, dest: Path, move: bool) -> str:
     finally:
         os.close(dir_fd)
     if move:
-        _unlink_if_unchanged(src, copied)
-    return "moved" if move else "copied"
+        _check_unchanged(src, copied)
+        return "moved", copied
+    return "copied", None
 
 
-def _unlink_if_unchanged(src: str, copied: os.stat_result) -> None:
-    """Remove src unless another file took its name, or it changed, while it was copied."""
+def _check_unchanged(src: str, copied: os.stat_result) -> None:
+    """Refuse to remove src if another file took its name, or it changed, while it was
+    copied, or its folder cannot lose it (read-only media)."""
     now = os.stat(src)
     if ((now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns)
             != (copied.st_dev, copied.st_ino, copied.st_size, copied.st_mtime_ns)):
         raise FileExistsError(f"{src} changed while it was copied; the copy is made, the "
                               "source kept")
-    os.unlink(src)
+    folder = os.path.dirname(os.path.abspath(src))
+    if os.statvfs(folder).f_flag & os.ST_RDONLY or not os.access(folder, os.W_OK):
+        raise PermissionError(f"{src} cannot be removed (its folder is read-only); the "
+                              "copy is made, the source kept")
+
+
+def _finish_moves(rows: Sequence[dict[str, str]]) -> int:
+    """Remove the sources a killed or failed run had moved and recorded, but not removed
+    yet: each only while its recorded copy holds the same content."""
+    finished = 0
+    for row in rows:
+        dest, _, how = (row.get("copied_to") or "").rpartition(" (")
+        if not how.startswith("moved") or not os.path.isfile(row["path"]):
+            continue
+        if os.path.isfile(dest) and _same_content(row["path"], dest):
+            os.unlink(row["path"])
+            finished += 1
+        else:
+            log.warning("%s: recorded as moved to %s, which is missing or differs; kept",
+                        row["path"], dest)
+    return finished
 
 
 _cleaned: set[Path] = set()
@@ -332,10 +355,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _same_threshold(manifest_path: str, threshold: float) -> None:
+def _same_threshold(manifest_path: str, rows: Sequence[dict[str, str]], threshold: float
+                    ) -> None:
     """A resumed manifest keeps one threshold, or its decisions would not add up."""
-    with open(manifest_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        earlier = {float(r["threshold"]) for r in csv.DictReader(fh) if r.get("threshold")}
+    earlier = {float(r["threshold"]) for r in rows if r.get("threshold")}
     if earlier - {threshold}:
         raise click.UsageError(
             f"{manifest_path} was written with --threshold "
@@ -395,9 +418,10 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
     not_copied = 0
     # a resumed run copies again what could not be copied (a full disk, since freed)
     with open_manifest(output, FILTER_COLUMNS, resume=resume,
+                       check=lambda rows: _same_threshold(output, rows, threshold),
                        redo=lambda row: "copy failed: " in (row.get("error") or "")) as manifest:
-        if manifest.done:
-            _same_threshold(output, threshold)
+        if move and _finish_moves(manifest.done_rows):
+            log.info("finished the moves an earlier run had recorded")
         todo = _not_done(files, manifest.done)
         for path in _progress(todo, "filter"):
             row: dict = {"path": path, "threshold": threshold}
@@ -412,21 +436,26 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                 row.update(decision="error", error=_error_text(exc))
             counts[{"accept": "accepted", "reject": "rejected"}.get(row["decision"], "error")] += 1
             target = accepted_dir if row["decision"] == "accept" else rejected_dir
+            copied = None
             if target and os.path.isfile(path):
                 try:
                     dest = Path(target) / _relpath(path, paths)
-                    row["copied_to"] = f"{dest} ({_place_copy(path, dest, move)})"
+                    how, copied = _place_copy(path, dest, move)
+                    row["copied_to"] = f"{dest} ({how})"
                 except OSError as exc:
                     failures.count += 1
                     not_copied += 1
                     row["error"] = (row.get("error", "") + f"; copy failed: {exc}").lstrip("; ")
-            try:
-                manifest.write_rows([row])
-            except ManifestError as exc:
-                if "(moved" in row.get("copied_to", ""):  # its source is gone: say where
-                    raise ManifestError(f"{exc}; {path} was moved to {row['copied_to']} "
-                                        "before its row could be written") from None
-                raise
+            manifest.write_rows([row])
+            if copied is not None:  # recorded first: a rerun finishes a move cut short here
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # checked before; a rerun with --resume retries it
+                    failures.count += 1
+                    log.warning("%s: copied to %s, but not removed: %s", path,
+                                row["copied_to"], exc.strerror or exc)
     click.echo(f"{len(files)} files: {counts['accepted']} accepted, {counts['rejected']} "
                f"rejected, {counts['error']} failed (threshold {threshold})"
                + (f"; {len(files) - len(todo)} done before, in the manifest"

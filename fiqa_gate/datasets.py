@@ -166,7 +166,8 @@ def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None
       reads it, so a quoted path may hold commas, quotes and line breaks. A path is taken
       as written; only when no file has that name are the spaces around it dropped
       (`a.jpg, b.jpg, 1`). Relative paths are taken from `image_root` when given, else
-      from the working folder;
+      from the working folder. A line starting with '#' is a comment, unless a file (an
+      identity folder, in LFW's layout) has that name;
     - LFW's `pairs.txt` (and its `pairsDevTest.txt` kin): `name i j` for a mated pair,
       `name_a i name_b j` for a non-mated one, `image_root/name/name_000i.*` the image;
       lines of one or two numbers (fold counts) are skipped, so names may be numbers
@@ -181,13 +182,19 @@ def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None
         raise FiqaGateError(f"{pairs_path}: not a readable UTF-8 pairs list ({exc})") from exc
     if not text.strip():
         raise FiqaGateError(f"{pairs_path}: no pairs")
-    # LFW's layout has no commas; a CSV's quoted first path may span lines, so the
-    # whole text decides, not its first line.
-    rows = _csv_pairs(pairs_path, text, root) if "," in text else \
+    # LFW's layout has no commas; a CSV's quoted first path may span lines, so the whole
+    # text decides, not its first line (comment lines aside)
+    listed = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    rows = _csv_pairs(pairs_path, text, root) if any("," in line for line in listed) else \
         _lfw_pairs(pairs_path, text, root)
     if not rows:
         raise FiqaGateError(f"{pairs_path}: no pairs")
     return rows
+
+
+def _comment(cell: str, path: str | Path) -> bool:
+    """A line that starts with '#' is a comment, unless a file or folder has that name."""
+    return cell.lstrip().startswith("#") and not os.path.lexists(path)
 
 
 def _csv_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str, str, bool]]:
@@ -201,7 +208,7 @@ def _csv_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str
     reader = csv.reader(io.StringIO(text, newline=""))
     first = True
     for cells in reader:
-        if not "".join(cells).strip():
+        if not "".join(cells).strip() or _comment(cells[0], place(cells[0])):
             continue
         if first and [c.strip() for c in cells[2:3]] == ["mated"]:
             first = False
@@ -235,6 +242,8 @@ def _lfw_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str
     promised = None
     for n, line in enumerate(text.splitlines(), start=1):
         cells = line.split()
+        if cells and _comment(cells[0], root / cells[0]):
+            continue
         if len(cells) <= 2 and all(c.isdigit() for c in cells):
             if cells and promised is None:  # "10 300": folds of 300 mated + 300 non-mated
                 promised = 2 * math.prod(int(c) for c in cells)

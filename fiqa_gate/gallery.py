@@ -20,12 +20,14 @@ stored as their raw bytes and given back unchanged.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import functools
 import hashlib
 import logging
 import os
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -134,14 +136,7 @@ class Gallery:
     def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
         try:
             if read_only:  # WAL needs to write beside the database even to read it
-                wal = path / "meta.sqlite-wal"
-                if wal.exists() and wal.stat().st_size:  # immutable would not read it
-                    raise GalleryError(
-                        f"{path}: this gallery is on read-only media with changes not yet "
-                        f"merged into its database ({wal.name}); open it once where it "
-                        "can be written (e.g. fiqa-gate search there), then copy it again")
-                uri = f"{(path / 'meta.sqlite').resolve().as_uri()}?immutable=1"
-                return sqlite3.connect(uri, uri=True, isolation_level=None)
+                return _snapshot(path)
             db = sqlite3.connect(path / "meta.sqlite", timeout=60, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -192,9 +187,9 @@ class Gallery:
         if not (p / "meta.sqlite").is_file():
             raise GalleryError(f"{p}: no gallery here (enroll first: fiqa-gate enroll DIR "
                                f"--index {p})")
-        # A gallery on read-only media (a container image, a read-only mount) is read as
-        # the snapshot it is: nothing can write to it meanwhile.
-        read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        # A gallery on read-only media (a container image, a read-only mount) or in a
+        # folder this user cannot write is read as the snapshot it is.
+        read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY) or not os.access(p, os.W_OK)
         return cls(p, cls._connect(p, read_only))
 
     def close(self) -> None:
@@ -424,6 +419,25 @@ def _check_factory(factory: str, dim: int) -> None:
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise GalleryError(f"invalid FAISS index factory {factory!r}: {exc}") from None
+
+
+def _snapshot(path: Path) -> sqlite3.Connection:
+    """A connection to a gallery that cannot be written. Its database is read as it is
+    (SQLite's immutable mode), unless its write-ahead log still holds committed faces (a
+    gallery copied while open, or whose writer was killed), which that mode would not
+    see: then the database and its log are copied to a private temporary folder, removed
+    at exit, where SQLite can read them together."""
+    wal = path / "meta.sqlite-wal"
+    if not (wal.exists() and wal.stat().st_size):
+        uri = f"{(path / 'meta.sqlite').resolve().as_uri()}?immutable=1"
+        return sqlite3.connect(uri, uri=True, isolation_level=None)
+    scratch = Path(tempfile.mkdtemp(prefix="fiqa-gallery-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    for name in ("meta.sqlite", "meta.sqlite-wal"):
+        shutil.copy2(path / name, scratch / name)
+    log.info("%s: read through a copy in %s (read-only, with a write-ahead log)", path,
+             scratch)
+    return sqlite3.connect(scratch / "meta.sqlite", isolation_level=None)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,9 @@ from fiqa_gate.faces import Face
 log = logging.getLogger("fiqa_gate")
 
 STAGES = ("filter", "enroll", "probe")
+# Manifests print scores with this many decimals: a face whose score prints as the
+# threshold passes it (the calibration's plateaus give many faces one score).
+SCORE_DIGITS = 6
 
 
 @dataclass
@@ -65,7 +68,7 @@ class Gate:
     def _decide_one(self, face: Face, score: float, raw: float) -> Decision:
         if not math.isfinite(score):
             accepted, reason = False, f"no {self.scorer.name} score for this face"
-        elif score >= self.threshold:
+        elif round(score, SCORE_DIGITS) >= self.threshold:  # as the manifest prints it
             accepted, reason = True, f"score {score:.3f} >= threshold {self.threshold:.3f}"
         else:
             accepted, reason = False, (f"low quality: score {score:.3f} < threshold "

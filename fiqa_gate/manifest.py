@@ -16,8 +16,9 @@ import contextlib
 import csv
 import errno
 import io
+import itertools
+import logging
 import os
-import shutil
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -25,12 +26,16 @@ from typing import IO
 
 from fiqa_gate.errors import ManifestError
 
+log = logging.getLogger(__name__)
+
 
 class Manifest:
     def __init__(self, fh: IO[str], columns: Sequence[str], done: set[str],
-                 owned: bool, name: str = "-") -> None:
+                 owned: bool, name: str = "-", done_rows: list[dict[str, str]] | None = None
+                 ) -> None:
         self.columns = list(columns)
         self.done = done
+        self.done_rows = done_rows or []  # the rows a resumed run found
         self.name = name
         self._fh = fh
         self._owned = owned
@@ -46,17 +51,19 @@ class Manifest:
                                 quoting=csv.QUOTE_ALL if bare_cr else csv.QUOTE_MINIMAL)
         writer.writerows(rows)
         # One write per input: a kill leaves whole inputs plus at most one partial line.
+        self.write_text(buf.getvalue())
+
+    def write_text(self, text: str) -> None:
         try:
-            self._fh.write(buf.getvalue())
+            self._fh.write(text)
             self._fh.flush()
-        except OSError as exc:  # a full disk: the rows before stay, a resumed run goes on
+        except OSError as exc:  # a full disk: the rows before stay
             if exc.errno == errno.EPIPE:  # `| head` closed stdout: click ends quietly
                 raise
             self._failed = True
             where = "to stdout" if self.name == "-" else self.name
             raise ManifestError(f"cannot write the manifest {where}: "
-                                f"{exc.strerror or exc}; the rows before are kept"
-                                + ("" if self.name == "-" else " (--resume continues)")) \
+                                f"{exc.strerror or exc}; the rows before it are kept") \
                 from None
 
     def close(self) -> None:
@@ -104,8 +111,21 @@ def _field(record: bytes, index: int) -> str | None:
     return row[index] if index < len(row) else None
 
 
+def _records(data: bytes, columns: Sequence[str]) -> list[tuple[int, int, dict[str, str]]]:
+    """(start, end, row) of each record after the header; blank lines have no row."""
+    ends = _record_ends(data)
+    out = []
+    for start, end in itertools.pairwise(ends):
+        cells = next(csv.reader(io.StringIO(_text(data[start:end]), newline="")), [])
+        if cells:
+            out.append((start, end, dict(zip(columns, cells, strict=False))))  # torn: short
+    return out
+
+
 def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool,
-               redo: Callable[[dict[str, str]], bool] | None = None) -> set[str]:
+               check: Callable[[list[dict[str, str]]], None] | None = None,
+               redo: Callable[[dict[str, str]], bool] | None = None
+               ) -> list[dict[str, str]]:
     header = (",".join(columns) + "\n").encode()
     with open(path, "rb+") as fh:
         data = fh.read()
@@ -126,27 +146,40 @@ def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool,
         if cut != len(data):
             fh.truncate(cut)
             data = data[:cut]
-    rows = list(csv.DictReader(io.StringIO(_text(data), newline="")))
-    if redo and any(redo(row) for row in rows):
+    records = _records(data, columns)
+    if check:  # a refused resume changes nothing more
+        check([row for _, _, row in records])
+    again = [r for r in records if redo and redo(r[2])]
+    if again:
         # Those inputs are done again, so their rows go: every input keeps exactly one.
-        ends = _record_ends(data)
-        kept = [data[:ends[0]]] + [data[start:end] for start, end, row
-                                   in zip(ends[:-1], ends[1:], rows, strict=True)
-                                   if not redo(row)]
-        _replace(path, b"".join(kept))
-        rows = [row for row in rows if not redo(row)]
-    return {row[key] for row in rows}
+        kept = data[:ends[0]] + b"".join(data[a:b] for a, b, row in records
+                                         if not redo(row))
+        try:
+            _replace(path, kept)
+        except OSError as exc:
+            raise ManifestError(f"cannot rewrite {path} to do its {len(again)} failed "
+                                f"inputs again: {exc.strerror or exc}") from None
+        records = [r for r in records if r not in again]
+    return [row for _, _, row in records]
 
 
 def _replace(path: str, data: bytes) -> None:
-    """Rewrite a file whole or not at all (a temporary file renamed over it)."""
+    """Rewrite a file whole or not at all: a temporary file renamed over it, beside the
+    file itself (through a link), with its owner and mode."""
+    path = os.path.realpath(path)
+    st = os.stat(path)
+    if st.st_nlink > 1:
+        log.warning("%s has %d names; the others keep the rows this run redoes", path,
+                    st.st_nlink)
     tmp = f"{path}.fiqa-part"
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        shutil.copymode(path, tmp)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        with contextlib.suppress(PermissionError):  # only root may give a file away
+            os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -155,22 +188,24 @@ def _replace(path: str, data: bytes) -> None:
 
 def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
                   key: str = "path", multi_row: bool = False,
+                  check: Callable[[list[dict[str, str]]], None] | None = None,
                   redo: Callable[[dict[str, str]], bool] | None = None) -> Manifest:
     """Open `path` ("-" = stdout) for writing rows; with `resume`, continue an old run.
 
     `multi_row`: an input may have several rows (see the module docstring).
+    `check`: called with the rows done before; it may refuse the resume (raise).
     `redo`: rows of inputs a resumed run does again (their rows are removed first).
     """
     if path == "-":
         if resume:
             raise ManifestError("--resume continues a manifest file: give it with -o FILE")
-        out = sys.stdout
-        out.write(",".join(columns) + "\n")
-        return Manifest(out, columns, set(), owned=False)
-    done: set[str] = set()
+        manifest = Manifest(sys.stdout, columns, set(), owned=False)
+        manifest.write_text(",".join(columns) + "\n")
+        return manifest
+    done: list[dict[str, str]] = []
     try:
         if resume and os.path.exists(path):
-            done = _read_done(path, columns, key, multi_row, redo)
+            done = _read_done(path, columns, key, multi_row, check, redo)
         if resume and os.path.exists(path) and os.path.getsize(path) > 0:
             fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
         else:
@@ -180,4 +215,5 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     except OSError as exc:  # a folder, a missing parent, no permission: before any work
         raise ManifestError(f"cannot write the manifest {path}: "
                             f"{exc.strerror or exc}") from None
-    return Manifest(fh, columns, done, owned=True, name=path)
+    return Manifest(fh, columns, {row[key] for row in done}, owned=True, name=path,
+                    done_rows=done)

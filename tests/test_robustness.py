@@ -166,7 +166,7 @@ def test_a_source_replaced_while_it_was_copied_is_kept(tmp_path):
 
     import pytest
 
-    from fiqa_gate.cli import _unlink_if_unchanged
+    from fiqa_gate.cli import _check_unchanged
 
     src = tmp_path / "a.pgm"
     src.write_bytes(b"old version")
@@ -174,10 +174,9 @@ def test_a_source_replaced_while_it_was_copied_is_kept(tmp_path):
     (tmp_path / "new").write_bytes(b"NEW VERSION")
     os.replace(tmp_path / "new", src)  # another program saves over the name mid-copy
     with pytest.raises(FileExistsError, match="changed while it was copied"):
-        _unlink_if_unchanged(str(src), copied)
+        _check_unchanged(str(src), copied)
     assert src.read_bytes() == b"NEW VERSION"
-    _unlink_if_unchanged(str(src), os.stat(src))  # unchanged: removed
-    assert not src.exists()
+    _check_unchanged(str(src), os.stat(src))  # unchanged: may be removed
 
 
 def test_stdout_redirected_into_the_input_is_not_an_input(tmp_path, orl_root):
@@ -235,6 +234,11 @@ def test_a_resumed_filter_copies_what_could_not_be_copied_before(tmp_path, orl_r
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pgm")) == [
         "in/b/1.pgm", "in/b/2.pgm", "ok/a/1.pgm", "ok/a/2.pgm"]
     (ok / "b").unlink()
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(manifest.read_bytes().replace(b"\n", b"\n\n", 2))  # blank lines
+    before = manifest.read_bytes()
+    refused = _run(*[a if a != "0" else "0.3" for a in args], "--resume")
+    assert refused.returncode == 2 and manifest.read_bytes() == before  # changes nothing
     done = _run(*args, "--resume")
     assert done.returncode == 0, done.stderr
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.pgm")) == [
@@ -261,22 +265,23 @@ def test_a_full_disk_under_the_manifest_is_a_clear_error_and_resume_finishes(tmp
         args = ["filter", str(src), "-o", str(small / "m.csv"), "--accepted-dir", str(ok),
                 "--threshold", "0", "--move", *SCORER]
         done = _run(*args)
-        # 42 rows of about 150 bytes do not fit in 4 KiB: the run stops, says why and which
-        # file was moved without its row, and nothing is lost
+        # 42 rows of about 150 bytes do not fit in 4 KiB: the run stops and says why; the
+        # file whose row could not be written stays where it was (and is copied)
         assert done.returncode == 2
         err = done.stderr.decode()
         assert "cannot write the manifest" in err and "No space left on device" in err
-        assert "before its row could be written" in err and "Traceback" not in err
-        placed = sorted(p.relative_to(p.parents[1]).as_posix()
-                        for p in tmp_path.rglob("*.pgm"))
-        assert len(placed) == 42
+        assert "Traceback" not in err
+        # every input is in its place or its copy's, and the one whose row could not be
+        # written is in both
+        placed = [p.relative_to(p.parents[1]).as_posix() for p in tmp_path.rglob("*.pgm")]
+        assert len(set(placed)) == 42 and len(placed) == 43
         subprocess.run(["mount", "-o", "remount,size=64k", str(small)], check=True)
         done = _run(*args, "--resume")
         assert done.returncode == 0, done.stderr
         assert not list(src.rglob("*.pgm")) and len(list(ok.rglob("*.pgm"))) == 42
         rows = _rows(small / "m.csv")
-        # every input once, but the one the error named: moved before its row was written
-        assert len(rows) == len({r["path"] for r in rows}) == 41
+        assert len(rows) == len({r["path"] for r in rows}) == 42  # every input once
+        assert all("(moved" in r["copied_to"] for r in rows)
     finally:
         subprocess.run(["umount", "--lazy", str(small)], check=False)  # even if busy
 
@@ -307,3 +312,25 @@ def test_ctrl_c_exits_130_without_a_traceback_and_resume_finishes(tmp_path, orl_
     assert done.returncode == 0, done.stderr
     rows = _rows(manifest)
     assert len(rows) == len({r["path"] for r in rows}) == 40
+
+
+def test_a_move_recorded_but_cut_short_is_finished_by_the_resumed_run(tmp_path, orl_root):
+    # killed after the row saying "moved" was written, before the source was removed:
+    # the resumed run removes it, as its copy is complete; a source whose recorded copy
+    # is gone or differs is kept
+    src, ok = tmp_path / "in", tmp_path / "ok"
+    src.mkdir()
+    ok.mkdir()
+    face = (orl_root / "s38" / "1.pgm").read_bytes()
+    for name in ("a.pgm", "b.pgm"):
+        (src / name).write_bytes(face)
+    (ok / "a.pgm").write_bytes(face)  # a's copy is complete; b's is missing
+    header = "path,score,raw_score,decision,threshold,faces,reason,error,copied_to\n"
+    rows = [f"{src / n},0.9,0.9,accept,0.0,1,ok,,{ok / n} (moved)\n" for n in ("a.pgm", "b.pgm")]
+    (tmp_path / "m.csv").write_text(header + "".join(rows))
+    done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
+                "--threshold", "0", "--move", "--resume", *SCORER)
+    assert done.returncode == 0, done.stderr
+    assert not (src / "a.pgm").exists() and (ok / "a.pgm").read_bytes() == face
+    assert (src / "b.pgm").read_bytes() == face and b"missing or differs; kept" in done.stderr
+    assert len(_rows(tmp_path / "m.csv")) == 2

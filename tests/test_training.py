@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -675,3 +676,21 @@ def test_config_check_reports_every_problem_at_once(tmp_path):
     assert len(lines) == 5 and all(line.startswith("smoke_bad.json: ") for line in lines)
     for key in ("student.epocs", "studnet", "data.variants", "teacher.lr", "skip_stages[0]"):
         assert any(f": {key}: " in line for line in lines), key
+
+
+def test_an_identity_folder_too_small_to_split_is_refused_before_any_work(tmp_path, orl_root):
+    # three people give validation (a fifth, by name) too few identities for impostor
+    # pairs: said at once, not as a ValueError from the EDC after detection
+    folder = tmp_path / "people"
+    for s in ("s1", "s2", "s3"):
+        (folder / s).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
+    cfg, _ = _broken_smoke(tmp_path, {"data.labelled": f"identity:{folder}"})
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps(cfg))
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "train", "run", str(config),
+                           "--out", str(tmp_path / "run"), "--stage", "data"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "has 3 identities, of which" in done.stderr and "Traceback" not in done.stderr

@@ -126,9 +126,16 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         train_items = orl_items(d.get("train_identities", ORL_TRAIN))
         val_items = orl_items(d.get("val_identities", ORL_VAL))
     elif labelled.startswith("identity:"):
-        items = identity_folder(labelled.split(":", 1)[1])
+        folder = labelled.split(":", 1)[1]
+        items = identity_folder(folder)
         names = sorted({i for i, _ in items})
-        val_names = {n for n in names if zlib.crc32(n.encode()) % 5 == 0}
+        val_names = {n for n in names
+                     if zlib.crc32(n.encode("utf-8", "surrogateescape")) % 5 == 0}
+        if len(val_names) < 2 or len(names) - len(val_names) < 2:  # no impostor pairs
+            raise FiqaGateError(
+                f"data.labelled: {folder} has {len(names)} identities, of which "
+                f"{len(val_names)} fall to validation (a fifth, by a hash of the name); "
+                "training and validation each need two at least: add identities")
         train_items = [x for x in items if x[0] not in val_names]
         val_items = [x for x in items if x[0] in val_names]
     else:

@@ -42,7 +42,7 @@ def _warn_skipped(skipped: dict[str, str]) -> None:
     if n:
         shown = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:3])
         more = f" (and {n - 3} more)" if n > 3 else ""
-        click.echo(f"warning: {n} image{'s' * (n != 1)} left out: {shown}{more}", err=True)
+        click.echo(f"warning: {n} file{'s' * (n != 1)} left out: {shown}{more}", err=True)
 
 
 def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
@@ -210,7 +210,10 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     _warn_skipped(failed)
     kept = [r for r in rows if r[0] in faces and r[1] in faces]
     if not kept:
-        raise FiqaGateError(f"{pairs}: no pair with a face found in both images")
+        missing = sum("file not found" in why for why in failed.values())
+        hint = (f"; {missing} of its files were not found: relative paths are taken from "
+                "--data when given, else from the working folder" if missing else "")
+        raise FiqaGateError(f"{pairs}: no pair with a face found in both images{hint}")
     order = sorted(faces)
     pos = {p: i for i, p in enumerate(order)}
     samples = Samples(np.stack([faces[p].crop for p in order]), [None] * len(order), order,
@@ -229,7 +232,7 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
               "skipped_images": failed,
               "pairs": {"listed": listed, "compared": len(kept),
                         "left_out": {"same_image": selfs, "repeated": repeats,
-                                     "mated_and_non_mated": len(both),
+                                     "mated_and_non_mated": 2 * len(both),  # listings
                                      "image_skipped": len(rows) - len(kept)}},
               **_judge(sim, mated, a, b, raw, order, bootstrap, out,
                        f"{pairs} ({recognizer_name})")}

@@ -307,19 +307,22 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
             raw[name] = random_quality(len(samples))
             continue
         ctx = ScorerContext(recognizer_name=recognizer, options=dict((options or {}).get(name, {})))
-        scorer = get_scorer(name, ctx)
-        if name == "embedding-norm" and norms is not None:
-            raw[name] = norms
-        else:
-            try:
+        try:
+            scorer = get_scorer(name, ctx)
+            if name == "embedding-norm" and norms is not None:
+                raw[name] = norms
+            else:
                 raw[name] = np.asarray(in_chunks(scorer.raw_scores, faces,
-                                                 name if progress else None), dtype=float)
-            except Exception as exc:
-                if not tolerant:
-                    raise
-                log.warning("scorer %s failed (%s: %s); left out", name, type(exc).__name__,
-                            exc)
-                continue
+                                                 name if progress else None),
+                                       dtype=float).reshape(-1)
+                if len(raw[name]) != len(faces):
+                    raise ValueError(f"{len(raw[name])} scores for {len(faces)} faces")
+        except Exception as exc:
+            if not tolerant:
+                raise
+            log.warning("scorer %s failed (%s: %s); left out", name, type(exc).__name__, exc)
+            raw.pop(name, None)
+            continue
         bad = ~np.isfinite(raw[name])
         if tolerant and bad.any():
             if bad.all():
