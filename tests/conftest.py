@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,17 @@ def orl_split_dirs(tmp_path: Path, orl_root: Path) -> tuple[Path, Path]:
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy(orl_root / f"s{s}" / f"{i}.pgm", dest / f"{i}.pgm")
     return enroll, probe
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` (to fill up, or to remount read-only);
+    skips the test where mounting needs a root this machine does not give."""
+    path.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("needs a small tmpfs (mount, as root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)  # even if busy

@@ -251,12 +251,9 @@ def test_a_resumed_filter_copies_what_could_not_be_copied_before(tmp_path, orl_r
 
 def test_a_full_disk_under_the_manifest_is_a_clear_error_and_resume_finishes(tmp_path,
                                                                            orl_root):
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(small)],
-                      capture_output=True).returncode:
-        pytest.skip("needs a small tmpfs (mount as root) to fill")
-    try:
+    from conftest import small_filesystem
+
+    with small_filesystem(tmp_path / "small", "4k") as small:
         src, ok = tmp_path / "in", tmp_path / "ok"
         for s in ("s31", "s32", "s33", "s34", "s35", "s36"):
             (src / s).mkdir(parents=True)
@@ -282,8 +279,6 @@ def test_a_full_disk_under_the_manifest_is_a_clear_error_and_resume_finishes(tmp
         rows = _rows(small / "m.csv")
         assert len(rows) == len({r["path"] for r in rows}) == 42  # every input once
         assert all("(moved" in r["copied_to"] for r in rows)
-    finally:
-        subprocess.run(["umount", "--lazy", str(small)], check=False)  # even if busy
 
 
 def test_ctrl_c_exits_130_without_a_traceback_and_resume_finishes(tmp_path, orl_root):
