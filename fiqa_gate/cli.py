@@ -255,6 +255,8 @@ def _place_copy(src: str, dest: Path, move: bool) -> tuple[str, os.stat_result |
     `move`, also the stat of src as copied (`_check_unchanged` passed): the caller removes
     src after the manifest row saying so is written, so a failed write never leaves a
     moved file without its row."""
+    if move:
+        _check_removable(src)  # a move that cannot finish copies nothing
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_parts(dest.parent)
     # a short prefix with our pid: the file's own name may already be at the 255-byte limit
@@ -270,7 +272,7 @@ def _place_copy(src: str, dest: Path, move: bool) -> tuple[str, os.stat_result |
         try:
             os.link(tmp, dest)  # fails if dest exists: never overwrite silently
         except FileExistsError:
-            if os.path.realpath(src) == os.path.realpath(dest):  # a link back to the source
+            if _is_source_itself(src, dest):
                 return "already there (it is the source itself)", None
             if os.path.islink(dest):  # a link to some other file is not our copy
                 raise FileExistsError(f"{dest} is a link to another file; not overwritten") \
@@ -297,32 +299,66 @@ def _place_copy(src: str, dest: Path, move: bool) -> tuple[str, os.stat_result |
 
 def _check_unchanged(src: str, copied: os.stat_result) -> None:
     """Refuse to remove src if another file took its name, or it changed, while it was
-    copied, or its folder cannot lose it (read-only media)."""
+    copied."""
     now = os.stat(src)
     if ((now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns)
             != (copied.st_dev, copied.st_ino, copied.st_size, copied.st_mtime_ns)):
         raise FileExistsError(f"{src} changed while it was copied; the copy is made, the "
                               "source kept")
+
+
+class NotMovable(OSError):
+    """A source --move could not remove: nothing is copied, and a resumed run leaves it."""
+
+
+def _check_removable(src: str) -> None:
     folder = os.path.dirname(os.path.abspath(src))
     if os.statvfs(folder).f_flag & os.ST_RDONLY or not os.access(folder, os.W_OK):
-        raise PermissionError(f"{src} cannot be removed (its folder is read-only); the "
-                              "copy is made, the source kept")
+        raise NotMovable(f"{src} cannot be removed (its folder is read-only); nothing copied")
 
 
-def _finish_moves(rows: Sequence[dict[str, str]]) -> int:
-    """Remove the sources a killed or failed run had moved and recorded, but not removed
-    yet: each only while its recorded copy holds the same content."""
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _is_source_itself(src: str, dest: str | Path) -> bool:
+    """dest is src's own entry (a link back to it, or the same folder mounted twice), so
+    removing src would remove dest. A hard link is another entry: it keeps the data."""
+    return (os.path.realpath(src) == os.path.realpath(dest)
+            or (_same_file(src, dest) and os.stat(src).st_nlink == 1))
+
+
+MOVED = (" (moved)", " (moved (was already present))")  # how copied_to ends for a move
+
+
+def _finish_moves(rows: Sequence[dict[str, str]], files: Sequence[str],
+                  targets: Sequence[str]) -> int:
+    """Remove the sources an interrupted run had recorded as moved, but not removed yet:
+    only inputs of this run, whose recorded copy is a separate file in a target folder
+    and holds the same content."""
+    inputs = {_where(f) for f in files}
     finished = 0
     for row in rows:
-        dest, _, how = (row.get("copied_to") or "").rpartition(" (")
-        if not how.startswith("moved") or not os.path.isfile(row["path"]):
+        path, copied_to = row["path"], row.get("copied_to") or ""
+        end = next((e for e in MOVED if copied_to.endswith(e)), None)
+        if end is None or _where(path) not in inputs or not os.path.isfile(path):
             continue
-        if os.path.isfile(dest) and _same_content(row["path"], dest):
-            os.unlink(row["path"])
-            finished += 1
+        dest = copied_to[:-len(end)]
+        if (os.path.isfile(dest) and not os.path.islink(dest)
+                and not _is_source_itself(path, dest) and _is_inside(dest, targets)
+                and _same_content(path, dest)):
+            try:
+                os.unlink(path)
+                finished += 1
+            except OSError as exc:
+                log.warning("%s: recorded as moved to %s, but not removed: %s", path, dest,
+                            exc.strerror or exc)
         else:
-            log.warning("%s: recorded as moved to %s, which is missing or differs; kept",
-                        row["path"], dest)
+            log.warning("%s: recorded as moved to %s, which is missing, elsewhere or "
+                        "differs; kept", path, dest)
     return finished
 
 
@@ -409,18 +445,19 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
     # target folders inside an input folder hold this command's own copies: never inputs
     targets = [os.path.realpath(d) for d in (accepted_dir, rejected_dir) if d]
     for p in paths:
-        if any(os.path.commonpath([os.path.realpath(p), t]) == t for t in targets):
+        if any(os.path.commonpath([os.path.realpath(p), t]) == t or _same_file(p, t)
+               for t in targets):  # (one folder under two names: a bind mount)
             raise click.UsageError(f"{p} is inside a target folder; copy to a folder "
                                    "outside (or inside) the input instead")
     files = _listed(paths, (f for f in iter_files(paths) if not _is_inside(f, targets)),
                     output)
     counts = {"accepted": 0, "rejected": 0, "error": 0}
-    not_copied = 0
+    not_copied = not_removed = 0
     # a resumed run copies again what could not be copied (a full disk, since freed)
     with open_manifest(output, FILTER_COLUMNS, resume=resume,
                        check=lambda rows: _same_threshold(output, rows, threshold),
                        redo=lambda row: "copy failed: " in (row.get("error") or "")) as manifest:
-        if move and _finish_moves(manifest.done_rows):
+        if move and _finish_moves(manifest.done_rows, files, targets):
             log.info("finished the moves an earlier run had recorded")
         todo = _not_done(files, manifest.done)
         for path in _progress(todo, "filter"):
@@ -442,6 +479,10 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                     dest = Path(target) / _relpath(path, paths)
                     how, copied = _place_copy(path, dest, move)
                     row["copied_to"] = f"{dest} ({how})"
+                except NotMovable as exc:  # not a failed copy: a resumed run leaves it
+                    failures.count += 1
+                    not_copied += 1
+                    row["error"] = (row.get("error", "") + f"; not moved: {exc}").lstrip("; ")
                 except OSError as exc:
                     failures.count += 1
                     not_copied += 1
@@ -454,6 +495,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                     pass
                 except OSError as exc:  # checked before; a rerun with --resume retries it
                     failures.count += 1
+                    not_removed += 1
                     log.warning("%s: copied to %s, but not removed: %s", path,
                                 row["copied_to"], exc.strerror or exc)
     click.echo(f"{len(files)} files: {counts['accepted']} accepted, {counts['rejected']} "
@@ -461,7 +503,9 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                + (f"; {len(files) - len(todo)} done before, in the manifest"
                   if len(todo) < len(files) else "")
                + (f"; {not_copied} not copied (see the manifest's error column)"
-                  if not_copied else ""), err=True)
+                  if not_copied else "")
+               + (f"; {not_removed} copied but not removed (see the warnings)"
+                  if not_removed else ""), err=True)
     failures.exit()
 
 

@@ -136,7 +136,7 @@ class Gallery:
     def _connect(path: Path, read_only: bool = False) -> sqlite3.Connection:
         try:
             if read_only:  # WAL needs to write beside the database even to read it
-                return _snapshot(path)
+                return _snapshot(path, bool(os.statvfs(path).f_flag & os.ST_RDONLY))
             db = sqlite3.connect(path / "meta.sqlite", timeout=60, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -193,7 +193,18 @@ class Gallery:
         return cls(p, cls._connect(p, read_only))
 
     def close(self) -> None:
-        self._db.close()
+        scratch = _scratch.pop(id(self._db), None)
+        if scratch is not None:
+            self._db.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+            return
+        # the last connection merges the log into the database as it closes: under the
+        # writers' lock, so that a reader copying the gallery never sees half of it
+        try:
+            with _locked(self.path):
+                self._db.close()
+        except GalleryError:  # the lock cannot be taken here: close anyway
+            self._db.close()
 
     # -- reading ------------------------------------------------------------------
     @_db_errors
@@ -421,23 +432,50 @@ def _check_factory(factory: str, dim: int) -> None:
         raise GalleryError(f"invalid FAISS index factory {factory!r}: {exc}") from None
 
 
-def _snapshot(path: Path) -> sqlite3.Connection:
-    """A connection to a gallery that cannot be written. Its database is read as it is
-    (SQLite's immutable mode), unless its write-ahead log still holds committed faces (a
-    gallery copied while open, or whose writer was killed), which that mode would not
-    see: then the database and its log are copied to a private temporary folder, removed
-    at exit, where SQLite can read them together."""
+def _snapshot(path: Path, media_read_only: bool) -> sqlite3.Connection:
+    """A connection to a gallery this process cannot write. On read-only media with no
+    write-ahead log to merge, the database is read as it is (SQLite's immutable mode).
+    Otherwise its database and log are copied, under a shared lock that keeps writers
+    out meanwhile, to a private temporary folder where SQLite can read them together
+    (removed when the gallery is closed)."""
     wal = path / "meta.sqlite-wal"
-    if not (wal.exists() and wal.stat().st_size):
+    if media_read_only and not (wal.exists() and wal.stat().st_size):
         uri = f"{(path / 'meta.sqlite').resolve().as_uri()}?immutable=1"
         return sqlite3.connect(uri, uri=True, isolation_level=None)
     scratch = Path(tempfile.mkdtemp(prefix="fiqa-gallery-"))
-    atexit.register(shutil.rmtree, scratch, True)
-    for name in ("meta.sqlite", "meta.sqlite-wal"):
-        shutil.copy2(path / name, scratch / name)
-    log.info("%s: read through a copy in %s (read-only, with a write-ahead log)", path,
-             scratch)
-    return sqlite3.connect(scratch / "meta.sqlite", isolation_level=None)
+    try:
+        with _shared_lock(path):
+            # the log first: if a last connection's checkpoint runs meanwhile, the
+            # database copied after it holds what the log held
+            for name in ("meta.sqlite-wal", "meta.sqlite"):
+                if (path / name).exists():
+                    shutil.copy2(path / name, scratch / name)
+        db = sqlite3.connect(scratch / "meta.sqlite", isolation_level=None)
+    except OSError as exc:  # a full temporary folder, say
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise GalleryError(f"{path}: cannot read this gallery through a copy in "
+                           f"{scratch.parent} (it cannot be written in place): "
+                           f"{exc.strerror or exc}; set TMPDIR to a folder with room") \
+            from None
+    _scratch[id(db)] = scratch
+    atexit.register(shutil.rmtree, scratch, True)  # if never closed
+    return db
+
+
+_scratch: dict[int, Path] = {}  # connection -> the private copy it reads
+
+
+@contextlib.contextmanager
+def _shared_lock(path: Path) -> Iterator[None]:
+    """Readers' side of `_locked`: no writer commits while it is held."""
+    try:
+        fh = open(path / "lock", "rb")
+    except OSError:  # no lock file: nobody has written here since it was made
+        yield
+        return
+    with fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+        yield
 
 
 @contextlib.contextmanager

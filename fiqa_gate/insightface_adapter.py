@@ -33,7 +33,9 @@ class GatedFaceAnalysis:
         from insightface.app.common import Face as InsightFace
 
         app = self.app
-        bboxes, kpss = app.det_model.detect(img_bgr, max_num=max_num, metric=det_metric)
+        # `metric` only when asked for: a detector from before it may not take it
+        extra = {} if det_metric == "default" else {"metric": det_metric}
+        bboxes, kpss = app.det_model.detect(img_bgr, max_num=max_num, **extra)
         if bboxes is None or len(bboxes) == 0:
             return []
         if kpss is None:

@@ -169,4 +169,8 @@ def test_a_gallery_on_read_only_media_is_searched_and_refuses_writes(tmp_path,
         assert len(copied) == 31 and copied.identities()["late"] == 1
         assert copied.search(orl_embeddings["s31"][9:10], "sface", k=1)[0][0].identity \
             == "late"
+        from fiqa_gate.gallery import _scratch
+
+        private = _scratch[id(copied._db)]
         copied.close()
+        assert not private.exists()  # the private copy goes with the gallery

@@ -311,21 +311,71 @@ def test_ctrl_c_exits_130_without_a_traceback_and_resume_finishes(tmp_path, orl_
 
 def test_a_move_recorded_but_cut_short_is_finished_by_the_resumed_run(tmp_path, orl_root):
     # killed after the row saying "moved" was written, before the source was removed:
-    # the resumed run removes it, as its copy is complete; a source whose recorded copy
-    # is gone or differs is kept
-    src, ok = tmp_path / "in", tmp_path / "ok"
-    src.mkdir()
-    ok.mkdir()
+    # the resumed run removes it when its copy is complete; it keeps a source whose
+    # recorded copy is missing, is the source itself (a link back) or lies outside the
+    # target folders, and files that are not this run's inputs
+    src, ok, other = tmp_path / "in", tmp_path / "ok", tmp_path / "other"
+    for d in (src, ok, other):
+        d.mkdir()
     face = (orl_root / "s38" / "1.pgm").read_bytes()
-    for name in ("a.pgm", "b.pgm"):
+    for name in ("a.pgm", "b.pgm", "c.pgm", "d.pgm", "e.pgm"):
         (src / name).write_bytes(face)
+    (other / "keep.pgm").write_bytes(face)
     (ok / "a.pgm").write_bytes(face)  # a's copy is complete; b's is missing
-    header = "path,score,raw_score,decision,threshold,faces,reason,error,copied_to\n"
-    rows = [f"{src / n},0.9,0.9,accept,0.0,1,ok,,{ok / n} (moved)\n" for n in ("a.pgm", "b.pgm")]
-    (tmp_path / "m.csv").write_text(header + "".join(rows))
+    (ok / "c.pgm").write_bytes(face)
+    (ok / "d.pgm").symlink_to(src / "d.pgm")  # "copy" that is the source itself
+    (other / "e.pgm").write_bytes(face)  # a copy outside the target folders
+    recorded = {"a.pgm": f"{ok / 'a.pgm'} (moved)", "b.pgm": f"{ok / 'b.pgm'} (moved)",
+                "c.pgm": f"{ok / 'c.pgm'} (moved (was already present))",
+                "d.pgm": f"{ok / 'd.pgm'} (moved)", "e.pgm": f"{other / 'e.pgm'} (moved)"}
+    with open(tmp_path / "m.csv", "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")  # as the manifests are written
+        writer.writerow(["path", "score", "raw_score", "decision", "threshold", "faces",
+                         "reason", "error", "copied_to"])
+        for name, copied_to in recorded.items():
+            writer.writerow([src / name, 0.9, 0.9, "accept", 0.0, 1, "ok", "", copied_to])
+        writer.writerow([other / "keep.pgm", 0.9, 0.9, "accept", 0.0, 1, "ok", "",
+                         f"{other / 'keep.pgm'} (moved)"])
     done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
                 "--threshold", "0", "--move", "--resume", *SCORER)
     assert done.returncode == 0, done.stderr
-    assert not (src / "a.pgm").exists() and (ok / "a.pgm").read_bytes() == face
-    assert (src / "b.pgm").read_bytes() == face and b"missing or differs; kept" in done.stderr
-    assert len(_rows(tmp_path / "m.csv")) == 2
+    assert sorted(p.name for p in src.iterdir()) == ["b.pgm", "d.pgm", "e.pgm"]
+    assert (ok / "a.pgm").read_bytes() == (ok / "c.pgm").read_bytes() == face
+    assert (src / "d.pgm").read_bytes() == face and (other / "keep.pgm").read_bytes() == face
+    assert done.stderr.count(b"which is missing, elsewhere or differs; kept") == 3
+    assert len(_rows(tmp_path / "m.csv")) == 6
+
+
+def test_move_from_read_only_media_or_onto_the_input_itself_loses_nothing(tmp_path,
+                                                                          orl_root):
+    from conftest import small_filesystem
+
+    face = (orl_root / "s38" / "1.pgm").read_bytes()
+    with small_filesystem(tmp_path / "media", "1m") as media:
+        (media / "a.pgm").write_bytes(face)
+        subprocess.run(["mount", "-o", "remount,ro", str(media)], check=True)
+        args = ["filter", str(media), "-o", str(tmp_path / "m.csv"), "--accepted-dir",
+                str(tmp_path / "ok"), "--threshold", "0", "--move", *SCORER]
+        done = _run(*args)
+        # a move that cannot finish copies nothing, says why, and is not redone
+        assert done.returncode == 1 and (media / "a.pgm").read_bytes() == face
+        row = _rows(tmp_path / "m.csv")[0]
+        assert row["error"].startswith("not moved: ") and "read-only" in row["error"]
+        assert not row["copied_to"] and not (tmp_path / "ok" / "a.pgm").exists()
+        assert _run(*args, "--resume").returncode == 0
+        assert len(_rows(tmp_path / "m.csv")) == 1
+    # a target folder that is the input under another name (a bind mount) is refused
+    src, alias = tmp_path / "in", tmp_path / "alias"
+    src.mkdir()
+    alias.mkdir()
+    (src / "b.pgm").write_bytes(face)
+    if subprocess.run(["mount", "--bind", str(src), str(alias)],
+                      capture_output=True).returncode:
+        pytest.skip("needs a bind mount (mount, as root)")
+    try:
+        done = _run("filter", str(src), "--accepted-dir", str(alias), "--threshold", "0",
+                    "--move", *SCORER)
+        assert done.returncode == 2 and b"is inside a target folder" in done.stderr
+        assert (src / "b.pgm").read_bytes() == face
+    finally:
+        subprocess.run(["umount", "--lazy", str(alias)], check=False)
