@@ -328,7 +328,9 @@ def _is_source_itself(src: str, dest: str | Path) -> bool:
     """dest is src's own entry (a link back to it, or the same folder mounted twice), so
     removing src would remove dest. A hard link is another entry: it keeps the data."""
     return (os.path.realpath(src) == os.path.realpath(dest)
-            or (_same_file(src, dest) and os.stat(src).st_nlink == 1))
+            or (os.path.basename(src) == os.path.basename(dest)
+                and _same_file(os.path.dirname(os.path.abspath(src)),
+                               os.path.dirname(os.path.abspath(dest)))))
 
 
 MOVED = (" (moved)", " (moved (was already present))")  # how copied_to ends for a move
@@ -403,8 +405,29 @@ def _same_threshold(manifest_path: str, rows: Sequence[dict[str, str]], threshol
 
 
 def _is_inside(path: str, folders: Sequence[str]) -> bool:
+    """Whether path's folder is one of `folders` or below one, by real path or, for a
+    folder mounted twice (a bind mount), by device and inode."""
     where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    return any(os.path.commonpath([where, f]) == f for f in folders)
+    if any(os.path.commonpath([where, f]) == f for f in folders):
+        return True
+    ids = {i for i in map(_folder_id, folders) if i is not None}
+    while ids:
+        if _folder_id(where) in ids:
+            return True
+        parent = os.path.dirname(where)
+        if parent == where:
+            return False
+        where = parent
+    return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _folder_id(folder: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _same_content(a: str | Path, b: str | Path) -> bool:

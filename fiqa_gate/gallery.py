@@ -116,7 +116,7 @@ class Gallery:
         try:
             self._read_info()
         except BaseException:
-            db.close()
+            self.close()  # and its private copy, if it reads one
             raise
 
     @_db_errors
@@ -451,12 +451,17 @@ def _snapshot(path: Path, media_read_only: bool) -> sqlite3.Connection:
                 if (path / name).exists():
                     shutil.copy2(path / name, scratch / name)
         db = sqlite3.connect(scratch / "meta.sqlite", isolation_level=None)
-    except OSError as exc:  # a full temporary folder, say
+        try:
+            db.execute("SELECT COUNT(*) FROM info").fetchone()  # SQLite's files, made now
+        except sqlite3.Error:
+            db.close()
+            raise
+    except (OSError, sqlite3.Error) as exc:  # a full temporary folder, say
         shutil.rmtree(scratch, ignore_errors=True)
+        why = exc.strerror if isinstance(exc, OSError) else exc
         raise GalleryError(f"{path}: cannot read this gallery through a copy in "
-                           f"{scratch.parent} (it cannot be written in place): "
-                           f"{exc.strerror or exc}; set TMPDIR to a folder with room") \
-            from None
+                           f"{scratch.parent} (it cannot be written in place): {why}; "
+                           "set TMPDIR to a folder with room") from None
     _scratch[id(db)] = scratch
     atexit.register(shutil.rmtree, scratch, True)  # if never closed
     return db

@@ -6,6 +6,7 @@ test_resume_kill.py.)"""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -379,3 +380,35 @@ def test_move_from_read_only_media_or_onto_the_input_itself_loses_nothing(tmp_pa
         assert (src / "b.pgm").read_bytes() == face
     finally:
         subprocess.run(["umount", "--lazy", str(alias)], check=False)
+    # a sub-folder of the input mounted onto the target (and its file hard-linked
+    # elsewhere): the destination is the source's own entry, never a reason to remove it
+    top, target, keep = tmp_path / "top", tmp_path / "target", tmp_path / "keep"
+    for d in (top / "d", target / "d", keep):
+        d.mkdir(parents=True)
+    (top / "d" / "c.pgm").write_bytes(face)
+    os.link(top / "d" / "c.pgm", keep / "c.pgm")
+    subprocess.run(["mount", "--bind", str(top / "d"), str(target / "d")], check=True)
+    try:
+        done = _run("filter", str(top), "-o", str(tmp_path / "m2.csv"), "--accepted-dir",
+                    str(target), "--threshold", "0", "--move", *SCORER)
+        assert done.returncode == 0, done.stderr
+        assert (top / "d" / "c.pgm").read_bytes() == face
+        assert _rows(tmp_path / "m2.csv")[0]["copied_to"].endswith(
+            "(already there (it is the source itself))")
+    finally:
+        subprocess.run(["umount", "--lazy", str(target / "d")], check=False)
+    # the target mounted inside the input: its files are not inputs
+    inner = tmp_path / "inner"
+    (inner / "sub").mkdir(parents=True)
+    (inner / "e.pgm").write_bytes(face)
+    out = tmp_path / "out"
+    (out / "x").mkdir(parents=True)
+    (out / "x" / "old.pgm").write_bytes(face)
+    subprocess.run(["mount", "--bind", str(out), str(inner / "sub")], check=True)
+    try:
+        done = _run("filter", str(inner), "-o", str(tmp_path / "m3.csv"), "--accepted-dir",
+                    str(out), "--threshold", "0", *SCORER)
+        assert done.returncode == 0, done.stderr
+        assert [Path(r["path"]).name for r in _rows(tmp_path / "m3.csv")] == ["e.pgm"]
+    finally:
+        subprocess.run(["umount", "--lazy", str(inner / "sub")], check=False)
