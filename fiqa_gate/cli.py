@@ -1,7 +1,8 @@
 """The `fiqa-gate` command line.
 
 Machine-readable results go to a file or stdout (CSV); progress and summaries go to
-stderr. Exit codes: 0 success, 1 some inputs failed, 2 usage error.
+stderr. Exit codes: 0 success, 1 some inputs failed, 2 usage error or an output that
+cannot be written, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -334,6 +335,7 @@ def _is_source_itself(src: str, dest: str | Path) -> bool:
 
 
 MOVED = (" (moved)", " (moved (was already present))")  # how copied_to ends for a move
+COPY_FAILED = "copy failed: "  # in a row's error: a resumed run copies it again
 
 
 def _finish_moves(rows: Sequence[dict[str, str]], files: Sequence[str],
@@ -411,13 +413,12 @@ def _is_inside(path: str, folders: Sequence[str]) -> bool:
     if any(os.path.commonpath([where, f]) == f for f in folders):
         return True
     ids = {i for i in map(_folder_id, folders) if i is not None}
-    while ids:
+    while ids:  # up to the root
         if _folder_id(where) in ids:
             return True
-        parent = os.path.dirname(where)
-        if parent == where:
-            return False
-        where = parent
+        where, child = os.path.dirname(where), where
+        if where == child:
+            break
     return False
 
 
@@ -479,7 +480,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
     # a resumed run copies again what could not be copied (a full disk, since freed)
     with open_manifest(output, FILTER_COLUMNS, resume=resume,
                        check=lambda rows: _same_threshold(output, rows, threshold),
-                       redo=lambda row: "copy failed: " in (row.get("error") or "")) as manifest:
+                       redo=lambda row: COPY_FAILED in (row.get("error") or "")) as manifest:
         if move and _finish_moves(manifest.done_rows, files, targets):
             log.info("finished the moves an earlier run had recorded")
         todo = _not_done(files, manifest.done)
@@ -502,14 +503,11 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                     dest = Path(target) / _relpath(path, paths)
                     how, copied = _place_copy(path, dest, move)
                     row["copied_to"] = f"{dest} ({how})"
-                except NotMovable as exc:  # not a failed copy: a resumed run leaves it
+                except OSError as exc:  # NotMovable is no failed copy: a resume leaves it
                     failures.count += 1
                     not_copied += 1
-                    row["error"] = (row.get("error", "") + f"; not moved: {exc}").lstrip("; ")
-                except OSError as exc:
-                    failures.count += 1
-                    not_copied += 1
-                    row["error"] = (row.get("error", "") + f"; copy failed: {exc}").lstrip("; ")
+                    what = "not moved: " if isinstance(exc, NotMovable) else COPY_FAILED
+                    row["error"] = (row.get("error", "") + f"; {what}{exc}").lstrip("; ")
             manifest.write_rows([row])
             if copied is not None:  # recorded first: a rerun finishes a move cut short here
                 try:
