@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from fiqa_gate.errors import ModelError
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnxruntime
 
 # Digests of third-party model files, pinned to the package releases in pyproject.toml.
@@ -86,6 +87,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would stick to the file
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_array(path: Path, array: np.ndarray) -> None:
+    """`np.save` whole or not at all: a full disk or a kill leaves no torn file, which a
+    resumed training run would take for a finished cache."""
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

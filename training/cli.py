@@ -6,11 +6,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 from fiqa_gate_training.recipe import STAGES  # torch-free at import
+
+from fiqa_gate.errors import FiqaGateError
 
 
 def _need_torch() -> None:
@@ -84,9 +88,24 @@ def install_student(export: Path) -> None:
             f"not installed: {export} lacks {', '.join(missing)}; the shipped student needs "
             "all of them (the report stage writes student.md; smoke skips it)")
     dest = models_dir()
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in names:  # each file whole or not at all: the runtime may be reading them
-        atomic_write_bytes(dest / name, (export / name).read_bytes())
+    staged: list[tuple[Path, Path]] = []
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        # Every file is written beside its place first, and only then are they renamed in
+        # together: a full disk leaves the installed student whole, not half replaced.
+        for name in names:
+            fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".install")
+            os.close(fd)
+            staged.append((Path(tmp), dest / name))
+            atomic_write_bytes(Path(tmp), (export / name).read_bytes())
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except OSError as exc:
+        raise FiqaGateError(f"not installed: cannot write {dest}: {exc.strerror or exc}; "
+                            "the installed student is unchanged") from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
     click.echo(f"installed {export / 'student.onnx'} -> {dest}", err=True)
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fiqa_gate import degradations
+from fiqa_gate.assets import atomic_save_array
 from fiqa_gate.datasets import (
     ORL_TRAIN,
     ORL_VAL,
@@ -171,9 +172,9 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         samples = build_samples(found[name], detector, variants, s, progress=name)
         emb, norms = recognizer.embed_with_norms(samples.crops)
         # the teachers' fusion input (training/teacher.py), from the labels' own SFace pass
-        np.save(norms_file(out, name), norms)
+        atomic_save_array(norms_file(out, name), norms)
         if name == "labelled_val":  # the students' validator compares these faces
-            np.save(embeddings_file(out, name), emb)
+            atomic_save_array(embeddings_file(out, name), emb)
         label, matched, _ = utility_labels(samples, emb, recognizer.threshold,
                                            d["temperature"])
         samples.extra.update(label=label, matched=matched)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fiqa_gate_training.config import check_config
 
+from fiqa_gate.assets import atomic_save_array
 from fiqa_gate.datasets import Samples
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class Run:
             from fiqa_gate.registry import get_recognizer
 
             recognizer = get_recognizer(self.cfg["data"]["recognizer"])
-            np.save(cache, recognizer.embed(self.samples("labelled_val").crops))
+            atomic_save_array(cache, recognizer.embed(self.samples("labelled_val").crops))
         return np.load(cache)
 
     def labelled_sets(self) -> list[str]:
@@ -233,7 +234,7 @@ def _load(run: Run, key: str, name: str) -> QualityNet:
 def _pseudo(run: Run, network: str, set_name: str, out_name: str) -> None:
     from fiqa_gate_training.teacher import teacher_scores
 
-    np.save(run.out / out_name, teacher_scores(run, network, set_name))
+    atomic_save_array(run.out / out_name, teacher_scores(run, network, set_name))
 
 
 def stage_data(run: Run) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fiqa_gate.assets import atomic_save_array
 from fiqa_gate.teacher import fuse, z_mix  # one fusion for training and the runtime
 
 
@@ -41,7 +42,7 @@ def embedding_norms(run: Any, set_name: str) -> np.ndarray:
 
         raw, _ = qualities(run.samples(set_name), ("embedding-norm",),
                            run.cfg["data"]["recognizer"])
-        np.save(cache, raw["embedding-norm"])
+        atomic_save_array(cache, raw["embedding-norm"])
     return np.load(cache)
 
 
@@ -68,7 +69,7 @@ def _network_scores(run: Any, network: str, set_name: str) -> np.ndarray:
     if recognizer is not None:
         out, norms = _score_and_norm(model, recognizer, int(spec["freeze"]), crops)
         if not norms_file(run.data, set_name).exists():
-            np.save(norms_file(run.data, set_name), norms)
+            atomic_save_array(norms_file(run.data, set_name), norms)
     if out is None:  # through ONNX Runtime: 1.6x torch's speed on a 2-core CPU
         graph = run.out / f"{network}.labelling.onnx"  # derived, so not kept
         try:
@@ -76,7 +77,7 @@ def _network_scores(run: Any, network: str, set_name: str) -> np.ndarray:
             out = run_onnx(graph, crops, spec["input_size"])
         finally:
             graph.unlink(missing_ok=True)
-    np.save(cache, out)
+    atomic_save_array(cache, out)
     return out
 
 
