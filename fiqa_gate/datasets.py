@@ -146,15 +146,25 @@ def read_mos_csv(csv_path: str | Path, image_root: str | Path | None = None
     csv_path = Path(csv_path)
     base = Path(image_root) if image_root else csv_path.parent
     rows = []
-    with csv_path.open(newline="", encoding="utf-8") as fh:
+    try:
+        fh = csv_path.open(newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise FiqaGateError(f"{csv_path}: cannot read the MOS list: "
+                            f"{exc.strerror or exc}") from None
+    with fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"image_name", "score"} <= set(reader.fieldnames):
             raise FiqaGateError(f"{csv_path}: expected a header with image_name,score")
         for n, row in enumerate(reader, start=2):
             try:
-                rows.append((base / row["image_name"], float(row["score"])))
-            except (TypeError, ValueError) as exc:
-                raise FiqaGateError(f"{csv_path}:{n}: bad score {row.get('score')!r}") from exc
+                score = float(row["score"])
+            except (TypeError, ValueError):
+                score = math.nan
+            if not math.isfinite(score):  # nan would make every label nan
+                raise FiqaGateError(f"{csv_path}:{n}: bad score {row.get('score')!r}")
+            rows.append((base / row["image_name"], score))
+    if not rows:
+        raise FiqaGateError(f"{csv_path}: no rows after the header")
     return rows
 
 

@@ -694,3 +694,52 @@ def test_an_identity_folder_too_small_to_split_is_refused_before_any_work(tmp_pa
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "has 3 identities, of which" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_users_mos_list_and_run_folder_are_checked_before_any_work(tmp_path):
+    from fiqa_gate.datasets import read_mos_csv
+    from fiqa_gate.errors import FiqaGateError
+
+    mos = tmp_path / "mos.csv"
+    mos.write_text("\ufeffimage_name,score\na.jpg,0.7\n", encoding="utf-8")  # a BOM: fine
+    assert read_mos_csv(mos) == [(tmp_path / "a.jpg", 0.7)]
+    for text, says in (("image_name,score\na.jpg,nan\n", "bad score 'nan'"),
+                       ("image_name,score\n", "no rows after the header")):
+        mos.write_text(text)
+        with pytest.raises(FiqaGateError, match=says):
+            read_mos_csv(mos)
+    with pytest.raises(FiqaGateError, match="cannot read the MOS list"):
+        read_mos_csv(tmp_path / "missing.csv")
+    (tmp_path / "a-file").write_text("")
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "train", "run", "smoke",
+                           "--out", str(tmp_path / "a-file" / "run")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "cannot write a run there" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unlabelled_sources_that_give_nothing_are_named(tmp_path):
+    from fiqa_gate_training.sources import unlabelled_images
+
+    from fiqa_gate.errors import FiqaGateError
+
+    with pytest.raises(FiqaGateError, match="did you mean 'installed'"):
+        unlabelled_images(["instaled"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FiqaGateError, match="holds no images"):
+        unlabelled_images([str(tmp_path / "empty")])
+
+
+def test_a_short_training_run_schedules_without_dividing_by_zero():
+    # ten optimisation steps made torch's one-cycle warm-up one step long (a ZeroDivision)
+    import torch
+    from fiqa_gate_training.train import schedule
+
+    for total in range(1, 25):
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = schedule(opt, {"lr": 1e-3}, epochs=total, steps_per_epoch=1)
+        for _ in range(total):
+            opt.step()
+            sched.step()
+        assert all(g["lr"] >= 0 for g in opt.param_groups)

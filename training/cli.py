@@ -61,7 +61,11 @@ def run_command(config: str, out: Path | None, stages: tuple[str, ...], install:
     out = out or Path("runs") / cfg["name"]
     if out.exists() and not out.is_dir():
         raise click.UsageError(f"--out {out} is a file; a run needs a folder")
-    _log_to(out)
+    try:
+        _log_to(out)
+    except OSError as exc:  # a parent that is a file, read-only media: before any work
+        raise click.UsageError(f"--out {out}: cannot write a run there: "
+                               f"{exc.strerror or exc}") from None
     chosen = recipe.DEFAULT_STAGES if not stages else tuple(
         s for s in recipe.STAGES if s in stages)
     try:
@@ -79,6 +83,9 @@ def install_student(export: Path) -> None:
     from fiqa_gate.assets import atomic_write_bytes
     from fiqa_gate.student import OnnxStudentScorer
 
+    if not (export / "student.onnx").is_file():
+        raise click.UsageError(f"not installed: {export} holds no exported student; run the "
+                               "export and report stages first")
     OnnxStudentScorer(export / "student.onnx")  # refuse to install what would not load
     names = ("student.onnx", "student.json", "student.md", "student.safetensors",
              "baselines.json")

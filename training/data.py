@@ -149,6 +149,11 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     for name, items in (("labelled_train", train_items), ("labelled_val", val_items)):
         skipped_of[name] = []
         found[name] = detect_sources(items, detector, skipped=skipped_of[name])
+        if len({f.identity for f in found[name]}) < 2:  # no impostor pairs to label with
+            why = "; ".join(f"{p}: {r}" for p, r in skipped_of[name][:3])
+            raise FiqaGateError(f"data: the {name} set has faces of "
+                                f"{len({f.identity for f in found[name]})} identities; it "
+                                "needs two at least" + (f" ({why})" if why else ""))
     mos_rows = read_mos_csv(d["mos_csv"], d.get("mos_root")) if d.get("mos_csv") else []
     if mos_rows:  # a user's human-labelled faces join the labelled training set
         found["mos"] = detect_sources([(None, p) for p, _ in mos_rows], detector)

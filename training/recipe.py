@@ -68,9 +68,11 @@ def load_config(name_or_path: str) -> dict[str, Any]:
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
         raise FileNotFoundError(f"no config {name_or_path!r} (built-in: {known})")
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file: {exc}") from None
     check_config(cfg, path.name)  # before any work: a typo found here, not an hour in
     cfg.setdefault("name", path.stem)
     return cfg

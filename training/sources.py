@@ -10,6 +10,7 @@ warning in the log: the run goes on with what it has and the log says what was u
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fiqa_gate.assets import cache_dir
+from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.images import IMAGE_SUFFIXES
 
 log = logging.getLogger("fiqa_gate.training")
@@ -196,8 +198,16 @@ def unlabelled_images(names: list[str]) -> list[Path]:
             except Exception as exc:  # a registry out of reach must not end the run
                 log.warning("unlabelled source %s skipped: %s", name, exc)
                 continue
+        elif not Path(name).is_dir():  # a misspelt source name, or a folder not there
+            near = difflib.get_close_matches(name, SOURCES, n=1)
+            raise FiqaGateError(
+                f"data.unlabelled: {name!r} is neither a built-in source ("
+                f"{', '.join(SOURCES)}) nor a folder"
+                + (f"; did you mean {near[0]!r}?" if near else ""))
         else:
             got = unlabelled_folder(name)
+            if not got:
+                raise FiqaGateError(f"data.unlabelled: the folder {name} holds no images")
         log.info("unlabelled source %s: %d images", name, len(got))
         out += got
     return out

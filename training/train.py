@@ -255,6 +255,22 @@ class TrunkHint(nn.Module):
         self._hook.remove()
 
 
+def schedule(opt: torch.optim.Optimizer, spec: dict[str, Any], epochs: int,
+             steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule, stepped once a batch: the paper's step decay, or a
+    one-cycle cosine with a 10 % warm-up."""
+    if spec.get("schedule", "cosine") == "step":  # the paper: x decay_ratio every decay_epochs
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=spec["decay_epochs"] *
+                                               steps_per_epoch, gamma=spec["decay_ratio"])
+    total = epochs * steps_per_epoch
+    if total < 3:  # too short for a warm-up and a decay: a constant rate
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    # a warm-up of two steps at least: torch divides by zero on one (ten steps at 10 %)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=spec["lr"], total_steps=total,
+        pct_start=0.1 if total >= 20 else 2.0 / total, anneal_strategy="cos")
+
+
 def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[str, Any],
         checkpoint: Path, desc: str, val: Validator | None = None,
         views_file: Path | None = None,
@@ -304,13 +320,7 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=spec["weight_decay"])
     epochs = int(spec["epochs"])
     steps_per_epoch = math.ceil(len(y) / spec["batch_size"])
-    if spec.get("schedule", "cosine") == "step":  # the paper: x decay_ratio every decay_epochs
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=spec["decay_epochs"] *
-                                                steps_per_epoch, gamma=spec["decay_ratio"])
-    else:
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=spec["lr"], total_steps=max(epochs * steps_per_epoch, 1),
-            pct_start=0.1, anneal_strategy="cos")
+    sched = schedule(opt, spec, epochs, steps_per_epoch)
     start = 0
     select = val is not None and spec.get("select_on_val", False)
     best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "model": None}
