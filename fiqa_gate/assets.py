@@ -10,8 +10,9 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from fiqa_gate.errors import ModelError
 
@@ -81,18 +82,7 @@ def pinned_package_file(relpath: str) -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write through a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would stick to the file
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_save_array(path: Path, array: np.ndarray) -> None:
@@ -100,10 +90,16 @@ def atomic_save_array(path: Path, array: np.ndarray) -> None:
     resumed training run would take for a finished cache."""
     import numpy as np
 
+    _atomic_write(path, lambda fh: np.save(fh, array))
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would stick to the file
         with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
