@@ -82,7 +82,7 @@ def pinned_package_file(relpath: str) -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write through a temporary file and rename, so readers never see half a file."""
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_save_array(path: Path, array: np.ndarray) -> None:
@@ -90,14 +90,16 @@ def atomic_save_array(path: Path, array: np.ndarray) -> None:
     resumed training run would take for a finished cache."""
     import numpy as np
 
-    _atomic_write(path, lambda fh: np.save(fh, array))
+    atomic_write(path, lambda fh: np.save(fh, array))
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
+    """`write` the file into a synced temporary file beside `path`, renamed over it: a
+    full disk or a kill leaves the previous file, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would stick to the file
+        os.chmod(tmp, mode)  # mkstemp's 0600 would stick to the file
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

@@ -22,6 +22,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import IO
 
 from fiqa_gate.errors import ManifestError
@@ -30,12 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class Manifest:
-    def __init__(self, fh: IO[str], columns: Sequence[str], done: set[str],
-                 owned: bool, name: str = "-", done_rows: list[dict[str, str]] | None = None
-                 ) -> None:
+    def __init__(self, fh: IO[str], columns: Sequence[str], owned: bool, name: str = "-",
+                 done_rows: Sequence[dict[str, str]] = (), key: str = "path") -> None:
         self.columns = list(columns)
-        self.done = done
-        self.done_rows = done_rows or []  # the rows a resumed run found
+        self.done_rows = list(done_rows)  # the rows a resumed run found
+        self.done = {row[key] for row in self.done_rows}  # their inputs
         self.name = name
         self._fh = fh
         self._owned = owned
@@ -164,26 +164,18 @@ def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool,
 
 
 def _replace(path: str, data: bytes) -> None:
-    """Rewrite a file whole or not at all: a temporary file renamed over it, beside the
-    file itself (through a link), with its owner and mode."""
-    path = os.path.realpath(path)
-    st = os.stat(path)
+    """Rewrite the file itself (through a link) whole or not at all, keeping its owner
+    and mode."""
+    from fiqa_gate.assets import atomic_write
+
+    real = Path(os.path.realpath(path))
+    st = real.stat()
     if st.st_nlink > 1:
-        log.warning("%s has %d names; the others keep the rows this run redoes", path,
+        log.warning("%s has %d names; the others keep the rows this run redoes", real,
                     st.st_nlink)
-    tmp = f"{path}.fiqa-part"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, stat.S_IMODE(st.st_mode))
-        with contextlib.suppress(PermissionError):  # only root may give a file away
-            os.chown(tmp, st.st_uid, st.st_gid)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(real, lambda fh: fh.write(data), mode=stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(PermissionError):  # only root may give a file away
+        os.chown(real, st.st_uid, st.st_gid)
 
 
 def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
@@ -199,7 +191,7 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     if path == "-":
         if resume:
             raise ManifestError("--resume continues a manifest file: give it with -o FILE")
-        manifest = Manifest(sys.stdout, columns, set(), owned=False)
+        manifest = Manifest(sys.stdout, columns, owned=False)
         manifest.write_text(",".join(columns) + "\n")
         return manifest
     done: list[dict[str, str]] = []
@@ -215,5 +207,4 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     except OSError as exc:  # a folder, a missing parent, no permission: before any work
         raise ManifestError(f"cannot write the manifest {path}: "
                             f"{exc.strerror or exc}") from None
-    return Manifest(fh, columns, {row[key] for row in done}, owned=True, name=path,
-                    done_rows=done)
+    return Manifest(fh, columns, owned=True, name=path, done_rows=done, key=key)

@@ -477,7 +477,7 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
     text = json.dumps(result, indent=2)
     click.echo(text)
     if output:  # after the figures are on stdout, whatever happens to the file
-        replace_file(output, lambda tmp: tmp.write_text(text))
+        replace_file(output, lambda fh: fh.write(text.encode()))
 
 
 def _check_writable(folder: Path) -> None:

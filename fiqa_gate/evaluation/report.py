@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -81,7 +80,7 @@ def plot_edc(results: dict[str, EDCResult], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.legend(title="scorer (normalised pAUC 20 %)", fontsize=8)
     fig.tight_layout()
-    replace_file(path, lambda tmp: fig.savefig(tmp, format="png"))
+    replace_file(path, lambda fh: fig.savefig(fh, format="png"))
     plt.close(fig)
     return path
 
@@ -126,7 +125,7 @@ def plot_scores(qualities: dict[str, np.ndarray], matched: np.ndarray, path: Pat
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    replace_file(path, lambda tmp: fig.savefig(tmp, format="png"))
+    replace_file(path, lambda fh: fig.savefig(fh, format="png"))
     plt.close(fig)
     return path
 
@@ -292,21 +291,18 @@ def markdown(report: dict[str, Any]) -> str:
 def write(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_strict(report), indent=2, allow_nan=False)  # JSON has no NaN
-    replace_file(out / "report.json", lambda tmp: tmp.write_text(text))
-    replace_file(out / "report.md", lambda tmp: tmp.write_text(markdown(report)))
+    replace_file(out / "report.json", lambda fh: fh.write(text.encode()))
+    replace_file(out / "report.md", lambda fh: fh.write(markdown(report).encode()))
 
 
-def replace_file(path: Path, write: Callable[[Path], object]) -> None:
-    """Write `path` whole or not at all: a full disk or a kill leaves the previous file,
-    not a torn one beside newer ones."""
-    tmp = path.with_name(f".{path.name}.part")
+def replace_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` whole or not at all (`assets.atomic_write`), or say why not."""
+    from fiqa_gate.assets import atomic_write
+
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except OSError as exc:  # a full disk, a folder gone read-only
         raise FiqaGateError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _strict(o: Any) -> Any:
