@@ -66,7 +66,8 @@ def _error_text(exc: BaseException) -> str:
         return exc.reason
     if isinstance(exc, NoFaceError):
         return "no face found"
-    return f"{type(exc).__name__}: {exc}"
+    # one line: an OpenCV message spans several, and a CSV cell should not
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def _listed(paths: Sequence[str], files: Iterable[str], manifest: str) -> list[str]:
@@ -446,7 +447,8 @@ def _same_content(a: str | Path, b: str | Path) -> bool:
 @click.option("--accepted-dir", type=click.Path(file_okay=False),
               help="Copy accepted files here (relative paths kept).")
 @click.option("--rejected-dir", type=click.Path(file_okay=False),
-              help="Copy rejected and failed files here.")
+              help="Copy rejected and failed files here (failed regular files: a pipe, "
+                   "device or dangling link is left where it is, and its row says so).")
 @click.option("--move", is_flag=True,
               help="Remove each source after its copy is complete and synced.")
 @click.option("--resume", is_flag=True, help="Append to the manifest, skipping files in it.")
@@ -498,7 +500,12 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
             counts[{"accept": "accepted", "reject": "rejected"}.get(row["decision"], "error")] += 1
             target = accepted_dir if row["decision"] == "accept" else rejected_dir
             copied = None
-            if target and os.path.isfile(path):
+            if target and not os.path.isfile(path):
+                not_copied += 1
+                why = ("not a regular file" if os.path.exists(path) else
+                       "no file there (gone, or a link that leads nowhere)")
+                row["error"] = (row.get("error", "") + f"; not copied: {why}").lstrip("; ")
+            elif target:
                 try:
                     dest = Path(target) / _relpath(path, paths)
                     how, copied = _place_copy(path, dest, move)

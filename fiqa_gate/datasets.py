@@ -292,7 +292,13 @@ def detect_sources(items: Iterable[tuple[str | None, Path | str]], detector: Det
                 skipped.append((str(path), exc.reason))
             continue
         image, f = enlarge_for_detection(image)
-        found = detector.detect(image)
+        try:
+            found = detector.detect(image)
+        except Exception as exc:  # a detector plugin's failure on one picture
+            if skipped is not None:
+                skipped.append((str(path), " ".join(f"detector failed: {type(exc).__name__}: "
+                                                    f"{exc}".split())))
+            continue
         if not found:
             if skipped is not None:
                 skipped.append((str(path), "no face found"))

@@ -16,7 +16,7 @@ from io import BufferedReader
 from pathlib import PurePath
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from fiqa_gate.errors import FiqaGateError, ImageLoadError
 
@@ -35,7 +35,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit and float grey: scale the actual range to 8 bits instead of clipping.
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = np.isfinite(arr)  # a float TIFF may hold NaN or inf pixels
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0, 0)
+        arr = np.where(finite, arr, lo)
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         arr8 = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
         return Image.fromarray(arr8, "L").convert("RGB")
@@ -48,16 +50,51 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _refuse_unless_regular(p: str, mode: int) -> None:
+    if stat.S_ISDIR(mode):
+        try:  # a folder given as input reaches here only if it could not be walked
+            with os.scandir(p):
+                pass
+        except OSError as exc:
+            raise ImageLoadError(p, f"folder cannot be listed: {exc.strerror or exc}") from None
+        raise ImageLoadError(p, "is a directory")
+    if not stat.S_ISREG(mode):
+        raise ImageLoadError(p, "not a regular file (a pipe, socket or device)")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says; as stored if that cannot be read.
+
+    Not ImageOps.exif_transpose: it also rewrites the metadata of the copy, and that fails
+    on EXIF blocks that are slightly malformed (a GPS tag of the wrong type) although the
+    orientation itself is readable."""
+    try:
+        orientation = int(img.getexif().get(0x0112, 1))
+    except Exception:  # any malformed metadata: the pixels are still good
+        log.debug("unreadable EXIF orientation; image used as stored", exc_info=True)
+        return img
+    method = _TRANSPOSE.get(orientation)
+    return img if method is None else img.transpose(method)
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
 def _open(p: str) -> BufferedReader:
     """Open for reading, or an ImageLoadError that says why not (before any decoding)."""
     try:
-        # Non-blocking, so a named pipe among the pictures cannot stall the run.
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        # Look before opening: opening a device or a pipe can have effects of its own.
+        _refuse_unless_regular(p, os.stat(p).st_mode)
+        # Non-blocking, so a file swapped for a named pipe cannot stall the run.
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        try:
+            _refuse_unless_regular(p, os.fstat(fd).st_mode)
+        except ImageLoadError:
             os.close(fd)
-            raise ImageLoadError(p, "is a directory" if stat.S_ISDIR(mode) else
-                                 "not a regular file (a pipe, socket or device)")
+            raise
         return os.fdopen(fd, "rb")
     except FileNotFoundError:
         raise ImageLoadError(p, "file not found (deleted or a dangling link?)") from None
@@ -90,9 +127,10 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
                         )
                     if min(w, h) < MIN_SIDE:
                         raise ImageLoadError(p, f"image too small: {w}x{h}")
-                    img.seek(0)  # animated images: the first frame
+                    # Freshly opened, an animated image is at its first frame (and a
+                    # PSD at its composite, which seek(0) would leave).
                     img.load()
-                    img = ImageOps.exif_transpose(img) or img
+                    img = _upright(img)
                     rgb = _to_rgb(img)
                     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
     except ImageLoadError:
@@ -113,7 +151,10 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
     """Every file under `paths`, each once, in a stable order.
 
     Directories are walked (following links, guarding against loops; `enter`, when given,
-    says whether to walk a folder); files given by name are yielded even if they do not
+    says whether to walk a folder; the folder given is walked once however many links
+    lead back to it); a link to a folder above the one given is skipped with a warning,
+    since it would take in everything beside the input (and `filter --move` would move
+    it). Files given by name are yielded even if they do not
     exist or are not images, so that the caller reports them instead of skipping them
     silently.
     """
@@ -123,6 +164,7 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
         if not os.path.isdir(top):
             yield top
             continue
+        real_top, upward = os.path.realpath(top), []
         unlistable: list[OSError] = []
         for dirpath, dirnames, filenames in os.walk(top, followlinks=True,
                                                     onerror=unlistable.append):
@@ -137,12 +179,17 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
             if key in seen_dirs or (enter is not None and not enter(dirpath)):
                 dirnames[:] = []  # a symlink loop, the same folder twice, or not wanted
                 continue
+            if dirpath != top and _inside(real_top, os.path.realpath(dirpath)):
+                upward.append(dirpath)
+                dirnames[:] = []
+                continue
             seen_dirs.add(key)
             dirnames.sort()
             for name in sorted(filenames):
                 yield os.path.join(dirpath, name)
         # a folder that cannot be listed becomes an input that fails with its reason
         yield from (e.filename for e in unlistable if e.filename)
+        _warn_skipped(top, upward, "folders skipped: links to a folder above the one given")
 
 
 def identity_folders(root: str | os.PathLike[str], once: bool = False
@@ -163,7 +210,13 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     top = os.fspath(root)
     if not os.path.isdir(top):
         raise FiqaGateError(f"{top}: not a directory (expected ROOT/<identity>/<images>)")
-    entries = sorted(os.scandir(top), key=lambda e: e.name)
+    try:
+        with os.scandir(top) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+    except PermissionError:
+        raise FiqaGateError(f"{top}: permission denied") from None
+    except OSError as exc:
+        raise FiqaGateError(f"{top}: cannot be listed: {exc.strerror or exc}") from None
     kinds = {e.name: _entry_kind(e) for e in entries}
     _warn_skipped(top, [n for n, k in kinds.items() if k == "file"],
                   "files directly in the folder skipped; an identity's images go in "

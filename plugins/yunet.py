@@ -44,7 +44,8 @@ class YuNetDetector(Detector):
         h, w = bgr.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
         if scale < 1.0:  # large photos: detect on a smaller copy, map coordinates back
-            bgr = cv2.resize(bgr, (round(w * scale), round(h * scale)),
+            # at least a pixel each way: a 26000x8 strip would otherwise shrink to nothing
+            bgr = cv2.resize(bgr, (max(1, round(w * scale)), max(1, round(h * scale))),
                              interpolation=cv2.INTER_AREA)
         faces, pad = self._run(bgr), 0
         if len(faces) == 0:

@@ -98,6 +98,9 @@ def make_corpus(root: Path, orl_root: Path, sample_photo: Path) -> dict[bytes, s
     put("one_pixel.png", encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "error")
     put("strip_20000x20.png", encode(Image.new("RGB", (20000, 20), (90, 90, 90)), "PNG"),
         "error")
+    # thinner than the detector's downscale: it once shrank to 0 px and OpenCV raised
+    put("strip_26000x8.png", encode(Image.new("RGB", (26000, 8), (90, 90, 90)), "PNG"),
+        "error")
     grey16 = np.asarray(face.convert("L"), np.uint16) * 257
     put("sixteen_bit.png", encode(Image.fromarray(grey16), "PNG"), "ok")
     put("cmyk.jpg", encode(face.convert("CMYK"), "JPEG"), "ok")
@@ -218,6 +221,7 @@ def test_score_gives_every_bad_input_a_row_and_changes_nothing(corpus, tmp_path)
     assert "not found" in reasons[b"dangling.jpg"]
     assert reasons[b"self_loop.jpg"] == "cannot open: Too many levels of symbolic links"
     assert "no face" in reasons[b"no_face.png"]
+    assert reasons[b"strip_26000x8.png"] == "no face found"
     assert snapshot(root) == before
     n_failed = sum(v == "error" for v in expected.values())
     assert f"scored {len(expected)} files, {n_failed} failed".encode() in done.stderr
@@ -257,6 +261,8 @@ def test_filter_copies_exactly_and_never_touches_inputs(corpus, tmp_path):
     for path, row in zip(paths, rows, strict=True):
         readable_file = os.path.isfile(path) and os.access(path, os.R_OK)
         assert bool(row["copied_to"]) == readable_file, row
+        if not os.path.isfile(path):  # a link to nothing: its row says it stayed put
+            assert "; not copied: no file there" in row["error"], row
         if row["copied_to"]:
             dest, how = row["copied_to"].rsplit(" (", 1)
             assert how == "copied)" and "moved" not in how

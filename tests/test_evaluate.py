@@ -46,6 +46,29 @@ def test_degradation_draws_do_not_depend_on_where_the_faces_live(tmp_path, orl_r
     assert other.records != one.records
 
 
+def test_a_detector_failing_on_one_picture_skips_that_picture(orl_root, tmp_path):
+    """A detector plugin that raises on one picture (YuNet did on a 26000x8 strip) costs
+    that picture, with its reason, not the evaluation."""
+    from fiqa_gate.datasets import detect_sources
+
+    yunet = get_detector()
+
+    class Fussy:  # the real detector, except on one image size
+        def detect(self, image: np.ndarray) -> list:
+            if image.shape[1] == 201:
+                raise RuntimeError("OpenCV(5.0.0) error:\n(-215:Assertion failed)")
+            return yunet.detect(image)
+
+    odd = tmp_path / "odd.png"
+    Image.open(orl_root / "s31" / "2.pgm").resize((201, 240)).save(odd)
+    items = [("s31", orl_root / "s31" / "1.pgm"), ("s31", odd), ("s31", orl_root / "s31" / "3.pgm")]
+    skipped: list[tuple[str, str]] = []
+    found = detect_sources(items, Fussy(), skipped=skipped)
+    assert [f.source for f in found] == [str(items[0][1]), str(items[2][1])]
+    assert skipped == [(str(odd), "detector failed: RuntimeError: OpenCV(5.0.0) error: "
+                                  "(-215:Assertion failed)")]
+
+
 def test_group_photo_faces_are_degraded_in_a_window_that_changes_no_crop(sample_photo):
     from fiqa_gate.datasets import detect_sources, face_window
     from fiqa_gate.faces import align_face

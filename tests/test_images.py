@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +131,106 @@ def test_a_named_pipe_fails_at_once_instead_of_blocking(tmp_path):
         load_image(fifo)
     with pytest.raises(ImageLoadError, match="is a directory"):
         load_image(tmp_path)
+
+
+def _sideways_face_with_odd_exif(orl_root: Path, path: Path) -> Path:
+    """A sideways face, EXIF orientation 6, whose GPS block stores GPSVersionID as text
+    (4 ASCII bytes) instead of 4 BYTEs: a camera-app quirk that Pillow reads but cannot
+    write back, which ImageOps.exif_transpose tries to do."""
+    def entry(tag: int, kind: int, count: int, value: bytes) -> bytes:
+        return struct.pack(">HHI", tag, kind, count) + value
+
+    gps_at = 8 + 2 + 12 * 2 + 4
+    ifd0 = (struct.pack(">H", 2) + entry(0x0112, 3, 1, struct.pack(">HH", 6, 0))
+            + entry(0x8825, 4, 1, struct.pack(">I", gps_at)) + struct.pack(">I", 0))
+    gps = struct.pack(">H", 1) + entry(0x0000, 2, 4, b"2.2\x00") + struct.pack(">I", 0)
+    blob = b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd0 + gps
+    face = Image.open(orl_root / "s1" / "1.pgm").convert("RGB")
+    face.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=blob)
+    return path
+
+
+def test_malformed_exif_still_turns_the_face_upright(tmp_path, orl_root):
+    path = _sideways_face_with_odd_exif(orl_root, tmp_path / "phone.jpg")
+    with Image.open(path) as img:
+        assert img.size == (112, 92) and img.getexif()[0x0112] == 6
+    arr = load_image(path)
+    upright = np.asarray(Image.open(orl_root / "s1" / "1.pgm").convert("RGB"), np.float64)
+    assert arr.shape == (112, 92, 3)
+    assert np.abs(arr - upright).mean() < 4  # the same face, upright (JPEG noise only)
+
+
+@pytest.mark.parametrize("orientation, turn", [
+    (3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90),
+    (8, Image.Transpose.ROTATE_270), (2, Image.Transpose.FLIP_LEFT_RIGHT),
+    (5, Image.Transpose.TRANSPOSE), (7, Image.Transpose.TRANSVERSE),
+])
+def test_every_exif_orientation_undone(tmp_path, orientation, turn):
+    rng = np.random.default_rng(orientation)
+    upright = rng.integers(0, 256, (30, 50, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    # stored as a camera would: the upright picture turned the other way
+    path = _save(Image.fromarray(upright).transpose(turn), tmp_path / "o.png", exif=exif)
+    assert np.array_equal(load_image(path), upright)
+
+
+def test_photoshop_composite_is_read(tmp_path, orl_root):
+    face = np.asarray(Image.open(orl_root / "s1" / "1.pgm").convert("RGB"))
+    h, w, c = face.shape  # the smallest valid PSD: version 1, RGB, 8 bits, raw composite
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, c, h, w, 8, 3) + b"\0" * 12
+    path = tmp_path / "face.psd"
+    path.write_bytes(header + struct.pack(">H", 0)
+                     + b"".join(face[:, :, i].tobytes() for i in range(c)))
+    assert np.array_equal(load_image(path), face)
+
+
+def test_non_finite_pixels_of_a_float_image_are_ignored(tmp_path):
+    ramp = np.linspace(0.0, 1.0, 64 * 64, dtype=np.float32).reshape(64, 64)
+    clean = load_image(_save(Image.fromarray(ramp, "F"), tmp_path / "clean.tif"))
+    for bad in (np.nan, np.inf, -np.inf):
+        damaged = ramp.copy()
+        damaged[5, 7] = bad
+        arr = load_image(_save(Image.fromarray(damaged, "F"), tmp_path / "bad.tif"))
+        assert arr.min() == 0 and arr.max() == 255
+        mask = np.ones(ramp.shape, bool)
+        mask[5, 7] = False
+        assert np.array_equal(arr[mask], clean[mask])
+
+
+def test_walk_skips_links_to_folders_above_the_one_given(tmp_path, caplog):
+    photos = tmp_path / "home" / "photos"
+    (photos / "s1").mkdir(parents=True)
+    (photos / "s1" / "me.jpg").write_bytes(b"x")
+    (tmp_path / "home" / "not_an_input.jpg").write_bytes(b"x")
+    os.symlink("../..", photos / "s1" / "back")  # -> home
+    os.symlink(str(photos), photos / "s1" / "again")  # -> the folder given: walked once
+    files = list(iter_files([photos]))
+    assert files == [str(photos / "s1" / "me.jpg")]
+    assert "links to a folder above the one given" in caplog.text and "back" in caplog.text
+
+
+def test_unlisted_folder_given_as_input_says_why(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "1.jpg").write_bytes(b"x")
+    locked.chmod(0)
+    try:
+        # as root the mode bits do not apply: drop the capabilities that ignore them
+        code = ("import sys; from fiqa_gate.images import load_image, identity_folders\n"
+                "from fiqa_gate.errors import ImageLoadError, FiqaGateError\n"
+                "try: load_image(sys.argv[1])\n"
+                "except ImageLoadError as e: print(e.reason)\n"
+                "try: identity_folders(sys.argv[1])\n"
+                "except FiqaGateError as e: print(e)\n")
+        cmd = [sys.executable, "-c", code, str(locked)]
+        if os.geteuid() == 0:
+            if not shutil.which("setpriv"):
+                pytest.skip("needs setpriv to drop root's file capabilities")
+            cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["folder cannot be listed: Permission denied",
+                                        f"{locked}: permission denied"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -196,6 +197,9 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert "Provenance: resumed from a copied folder\n" in card
     log_text = (out / "train.log").read_text()
     assert "validation" in log_text  # selection on validation EDC ran
+    # ... beside the free baseline, the recognizer's norm, on the same faces
+    assert re.search(r"validation: \d+ faces; sface's embedding norm scores 0\.\d{4} there",
+                     log_text)
     assert "student: hint from the frozen trunk" in log_text  # labelled + A have views
     # The fused teachers: pseudo-labels B are the enhanced network's output fused with
     # SFace's embedding norm, recomputed here from the cached parts.

@@ -307,8 +307,11 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         ab = cfg["input_size_ablation"]
         lines += [f"Input size: the same student trained at {' and '.join(map(str, ab['sizes']))}"
                   f" px on one budget ({ab['epochs']} epochs on {ab['max_faces']} faces drawn "
-                  "from labelled + A + B, each seed), rows `student N px`; run on request: "
-                  f"`fiqa-gate train run {cfg['name']} --stage input_size --stage report`.", ""]
+                  "from labelled + A + B, each seed), "
+                  + ("rows `student N px`" if report.get("input_size") else
+                     "not run for this card")
+                  + f"; run on request: `fiqa-gate train run {cfg['name']} --stage "
+                  "input_size --stage report`.", ""]
         for rname, sizes in report.get("input_size", {}).items():
             lines += [f"| input size, {rname} | seeds | mean pAUC 20 % | mean pAUC 30 % |",
                       "|---|---|---|---|"]
