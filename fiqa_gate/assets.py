@@ -6,15 +6,22 @@ network hub) and is checked against a pinned SHA-256 digest before use.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
+import logging
 import os
+import stat
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from fiqa_gate.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -93,13 +100,22 @@ def atomic_save_array(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda fh: np.save(fh, array))
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o644) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """`write` the file into a synced temporary file beside `path`, renamed over it: a
-    full disk or a kill leaves the previous file, never a torn one."""
+    full disk or a kill leaves the previous file, never a torn one. A new file gets the
+    mode the umask gives; a replaced one keeps its mode and (where allowed) its owner."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, mode)  # mkstemp's 0600 would stick to the file
+        old = path.stat()
+    except FileNotFoundError:
+        old = None
+    fd, tmp = temp_file(path.parent, ".tmp")
+    try:
+        if old is not None:  # before the rename, so no one sees it change hands
+            with contextlib.suppress(PermissionError):  # only root may give a file away
+                os.fchown(fd, old.st_uid, old.st_gid)
+        # after any chown, which may clear set-id bits; mkstemp's 0600 would stick
+        os.fchmod(fd, stat.S_IMODE(old.st_mode) if old else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -108,6 +124,89 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# Every temporary file fiqa-gate writes beside a target: .fiqa-<host>-<pid>-<random><suffix>.
+# A short name (the target's own may be at the 255-byte limit) that walkers skip, and that
+# says who wrote it, so a later run removes those of writers that died.
+TEMP_PREFIX = ".fiqa-"
+TEMP_SUFFIXES = (".part", ".tmp")
+_cleaned: set[str] = set()
+
+
+@functools.lru_cache(maxsize=1)
+def _host_tag() -> str:
+    """Same tag, same boot of the same machine and the same pid namespace: only then does
+    a pid that is not running mean its writer is gone."""
+    parts = []
+    for f in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(f) if f.endswith("/pid") else Path(f).read_text())
+        except OSError:
+            return "x" * 8  # unknown: nobody's tag, so the age rule alone applies
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:8]
+
+
+def temp_file(folder: Path, suffix: str) -> tuple[int, str]:
+    """mkstemp in `folder` under fiqa-gate's temporary name, after removing those that
+    writers which died left there."""
+    remove_dead_temps(folder)
+    return tempfile.mkstemp(dir=folder, prefix=f"{TEMP_PREFIX}{_host_tag()}-{os.getpid()}-",
+                            suffix=suffix)
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIXES)
+
+
+def remove_dead_temps(folder: Path) -> None:
+    """Remove, once per folder and process, the temporary files of killed writers: of
+    this machine and pid namespace when their pid is gone, of others after an hour."""
+    key = os.path.realpath(folder)
+    if key in _cleaned:
+        return
+    _cleaned.add(key)
+    try:
+        names = [n for n in os.listdir(folder) if is_temp_name(n)]
+    except OSError:
+        return
+    for name in names:
+        fields = name[len(TEMP_PREFIX):].split("-")
+        tag, pid = (fields[0], fields[1]) if len(fields) > 2 else ("", fields[0])
+        if not (pid.isascii() and pid.isdigit() and int(pid) < 2**22) or _alive(int(pid)):
+            continue
+        temp = folder / name
+        try:
+            if temp.is_symlink() or not temp.is_file():
+                continue
+            if tag != _host_tag() and time.time() - temp.stat().st_mtime < 3600:
+                continue  # a pid of another machine or namespace may only look gone
+            temp.unlink()
+            log.info("removed %s, left by a run that was killed", temp)
+        except OSError:  # not ours to remove after all: leave it
+            continue
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def onnx_session(path: str | os.PathLike[str],

@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from fiqa_gate import registry
+from fiqa_gate.assets import temp_file
 from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError
 from fiqa_gate.images import identity_folders, iter_files
 
@@ -192,8 +192,26 @@ class _Group(click.Group):
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:  # what was written stays; --resume or a rerun goes on
-            click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            _interrupted()
+        except Exception as exc:
+            if _caused_by_interrupt(exc):  # ONNX Runtime wraps one in its ImportError
+                _interrupted()
+            raise
+
+
+def _caused_by_interrupt(exc: BaseException | None) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _interrupted() -> None:
+    click.echo("Interrupted.", err=True)
+    sys.exit(130)
 
 
 @click.group(cls=_Group)
@@ -226,7 +244,9 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
                     "output clipped to [0, 1]", scorer, recognizer)
     failures = Failures()
     files = _listed(paths, iter_files(paths), output)
-    with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True) as manifest:
+    with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True,
+                       check=lambda rows: _same_folder(output, rows, files)) as manifest:
+        failures.count += _failed_before(manifest.done_rows, files)
         for path in _progress(_not_done(files, manifest.done), "score"):
             try:
                 faces = pipe.faces(path)
@@ -260,10 +280,7 @@ def _place_copy(src: str, dest: Path, move: bool) -> tuple[str, os.stat_result |
     if move:
         _check_removable(src)  # a move that cannot finish copies nothing
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_parts(dest.parent)
-    # a short prefix with our pid: the file's own name may already be at the 255-byte limit
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".fiqa-{os.getpid()}-",
-                               suffix=".part")
+    fd, tmp = temp_file(dest.parent, ".part")
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
             copied = os.fstat(inp.fileno())
@@ -367,44 +384,51 @@ def _finish_moves(rows: Sequence[dict[str, str]], files: Sequence[str],
     return finished
 
 
-_cleaned: set[Path] = set()
-
-
-def _remove_dead_parts(folder: Path) -> None:
-    """Partial copies left by a killed filter run (its pid is gone), once per folder."""
-    if folder in _cleaned:
-        return
-    _cleaned.add(folder)
-    for part in folder.glob(".fiqa-*-*.part"):
-        pid = part.name.split("-")[1]
-        try:  # an hour untouched too: a pid from another pid namespace may look dead
-            if (pid.isascii() and pid.isdigit() and int(pid) < 2**22 and not _alive(int(pid))
-                    and part.is_file() and not part.is_symlink()
-                    and time.time() - part.stat().st_mtime > 3600):
-                part.unlink()
-        except OSError:  # not ours to remove after all: leave it
-            continue
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def _same_threshold(manifest_path: str, rows: Sequence[dict[str, str]], threshold: float
                     ) -> None:
     """A resumed manifest keeps one threshold, or its decisions would not add up."""
-    earlier = {float(r["threshold"]) for r in rows if r.get("threshold")}
+    earlier = set()
+    for r in rows:
+        try:
+            earlier |= {float(r["threshold"])} if r.get("threshold") else set()
+        except ValueError:
+            raise click.UsageError(f"{manifest_path}: the row of {r.get('path')!r} has the "
+                                   f"threshold {r['threshold']!r}, not a number; fix it "
+                                   "or write a new manifest") from None
     if earlier - {threshold}:
         raise click.UsageError(
             f"{manifest_path} was written with --threshold "
             f"{', '.join(f'{t:g}' for t in sorted(earlier))}; resume with the same "
             "threshold, or write a new manifest")
+
+
+def _same_folder(manifest_path: str, rows: Sequence[dict[str, str]],
+                 files: Sequence[str]) -> None:
+    """Refuse to resume a manifest written from another working folder: its relative
+    paths would name none of the inputs here, and every input would be done twice."""
+    relative = {r["path"] for r in rows if r.get("path") and not os.path.isabs(r["path"])}
+    inputs = {_where(f) for f in files}
+    if not relative or any(_where(p) in inputs for p in relative):
+        return
+    by_name: dict[str, list[str]] = {}
+    for f in files:
+        by_name.setdefault(os.path.basename(f), []).append(os.path.abspath(f))
+    for p in sorted(relative):
+        tail = os.sep + os.path.normpath(p)
+        base = next((f[:-len(tail)] for f in by_name.get(os.path.basename(p), ())
+                     if f.endswith(tail)), None)
+        if base is not None:
+            raise click.UsageError(
+                f"{manifest_path} was written from another working folder: its row "
+                f"{p!r} is {base + tail!r} from here; resume from {base or os.sep!r}")
+
+
+def _failed_before(rows: Sequence[dict[str, str]], files: Sequence[str]) -> int:
+    """Inputs of this run whose rows from an earlier run say they failed: they still
+    count for the exit code."""
+    inputs = {_where(f) for f in files}
+    return len({w for r in rows if r.get("error") and r.get("path")
+                and (w := _where(r["path"])) in inputs})
 
 
 def _is_inside(path: str, folders: Sequence[str]) -> bool:
@@ -480,9 +504,15 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
     counts = {"accepted": 0, "rejected": 0, "error": 0}
     not_copied = not_removed = 0
     # a resumed run copies again what could not be copied (a full disk, since freed)
+    inputs = {_where(f) for f in files}
     with open_manifest(output, FILTER_COLUMNS, resume=resume,
-                       check=lambda rows: _same_threshold(output, rows, threshold),
-                       redo=lambda row: COPY_FAILED in (row.get("error") or "")) as manifest:
+                       check=lambda rows: (_same_threshold(output, rows, threshold),
+                                           _same_folder(output, rows, files)),
+                       # only this run's inputs: another input's row stays as it is
+                       redo=lambda row: (COPY_FAILED in (row.get("error") or "")
+                                         and _where(row["path"]) in inputs)) as manifest:
+        failed_before = _failed_before(manifest.done_rows, files)
+        failures.count += failed_before
         if move and _finish_moves(manifest.done_rows, files, targets):
             log.info("finished the moves an earlier run had recorded")
         todo = _not_done(files, manifest.done)
@@ -529,6 +559,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
     click.echo(f"{len(files)} files: {counts['accepted']} accepted, {counts['rejected']} "
                f"rejected, {counts['error']} failed (threshold {threshold})"
                + (f"; {len(files) - len(todo)} done before, in the manifest"
+                  + (f" ({failed_before} of them failed)" if failed_before else "")
                   if len(todo) < len(files) else "")
                + (f"; {not_copied} not copied (see the manifest's error column)"
                   if not_copied else "")
@@ -771,5 +802,8 @@ def main(argv: Iterable[str] | None = None) -> None:
         _add_plugin_commands(cli)
         cli.main(args=args, prog_name="fiqa-gate")
     except KeyboardInterrupt:  # before a command runs (e.g. while plugins import)
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        _interrupted()
+    except Exception as exc:
+        if _caused_by_interrupt(exc):
+            _interrupted()
+        raise

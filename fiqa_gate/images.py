@@ -18,6 +18,7 @@ from pathlib import PurePath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fiqa_gate.assets import is_temp_name
 from fiqa_gate.errors import FiqaGateError, ImageLoadError
 
 log = logging.getLogger("fiqa_gate")
@@ -154,9 +155,9 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
     says whether to walk a folder; the folder given is walked once however many links
     lead back to it); a link to a folder above the one given is skipped with a warning,
     since it would take in everything beside the input (and `filter --move` would move
-    it). Files given by name are yielded even if they do not
-    exist or are not images, so that the caller reports them instead of skipping them
-    silently.
+    it). fiqa-gate's own temporary files are not listed. Files given by name are yielded
+    even if they do not exist or are not images, so that the caller reports them instead
+    of skipping them silently.
     """
     seen_dirs: set[tuple[int, int]] = set()
     for raw in paths:
@@ -186,7 +187,8 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
             seen_dirs.add(key)
             dirnames.sort()
             for name in sorted(filenames):
-                yield os.path.join(dirpath, name)
+                if not is_temp_name(name):  # a copy or report fiqa-gate is writing (or a
+                    yield os.path.join(dirpath, name)  # killed run left): not an input
         # a folder that cannot be listed becomes an input that fails with its reason
         yield from (e.filename for e in unlistable if e.filename)
         _warn_skipped(top, upward, "folders skipped: links to a folder above the one given")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import fcntl
 import io
 import itertools
 import logging
@@ -169,13 +170,10 @@ def _replace(path: str, data: bytes) -> None:
     from fiqa_gate.assets import atomic_write
 
     real = Path(os.path.realpath(path))
-    st = real.stat()
-    if st.st_nlink > 1:
-        log.warning("%s has %d names; the others keep the rows this run redoes", real,
-                    st.st_nlink)
-    atomic_write(real, lambda fh: fh.write(data), mode=stat.S_IMODE(st.st_mode))
-    with contextlib.suppress(PermissionError):  # only root may give a file away
-        os.chown(real, st.st_uid, st.st_gid)
+    links = real.stat().st_nlink
+    if links > 1:
+        log.warning("%s has %d names; the others keep the rows this run redoes", real, links)
+    atomic_write(real, lambda fh: fh.write(data))
 
 
 def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
@@ -195,16 +193,66 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
         manifest.write_text(",".join(columns) + "\n")
         return manifest
     done: list[dict[str, str]] = []
+    fh = None
     try:
-        if resume and os.path.exists(path):
+        # Opened without truncating and locked first: a second run on this manifest is
+        # refused before it reads, cuts or rewrites the rows the first one is writing.
+        fh = _open_locked(path)
+        if resume and not _is_file(fh):
+            raise ManifestError(f"--resume continues a manifest file; {path} is not one")
+        if resume and _size(fh) > 0:
             done = _read_done(path, columns, key, multi_row, check, redo)
-        if resume and os.path.exists(path) and os.path.getsize(path) > 0:
-            fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
-        else:
-            fh = open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")
+            if _replaced(fh, path):  # rewritten (failed rows dropped): lock the new file
+                fh.close()
+                fh = _open_locked(path)
+        if not (resume and _size(fh) > 0):  # new, or only a torn header was there
+            if _is_file(fh):
+                fh.truncate(0)
             fh.write(",".join(columns) + "\n")
             fh.flush()
     except OSError as exc:  # a folder, a missing parent, no permission: before any work
+        if fh is not None:
+            fh.close()
         raise ManifestError(f"cannot write the manifest {path}: "
                             f"{exc.strerror or exc}") from None
+    except BaseException:
+        if fh is not None:
+            fh.close()
+        raise
     return Manifest(fh, columns, owned=True, name=path, done_rows=done, key=key)
+
+
+def _open_locked(path: str) -> IO[str]:
+    fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
+    if not _is_file(fh):  # a pipe, /dev/null: nothing to guard
+        return fh
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ManifestError(f"{path} is being written by another fiqa-gate run; wait for it "
+                            "to finish (then --resume), or write another manifest") from None
+    except OSError:  # a file system without locks: go on unguarded
+        log.debug("%s: cannot be locked", path, exc_info=True)
+    if _replaced(fh, path):  # renamed over between open and lock: lock the new file
+        fh.close()
+        return _open_locked(path)
+    return fh
+
+
+def _is_file(fh: IO[str]) -> bool:
+    return stat.S_ISREG(os.fstat(fh.fileno()).st_mode)
+
+
+def _size(fh: IO[str]) -> int:
+    return os.fstat(fh.fileno()).st_size
+
+
+def _replaced(fh: IO[str], path: str) -> bool:
+    """Whether `path` now names another file than the one `fh` holds."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino)

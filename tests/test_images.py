@@ -198,6 +198,14 @@ def test_non_finite_pixels_of_a_float_image_are_ignored(tmp_path):
         assert np.array_equal(arr[mask], clean[mask])
 
 
+def test_walk_skips_fiqa_gate_s_own_temporary_files(tmp_path):
+    for name in ("a.jpg", ".fiqa-45b4a5ea-123-x.part", ".fiqa-1-y.tmp", ".hidden.jpg",
+                 ".fiqa-notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(os.path.basename(f) for f in iter_files([tmp_path])) == [
+        ".fiqa-notes.txt", ".hidden.jpg", "a.jpg"]
+
+
 def test_walk_skips_links_to_folders_above_the_one_given(tmp_path, caplog):
     photos = tmp_path / "home" / "photos"
     (photos / "s1").mkdir(parents=True)

@@ -115,7 +115,7 @@ def test_partial_copies_of_a_killed_run_are_removed_and_a_live_run_s_are_not(tmp
                                                                              orl_root):
     import os
 
-    from fiqa_gate.cli import _alive
+    from fiqa_gate.assets import _alive, _host_tag
 
     src, ok = tmp_path / "in", tmp_path / "ok"
     src.mkdir()
@@ -125,13 +125,18 @@ def test_partial_copies_of_a_killed_run_are_removed_and_a_live_run_s_are_not(tmp
     old = ok / f".fiqa-{dead}-x1.part"
     old.write_bytes(b"half a copy")  # its filter was killed two hours ago
     os.utime(old, (os.path.getmtime(old) - 7200,) * 2)
+    # killed a moment ago on this machine, in this pid namespace: gone at once
+    (ok / f".fiqa-{_host_tag()}-{dead}-x4.part").write_bytes(b"half a copy")
     kept = [f".fiqa-{os.getpid()}-x2.part",  # a live run's
+            f".fiqa-{_host_tag()}-{os.getpid()}-x5.part",  # a live run's
             f".fiqa-{dead}-x3.part",  # fresh: maybe a live run in another pid namespace
+            f".fiqa-0badc0de-{dead}-x6.part",  # fresh, from another machine or namespace
             ".fiqa-99999999999999999999-x.part", ".fiqa-²-x.part"]  # not pids at all
     for name in kept:
         (ok / name).write_bytes(b"in flight")
         os.utime(ok / name, (os.path.getmtime(ok / name) - 7200,) * 2)
-    os.utime(ok / kept[1])  # fresh again
+    os.utime(ok / kept[2])  # fresh again
+    os.utime(ok / kept[3])
     (ok / f".fiqa-{dead}-dir.part").mkdir()  # not a file: left alone
     done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
                 "--threshold", "0", *SCORER)
@@ -363,7 +368,8 @@ def test_move_from_read_only_media_or_onto_the_input_itself_loses_nothing(tmp_pa
         row = _rows(tmp_path / "m.csv")[0]
         assert row["error"].startswith("not moved: ") and "read-only" in row["error"]
         assert not row["copied_to"] and not (tmp_path / "ok" / "a.pgm").exists()
-        assert _run(*args, "--resume").returncode == 0
+        again = _run(*args, "--resume")  # not redone; still a failure of this job
+        assert again.returncode == 1 and b"(1 of them failed)" in again.stderr
         assert len(_rows(tmp_path / "m.csv")) == 1
     # a target folder that is the input under another name (a bind mount) is refused
     src, alias = tmp_path / "in", tmp_path / "alias"
@@ -412,3 +418,156 @@ def test_move_from_read_only_media_or_onto_the_input_itself_loses_nothing(tmp_pa
         assert [Path(r["path"]).name for r in _rows(tmp_path / "m3.csv")] == ["e.pgm"]
     finally:
         subprocess.run(["umount", "--lazy", str(inner / "sub")], check=False)
+
+
+def _two_inputs_that_cannot_be_copied(tmp_path: Path, orl_root: Path) -> tuple[Path, Path]:
+    """Folders a/ and b/ with a face each, and ok/ already holding other files of their
+    names: each copy fails (never overwritten), a row saying "copy failed"."""
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    for folder, name, face in (("a", "1.pgm", "s38/1.pgm"), ("b", "2.pgm", "s38/2.pgm")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes((orl_root / face).read_bytes())
+        (ok / name).write_bytes(b"someone else's file")
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_a_resume_redoes_only_its_own_failed_copies_and_counts_old_failures(tmp_path,
+                                                                            orl_root):
+    a, b = _two_inputs_that_cannot_be_copied(tmp_path, orl_root)
+    ok, manifest = tmp_path / "ok", tmp_path / "m.csv"
+    args = ["-o", str(manifest), "--accepted-dir", str(ok), "--threshold", "0", *SCORER]
+    assert _run("filter", str(a), str(b), *args).returncode == 1
+    assert all("copy failed" in r["error"] for r in _rows(manifest))
+    (ok / "1.pgm").unlink()  # room for a's copy now
+    done = _run("filter", str(a), *args, "--resume")  # b is no input of this run
+    assert done.returncode == 0, done.stderr
+    rows = {Path(r["path"]).name: r for r in _rows(manifest)}
+    assert rows["2.pgm"]["error"].startswith("copy failed")  # b's row kept, not dropped
+    assert rows["1.pgm"]["copied_to"].endswith("(copied)") and not rows["1.pgm"]["error"]
+    # An input that failed before (not a copy: it is no image) is not done again, and
+    # still makes the exit code 1: `filter ... --resume && next-step` must not go on.
+    (a / "3.jpg").write_bytes(b"not a picture")
+    plain = ["-o", str(tmp_path / "m2.csv"), "--threshold", "0", *SCORER]
+    assert _run("filter", str(a), *plain).returncode == 1
+    done = _run("filter", str(a), *plain, "--resume")
+    assert b"2 done before, in the manifest (1 of them failed)" in done.stderr
+    assert done.returncode == 1, done.stderr
+    assert len(_rows(tmp_path / "m2.csv")) == 2
+
+
+def test_a_resume_from_another_working_folder_is_refused(tmp_path, orl_root):
+    job = tmp_path / "job"
+    (job / "in").mkdir(parents=True)
+    for i in (1, 2):
+        (job / "in" / f"{i}.pgm").write_bytes((orl_root / "s38" / f"{i}.pgm").read_bytes())
+    args = ["--threshold", "0", "--accepted-dir", "ok", *SCORER]
+    first = subprocess.run([sys.executable, "-m", "fiqa_gate", "filter", "in", "-o", "m.csv",
+                            *args], cwd=job, capture_output=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    before = (job / "m.csv").read_bytes()
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "filter", "job/in", "-o",
+                           "job/m.csv", *args, "--resume"], cwd=tmp_path, capture_output=True,
+                          timeout=600)
+    assert done.returncode == 2
+    assert b"written from another working folder" in done.stderr
+    assert str(job).encode() in done.stderr  # where to resume from
+    assert (job / "m.csv").read_bytes() == before and not (tmp_path / "ok").exists()
+    again = subprocess.run([sys.executable, "-m", "fiqa_gate", "score", "job/in", "-o",
+                            "job/s.csv", *SCORER], cwd=tmp_path, capture_output=True,
+                           timeout=600)
+    assert again.returncode == 0  # a resume from the right folder is not refused:
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "score", "job/in", "-o",
+                           "job/s.csv", "--resume", *SCORER], cwd=tmp_path,
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0 and len(_rows(job / "s.csv")) == 2, done.stderr
+
+
+def test_a_threshold_cell_that_is_no_number_is_a_clear_error(tmp_path, orl_root):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "1.pgm").write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
+    manifest = tmp_path / "m.csv"
+    assert _run("filter", str(src), "-o", str(manifest), *SCORER).returncode == 0
+    manifest.write_text(manifest.read_text().replace(",0.5,", ",50%,"))
+    done = _run("filter", str(src), "-o", str(manifest), "--resume", *SCORER)
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert b"has the threshold '50%', not a number" in done.stderr
+
+
+def test_two_runs_never_write_one_manifest(tmp_path):
+    from fiqa_gate.errors import ManifestError
+    from fiqa_gate.manifest import open_manifest
+
+    path = str(tmp_path / "m.csv")
+    with open_manifest(path, ["path", "error"]) as first:
+        first.write_rows([{"path": "a.jpg", "error": ""}])
+        for resume in (False, True):
+            with pytest.raises(ManifestError, match="being written by another fiqa-gate run"):
+                open_manifest(path, ["path", "error"], resume=resume)
+        first.write_rows([{"path": "b.jpg", "error": ""}])
+    assert [r["path"] for r in _rows(Path(path))] == ["a.jpg", "b.jpg"]  # nothing cut
+    # once the first has finished, a resume goes on, also after rewriting the file
+    with open_manifest(path, ["path", "error"], resume=True,
+                       redo=lambda row: row["path"] == "a.jpg") as second:
+        assert second.done == {"b.jpg"}
+        with pytest.raises(ManifestError, match="being written"):  # the rewritten file
+            open_manifest(path, ["path", "error"], resume=True)
+        second.write_rows([{"path": "a.jpg", "error": ""}])
+    assert [r["path"] for r in _rows(Path(path))] == ["b.jpg", "a.jpg"]
+
+
+def test_reports_and_caches_follow_the_umask_and_keep_a_replaced_file_s_mode_and_owner(
+        tmp_path):
+    import os
+
+    from fiqa_gate.assets import atomic_write_bytes
+
+    mask = os.umask(0o077)
+    try:
+        atomic_write_bytes(tmp_path / "new.json", b"{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o600
+    kept = tmp_path / "kept.json"
+    kept.write_bytes(b"old")
+    kept.chmod(0o640)
+    if os.geteuid() == 0:
+        os.chown(kept, 65534, 65534)  # another user's report, rewritten by root
+    atomic_write_bytes(kept, b"new")
+    st = kept.stat()
+    assert kept.read_bytes() == b"new" and st.st_mode & 0o777 == 0o640
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+    # the temporary name does not grow with the file's: a 250-byte name can be replaced
+    long = tmp_path / ("m" * 246 + ".csv")
+    long.write_bytes(b"a")
+    atomic_write_bytes(long, b"b")
+    assert long.read_bytes() == b"b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["new.json", "kept.json",
+                                                                 long.name])
+
+
+def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write_there(tmp_path):
+    from fiqa_gate.assets import _alive, _host_tag, atomic_write_bytes
+
+    dead = next(p for p in range(4_000_000, 4_100_000) if not _alive(p))
+    left = tmp_path / f".fiqa-{_host_tag()}-{dead}-abc.tmp"  # a report cut by SIGKILL
+    left.write_bytes(b"half a report")
+    atomic_write_bytes(tmp_path / "report.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_ctrl_c_inside_a_library_s_own_error_still_exits_130():
+    from fiqa_gate.cli import _caused_by_interrupt
+
+    def load() -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:  # as ONNX Runtime reports it while it loads
+            raise ImportError("initialization failed") from exc
+
+    with pytest.raises(ImportError) as err:
+        load()
+    assert _caused_by_interrupt(err.value)
+    assert not _caused_by_interrupt(ImportError("no module named x"))
