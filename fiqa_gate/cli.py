@@ -25,7 +25,7 @@ import click
 
 from fiqa_gate import registry
 from fiqa_gate.assets import temp_file
-from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError
+from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError, one_line
 from fiqa_gate.images import identity_folders, iter_files
 
 if TYPE_CHECKING:
@@ -66,8 +66,7 @@ def _error_text(exc: BaseException) -> str:
         return exc.reason
     if isinstance(exc, NoFaceError):
         return "no face found"
-    # one line: an OpenCV message spans several, and a CSV cell should not
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
+    return one_line(exc)
 
 
 def _listed(paths: Sequence[str], files: Iterable[str], manifest: str) -> list[str]:
@@ -246,7 +245,7 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
     files = _listed(paths, iter_files(paths), output)
     with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True,
                        check=lambda rows: _same_folder(output, rows, files)) as manifest:
-        failures.count += _failed_before(manifest.done_rows, files)
+        failures.count += _failed_before(manifest.done_rows, {_where(f) for f in files})
         for path in _progress(_not_done(files, manifest.done), "score"):
             try:
                 faces = pipe.faces(path)
@@ -423,10 +422,9 @@ def _same_folder(manifest_path: str, rows: Sequence[dict[str, str]],
                 f"{p!r} is {base + tail!r} from here; resume from {base or os.sep!r}")
 
 
-def _failed_before(rows: Sequence[dict[str, str]], files: Sequence[str]) -> int:
-    """Inputs of this run whose rows from an earlier run say they failed: they still
-    count for the exit code."""
-    inputs = {_where(f) for f in files}
+def _failed_before(rows: Sequence[dict[str, str]], inputs: set[str]) -> int:
+    """Inputs of this run (`_where` of each) whose rows from an earlier run say they
+    failed: they still count for the exit code."""
     return len({w for r in rows if r.get("error") and r.get("path")
                 and (w := _where(r["path"])) in inputs})
 
@@ -511,7 +509,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                        # only this run's inputs: another input's row stays as it is
                        redo=lambda row: (COPY_FAILED in (row.get("error") or "")
                                          and _where(row["path"]) in inputs)) as manifest:
-        failed_before = _failed_before(manifest.done_rows, files)
+        failed_before = _failed_before(manifest.done_rows, inputs)
         failures.count += failed_before
         if move and _finish_moves(manifest.done_rows, files, targets):
             log.info("finished the moves an earlier run had recorded")

@@ -32,7 +32,7 @@ import numpy as np
 
 from fiqa_gate import degradations
 from fiqa_gate.components import Detector
-from fiqa_gate.errors import FiqaGateError, ImageLoadError
+from fiqa_gate.errors import FiqaGateError, ImageLoadError, one_line
 from fiqa_gate.faces import (
     ALIGNED_SIZE,
     ARCFACE_TEMPLATE,
@@ -296,8 +296,7 @@ def detect_sources(items: Iterable[tuple[str | None, Path | str]], detector: Det
             found = detector.detect(image)
         except Exception as exc:  # a detector plugin's failure on one picture
             if skipped is not None:
-                skipped.append((str(path), " ".join(f"detector failed: {type(exc).__name__}: "
-                                                    f"{exc}".split())))
+                skipped.append((str(path), f"detector failed: {one_line(exc)}"))
             continue
         if not found:
             if skipped is not None:

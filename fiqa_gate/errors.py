@@ -5,6 +5,11 @@ class FiqaGateError(Exception):
     """Base class for every error fiqa-gate raises on purpose."""
 
 
+def one_line(exc: BaseException) -> str:
+    """`Type: message` on one line: an OpenCV message spans several, a CSV cell should not."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
 class ImageLoadError(FiqaGateError):
     """A file could not be read as an image; `reason` is short and stable (for manifests)."""
 

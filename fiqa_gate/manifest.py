@@ -210,14 +210,12 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
                 fh.truncate(0)
             fh.write(",".join(columns) + "\n")
             fh.flush()
-    except OSError as exc:  # a folder, a missing parent, no permission: before any work
+    except BaseException as exc:
         if fh is not None:
             fh.close()
-        raise ManifestError(f"cannot write the manifest {path}: "
-                            f"{exc.strerror or exc}") from None
-    except BaseException:
-        if fh is not None:
-            fh.close()
+        if isinstance(exc, OSError):  # a folder, a missing parent, no permission
+            raise ManifestError(f"cannot write the manifest {path}: "
+                                f"{exc.strerror or exc}") from None
         raise
     return Manifest(fh, columns, owned=True, name=path, done_rows=done, key=key)
 
