@@ -165,7 +165,15 @@ def read_mos_csv(csv_path: str | Path, image_root: str | Path | None = None
             rows.append((base / row["image_name"], score))
     if not rows:
         raise FiqaGateError(f"{csv_path}: no rows after the header")
-    return rows
+    by_image: dict[Path, list[float]] = {}
+    for path, score in rows:
+        by_image.setdefault(path, []).append(score)
+    repeated = [str(p) for p, scores in by_image.items() if len(scores) > 1]
+    if repeated:  # one face, one label: repeated ratings are averaged
+        log.warning("%s: %d images listed more than once, their scores averaged (%s)",
+                    csv_path, len(repeated), ", ".join(repeated[:3])
+                    + (", ..." if len(repeated) > 3 else ""))
+    return [(p, float(np.mean(scores))) for p, scores in by_image.items()]
 
 
 def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None

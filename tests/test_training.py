@@ -690,7 +690,9 @@ def test_an_identity_folder_too_small_to_split_is_refused_before_any_work(tmp_pa
         (folder / s).mkdir(parents=True)
         for i in (1, 2):
             shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
-    cfg, _ = _broken_smoke(tmp_path, {"data.labelled": f"identity:{folder}"})
+    cfg, _ = _broken_smoke(tmp_path, {"data.labelled": f"identity:{folder}",
+                                      "data.train_identities": _DELETE,
+                                      "data.val_identities": _DELETE})
     config = tmp_path / "small.json"
     config.write_text(json.dumps(cfg))
     done = subprocess.run([sys.executable, "-m", "fiqa_gate", "train", "run", str(config),
@@ -698,6 +700,32 @@ def test_an_identity_folder_too_small_to_split_is_refused_before_any_work(tmp_pa
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "has 3 identities, of which" in done.stderr and "Traceback" not in done.stderr
+    # identities named in the config must be the folder's (smoke.json names ORL's s25)
+    cfg["data"]["val_identities"] = ["s3", "s25"]
+    config.write_text(json.dumps(cfg))
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "train", "run", str(config),
+                           "--out", str(tmp_path / "run2"), "--stage", "data"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and f"identities not in {folder}: s25" in done.stderr
+
+
+def test_an_identity_folder_s_split_follows_the_identities_the_config_names():
+    from fiqa_gate_training.data import _validation_identities
+
+    from fiqa_gate.errors import FiqaGateError
+
+    names = [f"p{i}" for i in range(20)]
+    by_hash = _validation_identities({}, names, "people")
+    assert 1 <= len(by_hash) < 10 and by_hash <= set(names)  # about a fifth
+    assert _validation_identities({"val_identities": ["p1", "p2"]}, names, "people") == {
+        "p1", "p2"}
+    assert _validation_identities({"train_identities": names[2:]}, names, "people") == {
+        "p0", "p1"}
+    with pytest.raises(FiqaGateError, match="both in train_identities and in val"):
+        _validation_identities({"train_identities": ["p1"], "val_identities": ["p1"]},
+                               names, "people")
+    with pytest.raises(FiqaGateError, match="identities not in people: s31"):
+        _validation_identities({"val_identities": ["p1", "s31"]}, names, "people")
 
 
 def test_a_users_mos_list_and_run_folder_are_checked_before_any_work(tmp_path):
@@ -707,6 +735,10 @@ def test_a_users_mos_list_and_run_folder_are_checked_before_any_work(tmp_path):
     mos = tmp_path / "mos.csv"
     mos.write_text("\ufeffimage_name,score\na.jpg,0.7\n", encoding="utf-8")  # a BOM: fine
     assert read_mos_csv(mos) == [(tmp_path / "a.jpg", 0.7)]
+    mos.write_text("image_name,score\na.jpg,0.6\nb.jpg,0.1\na.jpg,0.8\n")
+    got = read_mos_csv(mos)  # one face, one label: a repeated rating is averaged
+    assert [p.name for p, _ in got] == ["a.jpg", "b.jpg"]
+    assert got[0][1] == pytest.approx(0.7) and got[1][1] == 0.1
     for text, says in (("image_name,score\na.jpg,nan\n", "bad score 'nan'"),
                        ("image_name,score\n", "no rows after the header")):
         mos.write_text(text)
@@ -747,3 +779,17 @@ def test_a_short_training_run_schedules_without_dividing_by_zero():
             opt.step()
             sched.step()
         assert all(g["lr"] >= 0 for g in opt.param_groups)
+
+
+def test_the_model_card_describes_the_data_and_models_the_run_used():
+    from fiqa_gate_training.report import _labelled_line, _span
+
+    assert _span([f"s{i}" for i in range(1, 25)]) == "s1-s24"
+    assert _span(["s1", "s3"]) == "s1, s3"
+    orl = _labelled_line({"labelled": "orl", "recognizer": "sface"})
+    assert "identities s1-s24 for training, s25-s30 for calibration" in orl
+    assert "SFace (OpenCV Zoo, Apache-2.0)" in orl
+    own = _labelled_line({"labelled": "identity:/data/casia", "recognizer": "dlib",
+                          "mos_csv": "mos.csv"})
+    assert "`/data/casia`" in own and "ORL faces" not in own and "mos.csv" in own
+    assert "dlib's ResNet" in own and "SFace" not in own

