@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import stat
 import tempfile
 import time
@@ -130,7 +131,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
 # A short name (the target's own may be at the 255-byte limit) that walkers skip, and that
 # says who wrote it, so a later run removes those of writers that died.
 TEMP_PREFIX = ".fiqa-"
-TEMP_SUFFIXES = (".part", ".tmp")
+# exactly what mkstemp makes of it (earlier versions wrote no host tag): a photo's own
+# name is never taken for one of these, to be skipped or removed
+_TEMP_NAME = re.compile(r"\.fiqa-(?:(?P<tag>[0-9a-fx]{8})-)?(?P<pid>[0-9]{1,7})-"
+                        r"[a-z0-9_]{8}\.(?:part|tmp)")
 _cleaned: set[str] = set()
 
 
@@ -156,7 +160,7 @@ def temp_file(folder: Path, suffix: str) -> tuple[int, str]:
 
 
 def is_temp_name(name: str) -> bool:
-    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIXES)
+    return _TEMP_NAME.fullmatch(name) is not None
 
 
 def remove_dead_temps(folder: Path) -> None:
@@ -171,9 +175,9 @@ def remove_dead_temps(folder: Path) -> None:
     except OSError:
         return
     for name in names:
-        fields = name[len(TEMP_PREFIX):].split("-")
-        tag, pid = (fields[0], fields[1]) if len(fields) > 2 else ("", fields[0])
-        if not (pid.isascii() and pid.isdigit() and int(pid) < 2**22) or _alive(int(pid)):
+        match = _TEMP_NAME.fullmatch(name)
+        tag, pid = match["tag"] or "", int(match["pid"])
+        if pid >= 2**22 or _alive(pid):
             continue
         temp = folder / name
         try:

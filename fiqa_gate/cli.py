@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from fiqa_gate import registry
-from fiqa_gate.assets import temp_file
+from fiqa_gate.assets import is_temp_name, temp_file
 from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError, one_line
 from fiqa_gate.images import identity_folders, iter_files
 
@@ -276,6 +276,8 @@ def _place_copy(src: str, dest: Path, move: bool) -> tuple[str, os.stat_result |
     `move`, also the stat of src as copied (`_check_unchanged` passed): the caller removes
     src after the manifest row saying so is written, so a failed write never leaves a
     moved file without its row."""
+    if is_temp_name(dest.name):  # a later run would take it for a killed run's leftover
+        raise OSError(f"{dest.name} is named as fiqa-gate's temporary files are; rename it")
     if move:
         _check_removable(src)  # a move that cannot finish copies nothing
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -383,6 +385,17 @@ def _finish_moves(rows: Sequence[dict[str, str]], files: Sequence[str],
     return finished
 
 
+def _not_copyable(path: str) -> str | None:
+    """Why `path` is no regular file a target folder can receive (None: it is one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no file there (gone, or a link that leads nowhere)"
+    except OSError as exc:  # a folder on the way that cannot be searched, a link loop
+        return f"cannot be reached: {exc.strerror or exc}"
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
 def _same_threshold(manifest_path: str, rows: Sequence[dict[str, str]], threshold: float
                     ) -> None:
     """A resumed manifest keeps one threshold, or its decisions would not add up."""
@@ -467,7 +480,9 @@ def _same_content(a: str | Path, b: str | Path) -> bool:
 @click.option("-o", "--manifest", "output", default="-", show_default=True,
               help="Manifest CSV of every input ('-' for stdout).")
 @click.option("--accepted-dir", type=click.Path(file_okay=False),
-              help="Copy accepted files here (relative paths kept).")
+              help="Copy accepted files here, each at its path below the PATH it was "
+                   "found under (two PATHS holding one relative path share its place: "
+                   "the second is an error row, never written over the first).")
 @click.option("--rejected-dir", type=click.Path(file_okay=False),
               help="Copy rejected and failed files here (failed regular files: a pipe, "
                    "device or dangling link is left where it is, and its row says so).")
@@ -528,10 +543,9 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
             counts[{"accept": "accepted", "reject": "rejected"}.get(row["decision"], "error")] += 1
             target = accepted_dir if row["decision"] == "accept" else rejected_dir
             copied = None
-            if target and not os.path.isfile(path):
+            why = _not_copyable(path) if target else None
+            if why:
                 not_copied += 1
-                why = ("not a regular file" if os.path.exists(path) else
-                       "no file there (gone, or a link that leads nowhere)")
                 row["error"] = (row.get("error", "") + f"; not copied: {why}").lstrip("; ")
             elif target:
                 try:

@@ -35,10 +35,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB, compositing transparency on white."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit and float grey: scale the actual range to 8 bits instead of clipping.
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)
+        if img.mode == "I" and _unsigned_32_bit(img):  # Pillow reads it as signed
+            arr = arr.view(np.uint32)
+        arr = arr.astype(np.float64)
         finite = np.isfinite(arr)  # a float TIFF may hold NaN or inf pixels
         lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0, 0)
-        arr = np.where(finite, arr, lo)
+        arr = np.where(finite, arr, np.where(arr > 0, hi, lo))  # +inf white, -inf/NaN black
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         arr8 = ((arr - lo) * scale).clip(0, 255).astype(np.uint8)
         return Image.fromarray(arr8, "L").convert("RGB")
@@ -49,6 +52,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _unsigned_32_bit(img: Image.Image) -> bool:
+    tags = getattr(img, "tag_v2", None)  # TIFF only
+    if tags is None:
+        return False
+
+    def first(tag: int, default: int) -> int:
+        value = tags.get(tag, default)
+        return int(value[0] if isinstance(value, tuple) else value)
+
+    return first(339, 1) == 1 and first(258, 8) == 32  # SampleFormat uint, 32 bits
 
 
 def _refuse_unless_regular(p: str, mode: int) -> None:
@@ -145,6 +160,8 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         raise ImageLoadError(p, f"corrupt or truncated image: {exc}") from None
     except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise ImageLoadError(p, f"unreadable image: {type(exc).__name__}: {exc}") from None
+    except RuntimeError as exc:  # the AVIF decoder's report of damaged data
+        raise ImageLoadError(p, f"corrupt or truncated image: {exc}") from None
 
 
 def iter_files(paths: Iterable[str | os.PathLike[str]],
@@ -166,6 +183,9 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
             yield top
             continue
         real_top, upward = os.path.realpath(top), []
+        # above the input: the folders holding it, as named and as resolved (the input
+        # may itself be a link, whose target's folders are not where the user looks)
+        above = {os.path.realpath(a) for a in _ancestors(os.path.abspath(top))}
         unlistable: list[OSError] = []
         for dirpath, dirnames, filenames in os.walk(top, followlinks=True,
                                                     onerror=unlistable.append):
@@ -180,7 +200,10 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
             if key in seen_dirs or (enter is not None and not enter(dirpath)):
                 dirnames[:] = []  # a symlink loop, the same folder twice, or not wanted
                 continue
-            if dirpath != top and _inside(real_top, os.path.realpath(dirpath)):
+            real = os.path.realpath(dirpath)
+            if dirpath != top and real != real_top and (
+                    _inside(real_top, real) or any(real == a or _inside(a, real)
+                                                   for a in above)):
                 upward.append(dirpath)
                 dirnames[:] = []
                 continue
@@ -192,6 +215,14 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
         # a folder that cannot be listed becomes an input that fails with its reason
         yield from (e.filename for e in unlistable if e.filename)
         _warn_skipped(top, upward, "folders skipped: links to a folder above the one given")
+
+
+def _ancestors(path: str) -> list[str]:
+    out = []
+    while (parent := os.path.dirname(path)) != path:
+        out.append(parent)
+        path = parent
+    return out
 
 
 def identity_folders(root: str | os.PathLike[str], once: bool = False

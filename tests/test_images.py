@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -198,12 +199,50 @@ def test_non_finite_pixels_of_a_float_image_are_ignored(tmp_path):
         assert np.array_equal(arr[mask], clean[mask])
 
 
-def test_walk_skips_fiqa_gate_s_own_temporary_files(tmp_path):
-    for name in ("a.jpg", ".fiqa-45b4a5ea-123-x.part", ".fiqa-1-y.tmp", ".hidden.jpg",
-                 ".fiqa-notes.txt"):
+def test_walk_skips_fiqa_gate_s_own_temporary_files_and_nothing_else(tmp_path):
+    ours = [".fiqa-45b4a5ea-123-ab_9cdef.part", ".fiqa-1-y2345678.tmp"]  # (an old name)
+    photos = ["a.jpg", ".hidden.jpg", ".fiqa-notes.txt", ".fiqa-99999-holiday.part",
+              ".fiqa-notes.tmp", ".fiqa-45b4a5ea-123-ab_9cdef.part.jpg"]
+    for name in ours + photos:
         (tmp_path / name).write_bytes(b"x")
-    assert sorted(os.path.basename(f) for f in iter_files([tmp_path])) == [
-        ".fiqa-notes.txt", ".hidden.jpg", "a.jpg"]
+    assert sorted(os.path.basename(f) for f in iter_files([tmp_path])) == sorted(photos)
+
+
+# An AVIF with six bytes flipped (found by fuzzing): Pillow's decoder raises RuntimeError.
+DAMAGED_AVIF = base64.b64decode(
+    "AAAAIGZ0eXBhdmlmAAAAAGF2aWZtaWYxbWlhZk1BMUIAAAD1bWV0YQAAAAAAAAAhaGRscgAAAAAAAAAAcGlj"
+    "dAAAAAAAAAAAAAAAAAAAAAAOcGl0bQAAAAAAAQAAAB5pbG9jAAAAAEQAAAEAAQAAAAEAAAEdAAACXAAAAChp"
+    "aW5mAAAAAAABAAAAGmluZmUCAAAAAAEAAGF2MDFDb2xvcgAAAAB0aXBycAAAAFRpcGNvAAAAFGlzcGUAAAAA"
+    "AAAALgAAADgAAAAQcGl4aQAAAAADCAgIAAAADGF2MUOBAAwAAAAAE2NvbHJuY2x4AAEADQAGgAAAAAlpcm90"
+    "AwAAABhpcG1hAAAAAAAAAAEAAQUBAoMEhQAAAmRtZGF0EgAKCRgVbd2iAhoNCDLMBBTHh4ZlAghAnlAAAAjd"
+    "TGqgVCdWj2uS+4VHj4JElMea+eosHC3vSc0/TEzEGSb+UlfoCpX6vx9nk1Q/3dNae2DiuKhPNQxfpNT0AbC2"
+    "tiwiwnMy4pqm5nApGKu1jKex1/eudMmq/c4n4IQGWeDc3nwGhwkyobBvx7zNr8EdCI+dj2Aj0MeRjqIJB4nU"
+    "BpDJGSp8eGIrBo69hFgwmOnjyWqfXf9et5+Wcq/9KnYCkidxGuQ75j/EaLxF5LtqvUrPchYWfjyO4TiEXaBs"
+    "PQFZSfVJsn2DPp6xxD8hVgwC7W7AQUoBg5gneLUwSyXoED5o82n6w1PVXi2KxEL0E8aihzqwq+85poxnd/KE"
+    "5NAWKdFzKd35RvbYTXoPCF95JOMnNdBl5/NIk1SQ/jvOihJoh+XVbJ+Y4A+vXD728xlKcmSlSss5GydL92Zw"
+    "OeDPCnSr7lbhN5vl/NIWIf/oR80tOFb7meYWPujXpojLn9TJzrJiK6ruLZdVAKi6N/Rx9Ve4UN9NcQiuy5GT"
+    "vRwuoacAlpSOeqNpDJYF3O8Qtdw8DXPxUHxgoLfoIHQ4cX0uvGisHy/P8w/RkHyA5t8xw5/WuBLjTc2Os9Cc"
+    "bIn5+yM/vTA4ZQgDsXoo1eQ1kUosw0GdZ/53IBFAS5szvrxGy0E9Q0L98RLumkSuS0RukYxEYKUHxblZlSBo"
+    "ummAVhXd9KJvXhHPST7VZ4/RkHHl31V0OWgDELpbRStMH7ubGWgW7rHcxnNRQc9CfChl60bUNxEyYQrT9PkZ"
+    "2TPE56qGWA=="
+)
+
+
+def test_a_damaged_avif_is_a_load_error(tmp_path):
+    if "AVIF" not in Image.registered_extensions().values():
+        pytest.skip("this Pillow reads no AVIF")
+    path = tmp_path / "damaged.avif"
+    path.write_bytes(DAMAGED_AVIF)
+    with pytest.raises(ImageLoadError, match="corrupt or truncated image: Failed to decode"):
+        load_image(path)
+
+
+def test_an_unsigned_32_bit_tiff_keeps_its_brightest_pixels_bright(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    ramp = np.tile(np.linspace(0, 2**32 - 1, 64), (16, 1)).astype(np.uint32)
+    tifffile.imwrite(tmp_path / "u32.tif", ramp)
+    row = load_image(tmp_path / "u32.tif")[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and (np.diff(row) >= 0).all()
 
 
 def test_walk_skips_links_to_folders_above_the_one_given(tmp_path, caplog):
@@ -216,6 +255,15 @@ def test_walk_skips_links_to_folders_above_the_one_given(tmp_path, caplog):
     files = list(iter_files([photos]))
     assert files == [str(photos / "s1" / "me.jpg")]
     assert "links to a folder above the one given" in caplog.text and "back" in caplog.text
+    # The input is itself a link (~/pictures -> /disk/pictures), and a link inside leads
+    # to ~, which holds the input as the user named it, though not its target.
+    disk = tmp_path / "disk" / "pictures"
+    disk.mkdir(parents=True)
+    (disk / "mine.jpg").write_bytes(b"x")
+    os.symlink(disk, tmp_path / "home" / "pictures")
+    os.symlink(tmp_path / "home", disk / "home")
+    given = tmp_path / "home" / "pictures"
+    assert list(iter_files([given])) == [str(given / "mine.jpg")]
 
 
 def test_unlisted_folder_given_as_input_says_why(tmp_path):

@@ -122,27 +122,28 @@ def test_partial_copies_of_a_killed_run_are_removed_and_a_live_run_s_are_not(tmp
     ok.mkdir()
     (src / "a.pgm").write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
     dead = next(p for p in range(4_000_000, 4_100_000) if not _alive(p))
-    old = ok / f".fiqa-{dead}-x1.part"
+    old = ok / f".fiqa-{dead}-x1aaaaaa.part"
     old.write_bytes(b"half a copy")  # its filter was killed two hours ago
     os.utime(old, (os.path.getmtime(old) - 7200,) * 2)
     # killed a moment ago on this machine, in this pid namespace: gone at once
-    (ok / f".fiqa-{_host_tag()}-{dead}-x4.part").write_bytes(b"half a copy")
-    kept = [f".fiqa-{os.getpid()}-x2.part",  # a live run's
-            f".fiqa-{_host_tag()}-{os.getpid()}-x5.part",  # a live run's
-            f".fiqa-{dead}-x3.part",  # fresh: maybe a live run in another pid namespace
-            f".fiqa-0badc0de-{dead}-x6.part",  # fresh, from another machine or namespace
-            ".fiqa-99999999999999999999-x.part", ".fiqa-²-x.part"]  # not pids at all
+    (ok / f".fiqa-{_host_tag()}-{dead}-x4aaaaaa.part").write_bytes(b"half a copy")
+    kept = [f".fiqa-{os.getpid()}-x2aaaaaa.part",  # a live run's
+            f".fiqa-{_host_tag()}-{os.getpid()}-x5aaaaaa.part",  # a live run's
+            f".fiqa-{dead}-x3aaaaaa.part",  # fresh: maybe a live run in another pid namespace
+            f".fiqa-0badc0de-{dead}-x6aaaaaa.part",  # fresh, from another machine or namespace
+            ".fiqa-99999999999999999999-xaaaaaaa.part", ".fiqa-²-xaaaaaaa.part",
+            ".fiqa-123-holiday.part"]  # not pids at all, or not our names
     for name in kept:
         (ok / name).write_bytes(b"in flight")
         os.utime(ok / name, (os.path.getmtime(ok / name) - 7200,) * 2)
     os.utime(ok / kept[2])  # fresh again
     os.utime(ok / kept[3])
-    (ok / f".fiqa-{dead}-dir.part").mkdir()  # not a file: left alone
+    (ok / f".fiqa-{dead}-diraaaaa.part").mkdir()  # not a file: left alone
     done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
                 "--threshold", "0", *SCORER)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in ok.iterdir()) == sorted(
-        [*kept, f".fiqa-{dead}-dir.part", "a.pgm"])
+        [*kept, f".fiqa-{dead}-diraaaaa.part", "a.pgm"])
 
 
 def test_a_move_onto_a_hard_link_finishes_and_onto_a_link_to_another_file_does_not(
@@ -552,7 +553,7 @@ def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write_there(
     from fiqa_gate.assets import _alive, _host_tag, atomic_write_bytes
 
     dead = next(p for p in range(4_000_000, 4_100_000) if not _alive(p))
-    left = tmp_path / f".fiqa-{_host_tag()}-{dead}-abc.tmp"  # a report cut by SIGKILL
+    left = tmp_path / f".fiqa-{_host_tag()}-{dead}-abcdefgh.tmp"  # a report cut by SIGKILL
     left.write_bytes(b"half a report")
     atomic_write_bytes(tmp_path / "report.json", b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
@@ -571,3 +572,16 @@ def test_ctrl_c_inside_a_library_s_own_error_still_exits_130():
         load()
     assert _caused_by_interrupt(err.value)
     assert not _caused_by_interrupt(ImportError("no module named x"))
+
+
+def test_a_photo_named_like_a_temporary_file_is_not_copied_where_it_would_be_removed(
+        tmp_path, orl_root):
+    photo = tmp_path / "in" / ".fiqa-99999-holidays.part"
+    photo.parent.mkdir()
+    photo.write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
+    done = _run("filter", str(photo), "-o", str(tmp_path / "m.csv"), "--accepted-dir",
+                str(tmp_path / "ok"), "--threshold", "0", "--move", *SCORER)
+    assert done.returncode == 1
+    (row,) = _rows(tmp_path / "m.csv")
+    assert "named as fiqa-gate's temporary files are; rename it" in row["error"]
+    assert photo.is_file() and not (tmp_path / "ok" / photo.name).exists()
