@@ -103,23 +103,31 @@ def atomic_save_array(path: Path, array: np.ndarray) -> None:
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """`write` the file into a synced temporary file beside `path`, renamed over it: a
-    full disk or a kill leaves the previous file, never a torn one. A new file gets the
-    mode the umask gives; a replaced one keeps its mode and (where allowed) its owner."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    full disk or a kill leaves the previous file, never a torn one. A link is written
+    through, as `>` would; a new file gets the mode the umask gives, a replaced one keeps
+    its mode and (where allowed) its owner. Something other than a file (a terminal, a
+    pipe: `-o /dev/stdout`) is just written to."""
+    path = Path(os.path.realpath(path))
     try:
         old = path.stat()
     except FileNotFoundError:
         old = None
+    if old is not None and not stat.S_ISREG(old.st_mode):
+        with open(path, "wb") as fh:
+            write(fh)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path.parent, ".tmp")
     try:
         if old is not None:  # before the rename, so no one sees it change hands
             with contextlib.suppress(PermissionError):  # only root may give a file away
                 os.fchown(fd, old.st_uid, old.st_gid)
-        # after any chown, which may clear set-id bits; mkstemp's 0600 would stick
-        os.fchmod(fd, stat.S_IMODE(old.st_mode) if old else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
+            # after writing and any chown, which clear set-id bits; mkstemp's 0600 would
+            # stick
+            os.fchmod(fh.fileno(), stat.S_IMODE(old.st_mode) if old else 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -138,6 +146,9 @@ _TEMP_NAME = re.compile(r"\.fiqa-(?:(?P<tag>[0-9a-fx]{8})-)?(?P<pid>[0-9]{1,7})-
 _cleaned: set[str] = set()
 
 
+_UNKNOWN_TAG = "x" * 8  # no /proc: whose pids these are cannot be told
+
+
 @functools.lru_cache(maxsize=1)
 def _host_tag() -> str:
     """Same tag, same boot of the same machine and the same pid namespace: only then does
@@ -147,7 +158,7 @@ def _host_tag() -> str:
         try:
             parts.append(os.readlink(f) if f.endswith("/pid") else Path(f).read_text())
         except OSError:
-            return "x" * 8  # unknown: nobody's tag, so the age rule alone applies
+            return _UNKNOWN_TAG
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:8]
 
 
@@ -165,7 +176,8 @@ def is_temp_name(name: str) -> bool:
 
 def remove_dead_temps(folder: Path) -> None:
     """Remove, once per folder and process, the temporary files of killed writers: of
-    this machine and pid namespace when their pid is gone, of others after an hour."""
+    this machine and pid namespace when their pid is gone, of others (whose pid says
+    nothing here) when unchanged for an hour."""
     key = os.path.realpath(folder)
     if key in _cleaned:
         return
@@ -176,15 +188,15 @@ def remove_dead_temps(folder: Path) -> None:
         return
     for name in names:
         match = _TEMP_NAME.fullmatch(name)
-        tag, pid = match["tag"] or "", int(match["pid"])
-        if pid >= 2**22 or _alive(pid):
-            continue
+        ours = match["tag"] == _host_tag() != _UNKNOWN_TAG
         temp = folder / name
         try:
             if temp.is_symlink() or not temp.is_file():
                 continue
-            if tag != _host_tag() and time.time() - temp.stat().st_mtime < 3600:
-                continue  # a pid of another machine or namespace may only look gone
+            # ctime, not mtime: a copy is given its source's old mtime before its link
+            if (_alive(int(match["pid"])) if ours else
+                    time.time() - temp.stat().st_ctime < 3600):
+                continue
             temp.unlink()
             log.info("removed %s, left by a run that was killed", temp)
         except OSError:  # not ours to remove after all: leave it

@@ -243,9 +243,11 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
                     "output clipped to [0, 1]", scorer, recognizer)
     failures = Failures()
     files = _listed(paths, iter_files(paths), output)
+    inputs = {_where(f) for f in files}
     with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True,
-                       check=lambda rows: _same_folder(output, rows, files)) as manifest:
-        failures.count += _failed_before(manifest.done_rows, {_where(f) for f in files})
+                       check=lambda rows: _same_folder(output, rows, files),
+                       mine=lambda path: _where(path) in inputs) as manifest:
+        failures.count += _failed_before(manifest.done_rows, inputs)
         for path in _progress(_not_done(files, manifest.done), "score"):
             try:
                 faces = pipe.faces(path)
@@ -358,12 +360,13 @@ COPY_FAILED = "copy failed: "  # in a row's error: a resumed run copies it again
 
 
 def _finish_moves(rows: Sequence[dict[str, str]], files: Sequence[str],
-                  targets: Sequence[str]) -> int:
+                  targets: Sequence[str]) -> tuple[int, int]:
     """Remove the sources an interrupted run had recorded as moved, but not removed yet:
     only inputs of this run, whose recorded copy is a separate file in a target folder
-    and holds the same content."""
+    and holds the same content. Returns how many were removed and how many could not
+    be (they fail the run, as they failed the one that recorded them)."""
     inputs = {_where(f) for f in files}
-    finished = 0
+    finished = unfinished = 0
     for row in rows:
         path, copied_to = row["path"], row.get("copied_to") or ""
         end = next((e for e in MOVED if copied_to.endswith(e)), None)
@@ -377,12 +380,14 @@ def _finish_moves(rows: Sequence[dict[str, str]], files: Sequence[str],
                 os.unlink(path)
                 finished += 1
             except OSError as exc:
+                unfinished += 1
                 log.warning("%s: recorded as moved to %s, but not removed: %s", path, dest,
                             exc.strerror or exc)
         else:
+            unfinished += 1
             log.warning("%s: recorded as moved to %s, which is missing, elsewhere or "
                         "differs; kept", path, dest)
-    return finished
+    return finished, unfinished
 
 
 def _not_copyable(path: str) -> str | None:
@@ -417,22 +422,29 @@ def _same_threshold(manifest_path: str, rows: Sequence[dict[str, str]], threshol
 def _same_folder(manifest_path: str, rows: Sequence[dict[str, str]],
                  files: Sequence[str]) -> None:
     """Refuse to resume a manifest written from another working folder: its relative
-    paths would name none of the inputs here, and every input would be done twice."""
+    paths would name none of the inputs here, and every input would be done twice.
+    The sign: none of its rows names a file that is here, and an input here ends with
+    what a row names (less any leading "..")."""
     relative = {r["path"] for r in rows if r.get("path") and not os.path.isabs(r["path"])}
     inputs = {_where(f) for f in files}
-    if not relative or any(_where(p) in inputs for p in relative):
+    if (not relative or any(_where(p) in inputs for p in relative)
+            or any(os.path.lexists(p) for p in relative)):
         return
     by_name: dict[str, list[str]] = {}
     for f in files:
         by_name.setdefault(os.path.basename(f), []).append(os.path.abspath(f))
     for p in sorted(relative):
-        tail = os.sep + os.path.normpath(p)
-        base = next((f[:-len(tail)] for f in by_name.get(os.path.basename(p), ())
-                     if f.endswith(tail)), None)
-        if base is not None:
+        parts = [x for x in os.path.normpath(p).split(os.sep) if x not in (os.pardir, "")]
+        tail = os.sep + os.path.join(*parts) if parts else ""
+        match = next((f for f in by_name.get(os.path.basename(p), ())
+                      if tail and f.endswith(tail)), None)
+        if match is not None:
+            base = match[:-len(tail)] or os.sep
+            where = (f"resume from {base!r}" if not p.startswith(os.pardir) else
+                     f"resume from the folder inside {base!r} that it was written in")
             raise click.UsageError(
                 f"{manifest_path} was written from another working folder: its row "
-                f"{p!r} is {base + tail!r} from here; resume from {base or os.sep!r}")
+                f"{p!r} names no file here, and the input {match!r} ends so; {where}")
 
 
 def _failed_before(rows: Sequence[dict[str, str]], inputs: set[str]) -> int:
@@ -515,7 +527,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
     files = _listed(paths, (f for f in iter_files(paths) if not _is_inside(f, targets)),
                     output)
     counts = {"accepted": 0, "rejected": 0, "error": 0}
-    not_copied = not_removed = 0
+    not_copied = not_removed = unfinished = 0
     # a resumed run copies again what could not be copied (a full disk, since freed)
     inputs = {_where(f) for f in files}
     with open_manifest(output, FILTER_COLUMNS, resume=resume,
@@ -526,8 +538,11 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                                          and _where(row["path"]) in inputs)) as manifest:
         failed_before = _failed_before(manifest.done_rows, inputs)
         failures.count += failed_before
-        if move and _finish_moves(manifest.done_rows, files, targets):
-            log.info("finished the moves an earlier run had recorded")
+        if move:
+            finished, unfinished = _finish_moves(manifest.done_rows, files, targets)
+            failures.count += unfinished
+            if finished:
+                log.info("finished %d moves an earlier run had recorded", finished)
         todo = _not_done(files, manifest.done)
         for path in _progress(todo, "filter"):
             row: dict = {"path": path, "threshold": threshold}
@@ -576,7 +591,9 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                + (f"; {not_copied} not copied (see the manifest's error column)"
                   if not_copied else "")
                + (f"; {not_removed} copied but not removed (see the warnings)"
-                  if not_removed else ""), err=True)
+                  if not_removed else "")
+               + (f"; {unfinished} moves recorded before not finished (see the warnings)"
+                  if unfinished else ""), err=True)
     failures.exit()
 
 

@@ -125,8 +125,8 @@ def _records(data: bytes, columns: Sequence[str]) -> list[tuple[int, int, dict[s
 
 def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool,
                check: Callable[[list[dict[str, str]]], None] | None = None,
-               redo: Callable[[dict[str, str]], bool] | None = None
-               ) -> list[dict[str, str]]:
+               redo: Callable[[dict[str, str]], bool] | None = None,
+               mine: Callable[[str], bool] | None = None) -> list[dict[str, str]]:
     header = (",".join(columns) + "\n").encode()
     with open(path, "rb+") as fh:
         data = fh.read()
@@ -136,9 +136,10 @@ def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool,
             raise ManifestError(f"{path}: not a manifest with the columns {','.join(columns)} "
                                 f"(it starts {first!r}); cannot resume into it")
         cut = ends[-1] if ends else 0  # drop a row cut by a kill (or a torn header)
-        if multi_row and len(ends) > 1:  # and the last input's rows, maybe too few
-            index = list(columns).index(key)
-            last = _field(data[ends[-2]:ends[-1]], index)
+        index = list(columns).index(key)
+        last = _field(data[ends[-2]:ends[-1]], index) if len(ends) > 1 else None
+        # and the last input's rows, maybe too few, if this run does that input again
+        if multi_row and last is not None and (mine is None or mine(last)):
             first_row = len(ends) - 1
             while first_row > 1 and _field(data[ends[first_row - 2]:ends[first_row - 1]],
                                            index) == last:
@@ -179,12 +180,15 @@ def _replace(path: str, data: bytes) -> None:
 def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
                   key: str = "path", multi_row: bool = False,
                   check: Callable[[list[dict[str, str]]], None] | None = None,
-                  redo: Callable[[dict[str, str]], bool] | None = None) -> Manifest:
+                  redo: Callable[[dict[str, str]], bool] | None = None,
+                  mine: Callable[[str], bool] | None = None) -> Manifest:
     """Open `path` ("-" = stdout) for writing rows; with `resume`, continue an old run.
 
     `multi_row`: an input may have several rows (see the module docstring).
     `check`: called with the rows done before; it may refuse the resume (raise).
     `redo`: rows of inputs a resumed run does again (their rows are removed first).
+    `mine`: whether an input is one of this run's (default: all are); with `multi_row`,
+    the last input's rows are dropped to be done again only if it is.
     """
     if path == "-":
         if resume:
@@ -195,16 +199,23 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     done: list[dict[str, str]] = []
     fh = None
     try:
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except FileNotFoundError:
+            regular = None
+        if resume and regular is False:  # checked before opening: a FIFO would block
+            raise ManifestError(f"--resume continues a manifest file; {path} is not one")
+        # The file itself, however named (/dev/stdout redirected to it, a link): a
+        # rewrite renames a new file over that name, and the rows must go there.
+        file = os.path.realpath(path) if regular else path
         # Opened without truncating and locked first: a second run on this manifest is
         # refused before it reads, cuts or rewrites the rows the first one is writing.
-        fh = _open_locked(path)
-        if resume and not _is_file(fh):
-            raise ManifestError(f"--resume continues a manifest file; {path} is not one")
+        fh = _open_locked(file, path)
         if resume and _size(fh) > 0:
-            done = _read_done(path, columns, key, multi_row, check, redo)
-            if _replaced(fh, path):  # rewritten (failed rows dropped): lock the new file
+            done = _read_done(file, columns, key, multi_row, check, redo, mine)
+            if _replaced(fh, file):  # rewritten (failed rows dropped): lock the new file
                 fh.close()
-                fh = _open_locked(path)
+                fh = _open_locked(file, path)
         if not (resume and _size(fh) > 0):  # new, or only a torn header was there
             if _is_file(fh):
                 fh.truncate(0)
@@ -220,7 +231,7 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     return Manifest(fh, columns, owned=True, name=path, done_rows=done, key=key)
 
 
-def _open_locked(path: str) -> IO[str]:
+def _open_locked(path: str, shown: str) -> IO[str]:
     fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
     if not _is_file(fh):  # a pipe, /dev/null: nothing to guard
         return fh
@@ -228,13 +239,13 @@ def _open_locked(path: str) -> IO[str]:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise ManifestError(f"{path} is being written by another fiqa-gate run; wait for it "
+        raise ManifestError(f"{shown} is being written by another fiqa-gate run; wait for it "
                             "to finish (then --resume), or write another manifest") from None
     except OSError:  # a file system without locks: go on unguarded
         log.debug("%s: cannot be locked", path, exc_info=True)
     if _replaced(fh, path):  # renamed over between open and lock: lock the new file
         fh.close()
-        return _open_locked(path)
+        return _open_locked(path, shown)
     return fh
 
 

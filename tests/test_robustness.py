@@ -111,10 +111,11 @@ def test_the_run_s_own_manifest_and_a_file_named_twice_are_one_input_each(tmp_pa
     assert [Path(r["path"]).name for r in _rows(manifest)] == ["a.pgm"]
 
 
-def test_partial_copies_of_a_killed_run_are_removed_and_a_live_run_s_are_not(tmp_path,
-                                                                             orl_root):
+def test_partial_copies_of_a_killed_run_are_removed_and_a_live_run_s_are_not(
+        tmp_path, orl_root, monkeypatch):
     import os
 
+    from fiqa_gate import assets
     from fiqa_gate.assets import _alive, _host_tag
 
     src, ok = tmp_path / "in", tmp_path / "ok"
@@ -122,28 +123,30 @@ def test_partial_copies_of_a_killed_run_are_removed_and_a_live_run_s_are_not(tmp
     ok.mkdir()
     (src / "a.pgm").write_bytes((orl_root / "s38" / "1.pgm").read_bytes())
     dead = next(p for p in range(4_000_000, 4_100_000) if not _alive(p))
-    old = ok / f".fiqa-{dead}-x1aaaaaa.part"
-    old.write_bytes(b"half a copy")  # its filter was killed two hours ago
-    os.utime(old, (os.path.getmtime(old) - 7200,) * 2)
     # killed a moment ago on this machine, in this pid namespace: gone at once
     (ok / f".fiqa-{_host_tag()}-{dead}-x4aaaaaa.part").write_bytes(b"half a copy")
-    kept = [f".fiqa-{os.getpid()}-x2aaaaaa.part",  # a live run's
-            f".fiqa-{_host_tag()}-{os.getpid()}-x5aaaaaa.part",  # a live run's
-            f".fiqa-{dead}-x3aaaaaa.part",  # fresh: maybe a live run in another pid namespace
-            f".fiqa-0badc0de-{dead}-x6aaaaaa.part",  # fresh, from another machine or namespace
-            ".fiqa-99999999999999999999-xaaaaaaa.part", ".fiqa-²-xaaaaaaa.part",
-            ".fiqa-123-holiday.part"]  # not pids at all, or not our names
-    for name in kept:
+    live = f".fiqa-{_host_tag()}-{os.getpid()}-x5aaaaaa.part"  # a live run's, here
+    foreign = [f".fiqa-{dead}-x1aaaaaa.part",  # no tag (an earlier version): whose pid?
+               f".fiqa-{os.getpid()}-x2aaaaaa.part",
+               f".fiqa-0badc0de-{dead}-x6aaaaaa.part",  # another machine or namespace
+               ".fiqa-0badc0de-1-x7aaaaaa.part",  # its pid 1 is not ours
+               f".fiqa-xxxxxxxx-{dead}-x8aaaaaa.part"]  # a writer that had no /proc
+    never = [".fiqa-99999999999999999999-xaaaaaaa.part", ".fiqa-²-xaaaaaaa.part",
+             ".fiqa-123-holiday.part"]  # not pids, or not our names
+    for name in [live, *foreign, *never]:
         (ok / name).write_bytes(b"in flight")
-        os.utime(ok / name, (os.path.getmtime(ok / name) - 7200,) * 2)
-    os.utime(ok / kept[2])  # fresh again
-    os.utime(ok / kept[3])
     (ok / f".fiqa-{dead}-diraaaaa.part").mkdir()  # not a file: left alone
     done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
                 "--threshold", "0", *SCORER)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in ok.iterdir()) == sorted(
-        [*kept, f".fiqa-{dead}-diraaaaa.part", "a.pgm"])
+    left = sorted([live, *foreign, *never, f".fiqa-{dead}-diraaaaa.part", "a.pgm"])
+    assert sorted(p.name for p in ok.iterdir()) == left
+    # An hour on, unchanged (by ctime: a copy is given its source's old mtime), the others'
+    # go whatever their pid says here; a live writer's here stays.
+    monkeypatch.setattr(assets.time, "time", lambda: os.stat(ok / live).st_ctime + 3700)
+    assets._cleaned.clear()
+    assets.remove_dead_temps(ok)
+    assert sorted(p.name for p in ok.iterdir()) == sorted(set(left) - set(foreign))
 
 
 def test_a_move_onto_a_hard_link_finishes_and_onto_a_link_to_another_file_does_not(
@@ -345,7 +348,9 @@ def test_a_move_recorded_but_cut_short_is_finished_by_the_resumed_run(tmp_path, 
                          f"{other / 'keep.pgm'} (moved)"])
     done = _run("filter", str(src), "-o", str(tmp_path / "m.csv"), "--accepted-dir", str(ok),
                 "--threshold", "0", "--move", "--resume", *SCORER)
-    assert done.returncode == 0, done.stderr
+    # the three moves it cannot finish fail this run too, as they failed the first
+    assert done.returncode == 1, done.stderr
+    assert b"; 3 moves recorded before not finished (see the warnings)" in done.stderr
     assert sorted(p.name for p in src.iterdir()) == ["b.pgm", "d.pgm", "e.pgm"]
     assert (ok / "a.pgm").read_bytes() == (ok / "c.pgm").read_bytes() == face
     assert (src / "d.pgm").read_bytes() == face and (other / "keep.pgm").read_bytes() == face
@@ -547,6 +552,13 @@ def test_reports_and_caches_follow_the_umask_and_keep_a_replaced_file_s_mode_and
     assert long.read_bytes() == b"b"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["new.json", "kept.json",
                                                                  long.name])
+    # a link is written through, as `>` does: the report it points to is the new one
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "report.md").write_bytes(b"old")
+    os.symlink("docs/report.md", tmp_path / "report.md")
+    atomic_write_bytes(tmp_path / "report.md", b"new")
+    assert (tmp_path / "report.md").is_symlink()
+    assert (tmp_path / "docs" / "report.md").read_bytes() == b"new"
 
 
 def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write_there(tmp_path):
@@ -585,3 +597,53 @@ def test_a_photo_named_like_a_temporary_file_is_not_copied_where_it_would_be_rem
     (row,) = _rows(tmp_path / "m.csv")
     assert "named as fiqa-gate's temporary files are; rename it" in row["error"]
     assert photo.is_file() and not (tmp_path / "ok" / photo.name).exists()
+
+
+def test_which_resumes_count_as_from_another_working_folder(tmp_path, orl_root):
+    def fiqa(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fiqa_gate", *args, *SCORER], cwd=cwd,
+                              capture_output=True, timeout=600)
+
+    face = (orl_root / "s38" / "1.pgm").read_bytes()
+    # A new input folder in the same place, holding a file of the same name as one done
+    # before: a resume like any other, not a manifest from elsewhere.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.pgm").write_bytes(face)
+    (tmp_path / "sub" / "a.pgm").write_bytes((orl_root / "s38" / "2.pgm").read_bytes())
+    assert fiqa(tmp_path, "score", "a.pgm", "-o", "m.csv").returncode == 0
+    done = fiqa(tmp_path, "score", "sub", "-o", "m.csv", "--resume")
+    assert done.returncode == 0, done.stderr
+    assert [r["path"] for r in _rows(tmp_path / "m.csv")] == ["a.pgm", "sub/a.pgm"]
+    # Rows written from a folder beside the input ("../photos/..."), resumed from above
+    # it: refused, not done twice.
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "photos" / "1.pgm").write_bytes(face)
+    assert fiqa(tmp_path / "work", "score", "../photos", "-o", "../n.csv").returncode == 0
+    done = fiqa(tmp_path, "score", "photos", "-o", "n.csv", "--resume")
+    assert done.returncode == 2 and b"written from another working folder" in done.stderr
+    assert len(_rows(tmp_path / "n.csv")) == 1
+
+
+def test_a_resume_through_dev_stdout_or_onto_a_pipe(tmp_path, orl_root):
+    import os
+
+    a, b = _two_inputs_that_cannot_be_copied(tmp_path, orl_root)
+    manifest, ok = tmp_path / "m.csv", tmp_path / "ok"
+    args = ["filter", str(a), str(b), "--accepted-dir", str(ok), "--threshold", "0", *SCORER]
+    assert _run(*args, "-o", str(manifest)).returncode == 1
+    (ok / "1.pgm").unlink()
+    (ok / "2.pgm").unlink()
+    # `-o /dev/stdout >> m.csv`: the rewrite (failed copies dropped) renames a new file
+    # over m.csv, and the rows this run writes must land in it, not in the old one
+    with open(manifest, "ab") as out:
+        done = subprocess.run([sys.executable, "-m", "fiqa_gate", *args, "-o", "/dev/stdout",
+                               "--resume"], stdout=out, stderr=subprocess.PIPE, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = _rows(manifest)
+    assert sorted(Path(r["path"]).name for r in rows) == ["1.pgm", "2.pgm"]
+    assert all(r["copied_to"].endswith("(copied)") for r in rows)
+    # a named pipe is no manifest to resume: refused at once (opening it would wait)
+    os.mkfifo(tmp_path / "pipe")
+    done = _run(*args, "-o", str(tmp_path / "pipe"), "--resume", timeout=60)
+    assert done.returncode == 2 and b"is not one" in done.stderr
