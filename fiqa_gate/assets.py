@@ -42,12 +42,33 @@ PINNED_SHA256 = {
 
 
 def cache_dir() -> Path:
-    """Per-user cache for derived model files (`FIQA_GATE_CACHE` overrides)."""
+    """Per-user cache for derived model files (`FIQA_GATE_CACHE` overrides); a private
+    temporary one, with a warning, when that cannot be written (a read-only or foreign
+    HOME, a file in its place)."""
     root = os.environ.get("FIQA_GATE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fiqa-gate"
     )
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        return private_cache_dir(f"{path}: {exc.strerror or exc}")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def private_cache_dir(why: str) -> Path:
+    """A cache of this process's own, removed when it exits: what is derived in it (the
+    repaired SFace file, test sets) is derived again next time."""
+    import atexit
+    import shutil
+
+    path = Path(tempfile.mkdtemp(prefix="fiqa-gate-cache-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    log.warning("the cache cannot be used (%s); using %s for this run, so derived files are "
+                "made again next time (FIQA_GATE_CACHE names another folder)", why, path)
     return path
 
 
@@ -127,7 +148,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             fh.flush()
             # after writing and any chown, which clear set-id bits; mkstemp's 0600 would
             # stick
-            os.fchmod(fh.fileno(), stat.S_IMODE(old.st_mode) if old else 0o666 & ~_umask())
+            os.fchmod(fh.fileno(), stat.S_IMODE(old.st_mode) if old else 0o666 & ~current_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -213,7 +234,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
+def current_umask() -> int:
     try:  # Linux says it without changing it
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):

@@ -8,6 +8,7 @@ cannot be written, 130 interrupted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import json
@@ -113,7 +114,7 @@ def _file_id(path: str) -> tuple[int, int] | None:
     """(device, inode) of a file, or of a regular file stdout ("-") writes to."""
     try:
         st = os.fstat(sys.stdout.fileno()) if path == "-" else os.stat(path)
-    except (OSError, ValueError):  # gone, or a stdout without a file descriptor
+    except (OSError, ValueError, AttributeError):  # gone, or stdout closed or fd-less
         return None
     return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
@@ -192,10 +193,29 @@ class _Group(click.Group):
             sys.exit(2)
         except KeyboardInterrupt:  # what was written stays; --resume or a rerun goes on
             _interrupted()
+        except OSError as exc:
+            _os_error(exc)
         except Exception as exc:
             if _caused_by_interrupt(exc):  # ONNX Runtime wraps one in its ImportError
                 _interrupted()
             raise
+
+
+def _os_error(exc: OSError) -> None:
+    """What the system refused, said in a line (exit 2), not as a traceback: a stdout on a
+    full disk, a working folder deleted under the run. A closed pipe stays click's."""
+    if exc.errno == errno.EPIPE:
+        raise exc
+    log.debug("the system's error", exc_info=exc)
+    try:
+        os.getcwd()
+        where = f" ({exc.filename})" if exc.filename else ""
+        message = f"{exc.strerror or exc}{where}"
+    except FileNotFoundError:
+        message = "the working folder no longer exists; run from one that does"
+    with contextlib.suppress(OSError):
+        click.echo(f"Error: {message}", err=True)
+    sys.exit(2)
 
 
 def _caused_by_interrupt(exc: BaseException | None) -> bool:
@@ -816,6 +836,8 @@ PLUGIN_COMMANDS: dict[str, list[str]] = {}  # plugin name -> the commands it add
 
 
 def main(argv: Iterable[str] | None = None) -> None:
+    if sys.stderr is None:  # started with `2>&-`: the work still runs, its messages go
+        sys.stderr = open(os.devnull, "w")
     # File names are bytes on POSIX; undecodable ones must reach CSV on stdout unchanged.
     for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
         if hasattr(stream, "reconfigure"):
@@ -832,6 +854,8 @@ def main(argv: Iterable[str] | None = None) -> None:
         cli.main(args=args, prog_name="fiqa-gate")
     except KeyboardInterrupt:  # before a command runs (e.g. while plugins import)
         _interrupted()
+    except OSError as exc:  # e.g. --help on a full stdout
+        _os_error(exc)
     except Exception as exc:
         if _caused_by_interrupt(exc):
             _interrupted()

@@ -96,13 +96,14 @@ class Samples:
     def save(self, path: str | Path) -> None:
         import json
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        from fiqa_gate.assets import atomic_write
+
         meta = json.dumps({"identity": self.identity, "source": self.source,
                            "records": self.records})
-        np.savez(tmp, crops=self.crops, det_score=self.det_score, meta=np.array(meta),
-                 **{f"extra_{k}": v for k, v in self.extra.items()})
-        tmp.replace(path)
+        # whole or not at all, under a name of its own (two runs may save one set at once)
+        atomic_write(Path(path), lambda fh: np.savez(
+            fh, crops=self.crops, det_score=self.det_score, meta=np.array(meta),
+            **{f"extra_{k}": v for k, v in self.extra.items()}))
 
     @classmethod
     def load(cls, path: str | Path) -> Samples:

@@ -193,6 +193,8 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     if path == "-":
         if resume:
             raise ManifestError("--resume continues a manifest file: give it with -o FILE")
+        if sys.stdout is None:  # started with `>&-`
+            raise ManifestError("stdout is closed: write the rows to a file with -o FILE")
         manifest = Manifest(sys.stdout, columns, owned=False)
         manifest.write_text(",".join(columns) + "\n")
         return manifest

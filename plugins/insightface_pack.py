@@ -8,6 +8,7 @@ recognizer `insightface` picks the first pack found, or says how to get one.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 from fiqa_gate.components import Recognizer
 from fiqa_gate.errors import ModelError
 from fiqa_gate.hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
 
 # An unmeasured default (no pack can be had offline to measure FMR 1e-3 on): set
 # FIQA_GATE_INSIGHTFACE_THRESHOLD to the value measured on your own impostor pairs.
@@ -32,14 +35,17 @@ def find_packs() -> dict[str, Path]:
     """Pack name -> its recognition ONNX file (the largest .onnx with 112x112 input)."""
     root = models_root()
     packs: dict[str, Path] = {}
-    if not root.is_dir():
-        return packs
-    for pack in sorted(p for p in root.iterdir() if p.is_dir()):
-        onnx_files = sorted(pack.glob("*.onnx"), key=lambda p: -p.stat().st_size)
-        # insightface names them w600k_r50.onnx, glintr100.onnx, ...: the recognizer is
-        # the biggest file of a pack.
-        if onnx_files:
-            packs[pack.name] = onnx_files[0]
+    try:
+        if not root.is_dir():
+            return packs
+        for pack in sorted(p for p in root.iterdir() if p.is_dir()):
+            onnx_files = sorted(pack.glob("*.onnx"), key=lambda p: -p.stat().st_size)
+            # insightface names them w600k_r50.onnx, glintr100.onnx, ...: the recognizer
+            # is the biggest file of a pack.
+            if onnx_files:
+                packs[pack.name] = onnx_files[0]
+    except OSError as exc:  # a HOME this user cannot enter: as if no pack were there
+        log.debug("insightface packs under %s cannot be read: %s", root, exc)
     return packs
 
 

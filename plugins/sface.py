@@ -20,6 +20,7 @@ from fiqa_gate.assets import (
     cache_dir,
     onnx_session,
     pinned_package_file,
+    private_cache_dir,
     sha256_file,
 )
 from fiqa_gate.components import Recognizer
@@ -76,19 +77,30 @@ def repair_sface(src: str) -> bytes:
 
 
 def repaired_sface_path() -> Path:
+    import hashlib
+
     src = pinned_package_file(MODEL)
-    target = cache_dir() / f"sface_fixed_v{FIX_VERSION}_{PINNED_SHA256[MODEL][:12]}.onnx"
-    digest_file = target.with_suffix(".sha256")
+    name = f"sface_fixed_v{FIX_VERSION}_{PINNED_SHA256[MODEL][:12]}.onnx"
+    target = cache_dir() / name
     with _fix_lock:
-        if (target.is_file() and digest_file.is_file()
-                and sha256_file(target) == digest_file.read_text().strip()):
+        if _intact(target):
             return target
         data = repair_sface(str(src))
-        atomic_write_bytes(target, data)
-        import hashlib
-
-        atomic_write_bytes(digest_file, hashlib.sha256(data).hexdigest().encode())
+        digest = hashlib.sha256(data).hexdigest().encode()
+        try:
+            atomic_write_bytes(target, data)
+            atomic_write_bytes(target.with_suffix(".sha256"), digest)
+        except OSError as exc:  # a full or foreign cache: this run's own copy instead
+            target = private_cache_dir(f"{target}: {exc.strerror or exc}") / name
+            atomic_write_bytes(target, data)
     return target
+
+
+def _intact(path: Path) -> bool:
+    try:
+        return sha256_file(path) == path.with_suffix(".sha256").read_text().strip()
+    except (OSError, UnicodeDecodeError):  # missing, unreadable (another user's 0600)
+        return False
 
 
 class SFaceRecognizer(Recognizer):

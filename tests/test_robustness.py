@@ -647,3 +647,64 @@ def test_a_resume_through_dev_stdout_or_onto_a_pipe(tmp_path, orl_root):
     os.mkfifo(tmp_path / "pipe")
     done = _run(*args, "-o", str(tmp_path / "pipe"), "--resume", timeout=60)
     assert done.returncode == 2 and b"is not one" in done.stderr
+
+
+def test_an_unusable_cache_falls_back_to_a_private_one(tmp_path, orl_root):
+    people = tmp_path / "people"
+    for s in ("s1", "s2"):
+        (people / s).mkdir(parents=True)
+        (people / s / "1.pgm").write_bytes((orl_root / s / "1.pgm").read_bytes())
+    (tmp_path / "a-file").write_text("")
+    env = {**os.environ, "FIQA_GATE_CACHE": str(tmp_path / "a-file")}
+    # enroll needs SFace, whose repaired file the cache holds: made again in a private one
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "enroll", str(people),
+                           "--index", str(tmp_path / "g"), "--no-gate"], env=env,
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert b"the cache cannot be used" in done.stderr and b"a-file" in done.stderr
+    assert b"enrolled 2 faces" in done.stderr
+
+
+def test_a_damaged_test_set_cache_is_made_again(tmp_path, orl_root, caplog):
+    from fiqa_gate.datasets import Samples
+    from fiqa_gate.evaluation.protocol import load_test_set
+    from fiqa_gate.registry import get_detector
+
+    people = tmp_path / "people"
+    for s in ("s1", "s2"):
+        (people / s).mkdir(parents=True)
+        (people / s / "1.pgm").write_bytes((orl_root / s / "1.pgm").read_bytes())
+    cache = tmp_path / "cache" / "set.npz"
+    first = load_test_set(get_detector(), root=people, variants=1, cache=cache)
+    whole = cache.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b""):
+        cache.write_bytes(damaged)
+        again = load_test_set(get_detector(), root=people, variants=1, cache=cache)
+        assert again.records == first.records and "cannot be read" in caplog.text
+        assert Samples.load(cache).records == first.records  # and cached whole again
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+def test_a_closed_stdout_or_stderr(tmp_path, orl_root, closed):
+    face = tmp_path / "a.pgm"
+    face.write_bytes((orl_root / "s1" / "1.pgm").read_bytes())
+    command = f"'{sys.executable}' -m fiqa_gate score --scorer sharpness '{face}'"
+    done = subprocess.run(["bash", "-c", f"{command} {closed}"], capture_output=True,
+                          timeout=600)
+    if closed == ">&-":  # the rows have nowhere to go: said, not lost silently
+        assert done.returncode == 2 and b"stdout is closed" in done.stderr
+    else:  # the messages have nowhere to go: the work is done
+        assert done.returncode == 0 and done.stdout.count(b"\n") == 2
+
+
+def test_a_working_folder_deleted_under_the_command(tmp_path, orl_root):
+    face = tmp_path / "a.pgm"
+    face.write_bytes((orl_root / "s1" / "1.pgm").read_bytes())
+    command = (f"mkdir '{tmp_path / 'gone'}' && cd '{tmp_path / 'gone'}' && rmdir ../gone && "
+               f"'{sys.executable}' -m fiqa_gate score --scorer sharpness")
+    done = subprocess.run(["bash", "-c", f"{command} ."], capture_output=True, timeout=600)
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
+    assert b"the working folder no longer exists" in done.stderr
+    done = subprocess.run(["bash", "-c", f"{command} '{face}'"], capture_output=True,
+                          timeout=600)  # absolute paths need no working folder
+    assert done.returncode == 0, done.stderr

@@ -20,7 +20,7 @@ from fiqa_gate.errors import FiqaGateError
 def _need_torch() -> None:
     missing = [m for m in ("torch", "timm", "safetensors") if importlib.util.find_spec(m) is None]
     if missing:
-        raise click.ClickException(
+        raise FiqaGateError(  # exit 2, as a missing [dlib] extra (1 means failed inputs)
             f"training needs {', '.join(missing)}: pip install 'fiqa-gate[train]'")
 
 

@@ -34,6 +34,7 @@ from fiqa_gate.datasets import (
     identity_folder,
     orl_items,
 )
+from fiqa_gate.errors import one_line
 from fiqa_gate.evaluation.metrics import EDCResult, edc, pair_quality
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,21 @@ def load_test_set(detector: Detector, root: str | Path | None = None,
     no face) are added to `skipped` as (path, reason).
     """
     if cache is not None and cache.is_file():
-        return Samples.load(cache)
+        try:
+            return Samples.load(cache)
+        except Exception as exc:  # truncated, damaged, of another layout: made again
+            log.warning("%s cannot be read (%s); the test set is made again", cache,
+                        one_line(exc))
     items = orl_items(ORL_TEST) if root is None else identity_folder(root)
     sources = detect_sources(items, detector, skipped=skipped)
     samples = build_samples(sources, detector, variants=variants, seed=seed, kinds=kinds,
                             progress=progress)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        samples.save(cache)
+        try:
+            samples.save(cache)
+        except OSError as exc:  # a full or shared cache: the run needs none
+            log.warning("the test set could not be cached at %s: %s", cache,
+                        exc.strerror or exc)
     return samples
 
 

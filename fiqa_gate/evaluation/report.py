@@ -328,6 +328,8 @@ def print_table(report: dict[str, Any]) -> None:
     body = [[r["scorer"], fmt(r["pauc_norm_20"]),
              interval(r["ci95_20"]), fmt(r["pauc_norm_30"]),
              fmt(r["fnmr_at_20"])] for r in rows]
+    if sys.stdout is None:  # closed: the report files hold the tables
+        return
     if sys.stdout.isatty():
         try:
             from rich.console import Console
