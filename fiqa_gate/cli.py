@@ -229,7 +229,12 @@ def _caused_by_interrupt(exc: BaseException | None) -> bool:
 
 
 def _interrupted() -> None:
-    click.echo("Interrupted.", err=True)
+    import signal
+
+    with contextlib.suppress(ValueError):  # (only the main thread may; it is the one here)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing now
+    with contextlib.suppress(OSError):
+        click.echo("Interrupted.", err=True)
     sys.exit(130)
 
 
