@@ -708,3 +708,53 @@ def test_a_working_folder_deleted_under_the_command(tmp_path, orl_root):
     done = subprocess.run(["bash", "-c", f"{command} '{face}'"], capture_output=True,
                           timeout=600)  # absolute paths need no working folder
     assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def latin1_locale(tmp_path_factory) -> dict[str, str]:
+    """An environment whose locale decodes file names as ISO-8859-1 (built here with
+    localedef into a private LOCPATH: no root needed, nothing installed)."""
+    import shutil
+
+    where = tmp_path_factory.mktemp("locales")
+    if not shutil.which("localedef"):
+        pytest.skip("needs glibc's localedef")
+    made = subprocess.run(["localedef", "-i", "en_US", "-f", "ISO-8859-1",
+                           str(where / "en_US.ISO-8859-1")], capture_output=True)
+    if not (where / "en_US.ISO-8859-1").exists():
+        pytest.skip(f"cannot build an ISO-8859-1 locale: {made.stderr[-200:]!r}")
+    env = {**os.environ, "LOCPATH": str(where), "LC_ALL": "en_US.ISO-8859-1",
+           "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    probe = subprocess.run([sys.executable, "-c", "import sys; "
+                            "print(sys.getfilesystemencoding())"], env=env,
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != "iso8859-1":
+        pytest.skip("the ISO-8859-1 locale was not taken")
+    return env
+
+
+def test_names_keep_their_bytes_and_identities_in_a_latin1_locale(tmp_path, orl_root,
+                                                                   latin1_locale):
+    people = os.fsencode(tmp_path / "people")
+    jose = os.path.join(people, "Jos\xe9".encode())  # UTF-8 bytes c3 a9 on disk
+    for folder, s in ((jose, "s1"), (os.path.join(people, b"s2"), "s2")):
+        os.makedirs(folder)
+        for i in (1, 2):
+            with open(os.path.join(folder, f"{i}.pgm".encode()), "wb") as fh:
+                fh.write((orl_root / s / f"{i}.pgm").read_bytes())
+
+    def fiqa(env: dict[str, str] | None, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fiqa_gate", *args], env=env,
+                              capture_output=True, timeout=600)
+
+    done = fiqa(latin1_locale, "score", "--scorer", "sharpness", os.fsdecode(people), "-o",
+                str(tmp_path / "m.csv"))
+    assert done.returncode == 0, done.stderr
+    assert b"Jos\xc3\xa9/1.pgm" in (tmp_path / "m.csv").read_bytes()  # not c3 83 c2 a9
+    gallery = str(tmp_path / "g")
+    assert fiqa(None, "enroll", os.fsdecode(people), "--index", gallery,
+                "--no-gate").returncode == 0
+    again = fiqa(latin1_locale, "enroll", os.fsdecode(people), "--index", gallery,
+                 "--no-gate")
+    assert again.returncode == 0, again.stderr
+    assert b"enrolled 0 faces" in again.stderr  # one person, whatever the locale
