@@ -43,30 +43,39 @@ PINNED_SHA256 = {
 
 def cache_dir() -> Path:
     """Per-user cache for derived model files (`FIQA_GATE_CACHE` overrides); a private
-    temporary one, with a warning, when that cannot be written (a read-only or foreign
-    HOME, a file in its place)."""
+    temporary one, with a warning, when there can be no folder there (a file in its
+    place, a HOME that cannot be entered). A cache that can be read but not written is
+    read; what cannot be written to it goes to the private one."""
     root = os.environ.get("FIQA_GATE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fiqa-gate"
     )
     path = Path(root)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(13, "not writable")
     except OSError as exc:
         return private_cache_dir(f"{path}: {exc.strerror or exc}")
     return path
 
 
-@functools.lru_cache(maxsize=1)
+_private: list[Path] = []
+
+
 def private_cache_dir(why: str) -> Path:
-    """A cache of this process's own, removed when it exits: what is derived in it (the
-    repaired SFace file, test sets) is derived again next time."""
+    """A cache of this process's own, removed when it exits (and, if it was killed, by the
+    next run that needs one): what is derived in it is derived again next time."""
     import atexit
     import shutil
 
-    path = Path(tempfile.mkdtemp(prefix="fiqa-gate-cache-"))
+    if _private:
+        return _private[0]
+    top = Path(tempfile.gettempdir())
+    for old in top.glob(f"fiqa-gate-cache-{_host_tag()}-*"):  # of runs killed here
+        pid = old.name.split("-")[4]
+        if pid.isdigit() and not _alive(int(pid)) and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"fiqa-gate-cache-{_host_tag()}-{os.getpid()}-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
+    _private.append(path)
     log.warning("the cache cannot be used (%s); using %s for this run, so derived files are "
                 "made again next time (FIQA_GATE_CACHE names another folder)", why, path)
     return path
@@ -122,22 +131,41 @@ def atomic_save_array(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda fh: np.save(fh, array))
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+# A process's own streams by name: renaming a file over what one resolves to would leave
+# the shell writing to the old file (and a pipe resolves to no path at all).
+_STREAM = re.compile(r"/dev/(?:stdout|stderr|fd/[0-9]+)|/proc/(?:self|[0-9]+)/fd/[0-9]+")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object],
+                 follow_links: bool = False) -> None:
     """`write` the file into a synced temporary file beside `path`, renamed over it: a
-    full disk or a kill leaves the previous file, never a torn one. A link is written
-    through, as `>` would; a new file gets the mode the umask gives, a replaced one keeps
-    its mode and (where allowed) its owner. Something other than a file (a terminal, a
-    pipe: `-o /dev/stdout`) is just written to."""
-    path = Path(os.path.realpath(path))
+    full disk or a kill leaves the previous file, never a torn one. A new file gets the
+    mode the umask gives, a replaced one keeps its mode and (where allowed) its owner.
+
+    A link is replaced, unless `follow_links` (an output the user names, which is
+    written as `>` writes it: through a link to the file it points to, and to a pipe,
+    terminal or /dev/stdout as it is, appending). Caches never follow links: whoever
+    can write the cache could otherwise point one at a file of the user's."""
+    path = Path(path)
+    if follow_links:
+        try:
+            target = os.stat(path)
+        except FileNotFoundError:
+            target = None
+        if _STREAM.fullmatch(str(path)) or (
+                target is not None and not stat.S_ISREG(target.st_mode)):
+            with open(path, "ab") as fh:  # the shell's own stream: not renamed over
+                write(fh)
+            return
+        if target is not None:
+            path = Path(os.path.realpath(path))
+    if not path.is_symlink():  # (not the folders a dangling link names)
+        path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        old = path.stat()
+        old = os.lstat(path)
+        old = old if stat.S_ISREG(old.st_mode) else None  # a link or a FIFO: replaced
     except FileNotFoundError:
         old = None
-    if old is not None and not stat.S_ISREG(old.st_mode):
-        with open(path, "wb") as fh:
-            write(fh)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path.parent, ".tmp")
     try:
         if old is not None:  # before the rename, so no one sees it change hands

@@ -398,9 +398,16 @@ def _finish_moves(rows: Sequence[dict[str, str]], files: Sequence[str],
         if end is None or _where(path) not in inputs or not os.path.isfile(path):
             continue
         dest = copied_to[:-len(end)]
-        if (os.path.isfile(dest) and not os.path.islink(dest)
-                and not _is_source_itself(path, dest) and _is_inside(dest, targets)
-                and _same_content(path, dest)):
+        try:
+            complete = (os.path.isfile(dest) and not os.path.islink(dest)
+                        and not _is_source_itself(path, dest) and _is_inside(dest, targets)
+                        and _same_content(path, dest))
+        except OSError as exc:  # a source or copy that cannot be read: checked next time
+            unfinished += 1
+            log.warning("%s: recorded as moved to %s, which cannot be checked: %s", path,
+                        dest, exc.strerror or exc)
+            continue
+        if complete:
             try:
                 os.unlink(path)
                 finished += 1
@@ -450,7 +457,9 @@ def _same_folder(manifest_path: str, rows: Sequence[dict[str, str]],
     paths would name none of the inputs here, and every input would be done twice.
     The sign: none of its rows names a file that is here, and an input here ends with
     what a row names (less any leading "..")."""
-    relative = {r["path"] for r in rows if r.get("path") and not os.path.isabs(r["path"])}
+    # (rows of moved inputs say nothing: their files are gone, from anywhere)
+    relative = {r["path"] for r in rows if r.get("path") and not os.path.isabs(r["path"])
+                and not any(m in (r.get("copied_to") or "") for m in MOVED)}
     inputs = {_where(f) for f in files}
     if (not relative or any(_where(p) in inputs for p in relative)
             or any(os.path.lexists(p) for p in relative)):
@@ -840,9 +849,35 @@ def _add_plugin_commands(group: click.Group) -> None:
 PLUGIN_COMMANDS: dict[str, list[str]] = {}  # plugin name -> the commands it added
 
 
+class _Messages:
+    """stderr, whose write errors (a full disk, a closed pipe) are dropped."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Iterable[str] | None = None) -> None:
     if sys.stderr is None:  # started with `2>&-`: the work still runs, its messages go
-        sys.stderr = open(os.devnull, "w")
+        null = os.open(os.devnull, os.O_WRONLY)
+        if null != 2:  # onto fd 2 itself, not onto whichever fd (the manifest's) is next
+            os.dup2(null, 2)
+            os.close(null)
+        sys.stderr = open(2, "w", closefd=False)
+    # Messages, not results: a full or broken stderr must not fail the work.
+    sys.stderr = _Messages(sys.stderr)
     # File names are bytes on POSIX; undecodable ones must reach CSV on stdout unchanged.
     for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
         if hasattr(stream, "reconfigure"):

@@ -97,9 +97,12 @@ def repaired_sface_path() -> Path:
 
 
 def _intact(path: Path) -> bool:
+    digest = path.with_suffix(".sha256")
+    if not (path.is_file() and digest.is_file()):  # a FIFO there would hang a read
+        return False
     try:
-        return sha256_file(path) == path.with_suffix(".sha256").read_text().strip()
-    except (OSError, UnicodeDecodeError):  # missing, unreadable (another user's 0600)
+        return sha256_file(path) == digest.read_text().strip()
+    except (OSError, UnicodeDecodeError):  # unreadable (another user's 0600)
         return False
 
 

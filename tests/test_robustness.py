@@ -552,13 +552,27 @@ def test_reports_and_caches_follow_the_umask_and_keep_a_replaced_file_s_mode_and
     assert long.read_bytes() == b"b"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["new.json", "kept.json",
                                                                  long.name])
-    # a link is written through, as `>` does: the report it points to is the new one
+    # A report the user names is written through a link, as `>` does: the file it
+    # points to is the new one. A cache file never is: whoever can write the cache could
+    # point a link at a file of the user's, and a run would overwrite it.
+    from fiqa_gate.evaluation.report import replace_file
+
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "report.md").write_bytes(b"old")
     os.symlink("docs/report.md", tmp_path / "report.md")
-    atomic_write_bytes(tmp_path / "report.md", b"new")
+    replace_file(tmp_path / "report.md", lambda fh: fh.write(b"new"))
     assert (tmp_path / "report.md").is_symlink()
     assert (tmp_path / "docs" / "report.md").read_bytes() == b"new"
+    (tmp_path / "precious").write_bytes(b"the user's")
+    os.symlink(tmp_path / "precious", tmp_path / "cache.sha256")
+    atomic_write_bytes(tmp_path / "cache.sha256", b"digest")
+    assert not (tmp_path / "cache.sha256").is_symlink()
+    assert (tmp_path / "precious").read_bytes() == b"the user's"
+    # -o /dev/stdout into a pipe is written to as it is (it resolves to no file)
+    code = ("import pathlib; from fiqa_gate.evaluation.report import replace_file; "
+            "replace_file(pathlib.Path('/dev/stdout'), lambda fh: fh.write(b'{}'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == b"{}", done.stderr
 
 
 def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write_there(tmp_path):
@@ -623,6 +637,21 @@ def test_which_resumes_count_as_from_another_working_folder(tmp_path, orl_root):
     done = fiqa(tmp_path, "score", "photos", "-o", "n.csv", "--resume")
     assert done.returncode == 2 and b"written from another working folder" in done.stderr
     assert len(_rows(tmp_path / "n.csv")) == 1
+    # Every file done before was moved away; new ones of the same names arrive in a
+    # sub-folder: the moved rows are no sign of another working folder.
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in (1, 2):
+        (inbox / f"{i}.pgm").write_bytes((orl_root / "s38" / f"{i}.pgm").read_bytes())
+    move = ["filter", ".", "-o", "../o.csv", "--accepted-dir", "../ok", "--threshold", "0",
+            "--move"]
+    assert fiqa(inbox, *move).returncode == 0 and not list(inbox.iterdir())
+    (inbox / "cam2").mkdir()
+    for i in (1, 2):
+        (inbox / "cam2" / f"{i}.pgm").write_bytes((orl_root / "s39" / f"{i}.pgm").read_bytes())
+    done = fiqa(inbox, *move, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert len(_rows(tmp_path / "o.csv")) == 4 and not list((inbox / "cam2").iterdir())
 
 
 def test_a_resume_through_dev_stdout_or_onto_a_pipe(tmp_path, orl_root):
@@ -684,7 +713,7 @@ def test_a_damaged_test_set_cache_is_made_again(tmp_path, orl_root, caplog):
         assert Samples.load(cache).records == first.records  # and cached whole again
 
 
-@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+@pytest.mark.parametrize("closed", [">&-", "2>&-", "2>/dev/full"])
 def test_a_closed_stdout_or_stderr(tmp_path, orl_root, closed):
     face = tmp_path / "a.pgm"
     face.write_bytes((orl_root / "s1" / "1.pgm").read_bytes())

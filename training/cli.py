@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -80,7 +81,7 @@ def run_command(config: str, out: Path | None, stages: tuple[str, ...], install:
 def install_student(export: Path) -> None:
     """Copy student.{onnx,json,md} into the package: it becomes the default scorer."""
     from fiqa_gate import models_dir
-    from fiqa_gate.assets import atomic_write_bytes
+    from fiqa_gate.assets import atomic_write_bytes, current_umask
     from fiqa_gate.student import OnnxStudentScorer
 
     if not (export / "student.onnx").is_file():
@@ -102,6 +103,10 @@ def install_student(export: Path) -> None:
         # together: a full disk leaves the installed student whole, not half replaced.
         for name in names:
             fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".install")
+            # the mode the installed file keeps: its predecessor's, or the umask's
+            old = dest / name
+            os.fchmod(fd, stat.S_IMODE(old.stat().st_mode) if old.is_file() else
+                      0o666 & ~current_umask())
             os.close(fd)
             staged.append((Path(tmp), dest / name))
             atomic_write_bytes(Path(tmp), (export / name).read_bytes())

@@ -475,9 +475,15 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
         _check_writable(output.parent)
     result = run_bench(repeats=repeats, model=model)
     text = json.dumps(result, indent=2)
+    failed = None
+    if output:  # first: a stdout that fails must not cost the file its figures
+        try:
+            replace_file(output, lambda fh: fh.write(text.encode()))
+        except FiqaGateError as exc:  # and a file that fails, not the figures on stdout
+            failed = exc
     click.echo(text)
-    if output:  # after the figures are on stdout, whatever happens to the file
-        replace_file(output, lambda fh: fh.write(text.encode()))
+    if failed is not None:
+        raise failed
 
 
 def _check_writable(folder: Path) -> None:

@@ -300,7 +300,7 @@ def replace_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
     from fiqa_gate.assets import atomic_write
 
     try:
-        atomic_write(path, write)
+        atomic_write(path, write, follow_links=True)
     except OSError as exc:  # a full disk, a folder gone read-only
         raise FiqaGateError(f"cannot write {path}: {exc.strerror or exc}") from None
 
