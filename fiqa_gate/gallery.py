@@ -64,22 +64,16 @@ CREATE INDEX IF NOT EXISTS faces_identity ON faces(identity);
 
 
 def _to_db(text: str) -> str | bytes:
-    """A name as the bytes it came from (a folder name, decoded by the locale): as text
-    when they are UTF-8, which SQLite text must be, else as a BLOB. So one folder is one
-    identity whatever the locale of the run that enrolled it."""
+    """SQLite text must be UTF-8: a name that is not is stored as its bytes (a BLOB)."""
     try:
-        raw = os.fsencode(text)
-    except UnicodeEncodeError:  # no file name of this locale: a name given in Python
-        return text
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+    return text
 
 
 def _from_db(value: str | bytes) -> str:
-    """The name as this locale decodes the bytes it came from, as file names are."""
-    return os.fsdecode(value if isinstance(value, bytes) else value.encode("utf-8"))
+    return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
 def _db_errors(method: Callable[Concatenate[Gallery, _P], _R]

@@ -30,10 +30,6 @@ from fiqa_gate.errors import ManifestError
 
 log = logging.getLogger(__name__)
 
-# A manifest holds file names as the bytes they are: written in the encoding the locale
-# decodes file names with (UTF-8 almost everywhere), not UTF-8 over a Latin-1 decoding.
-ENCODING = sys.getfilesystemencoding()
-
 
 class Manifest:
     def __init__(self, fh: IO[str], columns: Sequence[str], owned: bool, name: str = "-",
@@ -108,7 +104,7 @@ def _record_ends(data: bytes) -> list[int]:
 
 
 def _text(data: bytes) -> str:
-    return data.decode(ENCODING, errors="surrogateescape")
+    return data.decode("utf-8", errors="surrogateescape")
 
 
 def _field(record: bytes, index: int) -> str | None:
@@ -238,7 +234,7 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
 
 
 def _open_locked(path: str, shown: str) -> IO[str]:
-    fh = open(path, "a", newline="", encoding=ENCODING, errors="surrogateescape")
+    fh = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
     if not _is_file(fh):  # a pipe, /dev/null: nothing to guard
         return fh
     try:
