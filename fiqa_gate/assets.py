@@ -52,8 +52,18 @@ def cache_dir() -> Path:
     path = Path(root)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise PermissionError(13, "cannot be entered")
     except OSError as exc:
         return private_cache_dir(f"{path}: {exc.strerror or exc}")
+    return path
+
+
+def writable_cache_dir() -> Path:
+    """`cache_dir()` where it can be written, else the private one (with a warning)."""
+    path = cache_dir()
+    if not os.access(path, os.W_OK | os.X_OK):
+        return private_cache_dir(f"{path}: not writable")
     return path
 
 
@@ -69,7 +79,8 @@ def private_cache_dir(why: str) -> Path:
     if _private:
         return _private[0]
     top = Path(tempfile.gettempdir())
-    for old in top.glob(f"fiqa-gate-cache-{_host_tag()}-*"):  # of runs killed here
+    sweep = _host_tag() != _UNKNOWN_TAG  # without /proc a pid says nothing of whose it is
+    for old in top.glob(f"fiqa-gate-cache-{_host_tag()}-*") if sweep else ():
         pid = old.name.split("-")[4]
         if pid.isdigit() and not _alive(int(pid)) and old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
@@ -136,6 +147,24 @@ def atomic_save_array(path: Path, array: np.ndarray) -> None:
 _STREAM = re.compile(r"/dev/(?:stdout|stderr|fd/[0-9]+)|/proc/(?:self|[0-9]+)/fd/[0-9]+")
 
 
+def is_stream(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is no file to replace: a pipe, terminal or device, or (by any
+    spelling) the file this process's stdout or stderr writes to."""
+    if _STREAM.fullmatch(os.fspath(path)):
+        return True
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return True
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.fstat(fd)):
+                return True
+    return False
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object],
                  follow_links: bool = False) -> None:
     """`write` the file into a synced temporary file beside `path`, renamed over it: a
@@ -147,19 +176,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object],
     terminal or /dev/stdout as it is, appending). Caches never follow links: whoever
     can write the cache could otherwise point one at a file of the user's."""
     path = Path(path)
+    make_folders = not path.is_symlink()  # (not the folders a dangling link names)
     if follow_links:
-        try:
-            target = os.stat(path)
-        except FileNotFoundError:
-            target = None
-        if _STREAM.fullmatch(str(path)) or (
-                target is not None and not stat.S_ISREG(target.st_mode)):
-            with open(path, "ab") as fh:  # the shell's own stream: not renamed over
+        if is_stream(path):
+            with open(path, "ab") as fh:  # the shell's own: appended to, not renamed over
                 write(fh)
             return
-        if target is not None:
-            path = Path(os.path.realpath(path))
-    if not path.is_symlink():  # (not the folders a dangling link names)
+        path = Path(os.path.realpath(path))  # (a dangling link: the file it names)
+    if make_folders:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         old = os.lstat(path)

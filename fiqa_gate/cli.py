@@ -866,6 +866,8 @@ class _Messages:
             self._stream.flush()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "buffer":  # click would write bytes there, past the guard
+            raise AttributeError(name)
         return getattr(self._stream, name)
 
 

@@ -98,9 +98,9 @@ def repaired_sface_path() -> Path:
 
 def _intact(path: Path) -> bool:
     digest = path.with_suffix(".sha256")
-    if not (path.is_file() and digest.is_file()):  # a FIFO there would hang a read
-        return False
     try:
+        if not (path.is_file() and digest.is_file()):  # a FIFO there would hang a read
+            return False
         return sha256_file(path) == digest.read_text().strip()
     except (OSError, UnicodeDecodeError):  # unreadable (another user's 0600)
         return False

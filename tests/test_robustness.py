@@ -568,11 +568,25 @@ def test_reports_and_caches_follow_the_umask_and_keep_a_replaced_file_s_mode_and
     atomic_write_bytes(tmp_path / "cache.sha256", b"digest")
     assert not (tmp_path / "cache.sha256").is_symlink()
     assert (tmp_path / "precious").read_bytes() == b"the user's"
-    # -o /dev/stdout into a pipe is written to as it is (it resolves to no file)
-    code = ("import pathlib; from fiqa_gate.evaluation.report import replace_file; "
-            "replace_file(pathlib.Path('/dev/stdout'), lambda fh: fh.write(b'{}'))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    # -o /dev/stdout into a pipe is written to as it is (it resolves to no file); into a
+    # file, by any spelling, it is appended to, not renamed over (the shell's lines stay)
+    code = ("import pathlib, sys; from fiqa_gate.evaluation.report import replace_file; "
+            "replace_file(pathlib.Path(sys.argv[1]), lambda fh: fh.write(b'{}'))")
+    done = subprocess.run([sys.executable, "-c", code, "/dev/stdout"], capture_output=True,
+                          timeout=120)
     assert done.returncode == 0 and done.stdout == b"{}", done.stderr
+    os.symlink("/dev/stdout", tmp_path / "to-stdout")
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"before\n")
+    with open(log, "ab") as out:
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "to-stdout")],
+                              stdout=out, timeout=120)
+    assert done.returncode == 0 and log.read_bytes() == b"before\n{}"
+    # a dangling link to a report: the file it names is made, as `>` makes it
+    os.symlink("docs/today.json", tmp_path / "today.json")
+    replace_file(tmp_path / "today.json", lambda fh: fh.write(b"{}"))
+    assert (tmp_path / "today.json").is_symlink()
+    assert (tmp_path / "docs" / "today.json").read_bytes() == b"{}"
 
 
 def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write_there(tmp_path):

