@@ -1,4 +1,5 @@
-"""Model files: where they live, whether they can be trusted, and one-time fixes.
+"""Model files and the cache: where they live, whether they can be trusted, and how
+fiqa-gate writes any file (whole or not at all, under temporary names it can recognise).
 
 Every model that fiqa-gate runs comes from a Python package on disk (never from a
 network hub) and is checked against a pinned SHA-256 digest before use.
