@@ -82,8 +82,9 @@ def private_cache_dir(why: str) -> Path:
     top = Path(tempfile.gettempdir())
     sweep = _host_tag() != _UNKNOWN_TAG  # without /proc a pid says nothing of whose it is
     for old in top.glob(f"fiqa-gate-cache-{_host_tag()}-*") if sweep else ():
-        pid = old.name.split("-")[4]
-        if pid.isdigit() and not _alive(int(pid)) and old.is_dir() and not old.is_symlink():
+        pid = re.fullmatch(r"fiqa-gate-cache-[0-9a-f]{8}-([0-9]{1,7})-[a-z0-9_]{8}", old.name)
+        if (pid and not _alive(int(pid[1])) and old.is_dir() and not old.is_symlink()
+                and old.stat().st_uid == os.getuid()):  # (not another user's, nor a plant)
             shutil.rmtree(old, ignore_errors=True)
     path = Path(tempfile.mkdtemp(prefix=f"fiqa-gate-cache-{_host_tag()}-{os.getpid()}-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)

@@ -552,17 +552,24 @@ def test_reports_and_caches_follow_the_umask_and_keep_a_replaced_file_s_mode_and
     assert long.read_bytes() == b"b"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["new.json", "kept.json",
                                                                  long.name])
-    # A report the user names is written through a link, as `>` does: the file it
-    # points to is the new one. A cache file never is: whoever can write the cache could
-    # point a link at a file of the user's, and a run would overwrite it.
+    # A file the user names (bench -o FILE) is written through a link, as `>` does: the
+    # file it points to is the new one. A cache file, or a report inside an -o folder,
+    # never is: whoever can write there could point a link at a file of the user's.
     from fiqa_gate.evaluation.report import replace_file
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "report.md").write_bytes(b"old")
     os.symlink("docs/report.md", tmp_path / "report.md")
-    replace_file(tmp_path / "report.md", lambda fh: fh.write(b"new"))
+    replace_file(tmp_path / "report.md", lambda fh: fh.write(b"new"), named=True)
     assert (tmp_path / "report.md").is_symlink()
     assert (tmp_path / "docs" / "report.md").read_bytes() == b"new"
+    replace_file(tmp_path / "report.md", lambda fh: fh.write(b"newer"))  # in a folder
+    assert not (tmp_path / "report.md").is_symlink()
+    assert (tmp_path / "docs" / "report.md").read_bytes() == b"new"
+    os.mkfifo(tmp_path / "report.json")  # left in a report folder: replaced, not opened
+    replace_file(tmp_path / "report.json", lambda fh: fh.write(b"{}"))
+    assert (tmp_path / "report.json").read_bytes() == b"{}"
+    (tmp_path / "report.json").unlink()
     (tmp_path / "precious").write_bytes(b"the user's")
     os.symlink(tmp_path / "precious", tmp_path / "cache.sha256")
     atomic_write_bytes(tmp_path / "cache.sha256", b"digest")
@@ -571,7 +578,7 @@ def test_reports_and_caches_follow_the_umask_and_keep_a_replaced_file_s_mode_and
     # -o /dev/stdout into a pipe is written to as it is (it resolves to no file); into a
     # file, by any spelling, it is appended to, not renamed over (the shell's lines stay)
     code = ("import pathlib, sys; from fiqa_gate.evaluation.report import replace_file; "
-            "replace_file(pathlib.Path(sys.argv[1]), lambda fh: fh.write(b'{}'))")
+            "replace_file(pathlib.Path(sys.argv[1]), lambda fh: fh.write(b'{}'), named=True)")
     done = subprocess.run([sys.executable, "-c", code, "/dev/stdout"], capture_output=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout == b"{}", done.stderr
@@ -584,7 +591,7 @@ def test_reports_and_caches_follow_the_umask_and_keep_a_replaced_file_s_mode_and
     assert done.returncode == 0 and log.read_bytes() == b"before\n{}"
     # a dangling link to a report: the file it names is made, as `>` makes it
     os.symlink("docs/today.json", tmp_path / "today.json")
-    replace_file(tmp_path / "today.json", lambda fh: fh.write(b"{}"))
+    replace_file(tmp_path / "today.json", lambda fh: fh.write(b"{}"), named=True)
     assert (tmp_path / "today.json").is_symlink()
     assert (tmp_path / "docs" / "today.json").read_bytes() == b"{}"
 

@@ -476,7 +476,10 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
     if stream and not os.access(output, os.W_OK):
         raise FiqaGateError(f"cannot write to {output}")
     if output and not stream:
-        _check_writable(output.parent)
+        target = Path(os.path.realpath(output))  # a link writes the file it names
+        if output.is_symlink() and not target.parent.is_dir():
+            raise FiqaGateError(f"{output} links to {target}, in no folder that exists")
+        _check_writable(target.parent)
     result = run_bench(repeats=repeats, model=model)
     text = json.dumps(result, indent=2)
     if stream:  # stdout first: a FIFO waits for its reader, as `>` would
@@ -484,7 +487,7 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
     failed = None
     if output:  # else first: a stdout that fails must not cost the file its figures
         try:
-            replace_file(output, lambda fh: fh.write(text.encode()))
+            replace_file(output, lambda fh: fh.write(text.encode() + b"\n"), named=True)
         except FiqaGateError as exc:  # and a file that fails, not the figures on stdout
             failed = exc
     if not stream:

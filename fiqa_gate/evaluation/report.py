@@ -295,12 +295,16 @@ def write(report: dict[str, Any], out: Path) -> None:
     replace_file(out / "report.md", lambda fh: fh.write(markdown(report).encode()))
 
 
-def replace_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write `path` whole or not at all (`assets.atomic_write`), or say why not."""
+def replace_file(path: Path, write: Callable[[BinaryIO], object],
+                 named: bool = False) -> None:
+    """Write `path` whole or not at all (`assets.atomic_write`), or say why not. Only a
+    file the user `named` (bench -o FILE) is written as `>` would, through a link or to
+    a stream; the files of a report folder replace whatever is there (a link planted in a
+    shared folder must not aim a run at another file)."""
     from fiqa_gate.assets import atomic_write
 
     try:
-        atomic_write(path, write, follow_links=True)
+        atomic_write(path, write, follow_links=named)
     except OSError as exc:  # a full disk, a folder gone read-only
         raise FiqaGateError(f"cannot write {path}: {exc.strerror or exc}") from None
 
