@@ -83,9 +83,10 @@ def private_cache_dir(why: str) -> Path:
     sweep = _host_tag() != _UNKNOWN_TAG  # without /proc a pid says nothing of whose it is
     for old in top.glob(f"fiqa-gate-cache-{_host_tag()}-*") if sweep else ():
         pid = re.fullmatch(r"fiqa-gate-cache-[0-9a-f]{8}-([0-9]{1,7})-[a-z0-9_]{8}", old.name)
-        if (pid and not _alive(int(pid[1])) and old.is_dir() and not old.is_symlink()
-                and old.stat().st_uid == os.getuid()):  # (not another user's, nor a plant)
-            shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):  # (another run may be removing it too)
+            if (pid and not _alive(int(pid[1])) and old.is_dir() and not old.is_symlink()
+                    and old.stat().st_uid == os.getuid()):  # not another user's, nor a plant
+                shutil.rmtree(old, ignore_errors=True)
     path = Path(tempfile.mkdtemp(prefix=f"fiqa-gate-cache-{_host_tag()}-{os.getpid()}-"))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     _private.append(path)
@@ -185,6 +186,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object],
                 write(fh)
             return
         path = Path(os.path.realpath(path))  # (a dangling link: the file it names)
+    else:  # the folder as the kernel finds it ("link/.." is not where the text says)
+        path = Path(os.path.realpath(path.parent)) / path.name
     if make_folders:
         path.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -758,3 +758,18 @@ def test_a_working_folder_deleted_under_the_command(tmp_path, orl_root):
     done = subprocess.run(["bash", "-c", f"{command} '{face}'"], capture_output=True,
                           timeout=600)  # absolute paths need no working folder
     assert done.returncode == 0, done.stderr
+
+
+def test_a_report_folder_reached_through_a_link_and_dot_dot(tmp_path):
+    # proj/link -> ../data/real; "proj/link/../rep" is data/rep to the kernel, though the
+    # text reads proj/rep: the report goes where the kernel finds the folder
+    from fiqa_gate.evaluation.report import replace_file
+
+    (tmp_path / "data" / "real").mkdir(parents=True)
+    (tmp_path / "proj").mkdir()
+    os.symlink("../data/real", tmp_path / "proj" / "link")
+    (tmp_path / "data" / "rep").mkdir()
+    replace_file(tmp_path / "proj" / "link" / ".." / "rep" / "report.md",
+                 lambda fh: fh.write(b"# report"))
+    assert (tmp_path / "data" / "rep" / "report.md").read_bytes() == b"# report"
+    assert not (tmp_path / "proj" / "rep").exists()
