@@ -203,9 +203,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object],
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
-            # after writing and any chown, which clear set-id bits; mkstemp's 0600 would
-            # stick
-            os.fchmod(fh.fileno(), stat.S_IMODE(old.st_mode) if old else 0o666 & ~current_umask())
+            # after writing and any chown, which clear set-id bits
+            os.fchmod(fh.fileno(), file_mode(old))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -291,7 +290,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def current_umask() -> int:
+def file_mode(replaced: os.stat_result | None) -> int:
+    """The mode a file fiqa-gate writes gets: the one it replaces keeps its own, a new
+    one what the umask gives (not mkstemp's 0600, which would stick to it)."""
+    return stat.S_IMODE(replaced.st_mode) if replaced else 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
     try:  # Linux says it without changing it
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):

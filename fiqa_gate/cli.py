@@ -270,7 +270,7 @@ def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scor
     files = _listed(paths, iter_files(paths), output)
     inputs = {_where(f) for f in files}
     with open_manifest(output, SCORE_COLUMNS, resume=resume, multi_row=True,
-                       check=lambda rows: _same_folder(output, rows, files),
+                       check=lambda rows: _same_folder(output, rows, files, inputs),
                        mine=lambda path: _where(path) in inputs) as manifest:
         failures.count += _failed_before(manifest.done_rows, inputs)
         for path in _progress(_not_done(files, manifest.done), "score"):
@@ -384,13 +384,13 @@ MOVED = (" (moved)", " (moved (was already present))")  # how copied_to ends for
 COPY_FAILED = "copy failed: "  # in a row's error: a resumed run copies it again
 
 
-def _finish_moves(rows: Sequence[dict[str, str]], files: Sequence[str],
+def _finish_moves(rows: Sequence[dict[str, str]], inputs: set[str],
                   targets: Sequence[str]) -> tuple[int, int]:
     """Remove the sources an interrupted run had recorded as moved, but not removed yet:
     only inputs of this run, whose recorded copy is a separate file in a target folder
     and holds the same content. Returns how many were removed and how many could not
-    be (they fail the run, as they failed the one that recorded them)."""
-    inputs = {_where(f) for f in files}
+    be (they fail the run, as they failed the one that recorded them). `inputs`: the
+    run's files, each as `_where` spells it."""
     finished = unfinished = 0
     for row in rows:
         path, copied_to = row["path"], row.get("copied_to") or ""
@@ -452,7 +452,7 @@ def _same_threshold(manifest_path: str, rows: Sequence[dict[str, str]], threshol
 
 
 def _same_folder(manifest_path: str, rows: Sequence[dict[str, str]],
-                 files: Sequence[str]) -> None:
+                 files: Sequence[str], inputs: set[str]) -> None:
     """Refuse to resume a manifest written from another working folder: its relative
     paths would name none of the inputs here, and every input would be done twice.
     The sign: none of its rows names a file that is here, and an input here ends with
@@ -460,7 +460,6 @@ def _same_folder(manifest_path: str, rows: Sequence[dict[str, str]],
     # (rows of moved inputs say nothing: their files are gone, from anywhere)
     relative = {r["path"] for r in rows if r.get("path") and not os.path.isabs(r["path"])
                 and not any(m in (r.get("copied_to") or "") for m in MOVED)}
-    inputs = {_where(f) for f in files}
     if (not relative or any(_where(p) in inputs for p in relative)
             or any(os.path.lexists(p) for p in relative)):
         return
@@ -566,14 +565,14 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
     inputs = {_where(f) for f in files}
     with open_manifest(output, FILTER_COLUMNS, resume=resume,
                        check=lambda rows: (_same_threshold(output, rows, threshold),
-                                           _same_folder(output, rows, files)),
+                                           _same_folder(output, rows, files, inputs)),
                        # only this run's inputs: another input's row stays as it is
                        redo=lambda row: (COPY_FAILED in (row.get("error") or "")
                                          and _where(row["path"]) in inputs)) as manifest:
         failed_before = _failed_before(manifest.done_rows, inputs)
         failures.count += failed_before
         if move:
-            finished, unfinished = _finish_moves(manifest.done_rows, files, targets)
+            finished, unfinished = _finish_moves(manifest.done_rows, inputs, targets)
             failures.count += unfinished
             if finished:
                 log.info("finished %d moves an earlier run had recorded", finished)

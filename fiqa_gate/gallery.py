@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
-from fiqa_gate.assets import current_umask
+from fiqa_gate.assets import file_mode
 from fiqa_gate.errors import GalleryError
 
 if TYPE_CHECKING:
@@ -397,7 +397,7 @@ class Gallery:
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".index.", suffix=".tmp")
         digest = hashlib.sha256()
         try:
-            os.fchmod(fd, 0o666 & ~current_umask())  # as the database, not mkstemp's 0600
+            os.fchmod(fd, file_mode(None))  # a new generation's file, as the database
             with os.fdopen(fd, "wb") as fh:
                 def write(chunk: bytes) -> None:
                     fh.write(chunk)

@@ -7,9 +7,7 @@ import importlib.util
 import json
 import logging
 import os
-import stat
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -81,7 +79,7 @@ def run_command(config: str, out: Path | None, stages: tuple[str, ...], install:
 def install_student(export: Path) -> None:
     """Copy student.{onnx,json,md} into the package: it becomes the default scorer."""
     from fiqa_gate import models_dir
-    from fiqa_gate.assets import atomic_write_bytes, current_umask
+    from fiqa_gate.assets import file_mode, temp_file
     from fiqa_gate.student import OnnxStudentScorer
 
     if not (export / "student.onnx").is_file():
@@ -102,14 +100,14 @@ def install_student(export: Path) -> None:
         # Every file is written beside its place first, and only then are they renamed in
         # together: a full disk leaves the installed student whole, not half replaced.
         for name in names:
-            fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".install")
-            # the mode the installed file keeps: its predecessor's, or the umask's
-            old = dest / name
-            os.fchmod(fd, stat.S_IMODE(old.stat().st_mode) if old.is_file() else
-                      0o666 & ~current_umask())
-            os.close(fd)
+            fd, tmp = temp_file(dest, ".tmp")
             staged.append((Path(tmp), dest / name))
-            atomic_write_bytes(Path(tmp), (export / name).read_bytes())
+            with os.fdopen(fd, "wb") as fh:
+                fh.write((export / name).read_bytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+                old = dest / name
+                os.fchmod(fh.fileno(), file_mode(old.stat() if old.is_file() else None))
         for tmp, final in staged:
             os.replace(tmp, final)
     except OSError as exc:
