@@ -151,17 +151,15 @@ def _read_done(path: str, columns: Sequence[str], key: str, multi_row: bool,
     records = _records(data, columns)
     if check:  # a refused resume changes nothing more
         check([row for _, _, row in records])
-    again = [r for r in records if redo and redo(r[2])]
-    if again:
+    redone = [bool(redo and redo(row)) for _, _, row in records]
+    if any(redone):
         # Those inputs are done again, so their rows go: every input keeps exactly one.
-        kept = data[:ends[0]] + b"".join(data[a:b] for a, b, row in records
-                                         if not redo(row))
+        records = [rec for rec, again in zip(records, redone, strict=True) if not again]
         try:
-            _replace(path, kept)
+            _replace(path, data[:ends[0]] + b"".join(data[a:b] for a, b, _ in records))
         except OSError as exc:
-            raise ManifestError(f"cannot rewrite {path} to do its {len(again)} failed "
+            raise ManifestError(f"cannot rewrite {path} to do its {sum(redone)} failed "
                                 f"inputs again: {exc.strerror or exc}") from None
-        records = [r for r in records if r not in again]
     return [row for _, _, row in records]
 
 
