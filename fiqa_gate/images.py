@@ -7,6 +7,7 @@ animated image), callers get an RGB uint8 array or an `ImageLoadError` with a sh
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import os
 import stat
@@ -18,7 +19,7 @@ from pathlib import PurePath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fiqa_gate.assets import is_temp_name
+from fiqa_gate.assets import is_temp_name, sha256_file
 from fiqa_gate.errors import FiqaGateError, ImageLoadError
 
 log = logging.getLogger("fiqa_gate")
@@ -234,11 +235,11 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     second name, nor everyone under one. Skipped, with a warning: files directly in ROOT
     (no one's); links at the top that lead nowhere; a linked identity folder, or a link at
     any depth below one, that leads into another identity's folder, into ROOT or above it;
-    and a file another identity listed first (a link or a hard link to it). A real folder
+    and a file another identity listed first (a link, a hard link or a copy). A real folder
     keeps its name over a link to it; a link to a folder outside ROOT is its identity's.
     Every other file is listed, to be read or to fail with its reason: a dangling link,
-    and a second name of a picture inside one identity unless `once` (evaluation and
-    training compare faces, and one picture under two names would match itself).
+    and a second name or copy of a picture inside one identity unless `once` (evaluation
+    and training compare faces, and one picture under two names would match itself).
     """
     top = os.fspath(root)
     if not os.path.isdir(top):
@@ -269,8 +270,10 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
         kept.add(e.name)
     _warn_skipped(top, linked, "identity folders skipped: links into another identity's "
                   "folder, into ROOT or above it")
-    folders, strays, again, twice, emptied = [], [], [], [], []
+    folders, strays, again, twice = [], [], [], []
     seen: dict[tuple[int, int], tuple[str, str]] = {}  # a file: its identity, its path
+    sizes: dict[str, int] = {}  # regular files kept so far, for the search for copies
+    found_any: set[str] = set()
     for e in entries:
         if e.name not in kept:
             continue
@@ -281,9 +284,9 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
                 strays.append(f"{folder} ({where})")
             return where is None
 
-        files, found = [], 0
+        files: list[str] = []
         for f in iter_files([e.path], enter=enter):
-            found += 1
+            found_any.add(e.name)
             try:
                 st = os.stat(f)
             except OSError:  # dangling or unreadable: an input that fails with its reason
@@ -298,18 +301,60 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
                 twice.append(f"{f} (= {first[1]})")
             else:
                 files.append(f)
-        if found and not files:
-            emptied.append(e.name)
+                if stat.S_ISREG(st.st_mode) and st.st_size:  # an empty one fails as such
+                    sizes[f] = st.st_size
         folders.append((e.name, files))
+    copies, copied_twice = _drop_copies(folders, sizes, once)
+    emptied = [name for name, files in folders if not files and name in found_any]
     _warn_skipped(top, strays, "files and folders skipped: reached through a link into "
                   "another identity's folder, into ROOT or above it")
     _warn_skipped(top, again, "files skipped: the same file as one of another identity")
+    _warn_skipped(top, copies, "files skipped: byte for byte a picture of another "
+                  "identity (one picture under two names would count as two people)")
     _warn_skipped(top, twice, "images skipped, each the same file as one listed before")
+    _warn_skipped(top, copied_twice, "images skipped, each byte for byte a copy of one "
+                  "listed before")
     _warn_skipped(top, emptied, "identities left with no file of their own")
     if not folders:
         raise FiqaGateError(f"{top}: no identity sub-folders (expected "
                             "ROOT/<identity>/<images>)")
     return folders
+
+
+def _drop_copies(folders: list[tuple[str, list[str]]], sizes: dict[str, int],
+                 once: bool) -> tuple[list[str], list[str]]:
+    """Remove, in place, each file whose bytes equal a file listed before it: always when
+    that file is another identity's (an ordinary copy counts as the same picture as a hard
+    link does), and inside one identity when `once`. Only files that share a size are
+    read, so a folder of distinct pictures costs one stat each. Returns the removed files,
+    across identities and inside one, as "file (= first)"."""
+    by_size: dict[int, list[str]] = {}
+    for f, size in sizes.items():
+        by_size.setdefault(size, []).append(f)
+    digest: dict[str, str] = {}
+    for group in by_size.values():
+        if len(group) > 1:
+            for f in group:
+                with contextlib.suppress(OSError):  # read later, failing with its reason
+                    digest[f] = sha256_file(f)
+    first: dict[str, tuple[str, str]] = {}
+    across: list[str] = []
+    inside: list[str] = []
+    for i, (name, files) in enumerate(folders):
+        kept = []
+        for f in files:
+            d = digest.get(f)
+            owner = first.setdefault(d, (name, f)) if d is not None else (name, f)
+            if owner[1] == f:
+                kept.append(f)
+            elif owner[0] != name:
+                across.append(f"{f} (= {owner[1]})")
+            elif once:
+                inside.append(f"{f} (= {owner[1]})")
+            else:
+                kept.append(f)
+        folders[i] = (name, kept)
+    return across, inside
 
 
 def _elsewhere(real: str, name: str | None, owners: _Owners, real_top: str) -> str | None:

@@ -567,6 +567,45 @@ def test_identity_folders_count_each_picture_once_under_one_identity(tmp_path, c
     assert "1 images skipped, each the same file as one listed before: " in caplog.text
 
 
+def test_a_copied_picture_counts_once_like_a_hard_link(tmp_path, orl_root, caplog):
+    # A byte-for-byte copy of one person's picture in another's folder made a pair of
+    # "two people" at similarity 1, which moved the FMR threshold from 0.27 to 0.83 and
+    # made every scorer look like random (audit of 2026-12-07). It is the same picture as
+    # a hard link is; inside one identity it would match itself.
+    from fiqa_gate.evaluation.cli import _one_name_per_file
+    from fiqa_gate.images import identity_folders
+
+    root = tmp_path / "root"
+    for s in ("s31", "s32"):
+        (root / s).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(orl_root / s / f"{i}.pgm", root / s / f"{i}.pgm")
+    shutil.copy(orl_root / "s31" / "1.pgm", root / "s32" / "copy.pgm")
+    shutil.copy(orl_root / "s32" / "2.pgm", root / "s32" / "again.pgm")
+    (root / "s32" / "empty.pgm").write_bytes(b"")  # fails as empty, not as a copy
+    (root / "s31" / "empty.pgm").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        found = {who: sorted(Path(f).name for f in files)
+                 for who, files in identity_folders(root, once=True)}
+    assert found == {"s31": ["1.pgm", "2.pgm", "empty.pgm"],
+                     "s32": ["1.pgm", "2.pgm", "empty.pgm"]}
+    log = caplog.text.replace(f"{root}/", "")
+    assert "1 files skipped: byte for byte a picture of another identity" in log
+    assert "s32/copy.pgm (= s31/1.pgm)" in log
+    assert "1 images skipped, each byte for byte a copy of one listed before: " \
+        "s32/again.pgm (= s32/2.pgm)" in log
+    # enroll lists a second copy inside one identity (a row of its own), never across
+    assert sorted(Path(f).name for f in dict(identity_folders(root))["s32"]) == \
+        ["1.pgm", "2.pgm", "again.pgm", "empty.pgm"]
+    # a pairs list names a copy by its first path, so a pair of copies is an image with
+    # itself and a pair through a copy repeats the one through the original
+    names = _one_name_per_file({str(root / "s32" / f) for f in ("2.pgm", "again.pgm")}
+                               | {str(root / "s31" / "empty.pgm"),
+                                  str(root / "s32" / "empty.pgm")})
+    assert names[str(root / "s32" / "again.pgm")] == str(root / "s32" / "2.pgm")
+    assert names[str(root / "s32" / "empty.pgm")] == str(root / "s32" / "empty.pgm")
+
+
 def test_evaluate_warns_on_stderr_and_lists_the_files_it_wrote(tmp_path, orl_root):
     # two people, two clean pictures each: few impostor pairs, nothing to discard, one
     # identity enrolled -- each said on stderr, not only in report.md

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -241,9 +242,14 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
 
 
 def _one_name_per_file(paths: set[str]) -> dict[str, str]:
-    """Each listed path mapped to one name for its file: the real path, and for hard links
-    of one file (same device and inode) the first of their real paths."""
-    name, first = {}, {}
+    """Each listed path mapped to one name for its picture: the real path, and for hard
+    links of one file (same device and inode) or byte-identical copies the first of their
+    real paths. Only files that share a size are read."""
+    import contextlib
+
+    from fiqa_gate.assets import sha256_file
+
+    name, first, sizes = {}, {}, {}
     for p in sorted(paths):
         real = os.path.realpath(p)
         try:
@@ -252,7 +258,15 @@ def _one_name_per_file(paths: set[str]) -> dict[str, str]:
             name[p] = real
             continue
         name[p] = first.setdefault((st.st_dev, st.st_ino), real)
-    return name
+        if stat.S_ISREG(st.st_mode) and st.st_size:  # an empty one fails as such
+            sizes.setdefault(st.st_size, set()).add(name[p])
+    by_digest: dict[str, str] = {}
+    copy_of: dict[str, str] = {}
+    for group in sizes.values():
+        for f in sorted(group) if len(group) > 1 else ():
+            with contextlib.suppress(OSError):
+                copy_of[f] = by_digest.setdefault(sha256_file(f), f)
+    return {p: copy_of.get(n, n) for p, n in name.items()}
 
 
 def _qualities(samples: Samples, scorers: Sequence[str], recognizer_name: str,
