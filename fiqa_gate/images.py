@@ -233,9 +233,10 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
 
     Each picture belongs to one identity: one person must not be counted again under a
     second name, nor everyone under one. Skipped, with a warning: files directly in ROOT
-    (no one's); links at the top that lead nowhere; a linked identity folder, or a link at
-    any depth below one, that leads into another identity's folder, into ROOT or above it;
-    and a file another identity listed first (a link, a hard link or a copy). A real folder
+    (no one's); hidden folders and links at the top that lead nowhere; a linked identity
+    folder, or a link at any depth below one, that leads into another identity's folder,
+    into ROOT or above it; and a file another identity listed first (a link, a hard link
+    or a copy). A real folder
     keeps its name over a link to it; a link to a folder outside ROOT is its identity's.
     Every other file is listed, to be read or to fail with its reason: a dangling link,
     and a second name or copy of a picture inside one identity unless `once` (evaluation
@@ -257,6 +258,9 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
                   "ROOT/<identity>/")
     _warn_skipped(top, [n for n, k in kinds.items() if k == "broken"],
                   "links that lead to no file or folder skipped")
+    hidden = [n for n, k in kinds.items() if k == "dir" and n.startswith(".")]
+    _warn_skipped(top, hidden, "hidden folders skipped (a .Trash or .git is no person)")
+    kinds.update(dict.fromkeys(hidden, "hidden"))
     real_top, owners, kept, linked = os.path.realpath(top), _Owners(), set(), []
     for e in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):  # real folders first
         if kinds[e.name] != "dir":

@@ -567,7 +567,7 @@ def test_identity_folders_count_each_picture_once_under_one_identity(tmp_path, c
     assert "1 images skipped, each the same file as one listed before: " in caplog.text
 
 
-def test_a_copied_picture_counts_once_like_a_hard_link(tmp_path, orl_root, caplog):
+def test_a_copied_picture_counts_once_and_a_hidden_folder_is_no_one(tmp_path, orl_root, caplog):
     # A byte-for-byte copy of one person's picture in another's folder made a pair of
     # "two people" at similarity 1, which moved the FMR threshold from 0.27 to 0.83 and
     # made every scorer look like random (audit of 2026-12-07). It is the same picture as
@@ -584,12 +584,15 @@ def test_a_copied_picture_counts_once_like_a_hard_link(tmp_path, orl_root, caplo
     shutil.copy(orl_root / "s32" / "2.pgm", root / "s32" / "again.pgm")
     (root / "s32" / "empty.pgm").write_bytes(b"")  # fails as empty, not as a copy
     (root / "s31" / "empty.pgm").write_bytes(b"")
+    (root / ".Trash-1000" / "files").mkdir(parents=True)  # no one's: skipped, not a person
+    shutil.copy(orl_root / "s33" / "1.pgm", root / ".Trash-1000" / "files" / "1.pgm")
     with caplog.at_level("WARNING"):
         found = {who: sorted(Path(f).name for f in files)
                  for who, files in identity_folders(root, once=True)}
     assert found == {"s31": ["1.pgm", "2.pgm", "empty.pgm"],
                      "s32": ["1.pgm", "2.pgm", "empty.pgm"]}
     log = caplog.text.replace(f"{root}/", "")
+    assert "1 hidden folders skipped (a .Trash or .git is no person): .Trash-1000" in log
     assert "1 files skipped: byte for byte a picture of another identity" in log
     assert "s32/copy.pgm (= s31/1.pgm)" in log
     assert "1 images skipped, each byte for byte a copy of one listed before: " \
@@ -625,6 +628,7 @@ def test_evaluate_warns_on_stderr_and_lists_the_files_it_wrote(tmp_path, orl_roo
     assert "warning: every pAUC is n/a: FNMR is 0 with nothing discarded" in err
     assert "--variants 0 adds no degraded faces" in err
     assert report["identification"]["identities_enrolled"] == 1
+    assert report["identities"] == 2 and "4 faces of 2 identities; embedding" in err
     assert "warning: identification: 1 identity enrolled" in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"report: {out / 'report.md'} (+ ")

@@ -127,7 +127,9 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
                             progress="faces", kinds=kinds, skipped=left_out)
     skipped = dict(left_out)
     _warn_skipped(skipped)
-    click.echo(f"{len(samples)} faces; embedding with {recognizer_name}", err=True)
+    people = len(set(samples.identity))
+    click.echo(f"{len(samples)} faces of {people} identities; embedding with "
+               f"{recognizer_name}", err=True)
     emb, norms = in_chunks(recognizer.embed_with_norms, samples.crops, "embedding")
     a, b, mated = verification_pairs(samples.identity, samples.source, samples.clean)
     if not mated.any() or mated.all():
@@ -135,7 +137,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
         raise FiqaGateError(
             "evaluation needs at least two identities with two images each in which a face "
             f"is found; a face was found in {pictures} image{'s' * (pictures != 1)} of "
-            f"{len(set(samples.identity))} identities"
+            f"{people} identities"
             + (f" ({len(skipped)} left out, above)" if skipped else ""))
     sim = similarities(emb, a, b)
     raw, calibrated = _qualities(samples, scorers, recognizer_name, options, norms)
@@ -147,7 +149,8 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     judged["verification"]["pair_limit"] = MAX_PAIRS
     report = {
         "dataset": "ORL s31-s40 (built-in test split)" if data is None else str(data),
-        "recognizer": recognizer_name, "faces": len(samples), "machine": machine(),
+        "recognizer": recognizer_name, "faces": len(samples), "identities": people,
+        "machine": machine(),
         "degradation": {"variants_per_image": variants, "seed": seed,
                         "protocol": degradations, "kinds": list(kinds)},
         "command": command, "models": _models(list(raw), options), "skipped_images": skipped,
