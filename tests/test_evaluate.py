@@ -485,6 +485,21 @@ def test_evaluate_rejects_nonsense_numbers_before_any_work(tmp_path, args, optio
     assert not (tmp_path / "r").exists()
 
 
+def test_evaluate_loads_a_named_model_before_any_work(tmp_path, caplog):
+    # a --model without its .json was left out with a warning after all the work, and
+    # the run exited 0 with a report that did not mention it (audit of 2026-12-07)
+    bad = tmp_path / "mine.onnx"
+    bad.write_text("not a model")
+    done = _evaluate("--data", str(tmp_path), "--model", str(bad), "-o", str(tmp_path / "r"))
+    assert done.exit_code == 2 and "mine.json is missing" in done.stderr
+    assert not (tmp_path / "r").exists()
+    # named but not compared: said, not silently ignored
+    with caplog.at_level("WARNING"):
+        done = _evaluate("--data", str(tmp_path), "--model", str(bad), "--scorer",
+                         "sharpness", "-o", str(tmp_path / "r"))
+    assert f"--model {bad} is not used: add --scorer student" in caplog.text
+
+
 def test_bench_rejects_fewer_than_one_repeat():
     from click.testing import CliRunner
 

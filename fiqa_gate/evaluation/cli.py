@@ -357,6 +357,7 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
     command = "fiqa-gate " + " ".join(sys.argv[1:])
     options = {name: {"model": path} for name, path in
                (("student", model), ("teacher", teacher)) if path}
+    _check_models(options, scorers, recognizer)
     if pairs:
         ctx = click.get_current_context()
         ignored = [f"--{n.replace('_', '-')}" for n in ("variants", "seed", "degradations",
@@ -378,6 +379,22 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
     for note in _report_warnings(report):
         click.echo(f"warning: {note}", err=True)
     click.echo(f"report: {out / 'report.md'} (+ report.json, edc.png, scores.png)", err=True)
+
+
+def _check_models(options: dict[str, dict[str, Any]], scorers: Sequence[str],
+                  recognizer: str) -> None:
+    """Load the model files the user named before minutes of work: a plugin that fails
+    later is left out with a warning, but a file named on the command line is the point
+    of the run."""
+    for name, opts in options.items():
+        if name not in scorers:
+            log.warning("--%s %s is not used: add --scorer %s", "model" if name == "student"
+                        else name, opts["model"], name)
+            continue
+        try:
+            registry.get_scorer(name, registry.ScorerContext(recognizer, opts))
+        except FiqaGateError as exc:
+            raise click.UsageError(str(exc)) from None
 
 
 def _report_warnings(report: dict[str, Any]) -> list[str]:
