@@ -678,3 +678,22 @@ def test_calibration_fit_leaves_faces_without_a_score_out():
     assert (x, y) == ([0.5, 0.6], [0.0, 1.0])
     with pytest.raises(ValueError, match="no finite raw score"):
         isotonic_fit([np.nan, np.inf], [1, 0])
+
+
+def test_fpir_threshold_lets_at_most_the_asked_share_of_non_mated_searches_through():
+    from fiqa_gate.evaluation.identification import fpir_threshold
+
+    # four searches at FPIR 0.05: the interpolated quantile let 1 in 4 through (audit of
+    # 2026-12-07); none may pass, and the share that does is said
+    four = np.asarray([0.1, 0.2, 0.3, 0.4], np.float32)
+    t, met = fpir_threshold(four, 0.05, 0.4)
+    assert met == 0.0 and t > 0.4 and not (four >= t).any()
+    # where the quantile gives the asked share exactly, it is kept (the ORL split: 120)
+    many = np.random.default_rng(0).random(120).astype(np.float32)
+    t, met = fpir_threshold(many, 0.05, 0.4)
+    assert t == float(np.quantile(many, 0.95)) and met == 0.05
+    # ties at the boundary fail together rather than exceed the share
+    tied = np.asarray([0.9, 0.5, 0.5, 0.5] + [0.1] * 16, np.float32)
+    t, met = fpir_threshold(tied, 0.1, 0.4)
+    assert met == 0.05 and (tied >= t).sum() == 1
+    assert fpir_threshold(np.zeros(0, np.float32), 0.05, 0.37) == (0.37, None)

@@ -418,6 +418,11 @@ def _report_warnings(report: dict[str, Any]) -> list[str]:
     elif ident and not ident["mated_probes"]:
         notes.append("identification: no mated probes (an enrolled identity needs 2 or more "
                      "pictures: the first half enroll, the rest probe), so rank-1 is n/a")
+    if ident and ident["nonmated_probes"] * ident["fpir"] < 5:
+        notes.append(f"identification: only {ident['nonmated_probes']} non-mated searches "
+                     f"(probes of the 30 % of identities not enrolled): FNIR at FPIR "
+                     f"{ident['fpir']:g} rests on {int(ident['nonmated_probes'] * ident['fpir'])}"
+                     " of them passing; 100 or more give it meaning")
     return notes
 
 

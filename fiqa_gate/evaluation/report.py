@@ -159,6 +159,16 @@ def _gain(entry: dict[str, Any], ref: dict[str, Any]) -> str:
     return f"{100 * (entry['rank1'] - ref['rank1']):+.1f}{f' ({ci})' if ci else ''}"
 
 
+def _fpir_reached(ident: dict[str, Any]) -> str:
+    """What the non-mated searches allowed, where it is not the FPIR asked for."""
+    met = ident.get("fpir_measured")
+    if met is None:
+        return "; no non-mated probes: the recognizer's threshold"
+    n = ident["nonmated_probes"]
+    return "" if met == ident["fpir"] else (
+        f"; {round(met * n)} of the {n} non-mated searches pass it: FPIR {met:.3g}")
+
+
 def _identification_lines(ident: dict[str, Any] | None) -> list[str]:
     if not ident:
         return []
@@ -168,7 +178,7 @@ def _identification_lines(ident: dict[str, Any] | None) -> list[str]:
              f"{ident['candidates']} candidates; {ident['mated_probes']} mated and "
              f"{ident['nonmated_probes']} non-mated probes; FNIR at FPIR "
              f"{ident['fpir']:g} (threshold {ident['fpir_threshold']:.3f} fixed on the "
-             "all-candidates run)."]
+             f"all-candidates run{_fpir_reached(ident)})."]
     if boot:
         lines.append(f"95 % CI: {boot['resamples']} bootstrap resamples of the mated probes' "
                      "source pictures, each enrolled gallery as chosen; a gain is judged on "
