@@ -673,7 +673,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
         rows. Each transaction rewrites the whole index, so they are batched."""
         items = [item for item, _ in pending if item is not None]
         try:
-            ids = gallery.enroll(items)
+            ids = gallery.enroll(items, rec.name)
         except Exception as exc:  # e.g. a damaged gallery: the batch's rows say so
             ids, items = [], []
             for _, row in pending:

@@ -85,6 +85,9 @@ def _db_errors(method: Callable[Concatenate[Gallery, _P], _R]
             return method(self, *args, **kwargs)
         except sqlite3.OperationalError as exc:
             raise GalleryError(f"{self.path}: gallery database error: {exc}") from exc
+        except sqlite3.ProgrammingError as exc:  # the database is fine: its use is not
+            raise GalleryError(f"{self.path}: a Gallery is used by the thread that opened "
+                               f"it, until close(); open one per thread ({exc})") from exc
         except sqlite3.DatabaseError as exc:
             raise GalleryError(f"{self.path}: gallery database is corrupt or unreadable: "
                                f"{exc}") from exc
@@ -176,10 +179,17 @@ class Gallery:
                 raise GalleryError(f"{p}: gallery database is corrupt or unreadable: {exc}") \
                     from None
         gallery = cls(p, db)
-        if gallery.recognizer != recognizer:
+        if (gallery.recognizer, gallery.dim) != (recognizer, dim):
             gallery.close()
-            raise GalleryError(f"{p}: gallery was built with recognizer {gallery.recognizer!r}, "
-                               f"not {recognizer!r}; use a new gallery path")
+            raise GalleryError(f"{p}: gallery was built with recognizer {gallery.recognizer!r}"
+                               f" ({gallery.dim}-D), not {recognizer!r} ({dim}-D); use a new "
+                               "gallery path")
+        kept = [f"{what} {now!r} (not {asked!r})" for what, now, asked in
+                (("threshold", gallery.threshold, float(threshold)),
+                 ("index", gallery.factory, factory)) if now != asked]
+        if kept:
+            log.warning("%s: the gallery keeps the %s it was created with", p,
+                        " and ".join(kept))
         return gallery
 
     @classmethod
@@ -302,9 +312,15 @@ class Gallery:
     def search(self, embeddings: np.ndarray, recognizer: str, k: int = 5) -> list[list[Hit]]:
         """Top-k faces for each L2-normalised query; `match` uses the gallery's threshold."""
         self.check_recognizer(recognizer)
-        q = np.ascontiguousarray(np.atleast_2d(embeddings), dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != self.dim:
+        q = np.atleast_2d(np.asarray(embeddings))
+        if q.ndim != 2:
+            raise GalleryError(f"queries are one embedding [{self.dim}] or a stack "
+                               f"[N, {self.dim}], got shape {q.shape}")
+        if q.shape[1] != self.dim:
             raise GalleryError(f"query dimension {q.shape[1]} != gallery dimension {self.dim}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise GalleryError(f"k must be a whole number of hits, 1 or more; got {k!r}")
+        q = _unit_rows(q, "a query")
         index = self.index()
         if index.ntotal == 0:
             return [[] for _ in q]
@@ -323,18 +339,24 @@ class Gallery:
 
     # -- writing ------------------------------------------------------------------
     @_db_errors
-    def enroll(self, items: Sequence[Enrollment]) -> list[int]:
+    def enroll(self, items: Sequence[Enrollment], recognizer: str | None = None) -> list[int]:
         """Add faces in one transaction; returns their face ids. A face whose source is
-        enrolled under its identity already keeps its id (enrolling is idempotent)."""
+        enrolled under its identity already keeps its id (enrolling is idempotent).
+        Embeddings are stored L2-normalised (search is by cosine similarity); `recognizer`,
+        when given, must be the gallery's, as in `search`."""
         if not items:
             return []
+        if recognizer is not None:
+            self.check_recognizer(recognizer)
+        vectors = []
         for item in items:
-            if item.embedding.shape != (self.dim,):
+            if np.shape(item.embedding) != (self.dim,):
                 raise GalleryError(f"embedding of {item.source} has shape "
-                                   f"{item.embedding.shape}, gallery expects ({self.dim},)")
+                                   f"{np.shape(item.embedding)}, gallery expects ({self.dim},)")
+            vectors.append(_unit_rows(item.embedding[None], f"embedding of {item.source}")[0])
         with self._write_transaction():
             ids = []
-            for it in items:
+            for it, vector in zip(items, vectors, strict=True):
                 key = (_to_db(it.identity), _to_db(it.source))
                 # Under the lock: a writer that ran meanwhile may have enrolled it already.
                 row = self._db.execute("SELECT id FROM faces WHERE identity = ? AND source = ?",
@@ -342,8 +364,7 @@ class Gallery:
                 ids.append(row[0] if row else self._db.execute(
                     "INSERT INTO faces (identity, source, score, added, embedding) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (*key, it.score, time.time(),
-                     np.asarray(it.embedding, np.float32).tobytes())).lastrowid)
+                    (*key, it.score, time.time(), vector.tobytes())).lastrowid)
         return [int(i) for i in ids]
 
     @_db_errors
@@ -412,6 +433,17 @@ class Gallery:
             Path(tmp).unlink(missing_ok=True)
             raise
         return tmp, digest.hexdigest()
+
+
+def _unit_rows(vectors: np.ndarray, what: str) -> np.ndarray:
+    """Rows scaled to length 1, as float32: the index's inner product is then the cosine
+    similarity its threshold is set for (a raw embedding of norm 10 had "matched" strangers
+    at similarity 2.4). No length, NaN or inf cannot be compared."""
+    v = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    if not (np.isfinite(norms).all() and (norms > 0).all()):
+        raise GalleryError(f"{what} holds NaN or inf, or is all zeros: it cannot be compared")
+    return np.ascontiguousarray(v / norms, dtype=np.float32)
 
 
 def _probe_enough(index: faiss.Index) -> None:

@@ -93,6 +93,60 @@ def test_bad_factory_and_dimension(tmp_path):
         g.enroll([Enrollment("x", np.zeros(64, np.float32), "x.jpg")])
 
 
+def test_embeddings_are_compared_by_cosine_whatever_their_length(tmp_path, orl_embeddings,
+                                                                 caplog):
+    # One raw embedding (norm 10) had "matched" strangers at similarity 2.4, and a NaN one
+    # was stored (audit of 2026-12-07): rows are stored and searched at length 1.
+    import threading
+
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    _enroll_first_five(g, {k: v for k, v in orl_embeddings.items() if k != "s34"})
+    g.enroll([Enrollment("s34", 10 * e, f"s34/{i}.pgm") for i, e in
+              enumerate(orl_embeddings["s34"][:5])], "sface")
+    strangers = np.concatenate([orl_embeddings[k][5:] for k in ("s31", "s32", "s33")])
+    found = g.search(3 * strangers, "sface", k=1)
+    assert [h[0].identity for h in found] == ["s31"] * 5 + ["s32"] * 5 + ["s33"] * 5
+    assert all(h[0].similarity <= 1 + 1e-5 for h in found)
+    assert g.search(orl_embeddings["s34"][5:], "sface", k=1)[0][0].identity == "s34"
+    for bad in (np.full(128, np.nan, np.float32), np.zeros(128, np.float32)):
+        with pytest.raises(GalleryError, match="NaN or inf, or is all zeros"):
+            g.enroll([Enrollment("ghost", bad, "ghost.jpg")])
+        with pytest.raises(GalleryError, match="NaN or inf, or is all zeros"):
+            g.search(bad, "sface")
+    assert "ghost" not in g.identities()
+    for k in (0, -1, 2.5):
+        with pytest.raises(GalleryError, match="k must be a whole number"):
+            g.search(strangers[:1], "sface", k=k)
+    with pytest.raises(GalleryError, match=r"got shape \(1, 2, 128\)"):
+        g.search(strangers[None, :2], "sface")
+    with pytest.raises(GalleryError, match="holds 'sface' embeddings"):
+        g.enroll([Enrollment("s35", orl_embeddings["s35"][0], "x.pgm")], "dlib")
+    # another thread, or after close: a misuse, not a corrupt database
+    caught: list[str] = []
+
+    def elsewhere() -> None:
+        try:
+            g.search(strangers[:1], "sface")
+        except GalleryError as exc:
+            caught.append(str(exc))
+
+    worker = threading.Thread(target=elsewhere)
+    worker.start()
+    worker.join()
+    assert len(caught) == 1 and "open one per thread" in caught[0]
+    g.close()
+    with pytest.raises(GalleryError, match="until close"):
+        g.identities()
+    # created again with other settings: the dimension is refused, the rest kept and said
+    with pytest.raises(GalleryError, match=r"\(128-D\), not 'sface' \(512-D\)"):
+        Gallery.create(tmp_path / "g", "sface", 512, 0.383)
+    with caplog.at_level("WARNING"):
+        again = Gallery.create(tmp_path / "g", "sface", 128, 0.3, "HNSW32")
+    assert again.threshold == 0.383 and again.factory == "Flat"
+    assert "keeps the threshold 0.383 (not 0.3) and index 'Flat' (not 'HNSW32')" in caplog.text
+    again.close()
+
+
 def test_a_trained_index_type_enrolls_before_it_has_enough_faces_to_train(tmp_path,
                                                                           orl_embeddings):
     import faiss
