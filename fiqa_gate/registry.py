@@ -45,7 +45,10 @@ class Registry:
 
 _pm: pluggy.PluginManager | None = None
 _registry: Registry | None = None
+_registry_of: frozenset[int] = frozenset()  # the plugins _registry was collected from
 _failed: dict[str, str] = {}
+_first_party: set[str] = set()  # fiqa-gate's own entry points: their names stay theirs
+_setup_lock = threading.RLock()  # threads using the registry first get one of each
 
 
 def _plugin_allowed(ep_name: str, ep_value: str) -> bool:
@@ -62,28 +65,34 @@ def _plugin_allowed(ep_name: str, ep_value: str) -> bool:
 def plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager, loading entry points on first use."""
     global _pm
-    if _pm is None:
-        pm = pluggy.PluginManager("fiqa_gate")
-        pm.add_hookspecs(hookspecs)
-        for ep in sorted(entry_points(group="fiqa_gate"), key=lambda e: e.name):
-            if not _plugin_allowed(ep.name, ep.value) or pm.get_plugin(ep.name) is not None:
-                continue
-            try:
-                pm.register(ep.load(), name=ep.name)
-            except Exception as exc:  # a broken plugin must not take the core down
-                _failed[ep.name] = f"{type(exc).__name__}: {exc}"
-                log.warning("plugin %s failed to load: %s", ep.name, exc)
-        _pm = pm
-    return _pm
+    with _setup_lock:
+        if _pm is None:
+            pm = pluggy.PluginManager("fiqa_gate")
+            pm.add_hookspecs(hookspecs)
+            for ep in sorted(entry_points(group="fiqa_gate"), key=lambda e: e.name):
+                if not _plugin_allowed(ep.name, ep.value) or pm.get_plugin(ep.name):
+                    continue
+                try:
+                    pm.register(ep.load(), name=ep.name)
+                except Exception as exc:  # a broken plugin must not take the core down
+                    _failed[ep.name] = f"{type(exc).__name__}: {exc}"
+                    log.warning("plugin %s failed to load: %s", ep.name, exc)
+                    continue
+                if ep.value.startswith(FIRST_PARTY_PREFIX):
+                    _first_party.add(ep.name)
+            _pm = pm
+        return _pm
 
 
 def reset() -> None:
     """Forget loaded plugins (tests, or after changing the environment)."""
     global _pm, _registry
-    _pm = None
-    _registry = None
-    _failed.clear()
-    _instances.clear()  # made by factories of the plugins just forgotten
+    with _setup_lock:
+        _pm = None
+        _registry = None
+        _failed.clear()
+        _first_party.clear()
+        _instances.clear()  # made by factories of the plugins just forgotten
 
 
 def failed_plugins() -> dict[str, str]:
@@ -100,9 +109,17 @@ def _collect(hook_name: str) -> dict[str, Entry]:
 
         def register(name: str, factory: Callable[..., Any], description: str = "",
                      _plugin: str = plugin) -> None:
-            if name in found and found[name].plugin != _plugin:
+            # A built-in name (student, sface, yunet, ...) stays built-in: whichever loads
+            # last, the gate's default and its pinned model must not depend on a plugin's
+            # name. Between two other plugins, the later entry point name wins.
+            before = found.get(name)
+            if before is not None and before.plugin != _plugin:
+                if before.plugin in _first_party:
+                    log.warning("%s %r of plugin %s ignored: the name is fiqa-gate's own "
+                                "(register it under another name)", hook_name, name, _plugin)
+                    return
                 log.warning("%s %r from plugin %s replaces the one from %s",
-                            hook_name, name, _plugin, found[name].plugin)
+                            hook_name, name, _plugin, before.plugin)
             found[name] = Entry(name, factory, description, _plugin)
 
         try:
@@ -113,14 +130,19 @@ def _collect(hook_name: str) -> dict[str, Entry]:
 
 
 def registry() -> Registry:
-    global _registry
-    if _registry is None:
-        _registry = Registry(
-            detectors=_collect("register_detectors"),
-            recognizers=_collect("register_recognizers"),
-            scorers=_collect("register_scorers"),
-        )
-    return _registry
+    """What the plugins register, collected again when a plugin was registered or
+    unregistered in-process (`plugin_manager().register(obj, name=...)`)."""
+    global _registry, _registry_of
+    with _setup_lock:
+        plugins = frozenset(map(id, plugin_manager().get_plugins()))
+        if _registry is None or plugins != _registry_of:
+            _registry = Registry(
+                detectors=_collect("register_detectors"),
+                recognizers=_collect("register_recognizers"),
+                scorers=_collect("register_scorers"),
+            )
+            _registry_of = plugins
+        return _registry
 
 
 def _lookup(kind: str, table: dict[str, Entry], name: str) -> Entry:
@@ -131,16 +153,17 @@ def _lookup(kind: str, table: dict[str, Entry], name: str) -> Entry:
     return table[name]
 
 
-_instances: dict[tuple[str, str], Any] = {}
+_instances: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {}
 _instances_lock = threading.RLock()  # threads asking at once get one model, loaded once
 
 
 def _instance(kind: str, table: dict[str, Any], name: str) -> Any:
-    key = (kind, name)
+    factory = _lookup(kind, table, name).factory
     with _instances_lock:
-        if key not in _instances:
-            _instances[key] = _lookup(kind, table, name).factory()
-        return _instances[key]
+        made = _instances.get((kind, name))
+        if made is None or made[0] is not factory:  # a plugin registered since took it
+            made = _instances[(kind, name)] = (factory, factory())
+        return made[1]
 
 
 def get_detector(name: str = DEFAULT_DETECTOR) -> Any:

@@ -119,3 +119,50 @@ def test_a_plugin_adds_commands_but_never_replaces_one(caplog):
     assert group.commands["score"] is cli.score and "hello" in group.commands
     assert "hijack tried to replace the command 'score'" in caplog.text
     assert cli.PLUGIN_COMMANDS["hijack"] == ["hello"]
+
+
+def test_a_plugin_cannot_take_a_built_in_name_and_is_seen_once_registered(caplog):
+    # A plugin registering a scorer named 'student' replaced the shipped one when its entry
+    # point sorted after fiqa-gate's, and a plugin registered in-process after the first
+    # lookup was never seen (audit of 2026-12-07).
+    import threading
+
+    import numpy as np
+
+    from fiqa_gate import registry
+    from fiqa_gate.components import Scorer
+    from fiqa_gate.hookspecs import hookimpl
+    from fiqa_gate.student import OnnxStudentScorer
+
+    class Constant(Scorer):
+        name = "constant"
+
+        def raw_scores(self, faces):
+            return np.ones(len(faces))
+
+    class Clash:
+        @hookimpl
+        def register_scorers(self, register):
+            register("student", lambda ctx: Constant(), "not the shipped student")
+            register("mine", lambda ctx: Constant(), "a scorer of its own")
+
+    registry.reset()
+    managers = []
+    threads = [threading.Thread(target=lambda: managers.append(registry.plugin_manager()))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(m) for m in managers}) == 1  # threads starting at once share one
+    assert isinstance(registry.get_scorer("student"), OnnxStudentScorer)
+    pm = registry.plugin_manager()
+    pm.register(Clash(), name="zzz_clash")  # after the first lookup, named to load last
+    try:
+        assert isinstance(registry.get_scorer("mine"), Constant)
+        assert isinstance(registry.get_scorer("student"), OnnxStudentScorer)
+        assert "'student' of plugin zzz_clash ignored: the name is fiqa-gate's own" \
+            in caplog.text
+    finally:
+        pm.unregister(name="zzz_clash")
+    assert "mine" not in registry.registry().scorers
