@@ -81,11 +81,18 @@ class Scorer(ABC):
         return None if self.calibration is None else self.calibration.recognizer
 
     def score(self, faces: Sequence[Face]) -> Scores:
-        raw = np.asarray(self.raw_scores(faces), dtype=np.float64).reshape(-1)
+        got = np.asarray(self.raw_scores(faces))
+        if got.dtype.kind not in "iuf":  # '0.9', True, 1+2j, None would pass as numbers
+            raise ValueError(f"scorer {self.name!r} returned {got.dtype} scores; a scorer "
+                             "returns one real number per face (NaN: no score)")
+        raw = got.astype(np.float64).reshape(-1)
         if len(raw) != len(faces):
             raise ValueError(f"scorer {self.name!r} returned {len(raw)} scores "
                              f"for {len(faces)} faces")
-        calibrated = np.clip(raw, 0.0, 1.0) if self.calibration is None else self.calibration(raw)
+        if self.calibration is None:  # inf is no score, as NaN is: not a perfect face
+            calibrated = np.where(np.isfinite(raw), np.clip(raw, 0.0, 1.0), np.nan)
+        else:
+            calibrated = self.calibration(raw)
         return Scores(raw=raw, calibrated=calibrated)
 
 

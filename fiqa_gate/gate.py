@@ -19,6 +19,7 @@ import numpy as np
 
 from fiqa_gate import registry
 from fiqa_gate.components import Scorer, stack_crops
+from fiqa_gate.errors import PluginError
 from fiqa_gate.faces import Face
 
 log = logging.getLogger("fiqa_gate")
@@ -34,7 +35,7 @@ class Decision:
     accepted: bool
     score: float
     raw_score: float
-    threshold: float
+    threshold: float  # the gate's; a policy plugin that decided gives its own in `reason`
     reason: str
 
     def to_dict(self) -> dict:
@@ -77,8 +78,10 @@ class Gate:
             try:
                 override = registry.policy_decision(face, score, self.threshold, self.stage)
             except Exception as exc:  # a broken policy fails this face, not the run
+                why = str(exc) if isinstance(exc, PluginError) else \
+                    f"{type(exc).__name__}: {exc}"
                 return Decision(False, score, raw, self.threshold,
-                                f"policy plugin error: {type(exc).__name__}: {exc}")
+                                f"policy plugin error: {why}")
             if override is not None:
                 accepted, reason = override
         return Decision(accepted, score, raw, self.threshold, reason)

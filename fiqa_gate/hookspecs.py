@@ -59,5 +59,7 @@ def gate_decision(face: Any, score: float, threshold: float, stage: str) -> Any:
     """Policy: override the default accept/reject for one face.
 
     `stage` is "filter", "enroll" or "probe". Return None to leave the decision to
-    the next plugin (and finally to `score >= threshold`), or `(accepted, reason)`.
+    the next plugin (and finally to `score >= threshold`), `accepted` (a bool), or the
+    tuple `(accepted, reason)`. Anything else, or an exception, rejects the face with a
+    reason naming the plugin.
     """

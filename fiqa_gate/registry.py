@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
+import numpy as np
 import pluggy
 
 from fiqa_gate import hookspecs
@@ -224,11 +225,18 @@ def policy_decision(face: Any, score: float, threshold: float,
     """Ask the `gate_decision` policy hooks, newest plugin first; first non-None wins."""
     for impl in _plain_impls(plugin_manager().hook.gate_decision):
         args = {"face": face, "score": score, "threshold": threshold, "stage": stage}
-        result = impl.function(**{k: args[k] for k in impl.argnames})
+        try:
+            result = impl.function(**{k: args[k] for k in impl.argnames})
+        except Exception as exc:
+            raise PluginError(f"{impl.plugin_name}: {type(exc).__name__}: {exc}") from exc
         if result is None:
             continue
-        if isinstance(result, bool):
-            return result, f"policy {impl.plugin_name}"
-        accepted, reason = result
-        return bool(accepted), f"policy {impl.plugin_name}: {reason}"
+        if isinstance(result, (bool, np.bool_)):
+            return bool(result), f"policy {impl.plugin_name}"
+        # a string of two letters unpacks too: "no" had accepted the face
+        if (not isinstance(result, tuple) or len(result) != 2
+                or not isinstance(result[0], (bool, np.bool_))):
+            raise PluginError(f"{impl.plugin_name}: returned {result!r}; a policy returns "
+                              "None, a bool or (accepted: bool, reason: str)")
+        return bool(result[0]), f"policy {impl.plugin_name}: {result[1]}"
     return None

@@ -101,9 +101,17 @@ def test_policy_overrides_and_failures(group_faces, policy):
     d = Gate(scorer, 0.0, stage="probe").decide_one(face)
     assert not d.accepted and d.reason.endswith("camera 7 needs more")
     assert Gate(scorer, 0.0, stage="enroll").decide_one(face).accepted  # other stage
+    # a result that is neither None, a bool nor (accepted, reason) is no decision: a
+    # two-letter string had unpacked as (accepted="n", reason="o") and accepted the face
+    policy(_Policy(result="no"))
+    d = Gate(scorer, 0.0, stage="probe").decide_one(face)
+    assert not d.accepted and d.reason == ("policy plugin error: test-policy-1: returned "
+                                           "'no'; a policy returns None, a bool or "
+                                           "(accepted: bool, reason: str)")
     policy(_Policy(error=True))
     d = Gate(scorer, 0.0, stage="probe").decide_one(face)
-    assert not d.accepted and "policy plugin error" in d.reason
+    assert not d.accepted
+    assert d.reason == "policy plugin error: test-policy-2: RuntimeError: policy bug"
 
 
 def test_event_hook_errors_do_not_stop_the_gate(group_faces, policy):
@@ -260,3 +268,26 @@ def test_a_thin_strip_is_not_enlarged_past_what_a_detector_takes():
     small = np.zeros((46, 56, 3), np.uint8)
     image, factor = enlarge_for_detection(small)
     assert factor == pytest.approx(96 / 46) and min(image.shape[:2]) == 96
+
+
+def test_a_scorer_plugin_gives_real_numbers_or_no_score(group_faces):
+    # inf had become score 1.0 and an accepted face, and '0.9', True or 1+2j had passed
+    # as scores (audit of 2026-12-07)
+    from fiqa_gate.components import Scorer
+
+    class Returns(Scorer):
+        name = "returns"
+
+        def __init__(self, values):
+            self.values = values
+
+        def raw_scores(self, faces):
+            return self.values[:len(faces)]
+
+    faces = group_faces[:2]
+    d = Gate(Returns([np.inf, 0.7]), 0.5, use_plugins=False).decide(faces)
+    assert [x.accepted for x in d] == [False, True]
+    assert d[0].reason == "no returns score for this face"
+    for bad in (["0.9", "0.1"], [True, False], [1 + 2j, 0.5], [None, 0.5]):
+        with pytest.raises(ValueError, match="a scorer returns one real number per face"):
+            Gate(Returns(bad), 0.5, use_plugins=False).decide(faces)

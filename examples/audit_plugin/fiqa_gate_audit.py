@@ -57,9 +57,10 @@ def gate_decision(face: Face, score: float, threshold: float,
     if stage != "enroll":
         return None
     strict = float(os.environ.get("FIQA_GATE_ENROLL_THRESHOLD", "0.8"))
-    if score >= max(strict, threshold):
-        return True, f"score {score:.3f} >= enrollment threshold {strict:.2f}"
-    return False, f"score {score:.3f} < enrollment threshold {strict:.2f}"
+    bar = max(strict, threshold)
+    if round(score, 6) >= bar:  # as the core compares: a score that prints as the bar passes
+        return True, f"score {score:.3f} >= enrollment threshold {bar:.2f}"
+    return False, f"score {score:.3f} < enrollment threshold {bar:.2f}"
 
 
 @hookimpl
