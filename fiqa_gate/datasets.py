@@ -233,11 +233,13 @@ def _csv_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str
             first = False
             continue
         first = False
-        mated = cells[2].strip() if len(cells) == 3 else ""
-        if mated not in ("0", "1", "true", "false", "True", "False"):
+        mated = cells[2].strip().lower() if len(cells) == 3 else ""
+        if mated not in ("0", "1", "true", "false"):  # any case: spreadsheets write TRUE
+            found = f"{len(cells)} cells" if len(cells) != 3 else f"mated {cells[2]!r}"
             raise FiqaGateError(f"{pairs_path}:{reader.line_num}: expected "
-                                "path_a,path_b,mated (1/0)")
-        rows.append((place(cells[0]), place(cells[1]), mated in ("1", "true", "True")))
+                                f"path_a,path_b,mated with mated 1/0 or true/false; found "
+                                f"{found}")
+        rows.append((place(cells[0]), place(cells[1]), mated in ("1", "true")))
     return rows
 
 

@@ -709,6 +709,7 @@ def test_pairs_lists_are_read_as_csv_and_lfw_readers_read_them(tmp_path, caplog)
     import csv as csv_module
 
     from fiqa_gate.datasets import read_pairs, sample_seed
+    from fiqa_gate.errors import FiqaGateError
 
     names = ["new\nline.jpg", "trail.jpg ", "#s1/a.jpg", "plain.jpg"]
     for n in names:
@@ -720,10 +721,16 @@ def test_pairs_lists_are_read_as_csv_and_lfw_readers_read_them(tmp_path, caplog)
         writer.writerow(["path_a", "path_b", "mated"])
         writer.writerows([[names[0], names[1], 1], [names[2], names[3], 0]])
         fh.write("plain.jpg , #s1/a.jpg, 1\r\n")  # hand-written: spaces around cells
+        fh.write("plain.jpg,trail.jpg ,FALSE\r\n")  # as a spreadsheet writes it
     assert read_pairs(tmp_path / "pairs.csv", tmp_path) == [
         (str(tmp_path / names[0]), str(tmp_path / names[1]), True),
         (str(tmp_path / names[2]), str(tmp_path / names[3]), False),
-        (str(tmp_path / "plain.jpg"), str(tmp_path / "#s1/a.jpg"), True)]
+        (str(tmp_path / "plain.jpg"), str(tmp_path / "#s1/a.jpg"), True),
+        (str(tmp_path / "plain.jpg"), str(tmp_path / names[1]), False)]
+    (tmp_path / "odd.csv").write_text("plain.jpg,trail.jpg ,yes\n")
+    with pytest.raises(FiqaGateError, match=r"odd\.csv:1: expected path_a,path_b,mated "
+                       r"with mated 1/0 or true/false; found mated 'yes'"):
+        read_pairs(tmp_path / "odd.csv", tmp_path)
 
     lfw = tmp_path / "lfw"
     for name in ("0000045", "0000099", "Jo[s]e"):

@@ -340,8 +340,8 @@ def _evaluation_options(fn: _F) -> _F:
                    "the folder the pairs' images are in.")
 @click.option("--pairs", type=click.Path(exists=True, dir_okay=False),
               help="Comparisons to judge instead of the identity protocol: a CSV "
-                   "path_a,path_b,mated (1/0; relative paths from --data, else from the "
-                   "working folder), or LFW's pairs.txt with --data LFW_ROOT.")
+                   "path_a,path_b,mated (1/0 or true/false; relative paths from --data, "
+                   "else from the working folder), or LFW's pairs.txt with --data LFW_ROOT.")
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("fiqa-gate-report"), show_default=True,
               help="Report folder; its report.md, report.json, edc.png and scores.png are "
