@@ -831,3 +831,21 @@ def test_evaluate_and_bench_refuse_an_unwritable_output_before_any_work(tmp_path
     assert "embedding" not in done.stderr and "Traceback" not in done.stderr
     done = _cli("bench", "--repeats", "1", "-o", str(tmp_path / "a-file" / "bench.json"))
     assert done.returncode == 2 and "cannot write to" in done.stderr and not done.stdout
+
+
+def test_a_scorer_calibrated_for_another_recognizer_is_said_in_evaluate(caplog):
+    # gated enrollment with dlib used the student's SFace calibration without a word,
+    # where `filter` warns (audit of 2026-12-07)
+    from fiqa_gate.datasets import Samples
+    from fiqa_gate.evaluation.protocol import qualities
+
+    crops = np.random.default_rng(0).integers(0, 255, (2, 112, 112, 3), dtype=np.uint8)
+    samples = Samples(crops, ["a", "b"], ["a/1", "b/1"], [[], []], np.ones(2))
+    with caplog.at_level("WARNING"):
+        _, calibrated = qualities(samples, ["student"], "dlib")
+    assert "student" in calibrated
+    assert "scorer 'student' is calibrated for sface, not dlib" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        qualities(samples, ["student"], "sface")
+    assert "calibrated for" not in caplog.text

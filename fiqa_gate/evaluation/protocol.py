@@ -342,4 +342,9 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
             raw[name] = np.where(bad, raw[name][~bad].min() - 1.0, raw[name])
         if getattr(scorer, "calibration", None) is not None:
             calibrated[name] = scorer.calibration(np.nan_to_num(raw[name], nan=-1e9))
+            made_for = getattr(scorer, "calibrated_for", None)
+            if made_for not in (None, recognizer):  # as `filter` says it
+                log.warning("scorer %r is calibrated for %s, not %s: gated enrollment "
+                            "applies its threshold to the chance of a match with %s",
+                            name, made_for, recognizer, made_for)
     return raw, calibrated
