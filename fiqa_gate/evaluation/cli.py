@@ -418,6 +418,10 @@ def _report_warnings(report: dict[str, Any]) -> list[str]:
     elif ident and not ident["mated_probes"]:
         notes.append("identification: no mated probes (an enrolled identity needs 2 or more "
                      "pictures: the first half enroll, the rest probe), so rank-1 is n/a")
+    elif ident and ident.get("most_candidates") == 1:
+        notes.append("identification: every enrolled identity has one candidate (the first "
+                     "half of its pictures, with --variants 0 no degraded copies), so "
+                     "best-of-N has nothing to choose and equals random")
     if ident and ident["nonmated_probes"] * ident["fpir"] < 5:
         notes.append(f"identification: only {ident['nonmated_probes']} non-mated searches "
                      f"(probes of the 30 % of identities not enrolled): FNIR at FPIR "

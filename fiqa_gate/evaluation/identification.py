@@ -136,6 +136,8 @@ def identification(samples: Samples, embeddings: np.ndarray, recognizer: str,
         "best_of_n": {}, "gated": {},
     }
     cand_ident = ident[sp.candidates]
+    out["most_candidates"] = int(max(np.unique(cand_ident, return_counts=True)[1],
+                                     default=0))
     rng = np.random.default_rng(0)
     draws = [outcome(*search(np.asarray(
         [rng.choice(sp.candidates[cand_ident == name]) for name in sorted(set(cand_ident))]
