@@ -100,6 +100,16 @@ def test_edc_hand_case_curve_with_ties():
     assert r.e0 == pytest.approx(0.4)
 
 
+def test_edc_plot_shows_a_curve_that_rises_above_e0():
+    # the plot stopped at 1.25 e0, so a scorer worse than random ran off its top (audit
+    # of 2026-12-07); the hand case rises from 0.4 to 0.5 by x = 0.2, and to 1.0 past 0.5
+    from fiqa_gate.evaluation.report import edc_top
+
+    r = edc(*hand_case(), fmr_target=0.1)
+    assert edc_top({"q": r}) == pytest.approx(0.5 * 1.05)
+    assert edc_top({"q": r}, right=0.9) == pytest.approx(1.05)
+
+
 def test_edc_hand_case_pauc_and_normalisation():
     r = edc(*hand_case(), fmr_target=0.1)
     assert r.pauc[0.2] == pytest.approx(0.08)

@@ -56,6 +56,14 @@ def verification_summary(results: dict[str, EDCResult],
             "scorers": edc_rows(results, ci)}
 
 
+def edc_top(results: dict[str, EDCResult], right: float = 0.5) -> float:
+    """The EDC plot's upper FNMR: room above e0, and above every curve up to `right` (a
+    scorer worse than random rises above e0; the plot had cut it off at 1.25 e0)."""
+    shown = [r.curve.fnmr[r.curve.x <= right] for r in results.values()]
+    highest = max((float(np.max(f)) for f in shown if f.size), default=0.0)
+    return max(next(iter(results.values())).e0 * 1.25, highest * 1.05, 1e-3)
+
+
 def plot_edc(results: dict[str, EDCResult], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -74,7 +82,7 @@ def plot_edc(results: dict[str, EDCResult], path: Path, title: str) -> Path:
     ax.axhline(any_r.e0, color="grey", lw=0.6)
     ax.axvline(0.2, color="grey", lw=0.6, ls="--")
     ax.set_xlim(0, 0.5)
-    ax.set_ylim(0, max(any_r.e0 * 1.25, 1e-3))
+    ax.set_ylim(0, edc_top(results))
     ax.set_xlabel("fraction of mated comparisons discarded (lowest quality first)")
     ax.set_ylabel(f"FNMR at fixed tau = {any_r.tau:.3f} (FMR {any_r.fmr_target:g})")
     ax.set_title(title)
