@@ -89,5 +89,5 @@ def isotonic_fit(raw: np.ndarray, target: np.ndarray, max_knots: int = 256) -> t
 
 def fit_calibration(raw: np.ndarray, matched: np.ndarray, recognizer: str,
                     note: str = "") -> Calibration:
-    x, y = isotonic_fit(raw, matched.astype(np.float64))
+    x, y = isotonic_fit(raw, np.asarray(matched, dtype=np.float64))
     return Calibration(x=x, y=y, recognizer=recognizer, note=note)

@@ -40,6 +40,8 @@ def faces_in_image(image: np.ndarray, detector: Detector, source: str = "") -> l
             and image.shape[2] == 3):
         raise TypeError("faces_in_image takes an RGB uint8 array of shape (height, width, "
                         f"3); got {_describe(image)} (images.load_image reads a file so)")
+    if not image.shape[0] or not image.shape[1]:  # OpenCV asserts, enlarging divides by 0
+        raise ValueError(f"faces_in_image: the image is empty (shape {image.shape})")
     work, f = enlarge_for_detection(image)
     faces = []
     for i, d in enumerate(detector.detect(work)):

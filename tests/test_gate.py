@@ -291,3 +291,16 @@ def test_a_scorer_plugin_gives_real_numbers_or_no_score(group_faces):
     for bad in (["0.9", "0.1"], [True, False], [1 + 2j, 0.5], [None, 0.5]):
         with pytest.raises(ValueError, match="a scorer returns one real number per face"):
             Gate(Returns(bad), 0.5, use_plugins=False).decide(faces)
+
+
+def test_faces_in_image_refuses_arrays_it_cannot_read():
+    # an empty image divided by zero or hit an OpenCV assertion (audit of 2026-12-07)
+    detector = registry.get_detector("yunet")
+    for shape in ((0, 0, 3), (0, 100, 3), (100, 0, 3)):
+        with pytest.raises(ValueError, match=r"the image is empty \(shape"):
+            faces_in_image(np.zeros(shape, np.uint8), detector)
+    for bad in (np.zeros((64, 64), np.uint8), np.zeros((64, 64, 3), np.float32),
+                np.zeros((64, 64, 4), np.uint8)):
+        with pytest.raises(TypeError, match="takes an RGB uint8 array"):
+            faces_in_image(bad, detector)
+    assert faces_in_image(np.zeros((64, 64, 3), np.uint8), detector) == []

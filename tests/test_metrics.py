@@ -707,3 +707,12 @@ def test_fpir_threshold_lets_at_most_the_asked_share_of_non_mated_searches_throu
     t, met = fpir_threshold(tied, 0.1, 0.4)
     assert met == 0.05 and (tied >= t).sum() == 1
     assert fpir_threshold(np.zeros(0, np.float32), 0.05, 0.37) == (0.37, None)
+
+
+def test_fit_calibration_takes_plain_lists():
+    # the README's call with `matched` as a list failed in .astype (audit of 2026-12-07)
+    from fiqa_gate.calibration import fit_calibration
+
+    cal = fit_calibration([0.1, 0.2, 0.8, 0.9], [False, False, True, True], "sface")
+    assert cal.recognizer == "sface"
+    np.testing.assert_allclose(cal(np.array([0.1, 0.9])), [0.0, 1.0])
