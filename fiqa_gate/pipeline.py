@@ -45,6 +45,9 @@ def faces_in_image(image: np.ndarray, detector: Detector, source: str = "") -> l
     work, f = enlarge_for_detection(image)
     faces = []
     for i, d in enumerate(detector.detect(work)):
+        if np.shape(d.landmarks) != (5, 2) or not np.isfinite(d.landmarks).all():
+            raise ValueError(f"detector {getattr(detector, 'name', type(detector).__name__)}"
+                             " gave a face without five finite (x, y) landmarks")
         found = d if f == 1.0 else Detection(tuple(v / f for v in d.box),
                                              np.asarray(d.landmarks) / f, d.score)
         faces.append(Face(crop=align_face(work, d.landmarks), source=source, index=i,

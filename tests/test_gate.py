@@ -304,3 +304,23 @@ def test_faces_in_image_refuses_arrays_it_cannot_read():
         with pytest.raises(TypeError, match="takes an RGB uint8 array"):
             faces_in_image(bad, detector)
     assert faces_in_image(np.zeros((64, 64, 3), np.uint8), detector) == []
+
+
+def test_a_detector_plugin_without_usable_landmarks_is_named(sample_photo):
+    # NaN landmarks had ended in numpy's "SVD did not converge" (audit of 2026-12-07)
+    from fiqa_gate.components import Detection, Detector
+    from fiqa_gate.images import load_image
+
+    class Broken(Detector):
+        name = "broken"
+
+        def __init__(self, landmarks):
+            self.landmarks = landmarks
+
+        def detect(self, rgb):
+            return [Detection((0.0, 0.0, 10.0, 10.0), self.landmarks, 0.9)]
+
+    image = load_image(str(sample_photo))
+    for landmarks in (np.full((5, 2), np.nan), np.zeros((3, 2))):
+        with pytest.raises(ValueError, match="detector broken gave a face without five"):
+            faces_in_image(image, Broken(landmarks))
