@@ -657,17 +657,23 @@ def test_report_warnings_explain_only_what_went_wrong():
 
     fine = {"verification": {"warning": None, "e0": 0.12, "tau": 0.3},
             "degradation": {"variants_per_image": 3},
-            "identification": {"identities_enrolled": 7, "mated_probes": 40}}
+            "identification": {"identities_enrolled": 7, "mated_probes": 40,
+                               "nonmated_probes": 120, "fpir": 0.05, "most_candidates": 6}}
     assert _report_warnings(fine) == []
     pairs = {"verification": {"warning": None, "e0": 0.0, "tau": 0.3}}  # --pairs: no variants
     (note,) = _report_warnings(pairs)
     assert "every pAUC is n/a" in note and "tau 0.300" in note and "--variants" not in note
     harder = {**fine, "verification": {"warning": None, "e0": 0.0, "tau": 0.3}}
     assert "more --variants" in _report_warnings(harder)[0]
-    no_probes = {**fine, "identification": {"identities_enrolled": 2, "mated_probes": 0}}
+    no_probes = {**fine, "identification": {**fine["identification"], "mated_probes": 0}}
     assert _report_warnings(no_probes) == [
         "identification: no mated probes (an enrolled identity needs 2 or more pictures: "
         "the first half enroll, the rest probe), so rank-1 is n/a"]
+    few = {**fine, "identification": {**fine["identification"], "nonmated_probes": 4}}
+    assert _report_warnings(few) == [
+        "identification: only 4 non-mated searches (probes of the 30 % of identities not "
+        "enrolled): FNIR at FPIR 0.05 rests on 0 of them passing; 100 or more give it "
+        "meaning"]
 
 
 def test_a_report_names_the_model_file_it_measured(tmp_path, orl_root):
