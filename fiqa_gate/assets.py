@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fiqa_gate.errors import ModelError
 
@@ -135,6 +135,28 @@ def pinned_package_file(relpath: str) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write through a temporary file and rename, so readers never see half a file."""
     atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_write_json(path: Path, value: object) -> None:
+    """JSON whole or not at all (a run's state files: a torn one stopped every resume)."""
+    import json
+
+    atomic_write_bytes(path, json.dumps(value, indent=2).encode())  # as write_text did
+
+
+def read_state_json(path: Path) -> Any:
+    """A state file as `atomic_write_json` writes it, or None when it is missing or torn
+    (written whole only since 2026-12-07: a full disk had cut some short), with a word."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.warning("%s is damaged (not JSON: a full disk or a kill while it was written); "
+                    "it is made again", path)
+        return None
 
 
 def atomic_save_array(path: Path, array: np.ndarray) -> None:

@@ -154,16 +154,20 @@ def read_mos_csv(csv_path: str | Path, image_root: str | Path | None = None
                             f"{exc.strerror or exc}") from None
     with fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"image_name", "score"} <= set(reader.fieldnames):
-            raise FiqaGateError(f"{csv_path}: expected a header with image_name,score")
-        for n, row in enumerate(reader, start=2):
-            try:
-                score = float(row["score"])
-            except (TypeError, ValueError):
-                score = math.nan
-            if not math.isfinite(score):  # nan would make every label nan
-                raise FiqaGateError(f"{csv_path}:{n}: bad score {row.get('score')!r}")
-            rows.append((base / row["image_name"], score))
+        try:
+            if not reader.fieldnames or not {"image_name", "score"} <= set(reader.fieldnames):
+                raise FiqaGateError(f"{csv_path}: expected a header with image_name,score")
+            for n, row in enumerate(reader, start=2):
+                try:
+                    score = float(row["score"])
+                except (TypeError, ValueError):
+                    score = math.nan
+                if not math.isfinite(score):  # nan would make every label nan
+                    raise FiqaGateError(f"{csv_path}:{n}: bad score {row.get('score')!r}")
+                rows.append((base / row["image_name"], score))
+        except UnicodeDecodeError:
+            raise FiqaGateError(f"{csv_path}: not a UTF-8 text file (save it as UTF-8)"
+                                ) from None
     if not rows:
         raise FiqaGateError(f"{csv_path}: no rows after the header")
     by_image: dict[Path, list[float]] = {}
@@ -174,7 +178,11 @@ def read_mos_csv(csv_path: str | Path, image_root: str | Path | None = None
         log.warning("%s: %d images listed more than once, their scores averaged (%s)",
                     csv_path, len(repeated), ", ".join(repeated[:3])
                     + (", ..." if len(repeated) > 3 else ""))
-    return [(p, float(np.mean(scores))) for p, scores in by_image.items()]
+    out = [(p, float(np.mean(scores))) for p, scores in by_image.items()]
+    if len({score for _, score in out}) < 2:  # rescaled to [0, 1], they had all become 0
+        raise FiqaGateError(f"{csv_path}: every image has the score {out[0][1]:g}; a MOS "
+                            "list needs different scores to teach an order")
+    return out
 
 
 def read_pairs(pairs_path: str | Path, image_root: str | Path | None = None

@@ -648,6 +648,15 @@ def test_config_check_accepts_the_built_in_configs_and_what_the_code_allows(tmp_
     ({"teacher.freeze": _DELETE}, "student.hint: needs teacher.freeze > 0"),
     ({"data.mos_csv": "mos.csv"},
      "student.targets: 'enhanced' cannot be used with data.mos_csv"),
+    # right type, wrong value: -3 epochs had exported an untrained student with exit 0, a
+    # batch of 0 divided by zero and a misspelt backbone failed when its stage began
+    ({"teacher.epochs": -3}, "teacher.epochs: -3 is too small (it must be at least 1)"),
+    ({"student.epochs": 0}, "student.epochs: 0 is too small (it must be at least 1)"),
+    ({"student.batch_size": 0}, "student.batch_size: 0 is too small"),
+    ({"data.temperature": 0}, "data.temperature: 0 is too small (it must be above 0)"),
+    ({"student.backbone": "edgenext_xx_smal"},
+     "student.backbone: 'edgenext_xx_smal' is neither 'sface' nor a timm model (did you "
+     "mean edgenext_xx_small?)"),
 ])
 def test_config_check_names_the_file_and_key_of_each_mistake(tmp_path, changes, message):
     from fiqa_gate_training.config import check_config
@@ -733,17 +742,24 @@ def test_a_users_mos_list_and_run_folder_are_checked_before_any_work(tmp_path):
     from fiqa_gate.errors import FiqaGateError
 
     mos = tmp_path / "mos.csv"
-    mos.write_text("\ufeffimage_name,score\na.jpg,0.7\n", encoding="utf-8")  # a BOM: fine
-    assert read_mos_csv(mos) == [(tmp_path / "a.jpg", 0.7)]
+    mos.write_text("\ufeffimage_name,score\na.jpg,0.7\nb.jpg,0.2\n", encoding="utf-8")  # a BOM
+    assert read_mos_csv(mos) == [(tmp_path / "a.jpg", 0.7), (tmp_path / "b.jpg", 0.2)]
     mos.write_text("image_name,score\na.jpg,0.6\nb.jpg,0.1\na.jpg,0.8\n")
     got = read_mos_csv(mos)  # one face, one label: a repeated rating is averaged
     assert [p.name for p, _ in got] == ["a.jpg", "b.jpg"]
     assert got[0][1] == pytest.approx(0.7) and got[1][1] == 0.1
+    # one score for every image (or one image) had labelled every face 0.0, the worst;
+    # a Latin-1 file was a traceback after the labelled sets' detection (audit 2026-12-07)
     for text, says in (("image_name,score\na.jpg,nan\n", "bad score 'nan'"),
-                       ("image_name,score\n", "no rows after the header")):
+                       ("image_name,score\n", "no rows after the header"),
+                       ("image_name,score\na.jpg,3\nb.jpg,3\n", "every image has the score 3"),
+                       ("image_name,score\na.jpg,3\n", "every image has the score 3")):
         mos.write_text(text)
         with pytest.raises(FiqaGateError, match=says):
             read_mos_csv(mos)
+    mos.write_bytes("image_name,score\ncaf\u00e9.jpg,0.3\nb.jpg,0.2\n".encode("latin-1"))
+    with pytest.raises(FiqaGateError, match="not a UTF-8 text file"):
+        read_mos_csv(mos)
     with pytest.raises(FiqaGateError, match="cannot read the MOS list"):
         read_mos_csv(tmp_path / "missing.csv")
     (tmp_path / "a-file").write_text("")
@@ -793,3 +809,52 @@ def test_the_model_card_describes_the_data_and_models_the_run_used():
                           "mos_csv": "mos.csv"})
     assert "`/data/casia`" in own and "ORL faces" not in own and "mos.csv" in own
     assert "dlib's ResNet" in own and "SFace" not in own
+
+
+def test_a_run_s_state_files_are_whole_or_said_damaged(tmp_path, caplog):
+    # a full disk had left config.json or stage_times.json empty, and every resume then
+    # stopped with a JSONDecodeError traceback; torch's own error on a full disk was a
+    # traceback too, with its torn temporary file left behind (audit of 2026-12-07)
+    from pathlib import Path
+
+    from fiqa_gate_training.recipe import RecipeError, Run
+    from fiqa_gate_training.train import save_whole
+
+    cfg = {"name": "x"}
+    run = Run(cfg, tmp_path / "run")
+    run.timed("data", lambda: None)
+    (tmp_path / "run" / "stage_times.json").write_text('{"data": 1')  # cut short
+    with caplog.at_level("WARNING"):
+        again = Run(cfg, tmp_path / "run")
+    assert again.times == {} and "stage_times.json is damaged" in caplog.text
+    (tmp_path / "run" / "config.json").write_text("")
+    with pytest.raises(RecipeError, match=r"config\.json is damaged, so which config made "
+                                          r"this run is unknown; delete it"):
+        Run(cfg, tmp_path / "run")
+
+    def torn(name: str) -> None:
+        Path(name).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    target = tmp_path / "views.pt"
+    with pytest.raises(OSError, match=r"cannot write .*views\.pt \(RuntimeError: \[enforce"):
+        save_whole(torn, target)
+    assert not target.exists() and not target.with_suffix(".tmp").exists()
+    save_whole(lambda name: Path(name).write_bytes(b"whole"), target)
+    assert target.read_bytes() == b"whole"
+
+
+def test_people_with_one_picture_are_left_out_of_labelling(caplog):
+    # most LFW identities have one picture: they crashed the data stage after all the
+    # detection and embedding ("some faces have no clean reference")
+    from fiqa_gate_training.data import with_references
+
+    from fiqa_gate.datasets import SourceFace
+
+    faces = [SourceFace(np.zeros((4, 4, 3), np.uint8), None, f"{who}/{i}", who)
+             for who, n in (("ann", 2), ("bob", 1), ("cy", 3)) for i in range(n)]
+    with caplog.at_level("WARNING"):
+        kept = with_references(faces, "labelled_train")
+    assert [f.source for f in kept] == ["ann/0", "ann/1", "cy/0", "cy/1", "cy/2"]
+    assert "1 identities of the labelled_train set left out, each with one picture" \
+        in caplog.text and caplog.text.rstrip().endswith("bob")

@@ -3,6 +3,7 @@ when a training command actually runs, so the runtime CLI stays torch-free)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -23,15 +24,40 @@ def _need_torch() -> None:
             f"training needs {', '.join(missing)}: pip install 'fiqa-gate[train]'")
 
 
+class _RunLog(logging.FileHandler):
+    """train.log. When it cannot be written (a full disk) that is said once and stderr
+    carries on: each line had printed a 33-line "--- Logging error ---" block."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"warning: {self.baseFilename} cannot be written "
+                                 f"({sys.exc_info()[1]}); the log goes on on stderr only\n")
+
+
 def _log_to(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("fiqa_gate.training")
     logger.setLevel(logging.INFO)
     logger.propagate = False  # one line per event, not one per handler up the tree
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    for handler in (logging.FileHandler(out / "train.log"), logging.StreamHandler(sys.stderr)):
+    run_log = _RunLog(out / "train.log")
+    for handler in (run_log, logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
+    # the runtime's warnings during the run (a MOS list's repeated rows, files left out)
+    # belong in the run's log too; stderr has them already
+    shared = _RunLog(out / "train.log")
+    shared.setLevel(logging.WARNING)
+    shared.setFormatter(fmt)
+    logging.getLogger("fiqa_gate").addHandler(shared)
 
 
 @click.group()

@@ -10,6 +10,7 @@ a string outside the fixed set the code handles, naming the file and the dotted 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import GenericAlias
@@ -183,6 +184,7 @@ def _across(cfg: dict[str, Any]) -> list[str]:
         if spec.get("schedule") == "step":  # train.fit's StepLR
             problems += [f"{name}.{k}: missing (required with schedule 'step')"
                          for k in ("decay_epochs", "decay_ratio") if k not in spec]
+    problems += _ranges(cfg)
     student, teacher = _section(cfg, "student"), _section(cfg, "teacher")
     if student.get("targets") == "enhanced" and _section(cfg, "data").get("mos_csv"):
         problems.append("student.targets: 'enhanced' cannot be used with data.mos_csv "
@@ -190,6 +192,41 @@ def _across(cfg: dict[str, Any]) -> list[str]:
     if student.get("hint") and not teacher.get("freeze"):
         problems.append("student.hint: needs teacher.freeze > 0 (the hint is taken from "
                         "the teacher's frozen trunk)")
+    return problems
+
+
+# The least each number may be: an epoch count of -3 or 0 had exported an untrained
+# student with exit 0, a batch of 0 divided by zero after the data stage.
+_AT_LEAST = {("teacher", "student"): {"epochs": 1, "batch_size": 1, "input_size": 16,
+                                      "weight_decay": 0.0, "freeze": 0, "max_steps": 1,
+                                      "decay_epochs": 1},
+             ("data",): {"variants": 0, "unlabelled_variants": 0, "b_labelled_variants": 0}}
+_ABOVE = {("teacher", "student"): {"lr": 0.0, "decay_ratio": 0.0}, ("data",): {"temperature": 0.0}}
+
+
+def _ranges(cfg: dict[str, Any]) -> list[str]:
+    """Numbers of the right type but outside what the recipe can run with, and backbone
+    names timm does not know (found here, not when their stage starts hours later)."""
+    problems = []
+    for bounds, strict in ((_AT_LEAST, False), (_ABOVE, True)):
+        for sections, keys in bounds.items():
+            for name in sections:
+                for key, low in keys.items():
+                    v = _section(cfg, name).get(key)
+                    if _is(v, float) and (v <= low if strict else v < low):
+                        problems.append(f"{name}.{key}: {v!r} is too small (it must be "
+                                        f"{'above' if strict else 'at least'} {low:g})")
+    if importlib.util.find_spec("timm") is not None:  # the [train] extra
+        import timm
+
+        for name in ("teacher", "student"):
+            backbone = _section(cfg, name).get("backbone")
+            if isinstance(backbone, str) and backbone != "sface" and not timm.is_model(
+                    backbone):
+                close = difflib.get_close_matches(backbone, timm.list_models(), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"{name}.backbone: {backbone!r} is neither 'sface' nor a "
+                                f"timm model{hint}")
     return problems
 
 

@@ -17,9 +17,9 @@ P(match) with the per-reference outcomes, so the shipped score means `matched`.
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from fiqa_gate import degradations
-from fiqa_gate.assets import atomic_save_array
+from fiqa_gate.assets import atomic_save_array, atomic_write_json
 from fiqa_gate.datasets import (
     ORL_TRAIN,
     ORL_VAL,
     Samples,
+    SourceFace,
     build_samples,
     detect_sources,
     identity_folder,
@@ -75,6 +76,21 @@ def reference_pairs(samples: Samples, max_references: int = MAX_REFERENCES, seed
         faces.append(np.full(len(r), i, dtype=np.int64))
         refs.append(r)
     return np.concatenate(faces), np.concatenate(refs)
+
+
+def with_references(faces: list[SourceFace], set_name: str) -> list[SourceFace]:
+    """The faces of people with two pictures or more in which a face was found. A face's
+    label is its match with the person's other pictures, so one picture alone (most LFW
+    identities) cannot be labelled: its people are left out, with a word (they had
+    crashed the data stage after all the detection and embedding)."""
+    per_person = Counter(f.identity for f in faces)
+    alone = sorted(str(i) for i, n in per_person.items() if n < 2)
+    if alone:
+        log.warning("data: %d identities of the %s set left out, each with one picture "
+                    "with a face (a label needs another of the same person): %s",
+                    len(alone), set_name, ", ".join(alone[:5]) + (", ..." if len(alone) > 5
+                                                                  else ""))
+    return [f for f in faces if per_person[f.identity] > 1]
 
 
 def utility_labels(samples: Samples, embeddings: np.ndarray, threshold: float,
@@ -160,6 +176,7 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     else:
         raise ValueError(f"data.labelled: 'orl' or 'identity:/path', not {labelled!r}")
 
+    mos_rows = read_mos_csv(d["mos_csv"], d.get("mos_root")) if d.get("mos_csv") else []
     # Every face is found first, so the memory the run will need is known (and refused
     # with a clear message) before hours go into degrading and labelling them.
     found: dict[str, list] = {}
@@ -167,12 +184,17 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     for name, items in (("labelled_train", train_items), ("labelled_val", val_items)):
         skipped_of[name] = []
         found[name] = detect_sources(items, detector, skipped=skipped_of[name])
+        if skipped_of[name]:
+            log.warning("data: %d files of the %s set left out (%s); all in labels.json",
+                        len(skipped_of[name]), name, "; ".join(
+                            f"{p}: {r}" for p, r in skipped_of[name][:3])
+                        + ("; ..." if len(skipped_of[name]) > 3 else ""))
+        found[name] = with_references(found[name], name)
         if len({f.identity for f in found[name]}) < 2:  # no impostor pairs to label with
             why = "; ".join(f"{p}: {r}" for p, r in skipped_of[name][:3])
             raise FiqaGateError(f"data: the {name} set has faces of "
                                 f"{len({f.identity for f in found[name]})} identities; it "
                                 "needs two at least" + (f" ({why})" if why else ""))
-    mos_rows = read_mos_csv(d["mos_csv"], d.get("mos_root")) if d.get("mos_csv") else []
     if mos_rows:  # a user's human-labelled faces join the labelled training set
         missed: list[tuple[str, str]] = []
         found["mos"] = detect_sources([(None, p) for p, _ in mos_rows], detector,
@@ -245,7 +267,7 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         log.info("%s: %d faces from %d source faces", name, len(samples), len(part))
     report["unlabelled_images"] = len(images)
     report["unlabelled_skipped"] = len(skipped)
-    (out / "labels.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json(out / "labels.json", report)
     return report
 
 

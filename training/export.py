@@ -7,16 +7,15 @@ JSON. The ONNX graph is checked against torch on real faces before it is accepte
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from fiqa_gate_training.models import Normalise, QualityNet
-from fiqa_gate_training.train import predict, to_input
+from fiqa_gate_training.train import predict, save_whole, to_input
 
-from fiqa_gate.assets import onnx_session, sha256_file
+from fiqa_gate.assets import atomic_write_json, onnx_session, sha256_file
 
 MAX_ABS_DIFF = 1e-4
 
@@ -24,9 +23,8 @@ MAX_ABS_DIFF = 1e-4
 def save_weights(model: QualityNet, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    save_whole(lambda f: save_file({k: v.contiguous() for k, v in
+                                    model.state_dict().items()}, f), path)
 
 
 def load_weights(model: QualityNet, path: Path) -> QualityNet:
@@ -152,7 +150,5 @@ def quantize_int8(src: Path, dst: Path, check_crops: np.ndarray, input_size: int
 
 def write_metadata(onnx_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     meta = {**meta, "sha256": sha256_file(onnx_path)}
-    tmp = onnx_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(onnx_path.with_suffix(".json"))
+    atomic_write_json(onnx_path.with_suffix(".json"), meta)
     return meta

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fiqa_gate_training.config import check_config
 
-from fiqa_gate.assets import atomic_save_array
+from fiqa_gate.assets import atomic_save_array, atomic_write_json, read_state_json
 from fiqa_gate.datasets import Samples
 
 if TYPE_CHECKING:
@@ -89,12 +89,18 @@ class Run:
         self.trunk_views: Any = None  # the teachers' cached trunk views, once a hint loads them
         self.b_views: Any = None  # set B's, when the hint asks for them (`hint.set_b`)
         saved = out / "config.json"
-        if saved.exists() and json.loads(saved.read_text()) != cfg:
-            raise RecipeError(f"{out} holds a run of another config; use a new --out")
-        saved.write_text(json.dumps(cfg, indent=2))
+        if saved.exists():
+            try:
+                before = json.loads(saved.read_bytes())
+            except ValueError:
+                raise RecipeError(f"{saved} is damaged, so which config made this run is "
+                                  "unknown; delete it to go on with this config, or use a new "
+                                  "--out") from None
+            if before != cfg:
+                raise RecipeError(f"{out} holds a run of another config; use a new --out")
+        atomic_write_json(saved, cfg)
         self.times_path = out / "stage_times.json"
-        self.times: dict[str, float] = (json.loads(self.times_path.read_text())
-                                        if self.times_path.exists() else {})
+        self.times: dict[str, float] = read_state_json(self.times_path) or {}
 
     def samples(self, name: str) -> Samples:
         """A data set of this run, read from disk once (every student stage reuses them)."""
@@ -127,7 +133,7 @@ class Run:
         t0 = time.time()
         fn()
         self.times[stage] = self.times.get(stage, 0.0) + time.time() - t0
-        self.times_path.write_text(json.dumps(self.times, indent=2))
+        atomic_write_json(self.times_path, self.times)
 
 
 def _model(spec: dict[str, Any]) -> QualityNet:
@@ -194,7 +200,13 @@ def _trunk_views(run: Run, sets: list[str], set_b: bool = False) -> tuple[Any, n
     first face of each part."""
     import torch
     from fiqa_gate_training.teacher import _offsets
-    from fiqa_gate_training.train import StackedViews, make_views, split, views_belong_to
+    from fiqa_gate_training.train import (
+        StackedViews,
+        make_views,
+        save_whole,
+        split,
+        views_belong_to,
+    )
 
     spec = run.cfg["teacher"]
     path = views_file(run, spec)
@@ -225,8 +237,7 @@ def _trunk_views(run: Run, sets: list[str], set_b: bool = False) -> tuple[Any, n
             run.b_views = torch.load(b_path, weights_only=True)
         if run.b_views is None or not views_belong_to(trunk, crops, run.b_views, 0, size):
             run.b_views = make_views(trunk, crops, size, desc="set B: frozen features")
-            torch.save(run.b_views, b_path.with_suffix(".tmp"))
-            b_path.with_suffix(".tmp").replace(b_path)
+            save_whole(lambda f: torch.save(run.b_views, f), b_path)
         views = StackedViews([views, run.b_views])
     return views, np.concatenate(rows)
 
@@ -382,10 +393,10 @@ def stage_calibrate(run: Run) -> None:
            **qualities(val, BASELINE_SCORERS, rec_name)[0]}
     fitted = {name: fit_calibration(r[faces], matched, rec_name, note=note).to_dict()
               for name, r in raw.items()}
-    (run.out / "calibration.json").write_text(json.dumps(fitted.pop("student"), indent=2))
-    (run.out / "baselines.json").write_text(json.dumps(
-        {rec_name: {k: {"x": v["x"], "y": v["y"], "note": note} for k, v in fitted.items()}},
-        indent=2))
+    student = fitted.pop("student")
+    atomic_write_json(run.out / "baselines.json", {rec_name: {
+        k: {"x": v["x"], "y": v["y"], "note": note} for k, v in fitted.items()}})
+    atomic_write_json(run.out / "calibration.json", student)  # last: the stage's mark
 
 
 BASELINE_SCORERS = ("sharpness", "detector-confidence", "embedding-norm")
@@ -401,10 +412,9 @@ def _student_graph(run: Run) -> tuple[Path, dict[str, Any]]:
     out = run.out / "export"
     checks_path = out / "graph_checks.json"
     weights = sha256_file(run.out / "student.safetensors")
-    if checks_path.exists():
-        checks = json.loads(checks_path.read_text())
-        if checks.get("weights_sha256") == weights:  # else the student was retrained
-            return out / "student.onnx", checks
+    checks = read_state_json(checks_path)
+    if checks is not None and checks.get("weights_sha256") == weights:  # else retrained
+        return out / "student.onnx", checks
     spec = run.cfg["student"]
     out.mkdir(exist_ok=True)
     val = run.samples("labelled_val").crops
@@ -420,7 +430,7 @@ def _student_graph(run: Run) -> tuple[Path, dict[str, Any]]:
                  q["faces"], q["srcc"], q["max_abs_diff"])
     else:
         shutil.copy(out / "student-fp32.onnx", out / "student.onnx")
-    checks_path.write_text(json.dumps(checks, indent=2))
+    atomic_write_json(checks_path, checks)
     return out / "student.onnx", checks
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from fiqa_gate_training.sources import SOURCE_NAMES
 
 from fiqa_gate import degradations
+from fiqa_gate.assets import atomic_write_bytes, atomic_write_json
 from fiqa_gate.evaluation.metrics import agreement
 from fiqa_gate.evaluation.protocol import (
     TEST_SEED,
@@ -182,8 +183,8 @@ def write_report(run: Any) -> dict[str, Any]:
     note = run.out / "provenance.md"
     if note.exists():
         report["provenance"] = note.read_text().strip()
-    (run.out / "report.json").write_text(json.dumps(report, indent=2))
-    (export / "student.md").write_text(model_card(report, cfg))
+    atomic_write_bytes(export / "student.md", model_card(report, cfg).encode())
+    atomic_write_json(run.out / "report.json", report)  # last: the stage's mark
     return report
 
 

@@ -19,13 +19,12 @@ both the network's remaining layers and SFace's, and gives both parts of the sco
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fiqa_gate.assets import atomic_save_array
+from fiqa_gate.assets import atomic_save_array, atomic_write_json, read_state_json
 from fiqa_gate.teacher import fuse, z_mix  # one fusion for training and the runtime
 
 
@@ -151,8 +150,9 @@ def _offsets(run: Any) -> dict[str, int]:
 
 def _fusion(run: Any, network: str) -> dict[str, float]:
     path = run.out / f"fusion_{network}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    stats = read_state_json(path)
+    if stats is not None:
+        return stats
     net = _network_scores(run, network, "labelled_train")
     log_norm = np.log(embedding_norms(run, "labelled_train"))
     stats = {"net_mean": float(net.mean()), "net_std": float(net.std()),
@@ -161,7 +161,7 @@ def _fusion(run: Any, network: str) -> dict[str, float]:
     labels = run.samples("labelled_train").extra["label"]
     stats |= {"mix_std": float(mix.std()), "label_mean": float(labels.mean()),
               "label_std": float(labels.std())}
-    path.write_text(json.dumps(stats, indent=2))
+    atomic_write_json(path, stats)
     return stats
 
 

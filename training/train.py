@@ -26,6 +26,28 @@ from tqdm import tqdm
 log = logging.getLogger("fiqa_gate.training")
 
 
+def save_whole(save: Callable[[str], object], path: Path) -> None:
+    """`save(file_name)` into a temporary file beside `path`, renamed over it once whole.
+    torch's and safetensors' errors on a full disk are not OSErrors ("unexpected pos 704
+    vs 598"): they become one, which the command line says in a line, and the torn
+    temporary file goes."""
+    import errno
+    import shutil
+
+    tmp = path.with_suffix(".tmp")
+    try:
+        save(str(tmp))
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(errno.EIO, f"cannot write {path} ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); "
+                                 f"{free:.0f} MiB free on its disk") from exc
+    tmp.replace(path)
+
+
 def plcc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The paper's PLCC loss: standardise both, penalise misfit before and after scaling by
     the correlation (so it is 0 only for a perfect linear relation)."""
@@ -300,8 +322,7 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             known = torch.load(views_file, weights_only=True)
         views = make_views(trunk, crops, size, desc=f"{desc}: frozen features", known=known)
         if views_file is not None and (known is None or len(views) > len(known)):
-            torch.save(views, views_file.with_suffix(".tmp"))
-            views_file.with_suffix(".tmp").replace(views_file)
+            save_whole(lambda f: torch.save(views, f), views_file)
 
         def batch_input(idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
             return views[idx, flips].float()
@@ -375,12 +396,11 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             note = f", validation {score:.4f} (best {best['score']:.4f} @ {best['epoch']})"
         log.info("%s epoch %d/%d: loss %.4f (%.0f s)%s", desc, epoch + 1, epochs,
                  total / len(y), time.time() - t0, note)
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "hint": teach.state_dict() if teach is not None else None}, tmp)
-        tmp.replace(checkpoint)
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
+                 "ema": ema.state_dict() if ema is not None else None,
+                 "hint": teach.state_dict() if teach is not None else None}
+        save_whole(lambda f, state=state: torch.save(state, f), checkpoint)
         if max_steps is not None:
             break
     if teach is not None:
