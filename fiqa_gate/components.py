@@ -6,6 +6,7 @@ through the hooks in `fiqa_gate.hookspecs`.
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,28 @@ class Scores:
     calibrated: np.ndarray
 
 
+def real_scores(values: object, scorer: str) -> np.ndarray:
+    """A scorer's output as float64, one a face: real numbers, None or NaN for no score.
+    Strings, bools and complex numbers are refused ('0.9' had passed as a score)."""
+    got = np.asarray(values)
+    if got.dtype.kind == "O":  # a list of Decimals, numpy scalars and None
+        items = got.reshape(-1).tolist()
+        if all(v is None or _real(v) for v in items):
+            return np.asarray([np.nan if v is None else float(v) for v in items])
+    elif got.dtype.kind in "iuf":
+        return got.astype(np.float64).reshape(-1)
+    raise ValueError(f"scorer {scorer!r} returned {got.dtype} scores; a scorer returns one "
+                     "real number per face (None or NaN: no score)")
+
+
+def _real(value: object) -> bool:
+    """A real number: float, int, numpy's, or a Decimal (a Number, but not a Complex)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, numbers.Real) or (isinstance(value, numbers.Number)
+                                               and not isinstance(value, numbers.Complex))
+
+
 class Scorer(ABC):
     """Rates aligned faces; higher is better.
 
@@ -81,11 +104,7 @@ class Scorer(ABC):
         return None if self.calibration is None else self.calibration.recognizer
 
     def score(self, faces: Sequence[Face]) -> Scores:
-        got = np.asarray(self.raw_scores(faces))
-        if got.dtype.kind not in "iuf":  # '0.9', True, 1+2j, None would pass as numbers
-            raise ValueError(f"scorer {self.name!r} returned {got.dtype} scores; a scorer "
-                             "returns one real number per face (NaN: no score)")
-        raw = got.astype(np.float64).reshape(-1)
+        raw = real_scores(self.raw_scores(faces), self.name)
         if len(raw) != len(faces):
             raise ValueError(f"scorer {self.name!r} returned {len(raw)} scores "
                              f"for {len(faces)} faces")

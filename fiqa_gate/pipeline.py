@@ -45,7 +45,8 @@ def faces_in_image(image: np.ndarray, detector: Detector, source: str = "") -> l
     work, f = enlarge_for_detection(image)
     faces = []
     for i, d in enumerate(detector.detect(work)):
-        if np.shape(d.landmarks) != (5, 2) or not np.isfinite(d.landmarks).all():
+        marks = np.asarray(d.landmarks)
+        if marks.size != 10 or marks.dtype.kind not in "iuf" or not np.isfinite(marks).all():
             raise ValueError(f"detector {getattr(detector, 'name', type(detector).__name__)}"
                              " gave a face without five finite (x, y) landmarks")
         found = d if f == 1.0 else Detection(tuple(v / f for v in d.box),

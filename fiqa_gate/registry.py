@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -231,12 +231,29 @@ def policy_decision(face: Any, score: float, threshold: float,
             raise PluginError(f"{impl.plugin_name}: {type(exc).__name__}: {exc}") from exc
         if result is None:
             continue
-        if isinstance(result, (bool, np.bool_)):
+        if _yes_or_no(result):
             return bool(result), f"policy {impl.plugin_name}"
-        # a string of two letters unpacks too: "no" had accepted the face
-        if (not isinstance(result, tuple) or len(result) != 2
-                or not isinstance(result[0], (bool, np.bool_))):
+        # (accepted, reason) as any pair but a string: "no" had unpacked into an acceptance
+        if (isinstance(result, (str, bytes)) or not isinstance(result, Sequence)
+                or len(result) != 2 or not _yes_or_no(result[0])):
+            if impl.plugin_name not in _refused:  # once a plugin, not once a face
+                _refused.add(impl.plugin_name)
+                log.warning("policy plugin %s returned %r; a policy returns None, a bool or "
+                            "(accepted, reason): the faces it decides are rejected",
+                            impl.plugin_name, result)
             raise PluginError(f"{impl.plugin_name}: returned {result!r}; a policy returns "
                               "None, a bool or (accepted: bool, reason: str)")
         return bool(result[0]), f"policy {impl.plugin_name}: {result[1]}"
     return None
+
+
+_refused: set[str] = set()
+
+
+def _yes_or_no(value: Any) -> bool:
+    """A bool, numpy's (a 0-d array too), or the integers 0 and 1."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    return isinstance(value, (int, np.integer)) and value in (0, 1)

@@ -112,6 +112,14 @@ def test_policy_overrides_and_failures(group_faces, policy):
     d = Gate(scorer, 0.0, stage="probe").decide_one(face)
     assert not d.accepted
     assert d.reason == "policy plugin error: test-policy-2: RuntimeError: policy bug"
+    # any pair but a string, with a bool-like first item, is a decision
+    for result, accepted in (([True, "list"], True), ((1, "int"), True), ((0, "int"), False),
+                             ((np.array(True), "0-d"), True), ((np.False_, "np"), False),
+                             (np.True_, True)):
+        policy(_Policy(result=result))
+        d = Gate(scorer, 0.0, stage="probe").decide_one(face)
+        assert d.accepted is accepted and not d.reason.startswith("policy plugin error"), \
+            (result, d.reason)
 
 
 def test_event_hook_errors_do_not_stop_the_gate(group_faces, policy):
@@ -288,9 +296,16 @@ def test_a_scorer_plugin_gives_real_numbers_or_no_score(group_faces):
     d = Gate(Returns([np.inf, 0.7]), 0.5, use_plugins=False).decide(faces)
     assert [x.accepted for x in d] == [False, True]
     assert d[0].reason == "no returns score for this face"
-    for bad in (["0.9", "0.1"], [True, False], [1 + 2j, 0.5], [None, 0.5]):
+    for bad in (["0.9", "0.1"], [True, False], [1 + 2j, 0.5], [object(), 0.5]):
         with pytest.raises(ValueError, match="a scorer returns one real number per face"):
             Gate(Returns(bad), 0.5, use_plugins=False).decide(faces)
+    # real numbers of any kind are scores, and None is no score, as NaN is
+    from decimal import Decimal
+
+    for fine in ([Decimal("0.2"), Decimal("0.7")], np.asarray([0.2, 0.7], np.float16),
+                 [np.float32(0.2), 0.7], [None, 0.7], np.asarray([0, 1])):
+        d = Gate(Returns(fine), 0.5, use_plugins=False).decide(faces)
+        assert [x.accepted for x in d] == [False, True], fine
 
 
 def test_faces_in_image_refuses_arrays_it_cannot_read():
@@ -324,3 +339,6 @@ def test_a_detector_plugin_without_usable_landmarks_is_named(sample_photo):
     for landmarks in (np.full((5, 2), np.nan), np.zeros((3, 2))):
         with pytest.raises(ValueError, match="detector broken gave a face without five"):
             faces_in_image(image, Broken(landmarks))
+    # ten numbers in a row are five points, as alignment reads them
+    marks = np.asarray([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]])
+    assert len(faces_in_image(image, Broken(marks.reshape(-1)))) == 1

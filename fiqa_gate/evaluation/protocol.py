@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fiqa_gate import degradations
-from fiqa_gate.components import Detector
+from fiqa_gate.components import Detector, real_scores
 from fiqa_gate.datasets import (
     ORL_TEST,
     Samples,
@@ -320,9 +320,8 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
             if name == "embedding-norm" and norms is not None:
                 raw[name] = norms
             else:
-                raw[name] = np.asarray(in_chunks(scorer.raw_scores, faces,
-                                                 name if progress else None),
-                                       dtype=float).reshape(-1)
+                raw[name] = real_scores(in_chunks(scorer.raw_scores, faces,
+                                                  name if progress else None), name)
                 if len(raw[name]) != len(faces):
                     raise ValueError(f"{len(raw[name])} scores for {len(faces)} faces")
         except Exception as exc:
@@ -344,7 +343,7 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
             calibrated[name] = scorer.calibration(np.nan_to_num(raw[name], nan=-1e9))
             made_for = getattr(scorer, "calibrated_for", None)
             if made_for not in (None, recognizer):  # as `filter` says it
-                log.warning("scorer %r is calibrated for %s, not %s: gated enrollment "
-                            "applies its threshold to the chance of a match with %s",
+                log.warning("scorer %r is calibrated for %s, not %s: its [0, 1] score (a "
+                            "gate threshold's scale) is the chance of a match with %s",
                             name, made_for, recognizer, made_for)
     return raw, calibrated
