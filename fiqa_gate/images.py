@@ -7,7 +7,7 @@ animated image), callers get an RGB uint8 array or an `ImageLoadError` with a sh
 from __future__ import annotations
 
 import bisect
-import contextlib
+import hashlib
 import logging
 import os
 import stat
@@ -19,7 +19,7 @@ from pathlib import PurePath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fiqa_gate.assets import is_temp_name, sha256_file
+from fiqa_gate.assets import is_temp_name
 from fiqa_gate.errors import FiqaGateError, ImageLoadError
 
 log = logging.getLogger("fiqa_gate")
@@ -235,9 +235,9 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     second name, nor everyone under one. Skipped, with a warning: files directly in ROOT
     (no one's); hidden folders and links at the top that lead nowhere; a linked identity
     folder, or a link at any depth below one, that leads into another identity's folder,
-    into ROOT or above it; and a file another identity listed first (a link, a hard link
-    or a copy). A real folder
-    keeps its name over a link to it; a link to a folder outside ROOT is its identity's.
+    into ROOT or above it; and every file of a picture found under two identities (a hard
+    link or a byte-for-byte copy: whose it is is unknown). A real folder keeps its name
+    over a link to it; a link to a folder outside ROOT is its identity's.
     Every other file is listed, to be read or to fail with its reason: a dangling link,
     and a second name or copy of a picture inside one identity unless `once` (evaluation
     and training compare faces, and one picture under two names would match itself).
@@ -274,9 +274,8 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
         kept.add(e.name)
     _warn_skipped(top, linked, "identity folders skipped: links into another identity's "
                   "folder, into ROOT or above it")
-    folders, strays, again, twice = [], [], [], []
-    seen: dict[tuple[int, int], tuple[str, str]] = {}  # a file: its identity, its path
-    sizes: dict[str, int] = {}  # regular files kept so far, for the search for copies
+    folders, strays = [], []
+    picture: dict[str, tuple[int, int, int]] = {}  # regular files: device, inode, size
     found_any: set[str] = set()
     for e in entries:
         if e.name not in kept:
@@ -299,25 +298,19 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
             where = _elsewhere(os.path.realpath(f), e.name, owners, real_top)
             if where is not None:
                 strays.append(f"{f} ({where})")
-            elif (first := seen.setdefault((st.st_dev, st.st_ino), (e.name, f)))[0] != e.name:
-                again.append(f"{f} (= {first[1]})")
-            elif once and first[1] != f:
-                twice.append(f"{f} (= {first[1]})")
-            else:
-                files.append(f)
-                if stat.S_ISREG(st.st_mode) and st.st_size:  # an empty one fails as such
-                    sizes[f] = st.st_size
+                continue
+            files.append(f)
+            if stat.S_ISREG(st.st_mode):
+                picture[f] = (st.st_dev, st.st_ino, st.st_size)
         folders.append((e.name, files))
-    copies, copied_twice = _drop_copies(folders, sizes, once)
+    shared, twice = _same_pictures(folders, picture, once)
     emptied = [name for name, files in folders if not files and name in found_any]
     _warn_skipped(top, strays, "files and folders skipped: reached through a link into "
                   "another identity's folder, into ROOT or above it")
-    _warn_skipped(top, again, "files skipped: the same file as one of another identity")
-    _warn_skipped(top, copies, "files skipped: byte for byte a picture of another "
-                  "identity (one picture under two names would count as two people)")
-    _warn_skipped(top, twice, "images skipped, each the same file as one listed before")
-    _warn_skipped(top, copied_twice, "images skipped, each byte for byte a copy of one "
-                  "listed before")
+    _warn_skipped(top, shared, "pictures skipped, each found under two or more identities "
+                  "(a hard link or a byte-for-byte copy), so whose it is is unknown")
+    _warn_skipped(top, twice, "images skipped, each the same picture as one listed before "
+                  "(a second name or a byte-for-byte copy)")
     _warn_skipped(top, emptied, "identities left with no file of their own")
     if not folders:
         raise FiqaGateError(f"{top}: no identity sub-folders (expected "
@@ -325,40 +318,67 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     return folders
 
 
-def _drop_copies(folders: list[tuple[str, list[str]]], sizes: dict[str, int],
-                 once: bool) -> tuple[list[str], list[str]]:
-    """Remove, in place, each file whose bytes equal a file listed before it: always when
-    that file is another identity's (an ordinary copy counts as the same picture as a hard
-    link does), and inside one identity when `once`. Only files that share a size are
-    read, so a folder of distinct pictures costs one stat each. Returns the removed files,
-    across identities and inside one, as "file (= first)"."""
+def _same_pictures(folders: list[tuple[str, list[str]]],
+                   picture: dict[str, tuple[int, int, int]], once: bool
+                   ) -> tuple[list[str], list[str]]:
+    """Remove, in place, every file of a picture found under two or more identities (a
+    hard link or a copy misfiled in a folder that sorts first had kept the wrong label),
+    and, when `once`, every later name of a picture inside one identity. A picture is a
+    file (device and inode) or, for files of one size, their bytes. Only files that share
+    a size are read, and without `once` only where the size spans identities: a folder of
+    distinct pictures costs one stat each. Returns the pictures dropped across identities
+    ("a = b") and the names dropped inside one ("a (= first)")."""
+    owner = {f: name for name, files in folders for f in files}
     by_size: dict[int, list[str]] = {}
-    for f, size in sizes.items():
-        by_size.setdefault(size, []).append(f)
-    digest: dict[str, str] = {}
+    for f, (_, _, size) in picture.items():
+        if size:  # an empty file fails as such: not a picture
+            by_size.setdefault(size, []).append(f)
+    key: dict[str, object] = {f: (dev, ino) for f, (dev, ino, _) in picture.items()}
     for group in by_size.values():
-        if len(group) > 1:
+        if (len({key[f] for f in group}) > 1
+                and (once or len({owner[f] for f in group}) > 1)):
             for f in group:
-                with contextlib.suppress(OSError):  # read later, failing with its reason
-                    digest[f] = sha256_file(f)
-    first: dict[str, tuple[str, str]] = {}
-    across: list[str] = []
-    inside: list[str] = []
+                digest = file_digest(f)
+                if digest is not None:
+                    key[f] = digest
+    files_of: dict[object, list[str]] = {}
+    for f, k in key.items():
+        files_of.setdefault(k, []).append(f)
+    ambiguous = {k for k, fs in files_of.items() if len({owner[f] for f in fs}) > 1}
+    shared = sorted(" = ".join(sorted(files_of[k])) for k in ambiguous)
+    first: dict[object, str] = {}
+    twice: list[str] = []
     for i, (name, files) in enumerate(folders):
         kept = []
         for f in files:
-            d = digest.get(f)
-            owner = first.setdefault(d, (name, f)) if d is not None else (name, f)
-            if owner[1] == f:
-                kept.append(f)
-            elif owner[0] != name:
-                across.append(f"{f} (= {owner[1]})")
-            elif once:
-                inside.append(f"{f} (= {owner[1]})")
-            else:
-                kept.append(f)
+            k = key.get(f)
+            if k in ambiguous:
+                continue
+            if k is not None and once and first.setdefault(k, f) != f:
+                twice.append(f"{f} (= {first[k]})")
+                continue
+            kept.append(f)
         folders[i] = (name, kept)
-    return across, inside
+    return shared, twice
+
+
+def file_digest(path: str) -> str | None:
+    """SHA-256 of a regular file's bytes, or None (unreadable, or no longer a regular file:
+    opened without waiting, so a FIFO swapped in since the walk cannot hang the run)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        digest = hashlib.sha256()
+        try:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        except OSError:
+            return None
+        return digest.hexdigest()
 
 
 def _elsewhere(real: str, name: str | None, owners: _Owners, real_top: str) -> str | None:

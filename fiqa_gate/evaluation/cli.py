@@ -248,9 +248,7 @@ def _one_name_per_file(paths: set[str]) -> dict[str, str]:
     """Each listed path mapped to one name for its picture: the real path, and for hard
     links of one file (same device and inode) or byte-identical copies the first of their
     real paths. Only files that share a size are read."""
-    import contextlib
-
-    from fiqa_gate.assets import sha256_file
+    from fiqa_gate.images import file_digest
 
     name, first, sizes = {}, {}, {}
     for p in sorted(paths):
@@ -267,8 +265,8 @@ def _one_name_per_file(paths: set[str]) -> dict[str, str]:
     copy_of: dict[str, str] = {}
     for group in sizes.values():
         for f in sorted(group) if len(group) > 1 else ():
-            with contextlib.suppress(OSError):
-                copy_of[f] = by_digest.setdefault(sha256_file(f), f)
+            if (digest := file_digest(f)) is not None:
+                copy_of[f] = by_digest.setdefault(digest, f)
     return {p: copy_of.get(n, n) for p, n in name.items()}
 
 
