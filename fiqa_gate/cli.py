@@ -642,18 +642,19 @@ COMMIT_FACES = 2000
 @click.option("--gate/--no-gate", default=True, show_default=True,
               help="Gate faces before enrollment (--no-gate to compare).")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
-@click.option("--factory", default="Flat", show_default=True,
-              help="FAISS index factory for a new gallery: Flat, HNSW32, IVF64,Flat ...")
+@click.option("--factory", default=None,
+              help="FAISS index factory for a new gallery: Flat (the default), HNSW32, "
+                   "IVF64,Flat ... An existing gallery keeps its own.")
 @click.option("-o", "--manifest", "output", help="CSV of every image's outcome.")
 @pipeline_options
-def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: str,
+def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: str | None,
            output: str | None, aligned: bool, scorer: str, model: str | None, detector: str,
            recognizer: str) -> None:
     """Enroll ROOT/<identity>/images into the gallery at --index.
 
     A file already in the gallery under its identity is skipped, so a run that was
     interrupted just runs again and enrolls only what is missing."""
-    from fiqa_gate.gallery import Enrollment, Gallery
+    from fiqa_gate.gallery import Enrollment, Gallery, unit_rows
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
@@ -714,7 +715,9 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                             row["decision"] = "reject"
                             pending.append((None, row))
                             continue
-                    item = Enrollment(identity, rec.embed(face.crop[None])[0], _where(path),
+                    embedding = rec.embed(face.crop[None])[0]
+                    unit_rows(embedding[None], f"{rec.name}'s embedding")  # this face fails,
+                    item = Enrollment(identity, embedding, _where(path),  # not its batch
                                       decision.score if the_gate is not None else None)
                     row["decision"] = "enroll"
                 except Exception as exc:

@@ -26,6 +26,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import numbers
 import os
 import shutil
 import sqlite3
@@ -86,8 +87,11 @@ def _db_errors(method: Callable[Concatenate[Gallery, _P], _R]
         except sqlite3.OperationalError as exc:
             raise GalleryError(f"{self.path}: gallery database error: {exc}") from exc
         except sqlite3.ProgrammingError as exc:  # the database is fine: its use is not
-            raise GalleryError(f"{self.path}: a Gallery is used by the thread that opened "
-                               f"it, until close(); open one per thread ({exc})") from exc
+            if "thread" in str(exc) or "closed" in str(exc):
+                raise GalleryError(f"{self.path}: a Gallery is used by the thread that "
+                                   f"opened it, until close(); open one per thread ({exc})"
+                                   ) from exc
+            raise GalleryError(f"{self.path}: gallery database error: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             raise GalleryError(f"{self.path}: gallery database is corrupt or unreadable: "
                                f"{exc}") from exc
@@ -152,8 +156,9 @@ class Gallery:
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], recognizer: str, dim: int, threshold: float,
-               factory: str = "Flat") -> Gallery:
-        """Open the gallery at `path`, creating it for `recognizer` if it does not exist."""
+               factory: str | None = None) -> Gallery:
+        """Open the gallery at `path`, creating it for `recognizer` if it does not exist
+        (with the FAISS index `factory`, Flat when None; an existing one keeps its own)."""
         if not os.fspath(path):
             raise GalleryError("the gallery path is empty; give --index a folder")
         p = Path(path)
@@ -164,6 +169,7 @@ class Gallery:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent that is a file, a dangling link, no permission
             raise GalleryError(f"{p}: cannot make a gallery folder here: {exc}") from None
+        factory_given, factory = factory, factory or "Flat"
         _check_factory(factory, dim)
         with _locked(p):
             db = cls._connect(p)
@@ -186,7 +192,8 @@ class Gallery:
                                "gallery path")
         kept = [f"{what} {now!r} (not {asked!r})" for what, now, asked in
                 (("threshold", gallery.threshold, float(threshold)),
-                 ("index", gallery.factory, factory)) if now != asked]
+                 ("index", gallery.factory, factory_given or gallery.factory))
+                if now != asked]
         if kept:
             log.warning("%s: the gallery keeps the %s it was created with", p,
                         " and ".join(kept))
@@ -249,6 +256,12 @@ class Gallery:
     def _build_index(self, ids: np.ndarray, embs: np.ndarray) -> faiss.Index:
         import faiss
 
+        # rows stored at length 1 stay bit for bit (the index file's digest); raw ones an
+        # older version stored through the Python API are scaled here
+        off = np.abs(np.linalg.norm(embs, axis=1) - 1) > 1e-3
+        if off.any():
+            embs = embs.copy()
+            embs[off] = unit_rows(embs[off], "a stored embedding")
         base = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
         if not base.is_trained:
             try:
@@ -318,13 +331,13 @@ class Gallery:
                                f"[N, {self.dim}], got shape {q.shape}")
         if q.shape[1] != self.dim:
             raise GalleryError(f"query dimension {q.shape[1]} != gallery dimension {self.dim}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise GalleryError(f"k must be a whole number of hits, 1 or more; got {k!r}")
-        q = _unit_rows(q, "a query")
+        q = unit_rows(q, "a query")
         index = self.index()
         if index.ntotal == 0:
             return [[] for _ in q]
-        sims, ids = index.search(q, min(k, index.ntotal))
+        sims, ids = index.search(q, min(int(k), index.ntotal))
         meta = {}
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         for chunk in range(0, len(wanted), 500):
@@ -353,7 +366,8 @@ class Gallery:
             if np.shape(item.embedding) != (self.dim,):
                 raise GalleryError(f"embedding of {item.source} has shape "
                                    f"{np.shape(item.embedding)}, gallery expects ({self.dim},)")
-            vectors.append(_unit_rows(item.embedding[None], f"embedding of {item.source}")[0])
+            vectors.append(unit_rows(np.asarray(item.embedding)[None],
+                                     f"embedding of {item.source}")[0])
         with self._write_transaction():
             ids = []
             for it, vector in zip(items, vectors, strict=True):
@@ -364,7 +378,8 @@ class Gallery:
                 ids.append(row[0] if row else self._db.execute(
                     "INSERT INTO faces (identity, source, score, added, embedding) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (*key, it.score, time.time(), vector.tobytes())).lastrowid)
+                    (*key, None if it.score is None else float(it.score), time.time(),
+                     vector.tobytes())).lastrowid)
         return [int(i) for i in ids]
 
     @_db_errors
@@ -435,7 +450,7 @@ class Gallery:
         return tmp, digest.hexdigest()
 
 
-def _unit_rows(vectors: np.ndarray, what: str) -> np.ndarray:
+def unit_rows(vectors: np.ndarray, what: str) -> np.ndarray:
     """Rows scaled to length 1, as float32: the index's inner product is then the cosine
     similarity its threshold is set for (a raw embedding of norm 10 had "matched" strangers
     at similarity 2.4). No length, NaN or inf cannot be compared."""

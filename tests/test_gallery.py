@@ -145,6 +145,34 @@ def test_embeddings_are_compared_by_cosine_whatever_their_length(tmp_path, orl_e
     assert again.threshold == 0.383 and again.factory == "Flat"
     assert "keeps the threshold 0.383 (not 0.3) and index 'Flat' (not 'HNSW32')" in caplog.text
     again.close()
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # no index type asked for: nothing to say
+        Gallery.create(tmp_path / "g", "sface", 128, 0.383).close()
+    assert "keeps" not in caplog.text
+
+
+def test_raw_rows_an_older_version_stored_are_compared_by_cosine(tmp_path, orl_embeddings):
+    import sqlite3
+    from decimal import Decimal
+
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    _enroll_first_five(g, orl_embeddings)
+    g.enroll([Enrollment("s31", list(orl_embeddings["s31"][9]), "list.pgm", np.float32(0.7)),
+              Enrollment("s31", orl_embeddings["s31"][8], "dec.pgm", Decimal("0.5"))])
+    g.close()
+    db = sqlite3.connect(tmp_path / "g" / "meta.sqlite")
+    assert {r[0] for r in db.execute("SELECT typeof(score) FROM faces")} == {"real"}
+    for face_id, blob in db.execute("SELECT id, embedding FROM faces").fetchall():
+        db.execute("UPDATE faces SET embedding = ? WHERE id = ?",
+                   ((7 * np.frombuffer(blob, np.float32)).tobytes(), face_id))
+    db.commit()
+    db.close()
+    for f in (tmp_path / "g").glob("index.*"):
+        f.unlink()
+    g = Gallery.open(tmp_path / "g")
+    hits = g.search(orl_embeddings["s33"][7], "sface", k=np.int64(3))[0]
+    assert len(hits) == 3 and hits[0].identity == "s33"
+    assert all(h.similarity <= 1 + 1e-5 for h in hits)
 
 
 def test_a_trained_index_type_enrolls_before_it_has_enough_faces_to_train(tmp_path,
