@@ -237,11 +237,12 @@ def _csv_pairs(pairs_path: Path, text: str, root: Path | None) -> list[tuple[str
     for cells in reader:
         if not "".join(cells).strip() or _comment(cells[0], place(cells[0])):
             continue
-        if first and [c.strip() for c in cells[2:3]] == ["mated"]:
+        if first and [c.strip().lower() for c in cells[2:3]] == ["mated"]:
             first = False
             continue
         first = False
         mated = cells[2].strip().lower() if len(cells) == 3 else ""
+        mated = {"1.0": "1", "0.0": "0"}.get(mated, mated)  # as pandas writes a float column
         if mated not in ("0", "1", "true", "false"):  # any case: spreadsheets write TRUE
             found = f"{len(cells)} cells" if len(cells) != 3 else f"mated {cells[2]!r}"
             raise FiqaGateError(f"{pairs_path}:{reader.line_num}: expected "

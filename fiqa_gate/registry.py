@@ -46,7 +46,8 @@ class Registry:
 
 _pm: pluggy.PluginManager | None = None
 _registry: Registry | None = None
-_registry_of: frozenset[int] = frozenset()  # the plugins _registry was collected from
+# the plugins _registry was collected from, held (not their ids: a freed id is reused)
+_registry_of: frozenset[Any] = frozenset()
 _failed: dict[str, str] = {}
 _first_party: set[str] = set()  # fiqa-gate's own entry points: their names stay theirs
 _setup_lock = threading.RLock()  # threads using the registry first get one of each
@@ -135,7 +136,7 @@ def registry() -> Registry:
     unregistered in-process (`plugin_manager().register(obj, name=...)`)."""
     global _registry, _registry_of
     with _setup_lock:
-        plugins = frozenset(map(id, plugin_manager().get_plugins()))
+        plugins = frozenset(plugin_manager().get_plugins())
         if _registry is None or plugins != _registry_of:
             _registry = Registry(
                 detectors=_collect("register_detectors"),
@@ -154,16 +155,17 @@ def _lookup(kind: str, table: dict[str, Entry], name: str) -> Entry:
     return table[name]
 
 
-_instances: dict[tuple[str, str], tuple[Callable[..., Any], Any]] = {}
+_instances: dict[tuple[str, str], tuple[Any, Any]] = {}
 _instances_lock = threading.RLock()  # threads asking at once get one model, loaded once
 
 
 def _instance(kind: str, table: dict[str, Any], name: str) -> Any:
-    factory = _lookup(kind, table, name).factory
-    with _instances_lock:
+    entry = _lookup(kind, table, name)
+    owner = plugin_manager().get_plugin(entry.plugin)  # the object, not its factory: a
+    with _instances_lock:  # rebuilt registry makes new lambdas of the same plugin
         made = _instances.get((kind, name))
-        if made is None or made[0] is not factory:  # a plugin registered since took it
-            made = _instances[(kind, name)] = (factory, factory())
+        if made is None or made[0] is not owner:  # a plugin registered since took the name
+            made = _instances[(kind, name)] = (owner, entry.factory())
         return made[1]
 
 

@@ -737,10 +737,15 @@ def test_pairs_lists_are_read_as_csv_and_lfw_readers_read_them(tmp_path, caplog)
         writer.writerows([[names[0], names[1], 1], [names[2], names[3], 0]])
         fh.write("plain.jpg , #s1/a.jpg, 1\r\n")  # hand-written: spaces around cells
         fh.write("plain.jpg,trail.jpg ,FALSE\r\n")  # as a spreadsheet writes it
+        fh.write("plain.jpg,trail.jpg ,1.0\r\n")  # as pandas writes a float column
     assert read_pairs(tmp_path / "pairs.csv", tmp_path) == [
         (str(tmp_path / names[0]), str(tmp_path / names[1]), True),
         (str(tmp_path / names[2]), str(tmp_path / names[3]), False),
         (str(tmp_path / "plain.jpg"), str(tmp_path / "#s1/a.jpg"), True),
+        (str(tmp_path / "plain.jpg"), str(tmp_path / names[1]), False),
+        (str(tmp_path / "plain.jpg"), str(tmp_path / names[1]), True)]
+    (tmp_path / "Mated.csv").write_text("A,B,Mated\nplain.jpg,trail.jpg ,0\n")
+    assert read_pairs(tmp_path / "Mated.csv", tmp_path) == [
         (str(tmp_path / "plain.jpg"), str(tmp_path / names[1]), False)]
     (tmp_path / "odd.csv").write_text("plain.jpg,trail.jpg ,yes\n")
     with pytest.raises(FiqaGateError, match=r"odd\.csv:1: expected path_a,path_b,mated "

@@ -166,3 +166,21 @@ def test_a_plugin_cannot_take_a_built_in_name_and_is_seen_once_registered(caplog
     finally:
         pm.unregister(name="zzz_clash")
     assert "mine" not in registry.registry().scorers
+    # a plugin registered since does not reload the models of the others
+    detector = registry.get_detector("yunet")
+
+    class Version:
+        def __init__(self, name):
+            self.name = name
+
+        @hookimpl
+        def register_scorers(self, register):
+            register(self.name, lambda ctx: Constant(), "")
+
+    for version in ("v1", "v2"):  # one name, another object: a freed id may come back
+        plugin = Version(version)
+        pm.register(plugin, name="swap")
+        assert isinstance(registry.get_scorer(version), Constant)
+        assert registry.get_detector("yunet") is detector
+        pm.unregister(plugin)
+        del plugin
