@@ -650,10 +650,16 @@ def test_config_check_accepts_the_built_in_configs_and_what_the_code_allows(tmp_
      "student.targets: 'enhanced' cannot be used with data.mos_csv"),
     # right type, wrong value: -3 epochs had exported an untrained student with exit 0, a
     # batch of 0 divided by zero and a misspelt backbone failed when its stage began
-    ({"teacher.epochs": -3}, "teacher.epochs: -3 is too small (it must be at least 1)"),
-    ({"student.epochs": 0}, "student.epochs: 0 is too small (it must be at least 1)"),
-    ({"student.batch_size": 0}, "student.batch_size: 0 is too small"),
-    ({"data.temperature": 0}, "data.temperature: 0 is too small (it must be above 0)"),
+    ({"teacher.epochs": -3}, "teacher.epochs: -3 is out of range (it must be at least 1)"),
+    ({"student.epochs": 0}, "student.epochs: 0 is out of range (it must be at least 1)"),
+    ({"student.batch_size": 0}, "student.batch_size: 0 is out of range"),
+    ({"data.temperature": 0}, "data.temperature: 0 is out of range (it must be above 0)"),
+    ({"student.ema": 1.5}, "student.ema: 1.5 is out of range (it must be at least 0 and "
+                           "below 1)"),
+    ({"student.lr": float("nan")}, "student.lr: nan is out of range (it must be above 0)"),
+    ({"student.hint.components": 0}, "student.hint.components: 0 is out of range"),
+    ({"input_size_ablation": {"sizes": [0], "epochs": 1, "max_faces": 10}},
+     "input_size_ablation.sizes: [0] is out of range"),
     ({"student.backbone": "edgenext_xx_smal"},
      "student.backbone: 'edgenext_xx_smal' is neither 'sface' nor a timm model (did you "
      "mean edgenext_xx_small?)"),
@@ -853,8 +859,41 @@ def test_people_with_one_picture_are_left_out_of_labelling(caplog):
 
     faces = [SourceFace(np.zeros((4, 4, 3), np.uint8), None, f"{who}/{i}", who)
              for who, n in (("ann", 2), ("bob", 1), ("cy", 3)) for i in range(n)]
+    skipped: list[tuple[str, str]] = []
     with caplog.at_level("WARNING"):
-        kept = with_references(faces, "labelled_train")
+        kept = with_references(faces, "labelled_train", skipped)
     assert [f.source for f in kept] == ["ann/0", "ann/1", "cy/0", "cy/1", "cy/2"]
+    assert skipped == [("bob/0", "the only picture of bob with a face: no other to label "
+                        "it against")]  # labels.json lists them
     assert "1 identities of the labelled_train set left out, each with one picture" \
         in caplog.text and caplog.text.rstrip().endswith("bob")
+
+
+def test_a_second_run_in_one_process_logs_only_to_its_own_folder(tmp_path):
+    # each run had added its handlers for good: a second run's lines, and any warning
+    # long after, went to every earlier run's train.log (audit of 2026-12-07)
+    import logging
+
+    from fiqa_gate_training.cli import _log_to
+
+    runtime, training = logging.getLogger("fiqa_gate"), logging.getLogger("fiqa_gate.training")
+    before = (len(runtime.handlers), len(training.handlers))
+    try:
+        _log_to(tmp_path / "one")
+        training.info("a line of run 1")
+        _log_to(tmp_path / "two")
+        training.info("a line of run 2")
+        runtime.warning("a runtime warning during run 2")
+        assert (len(runtime.handlers), len(training.handlers)) == (before[0] + 1,
+                                                                  before[1] + 2)
+        one = (tmp_path / "one" / "train.log").read_text()
+        two = (tmp_path / "two" / "train.log").read_text()
+        assert "run 1" in one and "run 2" not in one
+        assert "a line of run 2" in two and "a runtime warning during run 2" in two
+    finally:
+        from fiqa_gate_training import cli as training_cli
+
+        for logger, handler in training_cli._ours:
+            logger.removeHandler(handler)
+            handler.close()
+        training_cli._ours.clear()

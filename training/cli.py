@@ -42,22 +42,28 @@ class _RunLog(logging.FileHandler):
                                  f"({sys.exc_info()[1]}); the log goes on on stderr only\n")
 
 
+_ours: list[tuple[logging.Logger, logging.Handler]] = []  # what _log_to added last
+
+
 def _log_to(out: Path) -> None:
+    """The run's messages to OUT/train.log and stderr; the runtime's warnings during the
+    run (a MOS list's repeated rows, files left out) to train.log too (the command line's
+    own handler prints them). A second run in one process replaces the first's handlers."""
+    for logger, handler in _ours:
+        logger.removeHandler(handler)
+        handler.close()
+    _ours.clear()
     out.mkdir(parents=True, exist_ok=True)
-    logger = logging.getLogger("fiqa_gate.training")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # one line per event, not one per handler up the tree
+    training = logging.getLogger("fiqa_gate.training")
+    training.setLevel(logging.INFO)
+    training.propagate = False  # one line per event, not one per handler up the tree
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    run_log = _RunLog(out / "train.log")
-    for handler in (run_log, logging.StreamHandler(sys.stderr)):
+    run_log, stderr = _RunLog(out / "train.log"), logging.StreamHandler(sys.stderr)
+    for logger, handler in ((training, run_log), (training, stderr),
+                            (logging.getLogger("fiqa_gate"), run_log)):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
-    # the runtime's warnings during the run (a MOS list's repeated rows, files left out)
-    # belong in the run's log too; stderr has them already
-    shared = _RunLog(out / "train.log")
-    shared.setLevel(logging.WARNING)
-    shared.setFormatter(fmt)
-    logging.getLogger("fiqa_gate").addHandler(shared)
+        _ours.append((logger, handler))
 
 
 @click.group()

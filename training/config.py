@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import GenericAlias
@@ -197,32 +198,53 @@ def _across(cfg: dict[str, Any]) -> list[str]:
 
 # The least each number may be: an epoch count of -3 or 0 had exported an untrained
 # student with exit 0, a batch of 0 divided by zero after the data stage.
-_AT_LEAST = {("teacher", "student"): {"epochs": 1, "batch_size": 1, "input_size": 16,
-                                      "weight_decay": 0.0, "freeze": 0, "max_steps": 1,
-                                      "decay_epochs": 1},
-             ("data",): {"variants": 0, "unlabelled_variants": 0, "b_labelled_variants": 0}}
-_ABOVE = {("teacher", "student"): {"lr": 0.0, "decay_ratio": 0.0}, ("data",): {"temperature": 0.0}}
+# (section, key): the least a number may be, whether that bound is allowed, and the
+# bound it must stay below (None: none)
+_RANGES: dict[tuple[str, str], tuple[float, bool, float | None]] = {
+    **{(net, key): bound for net in ("teacher", "student") for key, bound in {
+        "epochs": (1, True, None), "batch_size": (1, True, None),
+        "input_size": (16, True, None), "weight_decay": (0, True, None),
+        "freeze": (0, True, None), "max_steps": (1, True, None),
+        "decay_epochs": (1, True, None), "lr": (0, False, None),
+        "decay_ratio": (0, False, None), "ema": (0, True, 1), "drop_path": (0, True, 1),
+    }.items()},
+    ("data", "variants"): (0, True, None), ("data", "unlabelled_variants"): (0, True, None),
+    ("data", "b_labelled_variants"): (0, True, None), ("data", "temperature"): (0, False, None),
+    ("student.hint", "components"): (1, True, None), ("student.hint", "weight"): (0, True, None),
+    ("input_size_ablation", "epochs"): (1, True, None),
+    ("input_size_ablation", "max_faces"): (1, True, None),
+}
 
 
 def _ranges(cfg: dict[str, Any]) -> list[str]:
-    """Numbers of the right type but outside what the recipe can run with, and backbone
-    names timm does not know (found here, not when their stage starts hours later)."""
+    """Numbers of the right type but outside what the recipe can run with (-3 epochs had
+    exported an untrained student with exit 0, a batch of 0 divided by zero after the data
+    stage), and backbone names timm does not know: found here, not when their stage
+    starts hours later."""
     problems = []
-    for bounds, strict in ((_AT_LEAST, False), (_ABOVE, True)):
-        for sections, keys in bounds.items():
-            for name in sections:
-                for key, low in keys.items():
-                    v = _section(cfg, name).get(key)
-                    if _is(v, float) and (v <= low if strict else v < low):
-                        problems.append(f"{name}.{key}: {v!r} is too small (it must be "
-                                        f"{'above' if strict else 'at least'} {low:g})")
+    for (where, key), (low, low_ok, high) in _RANGES.items():
+        section: Any = cfg
+        for part in where.split("."):
+            section = section.get(part) if isinstance(section, dict) else None
+        v = section.get(key) if isinstance(section, dict) else None
+        if not _is(v, float):
+            continue
+        if not math.isfinite(v) or v < low or (v == low and not low_ok) or (
+                high is not None and v >= high):
+            span = f"{'at least' if low_ok else 'above'} {low:g}" + (
+                f" and below {high:g}" if high is not None else "")
+            problems.append(f"{where}.{key}: {v!r} is out of range (it must be {span})")
+    sizes = _section(cfg, "input_size_ablation").get("sizes")
+    if isinstance(sizes, list) and any(_is(x, int) and x < 16 for x in sizes):
+        problems.append(f"input_size_ablation.sizes: {sizes!r} is out of range (each must "
+                        "be at least 16)")
     if importlib.util.find_spec("timm") is not None:  # the [train] extra
         import timm
 
         for name in ("teacher", "student"):
             backbone = _section(cfg, name).get("backbone")
-            if isinstance(backbone, str) and backbone != "sface" and not timm.is_model(
-                    backbone):
+            if (isinstance(backbone, str) and backbone != "sface" and ":" not in backbone
+                    and not timm.is_model(backbone)):  # "hf-hub:..." is timm's to fetch
                 close = difflib.get_close_matches(backbone, timm.list_models(), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 problems.append(f"{name}.backbone: {backbone!r} is neither 'sface' nor a "

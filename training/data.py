@@ -78,13 +78,17 @@ def reference_pairs(samples: Samples, max_references: int = MAX_REFERENCES, seed
     return np.concatenate(faces), np.concatenate(refs)
 
 
-def with_references(faces: list[SourceFace], set_name: str) -> list[SourceFace]:
+def with_references(faces: list[SourceFace], set_name: str,
+                    skipped: list[tuple[str, str]]) -> list[SourceFace]:
     """The faces of people with two pictures or more in which a face was found. A face's
     label is its match with the person's other pictures, so one picture alone (most LFW
     identities) cannot be labelled: its people are left out, with a word (they had
-    crashed the data stage after all the detection and embedding)."""
+    crashed the data stage after all the detection and embedding). Each is added to
+    `skipped` (labels.json lists them)."""
     per_person = Counter(f.identity for f in faces)
     alone = sorted(str(i) for i, n in per_person.items() if n < 2)
+    skipped += [(f.source, f"the only picture of {f.identity} with a face: no other to "
+                 "label it against") for f in faces if per_person[f.identity] < 2]
     if alone:
         log.warning("data: %d identities of the %s set left out, each with one picture "
                     "with a face (a label needs another of the same person): %s",
@@ -189,9 +193,9 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
                         len(skipped_of[name]), name, "; ".join(
                             f"{p}: {r}" for p, r in skipped_of[name][:3])
                         + ("; ..." if len(skipped_of[name]) > 3 else ""))
-        found[name] = with_references(found[name], name)
+        found[name] = with_references(found[name], name, skipped_of[name])
         if len({f.identity for f in found[name]}) < 2:  # no impostor pairs to label with
-            why = "; ".join(f"{p}: {r}" for p, r in skipped_of[name][:3])
+            why = "; ".join(f"{p}: {r}" for p, r in skipped_of[name][-3:])
             raise FiqaGateError(f"data: the {name} set has faces of "
                                 f"{len({f.identity for f in found[name]})} identities; it "
                                 "needs two at least" + (f" ({why})" if why else ""))

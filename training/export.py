@@ -138,12 +138,14 @@ def quantize_int8(src: Path, dst: Path, check_crops: np.ndarray, input_size: int
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from scipy.stats import spearmanr
 
-    tmp = dst.with_name(dst.stem + ".tmp.onnx")
-    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul"])
+    # onnx's own error on a full disk is a protobuf DecodeError: save_whole says it in a line
+    try:
+        save_whole(lambda f: quantize_dynamic(str(src), f, weight_type=QuantType.QInt8,
+                                              op_types_to_quantize=["MatMul"]), dst)
+    finally:  # onnxruntime's shape-inference copy, torn when the disk filled under it
+        src.with_name(src.stem + "-inferred.onnx").unlink(missing_ok=True)
     before = run_onnx(src, check_crops, input_size)
-    after = run_onnx(tmp, check_crops, input_size, batch=1)
-    tmp.replace(dst)
+    after = run_onnx(dst, check_crops, input_size, batch=1)
     return {"max_abs_diff": float(np.abs(before - after).max()),
             "srcc": float(spearmanr(before, after).statistic), "faces": len(check_crops)}
 

@@ -98,7 +98,8 @@ class Run:
                                   "--out") from None
             if before != cfg:
                 raise RecipeError(f"{out} holds a run of another config; use a new --out")
-        atomic_write_json(saved, cfg)
+        else:  # not rewritten when there: a finished run resumes on a full disk
+            atomic_write_json(saved, cfg)
         self.times_path = out / "stage_times.json"
         self.times: dict[str, float] = read_state_json(self.times_path) or {}
 
