@@ -692,10 +692,14 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
         pending.clear()
         return len(ids)
 
+    real_root = _where(os.path.join(root, ""))  # ROOT's own real path, with a final /
+    stale: list[str] = []  # enrolled from ROOT before, not listed now
     last_commit = time.monotonic()
     with open_manifest(output, columns) if output else contextlib.nullcontext() as manifest:
         for identity, files in _progress(folders, "enroll"):
             enrolled = gallery.sources(identity)
+            gone = enrolled - {_where(p) for p in files}
+            stale += [f"{identity}: {s}" for s in sorted(gone) if s.startswith(real_root)]
             for path in files:
                 row = {"path": path, "identity": identity}
                 item = None
@@ -730,6 +734,12 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                 n_in += commit(manifest)
                 last_commit = time.monotonic()
         n_in += commit(manifest)
+    if stale:  # a rerun enrolls what is new; it never removes what was enrolled
+        log.warning("%d faces the gallery holds under these identities are not among %s's "
+                    "pictures for them any more (deleted, moved, or found under two "
+                    "identities); the gallery keeps them (Gallery.remove_identity removes "
+                    "an identity): %s", len(stale), root, "; ".join(stale[:3])
+                    + ("; ..." if len(stale) > 3 else ""))
     skipped = f", {n_skipped} already there" if n_skipped else ""
     click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path}"
                f"{skipped} ({len(gallery)} faces in the gallery)", err=True)

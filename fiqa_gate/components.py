@@ -69,7 +69,11 @@ def real_scores(values: object, scorer: str) -> np.ndarray:
     if got.dtype.kind == "O":  # a list of Decimals, numpy scalars and None
         items = got.reshape(-1).tolist()
         if all(v is None or _real(v) for v in items):
-            return np.asarray([np.nan if v is None else float(v) for v in items])
+            try:
+                return np.asarray([np.nan if v is None else float(v) for v in items])
+            except (ArithmeticError, ValueError) as exc:  # sNaN, an int past float's range
+                raise ValueError(f"scorer {scorer!r} returned a score that is no float: "
+                                 f"{exc}") from None
     elif got.dtype.kind in "iuf":
         return got.astype(np.float64).reshape(-1)
     raise ValueError(f"scorer {scorer!r} returned {got.dtype} scores; a scorer returns one "

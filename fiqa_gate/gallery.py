@@ -257,8 +257,17 @@ class Gallery:
         import faiss
 
         # rows stored at length 1 stay bit for bit (the index file's digest); raw ones an
-        # older version stored through the Python API are scaled here
-        off = np.abs(np.linalg.norm(embs, axis=1) - 1) > 1e-3
+        # older version stored through the Python API are scaled here, and rows it let in
+        # that cannot be compared are left out of the index (they had blocked every write)
+        norms = np.linalg.norm(embs.astype(np.float64), axis=1)
+        bad = ~np.isfinite(norms) | (norms == 0)
+        if bad.any():
+            log.warning("%s: %d stored faces have an embedding of NaN, inf or zeros and are "
+                        "left out of searches (face ids %s); remove_identity or enroll them "
+                        "again under a new source name", self.path, int(bad.sum()),
+                        ", ".join(map(str, ids[bad][:5])) + (", ..." if bad.sum() > 5 else ""))
+            ids, embs, norms = ids[~bad], embs[~bad], norms[~bad]
+        off = np.abs(norms - 1) > 1e-3
         if off.any():
             embs = embs.copy()
             embs[off] = unit_rows(embs[off], "a stored embedding")

@@ -46,12 +46,16 @@ def faces_in_image(image: np.ndarray, detector: Detector, source: str = "") -> l
     faces = []
     for i, d in enumerate(detector.detect(work)):
         marks = np.asarray(d.landmarks)
-        if marks.size != 10 or marks.dtype.kind not in "iuf" or not np.isfinite(marks).all():
+        # five (x, y) rows, or the same ten numbers in a row; a (2, 5) xs-then-ys layout
+        # would be misread, so it is refused with the rest
+        if (marks.shape not in ((5, 2), (10,)) or marks.dtype.kind not in "iuf"
+                or not np.isfinite(marks).all()):
             raise ValueError(f"detector {getattr(detector, 'name', type(detector).__name__)}"
-                             " gave a face without five finite (x, y) landmarks")
-        found = d if f == 1.0 else Detection(tuple(v / f for v in d.box),
-                                             np.asarray(d.landmarks) / f, d.score)
-        faces.append(Face(crop=align_face(work, d.landmarks), source=source, index=i,
+                             " gave a face without five finite (x, y) landmarks (shape "
+                             f"{marks.shape}; expected (5, 2))")
+        marks = marks.reshape(5, 2).astype(np.float64)
+        found = Detection(tuple(v / f for v in d.box), marks / f, d.score)
+        faces.append(Face(crop=align_face(work, marks), source=source, index=i,
                           detection=found))
     return faces
 

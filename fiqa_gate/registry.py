@@ -94,6 +94,7 @@ def reset() -> None:
         _registry = None
         _failed.clear()
         _first_party.clear()
+        _refused.clear()
         _instances.clear()  # made by factories of the plugins just forgotten
 
 

@@ -174,6 +174,14 @@ def test_enroll_rerun_adds_only_what_is_missing(orl_split_dirs, tmp_path):
     # together, not one by one (a run of seconds; a commit at least every 5 s)
     assert g.generation() <= 4
     g.close()
+    # a picture enrolled before and now also under another identity is skipped under both
+    # (whose it is is unknown), and the gallery still holds it: said, not silent
+    shutil.copy(enroll_dir / "s31" / "1.pgm", enroll_dir / "s32" / "misfiled.pgm")
+    res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate")
+    assert res.returncode == 0 and "enrolled 0 faces" in res.stderr
+    assert "1 faces the gallery holds under these identities are not among" in res.stderr
+    assert "s31: " in res.stderr and "s31/1.pgm" in res.stderr
+    g.close()
 
 
 def test_plugins_lists_first_party():

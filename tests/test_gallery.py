@@ -151,7 +151,8 @@ def test_embeddings_are_compared_by_cosine_whatever_their_length(tmp_path, orl_e
     assert "keeps" not in caplog.text
 
 
-def test_raw_rows_an_older_version_stored_are_compared_by_cosine(tmp_path, orl_embeddings):
+def test_raw_rows_an_older_version_stored_are_compared_by_cosine(tmp_path, orl_embeddings,
+                                                                 caplog):
     import sqlite3
     from decimal import Decimal
 
@@ -173,6 +174,21 @@ def test_raw_rows_an_older_version_stored_are_compared_by_cosine(tmp_path, orl_e
     hits = g.search(orl_embeddings["s33"][7], "sface", k=np.int64(3))[0]
     assert len(hits) == 3 and hits[0].identity == "s33"
     assert all(h.similarity <= 1 + 1e-5 for h in hits)
+    g.close()
+    # a zero row an older version let in is left out of searches, not a block on writes
+    db = sqlite3.connect(tmp_path / "g" / "meta.sqlite")
+    db.execute("UPDATE faces SET embedding = ? WHERE id = 1",
+               (np.zeros(128, np.float32).tobytes(),))
+    db.commit()
+    db.close()
+    for f in (tmp_path / "g").glob("index.*"):
+        f.unlink()
+    g = Gallery.open(tmp_path / "g")
+    with caplog.at_level("WARNING"):
+        g.enroll([Enrollment("s36", orl_embeddings["s36"][9], "new.pgm")])
+    assert "1 stored faces have an embedding of NaN, inf or zeros and are left out of " \
+        "searches (face ids 1)" in caplog.text
+    assert all(h.face_id != 1 for h in g.search(orl_embeddings["s31"][0], "sface", k=40)[0])
 
 
 def test_a_trained_index_type_enrolls_before_it_has_enough_faces_to_train(tmp_path,

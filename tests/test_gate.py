@@ -336,9 +336,10 @@ def test_a_detector_plugin_without_usable_landmarks_is_named(sample_photo):
             return [Detection((0.0, 0.0, 10.0, 10.0), self.landmarks, 0.9)]
 
     image = load_image(str(sample_photo))
-    for landmarks in (np.full((5, 2), np.nan), np.zeros((3, 2))):
+    for landmarks in (np.full((5, 2), np.nan), np.zeros((3, 2)), np.zeros((2, 5))):
         with pytest.raises(ValueError, match="detector broken gave a face without five"):
             faces_in_image(image, Broken(landmarks))
     # ten numbers in a row are five points, as alignment reads them
     marks = np.asarray([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]])
-    assert len(faces_in_image(image, Broken(marks.reshape(-1)))) == 1
+    (face,) = faces_in_image(image, Broken(marks.reshape(-1)))
+    assert face.detection.landmarks.shape == (5, 2)  # as Detection promises

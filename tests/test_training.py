@@ -658,6 +658,8 @@ def test_config_check_accepts_the_built_in_configs_and_what_the_code_allows(tmp_
                            "below 1)"),
     ({"student.lr": float("nan")}, "student.lr: nan is out of range (it must be above 0)"),
     ({"student.hint.components": 0}, "student.hint.components: 0 is out of range"),
+    ({"student.hint.stage": -7}, "student.hint.stage: -7 is out of range"),
+    ({"student.backbone": "foo:bar"}, "student.backbone: 'foo:bar' is neither 'sface' nor"),
     ({"input_size_ablation": {"sizes": [0], "epochs": 1, "max_faces": 10}},
      "input_size_ablation.sizes: [0] is out of range"),
     ({"student.backbone": "edgenext_xx_smal"},
@@ -884,12 +886,17 @@ def test_a_second_run_in_one_process_logs_only_to_its_own_folder(tmp_path):
         _log_to(tmp_path / "two")
         training.info("a line of run 2")
         runtime.warning("a runtime warning during run 2")
+        level = runtime.level
+        runtime.setLevel(logging.DEBUG)  # as -vv sets it: its info is for stderr only
+        runtime.info("a runtime info line")
+        runtime.setLevel(level)
         assert (len(runtime.handlers), len(training.handlers)) == (before[0] + 1,
                                                                   before[1] + 2)
         one = (tmp_path / "one" / "train.log").read_text()
         two = (tmp_path / "two" / "train.log").read_text()
         assert "run 1" in one and "run 2" not in one
         assert "a line of run 2" in two and "a runtime warning during run 2" in two
+        assert "a runtime info line" not in two
     finally:
         from fiqa_gate_training import cli as training_cli
 

@@ -59,6 +59,8 @@ def _log_to(out: Path) -> None:
     training.propagate = False  # one line per event, not one per handler up the tree
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     run_log, stderr = _RunLog(out / "train.log"), logging.StreamHandler(sys.stderr)
+    run_log.addFilter(lambda r: r.name.startswith("fiqa_gate.training")
+                      or r.levelno >= logging.WARNING)  # the runtime's warnings only
     for logger, handler in ((training, run_log), (training, stderr),
                             (logging.getLogger("fiqa_gate"), run_log)):
         handler.setFormatter(fmt)

@@ -211,6 +211,7 @@ _RANGES: dict[tuple[str, str], tuple[float, bool, float | None]] = {
     ("data", "variants"): (0, True, None), ("data", "unlabelled_variants"): (0, True, None),
     ("data", "b_labelled_variants"): (0, True, None), ("data", "temperature"): (0, False, None),
     ("student.hint", "components"): (1, True, None), ("student.hint", "weight"): (0, True, None),
+    ("student.hint", "stage"): (0, True, None),
     ("input_size_ablation", "epochs"): (1, True, None),
     ("input_size_ablation", "max_faces"): (1, True, None),
 }
@@ -243,8 +244,9 @@ def _ranges(cfg: dict[str, Any]) -> list[str]:
 
         for name in ("teacher", "student"):
             backbone = _section(cfg, name).get("backbone")
-            if (isinstance(backbone, str) and backbone != "sface" and ":" not in backbone
-                    and not timm.is_model(backbone)):  # "hf-hub:..." is timm's to fetch
+            if (isinstance(backbone, str) and backbone != "sface"
+                    and not backbone.startswith(("hf-hub:", "hf_hub:"))  # timm's to fetch
+                    and not timm.is_model(backbone)):
                 close = difflib.get_close_matches(backbone, timm.list_models(), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 problems.append(f"{name}.backbone: {backbone!r} is neither 'sface' nor a "
