@@ -692,14 +692,16 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
         pending.clear()
         return len(ids)
 
-    real_root = _where(os.path.join(root, ""))  # ROOT's own real path, with a final /
-    stale: list[str] = []  # enrolled from ROOT before, not listed now
+    stale: list[str] = []  # enrolled from an identity's folder before, not listed now
     last_commit = time.monotonic()
     with open_manifest(output, columns) if output else contextlib.nullcontext() as manifest:
         for identity, files in _progress(folders, "enroll"):
             enrolled = gallery.sources(identity)
+            # its own folder, resolved (a linked identity folder lives outside ROOT; a
+            # hidden one inside ROOT is another ROOT's)
+            own = _where(os.path.join(root, identity, ""))
             gone = enrolled - {_where(p) for p in files}
-            stale += [f"{identity}: {s}" for s in sorted(gone) if s.startswith(real_root)]
+            stale += [f"{identity}: {s}" for s in sorted(gone) if s.startswith(own)]
             for path in files:
                 row = {"path": path, "identity": identity}
                 item = None
@@ -735,8 +737,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                 last_commit = time.monotonic()
         n_in += commit(manifest)
     if stale:  # a rerun enrolls what is new; it never removes what was enrolled
-        log.warning("%d faces the gallery holds under these identities are not among %s's "
-                    "pictures for them any more (deleted, moved, or found under two "
+        log.warning("%d faces the gallery holds are no longer among their identity "
+                    "folder's pictures in %s (deleted, moved, or found under two "
                     "identities); the gallery keeps them (Gallery.remove_identity removes "
                     "an identity): %s", len(stale), root, "; ".join(stale[:3])
                     + ("; ..." if len(stale) > 3 else ""))

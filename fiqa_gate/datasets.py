@@ -38,6 +38,7 @@ from fiqa_gate.faces import (
     ARCFACE_TEMPLATE,
     Detection,
     align_face,
+    five_points,
     similarity_transform,
 )
 from fiqa_gate.images import IMAGE_SUFFIXES, identity_folders, iter_files, load_image
@@ -322,14 +323,20 @@ def detect_sources(items: Iterable[tuple[str | None, Path | str]], detector: Det
             if skipped is not None:
                 skipped.append((str(path), "no face found"))
             continue
-        before = len(out)
+        before, refused = len(out), False
         for i, det in enumerate(found if all_faces else found[:1]):
-            lm = np.asarray(det.landmarks, dtype=np.float64).reshape(5, 2)
+            try:
+                lm = five_points(det.landmarks, getattr(detector, "name", "?"))
+            except ValueError as exc:  # the same check as the gate's, not a misreading
+                if skipped is not None:
+                    skipped.append((str(path), str(exc)))
+                refused = True
+                continue
             if np.linalg.norm(lm[1] - lm[0]) < min_eye_distance * f:
                 continue  # too small to say anything about a face
             source = f"{path}#{i}" if all_faces else str(path)
             out.append(SourceFace(*face_window(image, det), source, identity))
-        if len(out) == before and skipped is not None:
+        if not refused and len(out) == before and skipped is not None:
             skipped.append((str(path), f"face too small (eyes under {min_eye_distance:g} px "
                                        "apart)"))
     return out

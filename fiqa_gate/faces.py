@@ -70,6 +70,20 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rot, shift[:, None]])
 
 
+def five_points(landmarks: object, detector: str) -> np.ndarray:
+    """A detector's five landmarks as a (5, 2) float array: five (x, y) rows or the same ten
+    numbers in a row, with any axes of length 1 around them (a plugin slicing kpss[i:i+1]).
+    An xs-then-ys (2, 5) array would be misread, so it is refused, as are NaN and other
+    shapes, with the detector's name."""
+    marks = np.asarray(landmarks)
+    squeezed = marks.squeeze() if marks.size == 10 else marks
+    if (squeezed.shape not in ((5, 2), (10,)) or marks.dtype.kind not in "iuf"
+            or not np.isfinite(marks).all()):
+        raise ValueError(f"detector {detector} gave a face without five finite (x, y) "
+                         f"landmarks (shape {marks.shape}; expected (5, 2))")
+    return squeezed.reshape(5, 2).astype(np.float64)
+
+
 def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
     """Warp `image` so its five landmarks land on the ArcFace template (size x size).
 

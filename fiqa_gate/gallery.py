@@ -258,15 +258,17 @@ class Gallery:
 
         # rows stored at length 1 stay bit for bit (the index file's digest); raw ones an
         # older version stored through the Python API are scaled here, and rows it let in
-        # that cannot be compared are left out of the index (they had blocked every write)
+        # that cannot be compared (they had blocked every write) become zeros, which match
+        # nothing; kept, so the index still holds every face and its file is used on open
         norms = np.linalg.norm(embs.astype(np.float64), axis=1)
         bad = ~np.isfinite(norms) | (norms == 0)
         if bad.any():
-            log.warning("%s: %d stored faces have an embedding of NaN, inf or zeros and are "
-                        "left out of searches (face ids %s); remove_identity or enroll them "
-                        "again under a new source name", self.path, int(bad.sum()),
+            log.warning("%s: %d stored faces have an embedding of NaN, inf or zeros and "
+                        "never match (face ids %s); Gallery.remove_identity removes them "
+                        "with their identity", self.path, int(bad.sum()),
                         ", ".join(map(str, ids[bad][:5])) + (", ..." if bad.sum() > 5 else ""))
-            ids, embs, norms = ids[~bad], embs[~bad], norms[~bad]
+            embs = embs.copy()
+            embs[bad], norms[bad] = 0.0, 1.0
         off = np.abs(norms - 1) > 1e-3
         if off.any():
             embs = embs.copy()

@@ -9,7 +9,7 @@ import numpy as np
 
 from fiqa_gate.components import Detector
 from fiqa_gate.errors import NoFaceError
-from fiqa_gate.faces import Detection, Face, align_face, as_aligned_crop
+from fiqa_gate.faces import Detection, Face, align_face, as_aligned_crop, five_points
 from fiqa_gate.images import load_image
 
 # Detectors miss faces in tight or tiny crops (ORL's 92 px, LFW thumbnails): such images
@@ -45,15 +45,7 @@ def faces_in_image(image: np.ndarray, detector: Detector, source: str = "") -> l
     work, f = enlarge_for_detection(image)
     faces = []
     for i, d in enumerate(detector.detect(work)):
-        marks = np.asarray(d.landmarks)
-        # five (x, y) rows, or the same ten numbers in a row; a (2, 5) xs-then-ys layout
-        # would be misread, so it is refused with the rest
-        if (marks.shape not in ((5, 2), (10,)) or marks.dtype.kind not in "iuf"
-                or not np.isfinite(marks).all()):
-            raise ValueError(f"detector {getattr(detector, 'name', type(detector).__name__)}"
-                             " gave a face without five finite (x, y) landmarks (shape "
-                             f"{marks.shape}; expected (5, 2))")
-        marks = marks.reshape(5, 2).astype(np.float64)
+        marks = five_points(d.landmarks, getattr(detector, "name", type(detector).__name__))
         found = Detection(tuple(v / f for v in d.box), marks / f, d.score)
         faces.append(Face(crop=align_face(work, marks), source=source, index=i,
                           detection=found))

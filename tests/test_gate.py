@@ -341,5 +341,13 @@ def test_a_detector_plugin_without_usable_landmarks_is_named(sample_photo):
             faces_in_image(image, Broken(landmarks))
     # ten numbers in a row are five points, as alignment reads them
     marks = np.asarray([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]])
-    (face,) = faces_in_image(image, Broken(marks.reshape(-1)))
-    assert face.detection.landmarks.shape == (5, 2)  # as Detection promises
+    for shape in ((10,), (1, 10), (10, 1), (1, 5, 2)):  # kpss[i:i+1] and the like too
+        (face,) = faces_in_image(image, Broken(marks.reshape(shape)))
+        assert face.detection.landmarks.shape == (5, 2)  # as Detection promises
+    # evaluation and training read a detector's landmarks through the same check
+    from fiqa_gate.datasets import detect_sources
+
+    skipped: list[tuple[str, str]] = []
+    assert detect_sources([(None, sample_photo)], Broken(np.zeros((2, 5))),
+                          skipped=skipped) == []
+    assert "detector broken gave a face without five" in skipped[0][1]

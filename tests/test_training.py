@@ -658,7 +658,6 @@ def test_config_check_accepts_the_built_in_configs_and_what_the_code_allows(tmp_
                            "below 1)"),
     ({"student.lr": float("nan")}, "student.lr: nan is out of range (it must be above 0)"),
     ({"student.hint.components": 0}, "student.hint.components: 0 is out of range"),
-    ({"student.hint.stage": -7}, "student.hint.stage: -7 is out of range"),
     ({"student.backbone": "foo:bar"}, "student.backbone: 'foo:bar' is neither 'sface' nor"),
     ({"input_size_ablation": {"sizes": [0], "epochs": 1, "max_faces": 10}},
      "input_size_ablation.sizes: [0] is out of range"),

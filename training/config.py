@@ -211,7 +211,6 @@ _RANGES: dict[tuple[str, str], tuple[float, bool, float | None]] = {
     ("data", "variants"): (0, True, None), ("data", "unlabelled_variants"): (0, True, None),
     ("data", "b_labelled_variants"): (0, True, None), ("data", "temperature"): (0, False, None),
     ("student.hint", "components"): (1, True, None), ("student.hint", "weight"): (0, True, None),
-    ("student.hint", "stage"): (0, True, None),
     ("input_size_ablation", "epochs"): (1, True, None),
     ("input_size_ablation", "max_faces"): (1, True, None),
 }
@@ -245,7 +244,8 @@ def _ranges(cfg: dict[str, Any]) -> list[str]:
         for name in ("teacher", "student"):
             backbone = _section(cfg, name).get("backbone")
             if (isinstance(backbone, str) and backbone != "sface"
-                    and not backbone.startswith(("hf-hub:", "hf_hub:"))  # timm's to fetch
+                    and backbone.split(":", 1)[0].lower() not in (  # timm's to fetch
+                        "hf-hub", "hf_hub", "local-dir")
                     and not timm.is_model(backbone)):
                 close = difflib.get_close_matches(backbone, timm.list_models(), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
