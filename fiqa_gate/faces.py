@@ -75,12 +75,16 @@ def five_points(landmarks: object, detector: str) -> np.ndarray:
     numbers in a row, with any axes of length 1 around them (a plugin slicing kpss[i:i+1]).
     An xs-then-ys (2, 5) array would be misread, so it is refused, as are NaN and other
     shapes, with the detector's name."""
-    marks = np.asarray(landmarks)
+    try:
+        marks = np.asarray(landmarks)
+    except ValueError:  # a ragged list
+        marks = np.asarray(None)
     squeezed = marks.squeeze() if marks.size == 10 else marks
     if (squeezed.shape not in ((5, 2), (10,)) or marks.dtype.kind not in "iuf"
             or not np.isfinite(marks).all()):
         raise ValueError(f"detector {detector} gave a face without five finite (x, y) "
-                         f"landmarks (shape {marks.shape}; expected (5, 2))")
+                         f"landmarks ({marks.dtype} of shape {marks.shape}; expected five "
+                         "rows of two numbers)")
     return squeezed.reshape(5, 2).astype(np.float64)
 
 

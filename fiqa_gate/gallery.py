@@ -264,7 +264,7 @@ class Gallery:
         bad = ~np.isfinite(norms) | (norms == 0)
         if bad.any():
             log.warning("%s: %d stored faces have an embedding of NaN, inf or zeros and "
-                        "never match (face ids %s); Gallery.remove_identity removes them "
+                        "are never a hit (face ids %s); Gallery.remove_identity removes them "
                         "with their identity", self.path, int(bad.sum()),
                         ", ".join(map(str, ids[bad][:5])) + (", ..." if bad.sum() > 5 else ""))
             embs = embs.copy()
@@ -353,9 +353,9 @@ class Gallery:
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         for chunk in range(0, len(wanted), 500):
             part = wanted[chunk:chunk + 500]
-            meta.update({r[0]: r[1:] for r in self._db.execute(
-                f"SELECT id, identity, source FROM faces WHERE id IN "
-                f"({','.join('?' * len(part))})", part)})
+            meta.update({r[0]: r[1:3] for r in self._db.execute(
+                f"SELECT id, identity, source, embedding FROM faces WHERE id IN "
+                f"({','.join('?' * len(part))})", part) if _comparable(r[3])})
         return [[Hit(_from_db(meta[int(i)][0]), float(s), int(i), _from_db(meta[int(i)][1]),
                      bool(s >= self.threshold))
                  for s, i in zip(srow, irow, strict=True) if i >= 0 and int(i) in meta]
@@ -470,6 +470,13 @@ def unit_rows(vectors: np.ndarray, what: str) -> np.ndarray:
     if not (np.isfinite(norms).all() and (norms > 0).all()):
         raise GalleryError(f"{what} holds NaN or inf, or is all zeros: it cannot be compared")
     return np.ascontiguousarray(v / norms, dtype=np.float32)
+
+
+def _comparable(blob: bytes) -> bool:
+    """A stored row that can be a hit: an older version let in rows of NaN or zeros,
+    which the index holds as zeros; they are never returned."""
+    v = np.frombuffer(blob, dtype=np.float32)
+    return bool(np.isfinite(v).all() and v.any())
 
 
 def _probe_enough(index: faiss.Index) -> None:
