@@ -8,6 +8,7 @@ network hub) and is checked against a pinned SHA-256 digest before use.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib.util
@@ -96,11 +97,35 @@ def private_cache_dir(why: str) -> Path:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    """SHA-256 of a regular file. Opened without waiting and checked: a FIFO (swapped in
+    since the caller looked) is an OSError, not a hang."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        digest = hashlib.sha256()
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def same_size_digests(sizes: dict[str, int],
+                      worth: Callable[[list[str]], bool] = lambda group: True
+                      ) -> dict[str, str]:
+    """The SHA-256 of each file that shares its (non-zero) size with another, in groups
+    `worth` reading: a folder of distinct pictures costs no read. Unreadable files are
+    left out (they fail later, with their reason)."""
+    by_size: dict[int, list[str]] = {}
+    for f, size in sizes.items():
+        if size:  # an empty file fails as such: not a picture
+            by_size.setdefault(size, []).append(f)
+    digests = {}
+    for group in by_size.values():
+        if len(group) > 1 and worth(group):
+            for f in sorted(group):
+                with contextlib.suppress(OSError):
+                    digests[f] = sha256_file(f)
+    return digests
 
 
 def verify_sha256(path: str | os.PathLike[str], expected: str) -> None:

@@ -7,7 +7,6 @@ animated image), callers get an RGB uint8 array or an `ImageLoadError` with a sh
 from __future__ import annotations
 
 import bisect
-import hashlib
 import logging
 import os
 import stat
@@ -19,7 +18,7 @@ from pathlib import PurePath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fiqa_gate.assets import is_temp_name
+from fiqa_gate.assets import is_temp_name, same_size_digests
 from fiqa_gate.errors import FiqaGateError, ImageLoadError
 
 log = logging.getLogger("fiqa_gate")
@@ -329,18 +328,11 @@ def _same_pictures(folders: list[tuple[str, list[str]]],
     distinct pictures costs one stat each. Returns the pictures dropped across identities
     ("a = b") and the names dropped inside one ("a (= first)")."""
     owner = {f: name for name, files in folders for f in files}
-    by_size: dict[int, list[str]] = {}
-    for f, (_, _, size) in picture.items():
-        if size:  # an empty file fails as such: not a picture
-            by_size.setdefault(size, []).append(f)
     key: dict[str, object] = {f: (dev, ino) for f, (dev, ino, _) in picture.items()}
-    for group in by_size.values():
-        if (len({key[f] for f in group}) > 1
-                and (once or len({owner[f] for f in group}) > 1)):
-            for f in group:
-                digest = file_digest(f)
-                if digest is not None:
-                    key[f] = digest
+    key.update(same_size_digests(
+        {f: size for f, (_, _, size) in picture.items()},
+        lambda group: (len({key[f] for f in group}) > 1
+                       and (once or len({owner[f] for f in group}) > 1))))
     files_of: dict[object, list[str]] = {}
     for f, k in key.items():
         files_of.setdefault(k, []).append(f)
@@ -360,25 +352,6 @@ def _same_pictures(folders: list[tuple[str, list[str]]],
             kept.append(f)
         folders[i] = (name, kept)
     return shared, twice
-
-
-def file_digest(path: str) -> str | None:
-    """SHA-256 of a regular file's bytes, or None (unreadable, or no longer a regular file:
-    opened without waiting, so a FIFO swapped in since the walk cannot hang the run)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        digest = hashlib.sha256()
-        try:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        except OSError:
-            return None
-        return digest.hexdigest()
 
 
 def _elsewhere(real: str, name: str | None, owners: _Owners, real_top: str) -> str | None:

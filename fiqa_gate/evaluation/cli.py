@@ -248,7 +248,7 @@ def _one_name_per_file(paths: set[str]) -> dict[str, str]:
     """Each listed path mapped to one name for its picture: the real path, and for hard
     links of one file (same device and inode) or byte-identical copies the first of their
     real paths. Only files that share a size are read."""
-    from fiqa_gate.images import file_digest
+    from fiqa_gate.assets import same_size_digests
 
     name, first, sizes = {}, {}, {}
     for p in sorted(paths):
@@ -259,14 +259,11 @@ def _one_name_per_file(paths: set[str]) -> dict[str, str]:
             name[p] = real
             continue
         name[p] = first.setdefault((st.st_dev, st.st_ino), real)
-        if stat.S_ISREG(st.st_mode) and st.st_size:  # an empty one fails as such
-            sizes.setdefault(st.st_size, set()).add(name[p])
+        if stat.S_ISREG(st.st_mode):
+            sizes[name[p]] = st.st_size
     by_digest: dict[str, str] = {}
-    copy_of: dict[str, str] = {}
-    for group in sizes.values():
-        for f in sorted(group) if len(group) > 1 else ():
-            if (digest := file_digest(f)) is not None:
-                copy_of[f] = by_digest.setdefault(digest, f)
+    copy_of = {f: by_digest.setdefault(d, f)
+               for f, d in sorted(same_size_digests(sizes).items())}
     return {p: copy_of.get(n, n) for p, n in name.items()}
 
 
