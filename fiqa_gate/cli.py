@@ -645,11 +645,15 @@ COMMIT_FACES = 2000
 @click.option("--factory", default=None,
               help="FAISS index factory for a new gallery: Flat (the default), HNSW32, "
                    "IVF64,Flat ... An existing gallery keeps its own.")
+@click.option("--prune", is_flag=True,
+              help="Remove the faces the gallery holds from an identity folder of ROOT "
+                   "whose picture is no longer among its pictures (deleted, moved, or now "
+                   "found under two identities). Without it they are kept and listed.")
 @click.option("-o", "--manifest", "output", help="CSV of every image's outcome.")
 @pipeline_options
 def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: str | None,
-           output: str | None, aligned: bool, scorer: str, model: str | None, detector: str,
-           recognizer: str) -> None:
+           prune: bool, output: str | None, aligned: bool, scorer: str, model: str | None,
+           detector: str, recognizer: str) -> None:
     """Enroll ROOT/<identity>/images into the gallery at --index.
 
     A file already in the gallery under its identity is skipped, so a run that was
@@ -692,7 +696,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
         pending.clear()
         return len(ids)
 
-    stale: list[str] = []  # enrolled from an identity's folder before, not listed now
+    stale: list[tuple[str, str]] = []  # enrolled from an identity's folder, not there now
     last_commit = time.monotonic()
     with open_manifest(output, columns) if output else contextlib.nullcontext() as manifest:
         for identity, files in _progress(folders, "enroll"):
@@ -701,7 +705,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
             # hidden one inside ROOT is another ROOT's)
             own = _where(os.path.join(root, identity, ""))
             gone = enrolled - {_where(p) for p in files}
-            stale += [f"{identity}: {s}" for s in sorted(gone) if s.startswith(own)]
+            stale += [(identity, s) for s in sorted(gone) if s.startswith(own)]
             for path in files:
                 row = {"path": path, "identity": identity}
                 item = None
@@ -736,15 +740,24 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                 n_in += commit(manifest)
                 last_commit = time.monotonic()
         n_in += commit(manifest)
-    if stale:  # a rerun enrolls what is new; it never removes what was enrolled
+        # a rerun enrolls what is new; it removes what was enrolled only when asked
+        n_removed = gallery.remove_sources(stale) if prune else 0
+        if manifest:
+            manifest.write_rows([{"path": s, "identity": identity,
+                                  "decision": "removed" if prune else "stale",
+                                  "reason": "no longer among its identity folder's pictures"}
+                                 for identity, s in stale])
+    if stale and not prune:
+        listed = [f"{identity}: {s}" for identity, s in stale]
         log.warning("%d faces the gallery holds are no longer among their identity "
                     "folder's pictures in %s (deleted, moved, or found under two "
-                    "identities); the gallery keeps them (Gallery.remove_identity removes "
-                    "an identity): %s", len(stale), root, "; ".join(stale[:3])
+                    "identities); the gallery keeps them (--prune removes them): %s",
+                    len(stale), root, "; ".join(listed[:3])
                     + ("; ..." if len(stale) > 3 else ""))
     skipped = f", {n_skipped} already there" if n_skipped else ""
+    removed = f", {n_removed} removed" if n_removed else ""
     click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path}"
-               f"{skipped} ({len(gallery)} faces in the gallery)", err=True)
+               f"{skipped}{removed} ({len(gallery)} faces in the gallery)", err=True)
     gallery.close()
     failures.exit()
 

@@ -32,7 +32,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
@@ -398,6 +398,18 @@ class Gallery:
         with self._write_transaction():
             n = self._db.execute("DELETE FROM faces WHERE identity = ?",
                                  (_to_db(identity),)).rowcount
+        return int(n)
+
+    @_db_errors
+    def remove_sources(self, pairs: Iterable[tuple[str, str]]) -> int:
+        """Remove the faces enrolled from these (identity, source) pairs in one
+        transaction; returns how many were removed."""
+        keys = [(_to_db(identity), _to_db(source)) for identity, source in pairs]
+        if not keys:
+            return 0
+        with self._write_transaction():
+            n = sum(self._db.execute("DELETE FROM faces WHERE identity = ? AND source = ?",
+                                     key).rowcount for key in keys)
         return int(n)
 
     @contextlib.contextmanager

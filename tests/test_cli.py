@@ -177,12 +177,28 @@ def test_enroll_rerun_adds_only_what_is_missing(orl_split_dirs, tmp_path):
     # a picture enrolled before and now also under another identity is skipped under both
     # (whose it is is unknown), and the gallery still holds it: said, not silent
     shutil.copy(enroll_dir / "s31" / "1.pgm", enroll_dir / "s32" / "misfiled.pgm")
-    res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate")
+    res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate", "-o",
+              str(tmp_path / "third.csv"))
     assert res.returncode == 0 and "enrolled 0 faces" in res.stderr
     assert "1 faces the gallery holds are no longer among their identity folder's" \
         in res.stderr
     assert "s31: " in res.stderr and "s31/1.pgm" in res.stderr
+    stale = [r for r in rows(tmp_path / "third.csv") if r["decision"] == "stale"]
+    assert [(r["identity"], Path(r["path"]).name) for r in stale] == [("s31", "1.pgm")]
+    assert len(Gallery.open(gallery)) == 50  # kept until asked
+    # --prune removes it (only it), and a rerun then has nothing stale to say
+    res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate", "--prune",
+              "-o", str(tmp_path / "fourth.csv"))
+    assert res.returncode == 0 and "1 removed" in res.stderr, res.stderr
+    assert [(r["identity"], Path(r["path"]).name) for r in rows(tmp_path / "fourth.csv")
+            if r["decision"] == "removed"] == [("s31", "1.pgm")]
+    g = Gallery.open(gallery)
+    assert len(g) == 49 and g.identities()["s31"] == 4 and g.identities()["s32"] == 5
+    assert not any(s.endswith("s31/1.pgm") for s in g.sources("s31"))
     g.close()
+    res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate", "--prune")
+    assert res.returncode == 0 and "no longer among" not in res.stderr
+    assert "removed" not in res.stderr
 
 
 def test_plugins_lists_first_party():

@@ -57,6 +57,20 @@ def test_remove_identity(tmp_path, orl_embeddings):
     assert "s31" not in Gallery.open(tmp_path / "g").identities()
 
 
+def test_remove_sources_removes_only_those_faces(tmp_path, orl_embeddings):
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    _enroll_first_five(g, orl_embeddings)
+    total = len(g)
+    one = sorted(g.sources("s31"))[0]
+    # the same source under another identity is another face, and is kept
+    assert g.remove_sources([("s31", one), ("s32", one), ("s31", "never-enrolled")]) == 1
+    assert one not in g.sources("s31") and len(g.sources("s31")) == 4
+    assert len(g) == total - 1 and g.remove_sources([]) == 0
+    hits = g.search(orl_embeddings["s31"][:1], "sface", k=total)[0]
+    assert len(hits) == total - 1  # the index was rebuilt without it
+    assert len(Gallery.open(tmp_path / "g")) == total - 1
+
+
 def test_other_recognizer_refused(tmp_path, orl_embeddings):
     g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
     _enroll_first_five(g, orl_embeddings)
