@@ -246,7 +246,8 @@ def policy_decision(face: Any, score: float, threshold: float,
                             impl.plugin_name, result)
             raise PluginError(f"{impl.plugin_name}: returned {result!r}; a policy returns "
                               "None, a bool or (accepted: bool, reason: str)")
-        return bool(result[0]), f"policy {impl.plugin_name}: {result[1]}"
+        why = "" if result[1] is None else str(result[1]).strip()  # (True, None): none
+        return bool(result[0]), f"policy {impl.plugin_name}" + (f": {why}" if why else "")
     return None
 
 

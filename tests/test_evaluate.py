@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fiqa_gate import degradations
+from fiqa_gate import degradations, registry
 from fiqa_gate.evaluation.identification import split
 from fiqa_gate.evaluation.protocol import (
     in_chunks,
@@ -885,3 +885,53 @@ def test_best_of_n_with_one_candidate_each_says_it_cannot_choose(tmp_path, orl_r
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["identification"]["most_candidates"] == 1
     assert "best-of-N has nothing to choose and equals random" in done.stderr
+
+
+def test_a_scorer_returning_a_tuple_of_floats_is_read_as_the_gate_reads_it():
+    # a tuple of floats per chunk had been joined as a tuple of arrays and failed
+    # (audit of 2026-12-07)
+    from fiqa_gate.components import Scorer
+    from fiqa_gate.datasets import Samples
+    from fiqa_gate.evaluation.protocol import qualities
+    from fiqa_gate.hookspecs import hookimpl
+
+    class Tupled(Scorer):
+        name = "tupled"
+
+        def raw_scores(self, faces):
+            return tuple(float(f.crop.mean()) for f in faces)
+
+    class Plugin:
+        @hookimpl
+        def register_scorers(self, register):
+            register("tupled", lambda ctx: Tupled(), "")
+
+    crops = np.random.default_rng(0).integers(0, 255, (300, 112, 112, 3), dtype=np.uint8)
+    names = [f"p{i % 3}" for i in range(300)]
+    samples = Samples(crops, names, [f"{n}/{i}" for i, n in enumerate(names)],
+                      [[] for _ in names], np.ones(300))
+    pm = registry.plugin_manager()
+    pm.register(Plugin(), name="tupled-plugin")
+    try:  # 300 faces: two chunks
+        raw, _ = qualities(samples, ["tupled"], "sface")
+    finally:
+        pm.unregister(name="tupled-plugin")
+    assert raw["tupled"].shape == (300,)
+    np.testing.assert_allclose(raw["tupled"], crops.reshape(300, -1).mean(axis=1))
+
+
+def test_a_report_folder_inside_data_is_refused_before_any_work(tmp_path, orl_root):
+    # its edc.png and scores.png were read back as one more identity on the next run
+    # (audit of 2026-12-07); directly in ROOT a report is no one's and is allowed
+    folder = tmp_path / "people"
+    for s in ("s31", "s32"):
+        shutil.copytree(orl_root / s, folder / s)
+    (tmp_path / "link").symlink_to(folder)
+    for out in (folder / "report", tmp_path / "link" / "s31" / "r"):
+        done = _evaluate("--data", str(folder), "-o", str(out))
+        assert done.exit_code == 2 and "is inside --data" in done.stderr, done.stderr
+        assert not out.exists()
+    done = _evaluate("--data", str(folder), "--variants", "0", "--bootstrap", "0",
+                     "--scorer", "sharpness", "-o", str(folder))
+    assert done.exit_code == 0, done.stderr[-2000:]
+    assert (folder / "report.json").is_file()

@@ -120,6 +120,12 @@ def test_policy_overrides_and_failures(group_faces, policy):
         d = Gate(scorer, 0.0, stage="probe").decide_one(face)
         assert d.accepted is accepted and not d.reason.startswith("policy plugin error"), \
             (result, d.reason)
+    # a pair without a reason says whose decision it was, not "None"
+    for result in ((True, None), (True, "  ")):
+        policy(_Policy(result=result))
+        d = Gate(scorer, 0.0, stage="probe").decide_one(face)
+        assert d.accepted and d.reason.startswith("policy test-policy-"), d.reason
+        assert not d.reason.endswith((": None", ":   ")), d.reason
 
 
 def test_event_hook_errors_do_not_stop_the_gate(group_faces, policy):

@@ -365,6 +365,9 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
         report = _pairs_evaluation(pairs, recognizer, scorers, out, options, command, data,
                                    bootstrap)
     else:
+        if data is not None and _inside(out, data):  # its PNGs would be a person next run
+            raise click.UsageError(f"the report folder {out} is inside --data {data}, where "
+                                   "a next run would read it as an identity; choose another")
         _check_writable(out)
         report = run_evaluation(data, recognizer, scorers, out, variants, seed, bootstrap,
                                 gate_threshold, options, command, degradations)
@@ -374,6 +377,12 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
     for note in _report_warnings(report):
         click.echo(f"warning: {note}", err=True)
     click.echo(f"report: {out / 'report.md'} (+ report.json, edc.png, scores.png)", err=True)
+
+
+def _inside(path: Path, folder: str) -> bool:
+    """`path` (which may not exist yet) is below `folder`, links resolved (files directly
+    in ROOT are no one's, so a report there is not read back)."""
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
 
 
 def _check_models(options: dict[str, dict[str, Any]], scorers: Sequence[str],

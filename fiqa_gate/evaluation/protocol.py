@@ -320,8 +320,10 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
             if name == "embedding-norm" and norms is not None:
                 raw[name] = norms
             else:
-                raw[name] = real_scores(in_chunks(scorer.raw_scores, faces,
-                                                  name if progress else None), name)
+                # each chunk read as the gate reads it (a tuple of floats is scores, not
+                # a tuple of arrays)
+                raw[name] = in_chunks(lambda chunk, s=scorer, n=name: real_scores(
+                    s.raw_scores(chunk), n), faces, name if progress else None)
                 if len(raw[name]) != len(faces):
                     raise ValueError(f"{len(raw[name])} scores for {len(faces)} faces")
         except Exception as exc:
