@@ -608,6 +608,11 @@ def test_config_check_accepts_the_built_in_configs_and_what_the_code_allows(tmp_
         "student.backbone_args": {"depths": [3, 3, 9, 3]}, "skip_stages": [],
         "input_size_ablation": {"sizes": [112, 352], "epochs": 1, "max_faces": 10,
                                 "seeds": [13, 14]}}))
+    # the last stage counted from the end; timm's prefixes for weights on disk or a hub
+    # (a folder that exists; the hint is not checked against a net only its stage reads)
+    check_config(*_broken_smoke(tmp_path, {"student.hint.stage": -1}))
+    check_config(*_broken_smoke(tmp_path, {"student.backbone": f"local-dir:{tmp_path}",
+                                           "teacher.backbone": "hf-hub:timm/x"}))
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -664,6 +669,16 @@ def test_config_check_accepts_the_built_in_configs_and_what_the_code_allows(tmp_
     ({"student.backbone": "edgenext_xx_smal"},
      "student.backbone: 'edgenext_xx_smal' is neither 'sface' nor a timm model (did you "
      "mean edgenext_xx_small?)"),
+    # found when the student stage began, after the teachers (audit of 2026-12-07)
+    ({"student.hint.stage": 4}, "student.hint.stage: 4 is out of range (edgenext_xx_small "
+                                "has 4 stages: 0 to 3, or -1 for the last)"),
+    ({"student.hint.stage": -5}, "student.hint.stage: -5 is out of range"),
+    ({"student.backbone_args": {"depthz": [1]}},
+     "student: its backbone cannot take a hint: TypeError:"),
+    ({"student.backbone": "local-dir:"}, "student.backbone: 'local-dir:' names no folder"),
+    ({"student.backbone": "local-dir:/no/such/folder"},
+     "student.backbone: 'local-dir:/no/such/folder' names no folder"),
+    ({"teacher.backbone": "hf-hub: "}, "teacher.backbone: 'hf-hub: ' names no model"),
 ])
 def test_config_check_names_the_file_and_key_of_each_mistake(tmp_path, changes, message):
     from fiqa_gate_training.config import check_config

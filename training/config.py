@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import GenericAlias
@@ -243,6 +244,12 @@ def _ranges(cfg: dict[str, Any]) -> list[str]:
 
         for name in ("teacher", "student"):
             backbone = _section(cfg, name).get("backbone")
+            prefix, _, rest = (backbone if isinstance(backbone, str) else "").partition(":")
+            if prefix.lower() == "local-dir" and not os.path.isdir(rest):
+                problems.append(f"{name}.backbone: {backbone!r} names no folder (timm reads "
+                                "local-dir:PATH's config.json and weights from it)")
+            elif prefix.lower() in ("hf-hub", "hf_hub") and not rest.strip():
+                problems.append(f"{name}.backbone: {backbone!r} names no model")
             if (isinstance(backbone, str) and backbone != "sface"
                     and backbone.split(":", 1)[0].lower() not in (  # timm's to fetch
                         "hf-hub", "hf_hub", "local-dir")
@@ -254,6 +261,30 @@ def _ranges(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _hint_stage(student: dict[str, Any]) -> list[str]:
+    """The student's hint stage must be one of its backbone's stages (a stage past the
+    last had failed with an IndexError when the student stage started, an hour in)."""
+    hint, backbone = student.get("hint"), student.get("backbone")
+    if not isinstance(hint, dict) or not isinstance(backbone, str) or not _is(
+            hint.get("stage", 2), int):
+        return []
+    if (backbone.split(":", 1)[0].lower() in ("hf-hub", "hf_hub", "local-dir")
+            or importlib.util.find_spec("timm") is None):
+        return []  # built from files only the student stage reads, or with no [train]
+    from fiqa_gate_training.models import build_model
+    from fiqa_gate_training.train import hint_stages
+
+    try:
+        stages = len(hint_stages(build_model(student).backbone))
+    except Exception as exc:  # backbone_args timm refuses, or a net without stages
+        return [f"student: its backbone cannot take a hint: {type(exc).__name__}: {exc}"]
+    stage = hint.get("stage", 2)
+    if not -stages <= stage < stages:
+        return [f"student.hint.stage: {stage} is out of range ({backbone} has {stages} "
+                f"stages: 0 to {stages - 1}, or -1 for the last)"]
+    return []
+
+
 def check_config(cfg: object, source: str) -> None:
     """Raise ValueError listing every problem of `cfg` (read from `source`), one a line:
     "SOURCE: dotted.key: what is wrong"."""
@@ -262,5 +293,7 @@ def check_config(cfg: object, source: str) -> None:
     problems: list[str] = []
     _check(cfg, required(SCHEMA), "", problems)
     problems += _across(cfg)
+    if not problems:  # builds the student's net: only from a spec that is otherwise right
+        problems += _hint_stage(_section(cfg, "student"))
     if problems:
         raise ValueError("\n".join(f"{source}: {p}" for p in problems))
