@@ -662,6 +662,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
+    listed_at = time.time()  # a face another run enrolls from then on is not stale here
     folders = [(identity, list(_not_own(files, output or "-")))
                for identity, files in identity_folders(root)]
     pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
@@ -701,11 +702,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     with open_manifest(output, columns) if output else contextlib.nullcontext() as manifest:
         for identity, files in _progress(folders, "enroll"):
             enrolled = gallery.sources(identity)
-            # its own folder, resolved (a linked identity folder lives outside ROOT; a
-            # hidden one inside ROOT is another ROOT's)
-            own = _where(os.path.join(root, identity, ""))
-            gone = enrolled - {_where(p) for p in files}
-            stale += [(identity, s) for s in sorted(gone) if s.startswith(own)]
+            stale += _stale(identity, root, files, gallery.sources(identity, listed_at))
             for path in files:
                 row = {"path": path, "identity": identity}
                 item = None
@@ -741,25 +738,46 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                 last_commit = time.monotonic()
         n_in += commit(manifest)
         # a rerun enrolls what is new; it removes what was enrolled only when asked
-        n_removed = gallery.remove_sources(stale) if prune else 0
+        n_removed = gallery.remove_sources(stale, before=listed_at) if prune else 0
         if manifest:
             manifest.write_rows([{"path": s, "identity": identity,
                                   "decision": "removed" if prune else "stale",
-                                  "reason": "no longer among its identity folder's pictures"}
+                                  "reason": "not among its identity folder's pictures now "
+                                            "(deleted, moved, or a copy under two identities)"}
                                  for identity, s in stale])
-    if stale and not prune:
+    if stale:
         listed = [f"{identity}: {s}" for identity, s in stale]
-        log.warning("%d faces the gallery holds are no longer among their identity "
-                    "folder's pictures in %s (deleted, moved, or found under two "
-                    "identities); the gallery keeps them (--prune removes them): %s",
-                    len(stale), root, "; ".join(listed[:3])
-                    + ("; ..." if len(stale) > 3 else ""))
+        log.warning("%d faces the gallery holds are not among their identity folder's "
+                    "pictures in %s now (deleted, moved, or a copy under two identities); "
+                    "%s: %s", len(stale), root,
+                    "removed (--prune)" if prune else "the gallery keeps them (--prune "
+                    "removes them)", "; ".join(listed[:3]) + ("; ..." if len(stale) > 3
+                                                              else ""))
     skipped = f", {n_skipped} already there" if n_skipped else ""
     removed = f", {n_removed} removed" if n_removed else ""
     click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path}"
                f"{skipped}{removed} ({len(gallery)} faces in the gallery)", err=True)
     gallery.close()
     failures.exit()
+
+
+def _stale(identity: str, root: str, files: Sequence[str], enrolled: set[str]) -> list[
+        tuple[str, str]]:
+    """The faces enrolled from `identity`'s own folder (resolved: a linked identity folder
+    lives outside ROOT, a hidden one inside it is another ROOT's) whose picture is not
+    listed now. Nothing is stale below a folder that could not be listed (those faces'
+    pictures may well be there), nor in an identity folder that lists no file at all (a
+    drive not mounted, a sync half done)."""
+    if not files:
+        if enrolled:
+            log.warning("%s: the identity folder lists no file now; its %d enrolled faces "
+                        "are not taken as stale", identity, len(enrolled))
+        return []
+    own = _where(os.path.join(root, identity, ""))
+    unseen = [os.path.join(os.path.realpath(p), "") for p in files if os.path.isdir(p)]
+    listed = {_where(p) for p in files}
+    return [(identity, s) for s in sorted(enrolled - listed)
+            if s.startswith(own) and not s.startswith(tuple(unseen))]
 
 
 @cli.command()

@@ -26,6 +26,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import math
 import numbers
 import os
 import shutil
@@ -240,10 +241,12 @@ class Gallery:
             "SELECT identity, COUNT(*) FROM faces GROUP BY identity ORDER BY identity")}
 
     @_db_errors
-    def sources(self, identity: str) -> set[str]:
-        """The sources already enrolled under `identity`: a re-run of `enroll` skips them."""
+    def sources(self, identity: str, before: float | None = None) -> set[str]:
+        """The sources already enrolled under `identity` (a re-run of `enroll` skips
+        them); with `before` (a time.time()), only those enrolled before it."""
         return {_from_db(s) for (s,) in self._db.execute(
-            "SELECT source FROM faces WHERE identity = ?", (_to_db(identity),))}
+            "SELECT source FROM faces WHERE identity = ? AND added < ?",
+            (_to_db(identity), math.inf if before is None else before))}
 
     @_db_errors
     def _all(self) -> tuple[np.ndarray, np.ndarray]:
@@ -401,15 +404,19 @@ class Gallery:
         return int(n)
 
     @_db_errors
-    def remove_sources(self, pairs: Iterable[tuple[str, str]]) -> int:
+    def remove_sources(self, pairs: Iterable[tuple[str, str]],
+                       before: float | None = None) -> int:
         """Remove the faces enrolled from these (identity, source) pairs in one
-        transaction; returns how many were removed."""
+        transaction; returns how many were removed. With `before` (a time.time()), a face
+        enrolled since (by another run, from a picture that was looked at earlier) stays."""
         keys = [(_to_db(identity), _to_db(source)) for identity, source in pairs]
         if not keys:
             return 0
+        limit = math.inf if before is None else before
         with self._write_transaction():
-            n = sum(self._db.execute("DELETE FROM faces WHERE identity = ? AND source = ?",
-                                     key).rowcount for key in keys)
+            n = sum(self._db.execute(
+                "DELETE FROM faces WHERE identity = ? AND source = ? AND added < ?",
+                (*key, limit)).rowcount for key in keys)
         return int(n)
 
     @contextlib.contextmanager

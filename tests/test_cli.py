@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,8 +181,8 @@ def test_enroll_rerun_adds_only_what_is_missing(orl_split_dirs, tmp_path):
     res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate", "-o",
               str(tmp_path / "third.csv"))
     assert res.returncode == 0 and "enrolled 0 faces" in res.stderr
-    assert "1 faces the gallery holds are no longer among their identity folder's" \
-        in res.stderr
+    assert "1 faces the gallery holds are not among their identity folder's pictures" \
+        in res.stderr and "the gallery keeps them" in res.stderr
     assert "s31: " in res.stderr and "s31/1.pgm" in res.stderr
     stale = [r for r in rows(tmp_path / "third.csv") if r["decision"] == "stale"]
     assert [(r["identity"], Path(r["path"]).name) for r in stale] == [("s31", "1.pgm")]
@@ -190,6 +191,7 @@ def test_enroll_rerun_adds_only_what_is_missing(orl_split_dirs, tmp_path):
     res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate", "--prune",
               "-o", str(tmp_path / "fourth.csv"))
     assert res.returncode == 0 and "1 removed" in res.stderr, res.stderr
+    assert "removed (--prune): s31: " in res.stderr  # named on screen, not only with -o
     assert [(r["identity"], Path(r["path"]).name) for r in rows(tmp_path / "fourth.csv")
             if r["decision"] == "removed"] == [("s31", "1.pgm")]
     g = Gallery.open(gallery)
@@ -197,8 +199,60 @@ def test_enroll_rerun_adds_only_what_is_missing(orl_split_dirs, tmp_path):
     assert not any(s.endswith("s31/1.pgm") for s in g.sources("s31"))
     g.close()
     res = run("enroll", str(enroll_dir), "--index", str(gallery), "--no-gate", "--prune")
-    assert res.returncode == 0 and "no longer among" not in res.stderr
+    assert res.returncode == 0 and "not among" not in res.stderr
     assert "removed" not in res.stderr
+
+
+def test_enroll_prune_removes_only_faces_whose_picture_is_surely_gone(orl_root, tmp_path):
+    """--prune removes a deleted picture's face, but not the faces below a folder that
+    cannot be listed, nor those of an identity folder that lists nothing now (a drive not
+    mounted), nor one another run enrolled after this run listed ROOT (audit of
+    2026-12-07: each of these had been removed)."""
+    from fiqa_gate.gallery import Gallery
+
+    people, outside = tmp_path / "people", tmp_path / "outside"
+    for s, folder in (("s31", people / "s31"), ("s32", people / "s32"), ("s33", outside)):
+        (folder / "sub").mkdir(parents=True)
+        for i in (1, 2, 3):
+            shutil.copy(orl_root / s / f"{i}.pgm", folder / ("sub" if i == 3 else ".") /
+                        f"{i}.pgm")
+    (people / "s33").symlink_to(outside)
+    gallery = tmp_path / "g"
+    assert run("enroll", str(people), "--index", str(gallery), "--no-gate").returncode == 0
+    (people / "s32" / "1.pgm").unlink()  # surely gone
+    for f in outside.rglob("*.pgm"):  # s33's folder is empty now
+        f.unlink()
+    locked = people / "s31" / "sub"
+    locked.chmod(0)
+    cmd = [*FIQA, "enroll", str(people), "--index", str(gallery), "--no-gate", "--prune",
+           "-o", str(tmp_path / "m.csv")]
+    if os.geteuid() == 0:  # as root the mode bits do not apply: drop those capabilities
+        if not shutil.which("setpriv"):
+            locked.chmod(0o755)
+            pytest.skip("needs setpriv to drop root's file capabilities")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 1, done.stderr  # the folder that cannot be listed
+    assert "s33: the identity folder lists no file now" in done.stderr
+    removed = [(r["identity"], Path(r["path"]).name) for r in rows(tmp_path / "m.csv")
+               if r["decision"] in ("removed", "stale")]
+    assert removed == [("s32", "1.pgm")]
+    g = Gallery.open(gallery)
+    assert g.identities() == {"s31": 3, "s32": 2, "s33": 3}
+    # a face enrolled after a run listed ROOT is not that run's to remove
+    listed_at = time.time()
+    (people / "s32" / "4.pgm").write_bytes((orl_root / "s32" / "4.pgm").read_bytes())
+    g.close()
+    assert run("enroll", str(people), "--index", str(gallery), "--no-gate").returncode == 0
+    g = Gallery.open(gallery)
+    new = [s for s in g.sources("s32") if s.endswith("4.pgm")]
+    assert g.sources("s32", before=listed_at) == g.sources("s32") - set(new)
+    assert g.remove_sources([("s32", new[0])], before=listed_at) == 0
+    assert g.remove_sources([("s32", new[0])]) == 1
+    g.close()
 
 
 def test_plugins_lists_first_party():
