@@ -927,10 +927,13 @@ def test_a_report_folder_inside_data_is_refused_before_any_work(tmp_path, orl_ro
     for s in ("s31", "s32"):
         shutil.copytree(orl_root / s, folder / s)
     (tmp_path / "link").symlink_to(folder)
-    for out in (folder / "report", tmp_path / "link" / "s31" / "r"):
+    shutil.copytree(orl_root / "s33", tmp_path / "elsewhere" / "s33")  # linked identity
+    (folder / "s33").symlink_to(tmp_path / "elsewhere" / "s33")
+    for out in (folder / "report", tmp_path / "link" / "s31" / "r", folder / "s33" / "r",
+                tmp_path / "elsewhere" / "s33" / "r", tmp_path / "elsewhere" / "s33"):
         done = _evaluate("--data", str(folder), "-o", str(out))
-        assert done.exit_code == 2 and "is inside --data" in done.stderr, done.stderr
-        assert not out.exists()
+        assert done.exit_code == 2 and "is inside --data" in done.stderr, (out, done.stderr)
+        assert not (out / "report.json").exists()
     done = _evaluate("--data", str(folder), "--variants", "0", "--bootstrap", "0",
                      "--scorer", "sharpness", "-o", str(folder))
     assert done.exit_code == 0, done.stderr[-2000:]

@@ -675,6 +675,8 @@ def test_config_check_accepts_the_built_in_configs_and_what_the_code_allows(tmp_
     ({"student.hint.stage": -5}, "student.hint.stage: -5 is out of range"),
     ({"student.backbone_args": {"depthz": [1]}},
      "student: its backbone cannot take a hint: TypeError:"),
+    ({"student.backbone": "vit_tiny_patch16_224", "student.timm_img_size": True},
+     "student: its backbone cannot take a hint: "),  # its blocks are no stages of maps
     ({"student.backbone": "local-dir:"}, "student.backbone: 'local-dir:' names no folder"),
     ({"student.backbone": "local-dir:/no/such/folder"},
      "student.backbone: 'local-dir:/no/such/folder' names no folder"),

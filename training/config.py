@@ -271,17 +271,31 @@ def _hint_stage(student: dict[str, Any]) -> list[str]:
     if (backbone.split(":", 1)[0].lower() in ("hf-hub", "hf_hub", "local-dir")
             or importlib.util.find_spec("timm") is None):
         return []  # built from files only the student stage reads, or with no [train]
+    import torch
     from fiqa_gate_training.models import build_model
     from fiqa_gate_training.train import hint_stages
 
     try:
-        stages = len(hint_stages(build_model(student).backbone))
+        model = build_model(student)
+        stages = hint_stages(model.backbone)
     except Exception as exc:  # backbone_args timm refuses, or a net without stages
         return [f"student: its backbone cannot take a hint: {type(exc).__name__}: {exc}"]
     stage = hint.get("stage", 2)
-    if not -stages <= stage < stages:
-        return [f"student.hint.stage: {stage} is out of range ({backbone} has {stages} "
-                f"stages: 0 to {stages - 1}, or -1 for the last)"]
+    if not -len(stages) <= stage < len(stages):
+        return [f"student.hint.stage: {stage} is out of range ({backbone} has {len(stages)} "
+                f"stages: 0 to {len(stages) - 1}, or -1 for the last)"]
+    maps: list[Any] = []  # the stage's output on the probe train.TrunkHint runs
+    hook = stages[stage].register_forward_hook(lambda _m, _i, out: maps.append(out))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, 64, 64))
+    except Exception as exc:  # a net of fixed input size (ViT, Swin)
+        return [f"student: its backbone cannot take a hint: {type(exc).__name__}: {exc}"]
+    finally:
+        hook.remove()
+    if not maps or not isinstance(maps[0], torch.Tensor) or maps[0].dim() != 4:
+        return [f"student.hint.stage: stage {stage} of {backbone} gives no feature map "
+                "[N, C, H, W] for the hint"]
     return []
 
 

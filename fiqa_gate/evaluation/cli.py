@@ -365,9 +365,10 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
         report = _pairs_evaluation(pairs, recognizer, scorers, out, options, command, data,
                                    bootstrap)
     else:
-        if data is not None and _inside(out, data):  # its PNGs would be a person next run
+        if data is not None and _inside(out, data):  # its PNGs would be read next run
             raise click.UsageError(f"the report folder {out} is inside --data {data}, where "
-                                   "a next run would read it as an identity; choose another")
+                                   "a next run would read its files as pictures; choose "
+                                   "another")
         _check_writable(out)
         report = run_evaluation(data, recognizer, scorers, out, variants, seed, bootstrap,
                                 gate_threshold, options, command, degradations)
@@ -379,10 +380,19 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
     click.echo(f"report: {out / 'report.md'} (+ report.json, edc.png, scores.png)", err=True)
 
 
-def _inside(path: Path, folder: str) -> bool:
-    """`path` (which may not exist yet) is below `folder`, links resolved (files directly
-    in ROOT are no one's, so a report there is not read back)."""
-    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
+def _inside(path: Path, root: str) -> bool:
+    """`path` (which may not exist yet) is below identity folder ROOT or in one of its
+    identity folders, links resolved (a linked identity folder lives outside ROOT; files
+    directly in ROOT are no one's, so a report there is not read back)."""
+    above = Path(os.path.realpath(path)).parents
+    if Path(os.path.realpath(root)) in above:
+        return True
+    try:
+        with os.scandir(root) as entries:
+            return any(e.is_dir() and Path(os.path.realpath(e.path)) in
+                       (Path(os.path.realpath(path)), *above) for e in entries)
+    except OSError:  # ROOT's own listing says why, when the run reads it
+        return False
 
 
 def _check_models(options: dict[str, dict[str, Any]], scorers: Sequence[str],
