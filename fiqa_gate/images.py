@@ -261,6 +261,20 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     _warn_skipped(top, hidden, "hidden folders skipped (a .Trash or .git is no person)")
     kinds.update(dict.fromkeys(hidden, "hidden"))
     real_top, owners, kept, linked = os.path.realpath(top), _Owners(), set(), []
+    # a folder outside ROOT linked at the top under two names: whose it is is unknown, as
+    # for a picture under two identities (the first name had kept it)
+    real_dirs = {os.path.realpath(e.path) for e in entries
+                 if kinds[e.name] == "dir" and not e.is_symlink()}
+    names_of: dict[str, list[str]] = {}
+    for e in entries:
+        if kinds[e.name] == "dir" and e.is_symlink():
+            names_of.setdefault(os.path.realpath(e.path), []).append(e.name)
+    doubled = [names for real, names in names_of.items() if len(names) > 1
+               and real not in real_dirs and _elsewhere(real, None, _Owners(), real_top) is None]
+    _warn_skipped(top, sorted(" = ".join(names) for names in doubled), "identity folders "
+                  "skipped: links of two or more names to one folder, so whose it is is "
+                  "unknown")
+    kinds.update(dict.fromkeys((n for names in doubled for n in names), "twice"))
     for e in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):  # real folders first
         if kinds[e.name] != "dir":
             continue

@@ -585,6 +585,19 @@ def test_identity_folders_count_each_picture_once_under_one_identity(tmp_path, c
     assert "1 images skipped, each the same picture as one listed before (a second name " \
         "or a byte-for-byte copy): dee/hard.jpg (= dee/d.jpg)" in caplog.text.replace(
             f"{root}/", "")
+    # a folder outside ROOT linked at the top under two names is no one's, as a picture
+    # under two identities is (the first name had kept it); a real folder in ROOT keeps
+    # its name over a link to it (bob -> ann above)
+    (tmp_path / "out" / "F").mkdir()
+    (tmp_path / "out" / "F" / "f.jpg").write_bytes(b"")
+    for name in ("fay", "fred"):
+        (root / name).symlink_to(tmp_path / "out" / "F")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        names = [who for who, _ in identity_folders(root)]
+    assert "fay" not in names and "fred" not in names and "ann" in names
+    assert "1 identity folders skipped: links of two or more names to one folder, so " \
+        "whose it is is unknown: fay = fred" in caplog.text.replace(f"{root}/", "")
 
 
 def test_a_copied_picture_counts_once_and_a_hidden_folder_is_no_one(tmp_path, orl_root, caplog):
