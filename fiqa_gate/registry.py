@@ -46,8 +46,10 @@ class Registry:
 
 _pm: pluggy.PluginManager | None = None
 _registry: Registry | None = None
-# the plugins _registry was collected from, held (not their ids: a freed id is reused)
-_registry_of: frozenset[Any] = frozenset()
+# the (name, plugin) pairs _registry was collected from, the plugins held (not their
+# ids: a freed id is reused), with their names (one plugin registered again under
+# another name had kept the old name on its entries)
+_registry_of: frozenset[tuple[str, Any]] = frozenset()
 _failed: dict[str, str] = {}
 _first_party: set[str] = set()  # fiqa-gate's own entry points: their names stay theirs
 _setup_lock = threading.RLock()  # threads using the registry first get one of each
@@ -137,7 +139,7 @@ def registry() -> Registry:
     unregistered in-process (`plugin_manager().register(obj, name=...)`)."""
     global _registry, _registry_of
     with _setup_lock:
-        plugins = frozenset(plugin_manager().get_plugins())
+        plugins = frozenset(plugin_manager().list_name_plugin())
         if _registry is None or plugins != _registry_of:
             _registry = Registry(
                 detectors=_collect("register_detectors"),

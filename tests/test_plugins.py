@@ -184,3 +184,9 @@ def test_a_plugin_cannot_take_a_built_in_name_and_is_seen_once_registered(caplog
         assert registry.get_detector("yunet") is detector
         pm.unregister(plugin)
         del plugin
+    # one object again under another name: its entries name the plugin as it is now
+    plugin = Version("v3")
+    for name in ("first-name", "second-name"):
+        pm.register(plugin, name=name)
+        assert registry.registry().scorers["v3"].plugin == name
+        pm.unregister(plugin)
