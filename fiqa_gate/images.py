@@ -236,7 +236,8 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     folder, or a link at any depth below one, that leads into another identity's folder,
     into ROOT or above it; and every file of a picture found under two identities (a hard
     link or a byte-for-byte copy: whose it is is unknown). A real folder keeps its name
-    over a link to it; a link to a folder outside ROOT is its identity's.
+    over a link to it; a link to a folder outside ROOT is its identity's, unless a second
+    name at the top links there too (then neither is).
     Every other file is listed, to be read or to fail with its reason: a dangling link,
     and a second name or copy of a picture inside one identity unless `once` (evaluation
     and training compare faces, and one picture under two names would match itself).
