@@ -314,7 +314,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
                   f" px on one budget ({ab['epochs']} epochs on {ab['max_faces']} faces drawn "
                   "from labelled + A + B, each seed), "
                   + ("rows `student N px`" if report.get("input_size") else
-                     "not run for this card")
+                     "no rows in this run folder")
                   + f"; run on request: `fiqa-gate train run {cfg['name']} --stage "
                   "input_size --stage report`.", ""]
         for rname, sizes in report.get("input_size", {}).items():
