@@ -765,19 +765,32 @@ def _stale(identity: str, root: str, files: Sequence[str], enrolled: set[str]) -
         tuple[str, str]]:
     """The faces enrolled from `identity`'s own folder (resolved: a linked identity folder
     lives outside ROOT, a hidden one inside it is another ROOT's) whose picture is not
-    listed now. Nothing is stale below a folder that could not be listed (those faces'
-    pictures may well be there), nor in an identity folder that lists no file at all (a
-    drive not mounted, a sync half done)."""
-    if not files:
-        if enrolled:
-            log.warning("%s: the identity folder lists no file now; its %d enrolled faces "
-                        "are not taken as stale", identity, len(enrolled))
-        return []
+    listed now and surely gone: no such file, or a file the listing left out (a copy
+    under two identities). A picture that cannot be looked at (below a folder that cannot
+    be listed or entered) is not stale, and nothing is in an identity folder that holds
+    no file at all (a drive not mounted, a sync half done)."""
     own = _where(os.path.join(root, identity, ""))
-    unseen = [os.path.join(os.path.realpath(p), "") for p in files if os.path.isdir(p)]
-    listed = {_where(p) for p in files}
-    return [(identity, s) for s in sorted(enrolled - listed)
-            if s.startswith(own) and not s.startswith(tuple(unseen))]
+    candidates = sorted(s for s in enrolled - {_where(p) for p in files} if s.startswith(own))
+    if not candidates:
+        return []
+    # a file at any depth (folders left by a sync, or an unlistable one, are no sign)
+    if not any(names for _, _, names in os.walk(own)):
+        log.warning("%s: the identity folder holds no file now (or cannot be listed); its "
+                    "%d enrolled faces are not taken as stale", identity, len(enrolled))
+        return []
+    return [(identity, s) for s in candidates if _gone_or_there(s)]
+
+
+def _gone_or_there(path: str) -> bool:
+    """Whether `path` surely does not exist or surely does; False where it cannot be
+    looked at (a folder above it without read or search permission, an I/O error)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return True
 
 
 @cli.command()

@@ -211,19 +211,26 @@ def test_enroll_prune_removes_only_faces_whose_picture_is_surely_gone(orl_root, 
     from fiqa_gate.gallery import Gallery
 
     people, outside = tmp_path / "people", tmp_path / "outside"
-    for s, folder in (("s31", people / "s31"), ("s32", people / "s32"), ("s33", outside)):
+    for s, folder in (("s31", people / "s31"), ("s32", people / "s32"), ("s33", outside),
+                      ("s34", people / "s34")):
         (folder / "sub").mkdir(parents=True)
         for i in (1, 2, 3):
             shutil.copy(orl_root / s / f"{i}.pgm", folder / ("sub" if i == 3 else ".") /
                         f"{i}.pgm")
     (people / "s33").symlink_to(outside)
+    (people / "s35").mkdir()
+    shutil.copy(orl_root / "s35" / "1.pgm", people / "s35" / "1.pgm")
     gallery = tmp_path / "g"
     assert run("enroll", str(people), "--index", str(gallery), "--no-gate").returncode == 0
     (people / "s32" / "1.pgm").unlink()  # surely gone
     for f in outside.rglob("*.pgm"):  # s33's folder is empty now
         f.unlink()
+    # s35's only picture is now also under s36: whose it is is unknown, so it is stale
+    (people / "s36").mkdir()
+    shutil.copy(people / "s35" / "1.pgm", people / "s36" / "copy.pgm")
     locked = people / "s31" / "sub"
     locked.chmod(0)
+    (people / "s34").chmod(0o644)  # listed, but what is below it cannot be looked at
     cmd = [*FIQA, "enroll", str(people), "--index", str(gallery), "--no-gate", "--prune",
            "-o", str(tmp_path / "m.csv")]
     if os.geteuid() == 0:  # as root the mode bits do not apply: drop those capabilities
@@ -235,13 +242,14 @@ def test_enroll_prune_removes_only_faces_whose_picture_is_surely_gone(orl_root, 
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     finally:
         locked.chmod(0o755)
-    assert done.returncode == 1, done.stderr  # the folder that cannot be listed
-    assert "s33: the identity folder lists no file now" in done.stderr
+        (people / "s34").chmod(0o755)
+    assert done.returncode == 1, done.stderr  # the folders that cannot be listed
+    assert "s33: the identity folder holds no file now" in done.stderr
     removed = [(r["identity"], Path(r["path"]).name) for r in rows(tmp_path / "m.csv")
                if r["decision"] in ("removed", "stale")]
-    assert removed == [("s32", "1.pgm")]
+    assert removed == [("s32", "1.pgm"), ("s35", "1.pgm")]
     g = Gallery.open(gallery)
-    assert g.identities() == {"s31": 3, "s32": 2, "s33": 3}
+    assert g.identities() == {"s31": 3, "s32": 2, "s33": 3, "s34": 3}
     # a face enrolled after a run listed ROOT is not that run's to remove
     listed_at = time.time()
     (people / "s32" / "4.pgm").write_bytes((orl_root / "s32" / "4.pgm").read_bytes())
