@@ -384,13 +384,14 @@ def _inside(path: Path, root: str) -> bool:
     """`path` (which may not exist yet) is below identity folder ROOT or in one of its
     identity folders, links resolved (a linked identity folder lives outside ROOT; files
     directly in ROOT are no one's, so a report there is not read back)."""
-    above = Path(os.path.realpath(path)).parents
-    if Path(os.path.realpath(root)) in above:
+    real = Path(os.path.realpath(path))
+    if Path(os.path.realpath(root)) in real.parents:
         return True
+    places = {real, *real.parents}
     try:
         with os.scandir(root) as entries:
-            return any(e.is_dir() and Path(os.path.realpath(e.path)) in
-                       (Path(os.path.realpath(path)), *above) for e in entries)
+            return any(e.is_dir() and Path(os.path.realpath(e.path)) in places
+                       for e in entries)
     except OSError:  # ROOT's own listing says why, when the run reads it
         return False
 
