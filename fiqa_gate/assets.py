@@ -355,15 +355,19 @@ def _current_umask() -> int:
     return mask
 
 
-def onnx_session(path: str | os.PathLike[str],
-                 threads: int | None = None) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime CPU session; quiet, and with an error that names the file."""
+def onnx_session(path: str | os.PathLike[str], threads: int | None = None,
+                 fixed_dims: dict[str, int] | None = None) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU session; quiet, and with an error that names the file.
+    `fixed_dims`: named free dimensions ONNX Runtime may take as fixed (their shape
+    arithmetic is then folded away when the graph is optimised)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
+    for name, size in (fixed_dims or {}).items():
+        opts.add_free_dimension_override_by_name(name, size)
     try:
         return ort.InferenceSession(os.fspath(path), sess_options=opts,
                                     providers=["CPUExecutionProvider"])

@@ -128,6 +128,33 @@ def test_a_well_formed_user_student_loads_and_scores(tmp_path):
     assert np.allclose(small.raw_from_crops(crops), [10, 200])
 
 
+def test_the_student_runs_with_its_batch_fixed_at_one_and_scores_as_before(orl_root):
+    # each face is a run of its own, so ONNX Runtime may fold the graph's shape arithmetic
+    # away; the scores must be those of the graph as exported
+    import onnxruntime as ort
+
+    from fiqa_gate.assets import onnx_session
+    from fiqa_gate.images import load_image
+    from fiqa_gate.pipeline import faces_in_image, primary_face
+    from fiqa_gate.registry import get_detector
+
+    scorer = OnnxStudentScorer()
+    name = scorer._session.get_inputs()[0].name
+    plain = onnx_session(SHIPPED_STUDENT, threads=1)
+    assert plain.get_inputs()[0].shape[0] == "batch"  # free in the file
+    detector = get_detector()
+    crops = np.stack([primary_face(faces_in_image(load_image(str(f)), detector)).crop
+                      for f in sorted((orl_root / "s35").glob("*.pgm"))])
+    want = [plain.run(None, {name: c[None].transpose(0, 3, 1, 2).astype(np.float32)})[0]
+            .item() for c in crops]
+    np.testing.assert_array_equal(scorer.raw_from_crops(crops), np.float32(want))
+    # the scorer's session has the batch fixed (a batch of two is refused), the file's not
+    two = {name: np.zeros((2, 3, 112, 112), np.float32)}
+    assert plain.run(None, two)[0].shape == (2,)
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument):
+        scorer._session.run(None, two)
+
+
 BAD_STUDENTS = {
     "grey input": ([("x", TensorProto.FLOAT, ["N", 1, 112, 112])], {}, "expected one input"),
     "NHWC input": ([("x", TensorProto.FLOAT, ["N", 112, 112, 3])], {}, "expected one input"),
