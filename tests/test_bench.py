@@ -14,6 +14,11 @@ def test_bench_reports_every_component_and_the_cost_ratio(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     t = result["timings"]
+    import numpy as np  # what the timings depend on besides the host, recorded with them
+    import onnxruntime
+
+    assert result["versions"]["numpy"] == np.__version__
+    assert result["versions"]["onnxruntime"] == onnxruntime.__version__
     for name in ("student onnxruntime 112 px, batch 1", "student onnxruntime 112 px, batch 64",
                  "embedding sface, batch 1", "embedding sface, batch 64",
                  "detection (YuNet) ORL 92x112 image",

@@ -266,6 +266,7 @@ def test_evaluate_on_the_orl_test_split_writes_report_and_plots(tmp_path):
     report = json.loads((out / "report.json").read_text())
     for name in ("edc.png", "scores.png", "report.md"):
         assert (out / name).stat().st_size > 1000
+    assert report["versions"]["numpy"] == np.__version__  # the figures' packages
     v = report["verification"]
     assert v["fmr_target"] == 1e-3 and 0 < v["e0"] < 1
     rows = {r["scorer"]: r for r in v["scorers"]}

@@ -195,6 +195,9 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert "student_l (ablation: labelled only)" in report["edc"]["sface"]
     card = (out / "export" / "student.md").read_text()
     assert "Provenance: resumed from a copied folder\n" in card
+    import timm  # the packages a run's numbers depend on, as on its host
+
+    assert f"timm {timm.__version__}" in card and report["versions"]["timm"] == timm.__version__
     log_text = (out / "train.log").read_text()
     assert "validation" in log_text  # selection on validation EDC ran
     # ... beside the free baseline, the recognizer's norm, on the same faces

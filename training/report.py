@@ -29,7 +29,7 @@ from fiqa_gate.evaluation.protocol import (
     verification_pairs,
 )
 from fiqa_gate.evaluation.report import fmt as _f
-from fiqa_gate.evaluation.timing import machine, measure_all
+from fiqa_gate.evaluation.timing import machine, measure_all, versions
 from fiqa_gate.registry import get_detector, get_recognizer
 
 log = logging.getLogger("fiqa_gate.training")
@@ -121,7 +121,7 @@ def write_report(run: Any) -> dict[str, Any]:
                                 )[0]["student"]
 
     report: dict[str, Any] = {
-        "recipe": cfg["name"], "machine": machine(),
+        "recipe": cfg["name"], "machine": machine(), "versions": versions(),
         "test_set": {"identities": "ORL s31-s40", "faces": len(test),
                      "degradation_seed": TEST_SEED, "variants_per_image": TEST_VARIANTS,
                      "mated_pairs": int(mated.sum()), "nonmated_pairs": int((~mated).sum())},
@@ -240,7 +240,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         f"`fiqa-gate train run {cfg['name']} --install` (config "
         f"`training/configs/{cfg['name']}.json`): {cfg.get('description', '')}", "",
         f"Seeds: data {cfg['data']['seed']}, teacher {cfg['teacher'].get('seed')}, "
-        f"student {cfg['student'].get('seed')}. Wall time per stage on {report['machine']}: "
+        f"student {cfg['student'].get('seed')}. Wall time per stage on {report['machine']}"
+        + _versions_note(report) + ": "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["wall_time_s"].items())
         + f" (total {sum(report['wall_time_s'].values()) / 60:.1f} min; the default run, "
         "without the on-request ablation and input_size stages, "
@@ -390,3 +391,9 @@ def _labelled_line(data: dict[str, Any]) -> str:
     return (f"- Labelled: {faces}. Labels are recognition utility (`training/data.py`), from "
             f"{_RECOGNIZER_SOURCE.get(rec, f'the recognizer plugin {rec!r}')} on seeded "
             "degradations (`fiqa_gate/degradations.py`).")
+
+
+def _versions_note(report: dict[str, Any]) -> str:
+    """' (numpy 2.4.6, torch ...)': a run's numbers depend on its packages, as on its host."""
+    found = report.get("versions") or {}
+    return f" ({', '.join(f'{k} {v}' for k, v in found.items())})" if found else ""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fiqa_gate import models_dir, registry
-from fiqa_gate.evaluation.timing import machine, measure_all
+from fiqa_gate.evaluation.timing import machine, measure_all, versions
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +76,8 @@ def _paper_size_student(folder: Path, crops: np.ndarray,
 def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
     from fiqa_gate.student import OnnxStudentScorer
 
-    out: dict[str, Any] = {"machine": machine(), "repeats": repeats, "unit": "ms per face",
+    out: dict[str, Any] = {"machine": machine(), "versions": versions(), "repeats": repeats,
+                           "unit": "ms per face",
                            "timings": {}}
     t = out["timings"]
     jobs: list[tuple[str, Any, int]] = []

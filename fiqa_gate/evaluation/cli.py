@@ -17,7 +17,7 @@ import numpy as np
 
 from fiqa_gate import registry
 from fiqa_gate.errors import FiqaGateError
-from fiqa_gate.evaluation.timing import machine
+from fiqa_gate.evaluation.timing import machine, versions
 
 if TYPE_CHECKING:
     from fiqa_gate.datasets import Samples
@@ -150,7 +150,7 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     report = {
         "dataset": "ORL s31-s40 (built-in test split)" if data is None else str(data),
         "recognizer": recognizer_name, "faces": len(samples), "identities": people,
-        "machine": machine(),
+        "machine": machine(), "versions": versions(),
         "degradation": {"variants_per_image": variants, "seed": seed,
                         "protocol": degradations, "kinds": list(kinds)},
         "command": command, "models": _models(list(raw), options), "skipped_images": skipped,
@@ -232,7 +232,8 @@ def _pairs_evaluation(pairs: str, recognizer_name: str, scorers: Sequence[str], 
     sim = similarities(emb, a, b)
     raw, _ = _qualities(samples, scorers, recognizer_name, options, norms)
     report = {"dataset": str(pairs), "recognizer": recognizer_name, "faces": len(order),
-              "machine": machine(), "command": command, "models": _models(list(raw), options),
+              "machine": machine(), "versions": versions(), "command": command,
+              "models": _models(list(raw), options),
               "skipped_images": failed,
               "pairs": {"listed": listed, "compared": len(kept),
                         "left_out": {"same_image": selfs, "repeated": repeats,

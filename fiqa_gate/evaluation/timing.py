@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -14,6 +15,18 @@ def machine() -> str:
     """What every measurement is stamped with."""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+
+
+def versions() -> dict[str, str]:
+    """The installed versions of the packages whose numbers a measurement or a training
+    run depends on (floating-point kernels differ between releases, as between hosts)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("numpy", "onnxruntime", "onnx", "opencv-python", "torch", "timm"):
+        with contextlib.suppress(PackageNotFoundError):  # torch, timm: the [train] extra
+            found[name] = version(name)
+    return found
 
 
 @dataclass(frozen=True)
