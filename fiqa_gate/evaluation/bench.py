@@ -77,8 +77,7 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
     from fiqa_gate.student import OnnxStudentScorer
 
     out: dict[str, Any] = {"machine": machine(), "versions": versions(), "repeats": repeats,
-                           "unit": "ms per face",
-                           "timings": {}}
+                           "unit": "ms per face", "timings": {}}
     t = out["timings"]
     jobs: list[tuple[str, Any, int]] = []
 
