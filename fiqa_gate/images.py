@@ -262,16 +262,16 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     _warn_skipped(top, hidden, "hidden folders skipped (a .Trash or .git is no person)")
     kinds.update(dict.fromkeys(hidden, "hidden"))
     real_top, owners, kept, linked = os.path.realpath(top), _Owners(), set(), []
+    real_of = {e.name: os.path.realpath(e.path) for e in entries if kinds[e.name] == "dir"}
     # a folder outside ROOT linked at the top under two names: whose it is is unknown, as
     # for a picture under two identities (the first name had kept it)
-    real_dirs = {os.path.realpath(e.path) for e in entries
-                 if kinds[e.name] == "dir" and not e.is_symlink()}
     names_of: dict[str, list[str]] = {}
     for e in entries:
-        if kinds[e.name] == "dir" and e.is_symlink():
-            names_of.setdefault(os.path.realpath(e.path), []).append(e.name)
-    doubled = [names for real, names in names_of.items() if len(names) > 1
-               and real not in real_dirs and _elsewhere(real, None, _Owners(), real_top) is None]
+        real = real_of.get(e.name)
+        if e.is_symlink() and real is not None and not (
+                real == real_top or _inside(real, real_top) or _inside(real_top, real)):
+            names_of.setdefault(real, []).append(e.name)
+    doubled = [names for names in names_of.values() if len(names) > 1]
     _warn_skipped(top, sorted(" = ".join(names) for names in doubled), "identity folders "
                   "skipped: links of two or more names to one folder, so whose it is is "
                   "unknown")
@@ -279,7 +279,7 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     for e in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):  # real folders first
         if kinds[e.name] != "dir":
             continue
-        real = os.path.realpath(e.path)
+        real = real_of[e.name]
         where = _elsewhere(real, None, owners, real_top) if e.is_symlink() else None
         if where is not None:
             linked.append(f"{e.name} ({where})")

@@ -244,16 +244,15 @@ def _ranges(cfg: dict[str, Any]) -> list[str]:
 
         for name in ("teacher", "student"):
             backbone = _section(cfg, name).get("backbone")
-            prefix, _, rest = (backbone if isinstance(backbone, str) else "").partition(":")
-            if prefix.lower() == "local-dir" and not os.path.isdir(rest):
+            if not isinstance(backbone, str):
+                continue
+            prefix, rest = _timm_prefix(backbone), backbone.partition(":")[2]
+            if prefix == "local-dir" and not os.path.isdir(rest):
                 problems.append(f"{name}.backbone: {backbone!r} names no folder (timm reads "
                                 "local-dir:PATH's config.json and weights from it)")
-            elif prefix.lower() in ("hf-hub", "hf_hub") and not rest.strip():
+            elif prefix in ("hf-hub", "hf_hub") and not rest.strip():
                 problems.append(f"{name}.backbone: {backbone!r} names no model")
-            if (isinstance(backbone, str) and backbone != "sface"
-                    and backbone.split(":", 1)[0].lower() not in (  # timm's to fetch
-                        "hf-hub", "hf_hub", "local-dir")
-                    and not timm.is_model(backbone)):
+            if backbone != "sface" and prefix not in _FETCHED and not timm.is_model(backbone):
                 close = difflib.get_close_matches(backbone, timm.list_models(), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 problems.append(f"{name}.backbone: {backbone!r} is neither 'sface' nor a "
@@ -261,41 +260,34 @@ def _ranges(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
+# timm's prefixes for a net whose definition and weights it fetches (a hub, a folder)
+_FETCHED = ("hf-hub", "hf_hub", "local-dir")
+
+
+def _timm_prefix(backbone: str) -> str:
+    return backbone.split(":", 1)[0].lower()
+
+
 def _hint_stage(student: dict[str, Any]) -> list[str]:
-    """The student's hint stage must be one of its backbone's stages (a stage past the
-    last had failed with an IndexError when the student stage started, an hour in)."""
+    """The student's hint stage must be one the net has and that gives a map, probed as
+    training probes it (a stage past the last had failed with an IndexError when the
+    student stage started, an hour in)."""
     hint, backbone = student.get("hint"), student.get("backbone")
     if not isinstance(hint, dict) or not isinstance(backbone, str) or not _is(
             hint.get("stage", 2), int):
         return []
-    if (backbone.split(":", 1)[0].lower() in ("hf-hub", "hf_hub", "local-dir")
-            or importlib.util.find_spec("timm") is None):
+    if _timm_prefix(backbone) in _FETCHED or importlib.util.find_spec("timm") is None:
         return []  # built from files only the student stage reads, or with no [train]
-    import torch
     from fiqa_gate_training.models import build_model
-    from fiqa_gate_training.train import hint_stages
+    from fiqa_gate_training.train import hint_map
 
-    try:
-        model = build_model(student)
-        stages = hint_stages(model.backbone)
-    except Exception as exc:  # backbone_args timm refuses, or a net without stages
-        return [f"student: its backbone cannot take a hint: {type(exc).__name__}: {exc}"]
     stage = hint.get("stage", 2)
-    if not -len(stages) <= stage < len(stages):
-        return [f"student.hint.stage: {stage} is out of range ({backbone} has {len(stages)} "
-                f"stages: 0 to {len(stages) - 1}, or -1 for the last)"]
-    maps: list[Any] = []  # the stage's output on the probe train.TrunkHint runs
-    hook = stages[stage].register_forward_hook(lambda _m, _i, out: maps.append(out))
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, 64, 64))
-    except Exception as exc:  # a net of fixed input size (ViT, Swin)
+        hint_map(build_model(student), stage)
+    except IndexError as exc:
+        return [f"student.hint.stage: {stage} is out of range ({backbone} has {exc})"]
+    except Exception as exc:  # backbone_args timm refuses, a net without stages or maps
         return [f"student: its backbone cannot take a hint: {type(exc).__name__}: {exc}"]
-    finally:
-        hook.remove()
-    if not maps or not isinstance(maps[0], torch.Tensor) or maps[0].dim() != 4:
-        return [f"student.hint.stage: stage {stage} of {backbone} gives no feature map "
-                "[N, C, H, W] for the hint"]
     return []
 
 

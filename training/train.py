@@ -223,6 +223,26 @@ def hint_stages(backbone: nn.Module) -> nn.Sequential:
     raise ValueError("student.hint needs a timm backbone with stages (EdgeNeXt, MobileNet, ...)")
 
 
+def hint_map(model: QualityNet, stage: int) -> torch.Tensor:
+    """The backbone's map at stage `stage` on a 64 px probe (the model set to eval): the
+    map the hint is taken from. IndexError for a stage the net does not have; a net of
+    fixed input size (ViT, Swin) fails on the probe; ValueError for output that is no
+    [N, C, H, W] map."""
+    stages = hint_stages(model.backbone)
+    if not -len(stages) <= stage < len(stages):
+        raise IndexError(f"{len(stages)} stages: 0 to {len(stages) - 1}, or -1 for the last")
+    maps: list[Any] = []
+    hook = stages[stage].register_forward_hook(lambda _m, _i, out: maps.append(out))
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, 64, 64))
+    finally:
+        hook.remove()
+    if not maps or not isinstance(maps[0], torch.Tensor) or maps[0].dim() != 4:
+        raise ValueError(f"stage {stage} gives no feature map [N, C, H, W] for the hint")
+    return maps[0]
+
+
 class TrunkHint(nn.Module):
     """Feature distillation from the teacher's frozen face-pretrained trunk (a FitNets hint).
 
@@ -241,7 +261,6 @@ class TrunkHint(nn.Module):
     def __init__(self, model: QualityNet, views: torch.Tensor, rows: np.ndarray,
                  spec: dict[str, Any]) -> None:
         super().__init__()
-        stages = hint_stages(model.backbone)
         self.views, self.rows = views, torch.as_tensor(rows, dtype=torch.long)
         self.weight = float(spec["weight"])
         sample = torch.as_tensor(rows[rows >= 0])
@@ -253,13 +272,10 @@ class TrunkHint(nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("basis", basis)
         self.register_buffer("scale", ((grid - mean) @ basis).std(0))
-        self._feature: torch.Tensor | None = None
-        stage = stages[int(spec.get("stage", 2))]
-        self._hook = stage.register_forward_hook(lambda _m, _i, out: setattr(self, "_feature",
-                                                                              out))
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, 64, 64))
-        assert self._feature is not None
+        stage = int(spec.get("stage", 2))
+        self._feature: torch.Tensor | None = hint_map(model, stage)
+        self._hook = hint_stages(model.backbone)[stage].register_forward_hook(
+            lambda _m, _i, out: setattr(self, "_feature", out))
         self.project = nn.Conv2d(self._feature.shape[1], basis.shape[1], 1)
 
     def loss(self, idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor | None:
