@@ -26,7 +26,7 @@ import click
 
 from fiqa_gate import registry
 from fiqa_gate.assets import is_temp_name, temp_file
-from fiqa_gate.errors import FiqaGateError, ImageLoadError, NoFaceError, one_line
+from fiqa_gate.errors import FiqaGateError, GalleryError, ImageLoadError, NoFaceError, one_line
 from fiqa_gate.images import identity_folders, iter_files
 
 if TYPE_CHECKING:
@@ -647,8 +647,10 @@ COMMIT_FACES = 2000
                    "IVF64,Flat ... An existing gallery keeps its own.")
 @click.option("--prune", is_flag=True,
               help="Remove the faces the gallery holds from an identity folder of ROOT "
-                   "whose picture is no longer among its pictures (deleted, moved, or now "
-                   "found under two identities). Without it they are kept and listed.")
+                   "whose picture is no longer among its pictures (deleted, moved away, or "
+                   "now found under two identities). Without it they are kept and listed. "
+                   "A picture moved or renamed that this run enrolls at its new place "
+                   "(another folder, a renamed identity or ROOT) keeps its face either way.")
 @click.option("-o", "--manifest", "output", help="CSV of every image's outcome.")
 @pipeline_options
 def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: str | None,
@@ -663,8 +665,12 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     from fiqa_gate.pipeline import primary_face
 
     listed_at = time.time()  # a face another run enrolls from then on is not stale here
-    folders = [(identity, list(_not_own(files, output or "-")))
-               for identity, files in identity_folders(root)]
+    # the gallery's own folder, when it lies in ROOT, is no one's pictures
+    own_dir = [os.path.realpath(index_path)]
+    folders = [(identity, [f for f in _not_own(files, output or "-")
+                           if not _is_inside(f, own_dir)])
+               for identity, files in identity_folders(root)
+               if not _is_inside(os.path.join(root, identity, ""), own_dir)]
     pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
     the_gate = pipe.gate(threshold, "enroll") if gate else None
     rec = registry.get_recognizer(recognizer)
@@ -677,9 +683,10 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     def commit(manifest: Manifest | None) -> int:
         """Enroll the pending faces in one transaction (all or nothing), then log their
         rows. Each transaction rewrites the whole index, so they are batched."""
+        nonlocal n_moved
         items = [item for item, _ in pending if item is not None]
-        try:
-            ids = gallery.enroll(items, rec.name)
+        try:  # a picture moved or renamed (its folder too) keeps its face
+            ids = gallery.enroll(items, rec.name, gone=_surely_gone)
         except Exception as exc:  # e.g. a damaged gallery: the batch's rows say so
             ids, items = [], []
             for _, row in pending:
@@ -689,15 +696,23 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
         id_by_source = {it.source: fid for it, fid in zip(items, ids, strict=True)}
         for _, row in pending:
             face_id = id_by_source.get(_where(row["path"]))
+            if face_id in gallery.moved:
+                old_identity, old_source = gallery.moved[face_id]
+                moved_from.add((old_identity, old_source))
+                row.update(decision="moved", reason=f"moved from {old_source}" + (
+                    f" ({old_identity})" if old_identity != row["identity"] else ""))
             if face_id is not None:
                 row["face_id"] = face_id
                 registry.emit("face_enrolled", identity=row["identity"], face_id=str(face_id))
             if manifest:
                 manifest.write_rows([row])
         pending.clear()
-        return len(ids)
+        n_moved += len(gallery.moved)
+        return len(ids) - len(gallery.moved)
 
     stale: list[tuple[str, str]] = []  # enrolled from an identity's folder, not there now
+    moved_from: set[tuple[str, str]] = set()  # faces that followed their picture
+    n_moved = 0
     last_commit = time.monotonic()
     with open_manifest(output, columns) if output else contextlib.nullcontext() as manifest:
         for identity, files in _progress(folders, "enroll"):
@@ -737,6 +752,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                 n_in += commit(manifest)
                 last_commit = time.monotonic()
         n_in += commit(manifest)
+        stale = [pair for pair in stale if pair not in moved_from]
         # a rerun enrolls what is new; it removes what was enrolled only when asked
         n_removed = gallery.remove_sources(stale, before=listed_at) if prune else 0
         if manifest:
@@ -755,8 +771,9 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                                                               else ""))
     skipped = f", {n_skipped} already there" if n_skipped else ""
     removed = f", {n_removed} removed" if n_removed else ""
+    moved = f", {n_moved} moved (their faces kept)" if n_moved else ""
     click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path}"
-               f"{skipped}{removed} ({len(gallery)} faces in the gallery)", err=True)
+               f"{skipped}{moved}{removed} ({len(gallery)} faces in the gallery)", err=True)
     gallery.close()
     failures.exit()
 
@@ -779,6 +796,17 @@ def _stale(identity: str, root: str, files: Sequence[str], enrolled: set[str]) -
                     "%d enrolled faces are not taken as stale", identity, len(enrolled))
         return []
     return [(identity, s) for s in candidates if _gone_or_there(s)]
+
+
+def _surely_gone(path: str) -> bool:
+    """Whether `path` surely does not exist (not merely cannot be looked at)."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _gone_or_there(path: str) -> bool:
@@ -814,12 +842,17 @@ def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, thre
     gallery = Gallery.open(index_path)
     rec = registry.get_recognizer(recognizer)
     gallery.check_recognizer(rec.name)  # before any face is detected
+    if not len(gallery):  # every probe would get no row at all
+        gallery.close()
+        raise GalleryError(f"{index_path}: the gallery holds no faces; enroll some first "
+                           f"(fiqa-gate enroll DIR --index {index_path})")
+    files = _listed(paths, iter_files(paths), output)  # the results file is not a probe
     pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
     the_gate = pipe.gate(threshold, "probe") if gate else None
     failures = Failures()
     columns = ["path", "face", "rank", "identity", "similarity", "match", "source", "error"]
     with open_manifest(output, columns) as out:
-        for path in iter_files(paths):
+        for path in files:
             try:
                 faces = pipe.faces(path)
                 if the_gate is not None:

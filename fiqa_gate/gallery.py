@@ -29,6 +29,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -108,6 +109,9 @@ class Hit:
     match: bool
 
 
+TWIN = 0.9999  # cosine of two embeddings of one picture (the pipeline is deterministic)
+
+
 @dataclass
 class Enrollment:
     identity: str
@@ -122,6 +126,7 @@ class Gallery:
         self._db = db
         self._index: faiss.Index | None = None
         self._index_gen = -1
+        self.moved: dict[int, tuple[str, str]] = {}  # by the last enroll (see there)
         try:
             self._read_info()
         except BaseException:
@@ -172,6 +177,7 @@ class Gallery:
             raise GalleryError(f"{p}: cannot make a gallery folder here: {exc}") from None
         factory_given, factory = factory, factory or "Flat"
         _check_factory(factory, dim)
+        _check_adoptable(p)  # before the lock file is made in a folder that is not ours
         with _locked(p):
             db = cls._connect(p)
             try:
@@ -366,13 +372,22 @@ class Gallery:
 
     # -- writing ------------------------------------------------------------------
     @_db_errors
-    def enroll(self, items: Sequence[Enrollment], recognizer: str | None = None) -> list[int]:
+    def enroll(self, items: Sequence[Enrollment], recognizer: str | None = None,
+               gone: Callable[[str], bool] | None = None) -> list[int]:
         """Add faces in one transaction; returns their face ids. A face whose source is
         enrolled under its identity already keeps its id (enrolling is idempotent).
         Embeddings are stored L2-normalised (search is by cosine similarity); `recognizer`,
-        when given, must be the gallery's, as in `search`."""
+        when given, must be the gallery's, as in `search`.
+
+        With `gone`: an item whose embedding is the same (cosine >= TWIN) as that of a face
+        whose stored source `gone` says no longer exists is that picture moved or renamed
+        (its folder too): the face keeps its id and takes the item's identity and source,
+        instead of a second face of one picture. `self.moved` maps each such id to its
+        former (identity, source)."""
+        self.moved = {}
         if not items:
             return []
+        moved: dict[int, tuple[str, str]] = {}
         if recognizer is not None:
             self.check_recognizer(recognizer)
         vectors = []
@@ -382,19 +397,49 @@ class Gallery:
                                    f"{np.shape(item.embedding)}, gallery expects ({self.dim},)")
             vectors.append(unit_rows(np.asarray(item.embedding)[None],
                                      f"embedding of {item.source}")[0])
+        twins = self._twins(np.stack(vectors)) if gone is not None else [[] for _ in items]
         with self._write_transaction():
             ids = []
-            for it, vector in zip(items, vectors, strict=True):
+            for it, vector, candidates in zip(items, vectors, twins, strict=True):
                 key = (_to_db(it.identity), _to_db(it.source))
                 # Under the lock: a writer that ran meanwhile may have enrolled it already.
                 row = self._db.execute("SELECT id FROM faces WHERE identity = ? AND source = ?",
                                        key).fetchone()
+                if row is None and gone is not None:
+                    row = self._move(candidates, key, gone, moved)
                 ids.append(row[0] if row else self._db.execute(
                     "INSERT INTO faces (identity, source, score, added, embedding) "
                     "VALUES (?, ?, ?, ?, ?)",
                     (*key, None if it.score is None else float(it.score), time.time(),
                      vector.tobytes())).lastrowid)
+        self.moved = moved  # committed
         return [int(i) for i in ids]
+
+    def _twins(self, vectors: np.ndarray) -> list[list[int]]:
+        """For each unit vector, the ids of faces with the same embedding."""
+        index = self.index()
+        if index.ntotal == 0:
+            return [[] for _ in vectors]
+        sims, ids = index.search(vectors, min(4, index.ntotal))
+        return [[int(i) for s, i in zip(srow, irow, strict=True) if i >= 0 and s >= TWIN]
+                for srow, irow in zip(sims, ids, strict=True)]
+
+    def _move(self, candidates: list[int], key: tuple[str | bytes, str | bytes],
+              gone: Callable[[str], bool], moved: dict[int, tuple[str, str]]
+              ) -> tuple[int] | None:
+        """Give the first face among `candidates` whose picture is gone the new key."""
+        for face_id in candidates:
+            if face_id in moved:  # two copies of one moved picture: one face each
+                continue
+            row = self._db.execute("SELECT identity, source FROM faces WHERE id = ?",
+                                   (face_id,)).fetchone()
+            if row is None or not gone(_from_db(row[1])):
+                continue
+            self._db.execute("UPDATE faces SET identity = ?, source = ? WHERE id = ?",
+                             (*key, face_id))
+            moved[face_id] = (_from_db(row[0]), _from_db(row[1]))
+            return (face_id,)
+        return None
 
     @_db_errors
     def remove_identity(self, identity: str) -> int:
@@ -450,7 +495,7 @@ class Gallery:
             try:  # committed: from here on only derived data, which readers can rebuild
                 os.replace(tmp, self.path / f"index.{gen}.faiss")
                 for old in self.path.glob("index.*.faiss"):
-                    if old.name != f"index.{gen}.faiss":
+                    if _GENERATION.fullmatch(old.name) and old.name != f"index.{gen}.faiss":
                         old.unlink(missing_ok=True)
             except OSError as exc:
                 log.warning("%s: index file not updated (%s); readers rebuild it", self.path,
@@ -478,6 +523,35 @@ class Gallery:
             Path(tmp).unlink(missing_ok=True)
             raise
         return tmp, digest.hexdigest()
+
+
+_GENERATION = re.compile(r"index\.[0-9]+\.faiss")  # only the index files a gallery writes
+_OWN = {"lock", "meta.sqlite", "meta.sqlite-wal", "meta.sqlite-shm"}
+
+
+def _check_adoptable(path: Path) -> None:
+    """Refuse a folder that holds files but no gallery database (or an empty one):
+    enrolling there would start an empty gallery over an index whose metadata is lost,
+    or mix a gallery into a user's folder and later delete index files it never wrote."""
+    db = path / "meta.sqlite"
+    try:
+        if db.is_file() and db.stat().st_size > 0:
+            return
+        others = sorted(e.name for e in os.scandir(path)
+                        if e.name not in _OWN and not e.name.startswith("."))  # .DS_Store
+    except OSError as exc:
+        raise GalleryError(f"{path}: cannot look into the gallery folder: {exc}") from None
+    if not others:
+        return  # a new folder, or one a killed enrollment left before its first commit
+    state = "empty" if db.is_file() else "missing"
+    if any(_GENERATION.fullmatch(n) for n in others):
+        raise GalleryError(f"{path}: holds a gallery index but its database meta.sqlite is "
+                           f"{state}, so which face is whose is lost; nothing was changed. "
+                           "Restore meta.sqlite from a backup, or enroll into a new folder")
+    shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    raise GalleryError(f"{path}: the folder holds other files ({shown}) and no gallery "
+                       f"(meta.sqlite {state}); nothing was changed. Give --index a new or "
+                       "empty folder")
 
 
 def unit_rows(vectors: np.ndarray, what: str) -> np.ndarray:

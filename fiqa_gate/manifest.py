@@ -7,7 +7,8 @@ appending. `done` is the set of inputs already written, so a resumed run skips t
 An input with several rows (one per face) is written in one write, but a kill can still
 cut that write at a line end and leave the input short of rows; so for such manifests
 (`multi_row=True`) resuming also drops the rows of the last input, which is done again.
-Resuming never touches a file that is not a manifest with the expected columns.
+Resuming never touches a file that is not a manifest with the expected columns, and a
+new run never empties a file that is not a manifest (a picture, a database named by -o).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -218,6 +220,7 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
                 fh = _open_locked(file, path)
         if not (resume and _size(fh) > 0):  # new, or only a torn header was there
             if _is_file(fh):
+                _check_overwrite(file, path)
                 fh.truncate(0)
             fh.write(",".join(columns) + "\n")
             fh.flush()
@@ -229,6 +232,22 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
                                 f"{exc.strerror or exc}") from None
         raise
     return Manifest(fh, columns, owned=True, name=path, done_rows=done, key=key)
+
+
+def _check_overwrite(file: str, shown: str) -> None:
+    """Refuse to empty a file that is not a fiqa-gate manifest: `-o` naming a picture, a
+    gallery's database or a user's own CSV would lose it."""
+    with open(file, "rb") as fh:
+        head = fh.read(4096)
+    if not head:
+        return
+    first = _text(head.split(b"\n", 1)[0])
+    cells = next(csv.reader(io.StringIO(first, newline="")), [])
+    if cells[:1] == ["path"] and all(re.fullmatch(r"[a-z0-9_]+", c) for c in cells):
+        return  # a manifest of an earlier run (of any command): rewritten, as asked
+    raise ManifestError(f"{shown} exists and is not a fiqa-gate manifest (it starts "
+                        f"{first[:60]!r}); it is not overwritten: remove it or give -o "
+                        "another file")
 
 
 def _open_locked(path: str, shown: str) -> IO[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import os
@@ -371,3 +372,90 @@ def test_a_resumed_filter_keeps_its_threshold_and_counts_what_was_done(tmp_path,
     assert len(rows(manifest)) == 2
     res = run("filter", str(d), "--resume")  # nothing to resume into on stdout
     assert res.returncode == 2 and "give it with -o FILE" in res.stderr
+
+
+def test_an_output_that_is_not_a_manifest_is_never_overwritten(tmp_path, orl_root):
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in (1, 2):
+        shutil.copy(orl_root / "s34" / f"{i}.pgm", d / f"{i}.pgm")
+    before = digests(d)
+    notes = tmp_path / "notes.csv"
+    notes.write_text("name,age\nann,3\n")
+    for command in ("score", "filter"):
+        for target in (d / "1.pgm", notes):  # one of the inputs; a user's own CSV
+            res = run(command, str(d), "-o", str(target))
+            assert res.returncode == 2 and "is not a fiqa-gate manifest" in res.stderr
+    assert digests(d) == before and notes.read_text() == "name,age\nann,3\n"
+    # an earlier run's manifest, of another command too, is rewritten as asked
+    out = tmp_path / "m.csv"
+    assert run("score", str(d), "-o", str(out)).returncode == 0
+    assert run("filter", str(d), "-o", str(out)).returncode == 0
+    assert [r["decision"] for r in rows(out)] == ["accept", "accept"]
+
+
+def test_search_keeps_the_gallery_and_its_probes_and_refuses_an_empty_gallery(tmp_path,
+                                                                              orl_root):
+    from fiqa_gate.gallery import Gallery
+
+    people, probes, g = tmp_path / "people", tmp_path / "probes", tmp_path / "g"
+    (people / "ann").mkdir(parents=True)
+    probes.mkdir()
+    shutil.copy(orl_root / "s34" / "1.pgm", people / "ann" / "1.pgm")
+    shutil.copy(orl_root / "s34" / "2.pgm", probes / "2.pgm")
+    assert run("enroll", str(people), "--index", str(g), "--no-gate").returncode == 0
+    kept = digests(g) | digests(probes)
+    for target in (g / "meta.sqlite", probes / "2.pgm"):
+        res = run("search", str(probes), "--index", str(g), "-o", str(target))
+        assert res.returncode == 2 and "is not a fiqa-gate manifest" in res.stderr
+    assert digests(g) | digests(probes) == kept
+    # results written into the probe folder are not read back as a probe
+    res = run("search", str(probes), "--index", str(g), "-k", "1", "-o", str(probes / "h.csv"))
+    assert res.returncode == 0, res.stderr
+    assert [(Path(r["path"]).name, r["identity"]) for r in rows(probes / "h.csv")] == [
+        ("2.pgm", "ann")]
+    Gallery.create(tmp_path / "empty", "sface", 128, 0.34).close()
+    res = run("search", str(probes), "--index", str(tmp_path / "empty"))
+    assert res.returncode == 2 and "holds no faces" in res.stderr and res.stdout == ""
+
+
+def test_a_gallery_inside_root_is_not_an_identity(tmp_path, orl_root):
+    people = tmp_path / "people"
+    (people / "ann").mkdir(parents=True)
+    shutil.copy(orl_root / "s34" / "1.pgm", people / "ann" / "1.pgm")
+    for _ in range(2):  # the second run lists ROOT with the gallery's files in it
+        res = run("enroll", str(people), "--index", str(people / "gallery"), "--no-gate",
+                  "-o", str(tmp_path / "m.csv"))
+        assert res.returncode == 0, res.stderr
+        assert [Path(r["path"]).name for r in rows(tmp_path / "m.csv")] == ["1.pgm"]
+
+
+def test_a_moved_root_or_renamed_identity_keeps_its_faces(tmp_path, orl_root):
+    from fiqa_gate.gallery import Gallery
+
+    people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
+    for who, s in (("ann", 34), ("bob", 35)):
+        (people / who).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(orl_root / f"s{s}" / f"{i}.pgm", people / who / f"{i}.pgm")
+    assert run("enroll", str(people), "--index", str(g), "--no-gate").returncode == 0
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        ids = set(gallery._all()[0].tolist())
+    # ROOT moved, an identity renamed, a moved picture there twice (one face each)
+    people.rename(tmp_path / "people2")
+    people = tmp_path / "people2"
+    (people / "bob").rename(people / "rob")
+    shutil.copy(people / "ann" / "1.pgm", people / "ann" / "3.pgm")
+    res = run("enroll", str(people), "--index", str(g), "--no-gate", "--prune", "-o", str(m))
+    assert res.returncode == 0, res.stderr
+    assert "4 moved" in res.stderr
+    decisions = {(r["identity"], Path(r["path"]).name): r["decision"] for r in rows(m)}
+    assert decisions == {("ann", "1.pgm"): "moved", ("ann", "2.pgm"): "moved",
+                         ("rob", "1.pgm"): "moved", ("rob", "2.pgm"): "moved",
+                         ("ann", "3.pgm"): "enroll"}
+    assert all("moved from" in r["reason"] for r in rows(m) if r["decision"] == "moved")
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert gallery.identities() == {"ann": 3, "rob": 2}
+        assert ids == {int(r["face_id"]) for r in rows(m) if r["decision"] == "moved"}
+        assert gallery.sources("rob") == {str(people.resolve() / "rob" / f"{i}.pgm")
+                                          for i in (1, 2)}

@@ -295,3 +295,39 @@ def test_a_gallery_on_read_only_media_is_searched_and_refuses_writes(tmp_path,
         private = _scratch[id(copied._db)]
         copied.close()
         assert not private.exists()  # the private copy goes with the gallery
+
+
+def test_a_folder_with_other_files_or_a_lost_database_is_not_adopted(tmp_path, orl_embeddings):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.2024.faiss").write_bytes(b"a user's own index")
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(GalleryError, match="nothing was changed"):
+        Gallery.create(mine, "sface", 128, 0.34)
+    (mine / "index.2024.faiss").rename(mine / "old.faiss")
+    with pytest.raises(GalleryError, match=r"holds other files \(notes.txt, old.faiss\)"):
+        Gallery.create(mine, "sface", 128, 0.34)
+    (mine / "old.faiss").rename(mine / "index.2024.faiss")
+    assert sorted(p.name for p in mine.iterdir()) == ["index.2024.faiss", "notes.txt"]
+    # a gallery whose database was lost (emptied, deleted): its index is not overwritten
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.34)
+    _enroll_first_five(g, orl_embeddings)
+    g.close()
+    index = next((tmp_path / "g").glob("index.*.faiss"))
+    data = index.read_bytes()
+    for lose in ("empty", "missing"):
+        db = tmp_path / "g" / "meta.sqlite"
+        db.write_bytes(b"") if lose == "empty" else db.unlink(missing_ok=True)
+        with pytest.raises(GalleryError, match=f"database meta.sqlite is {lose}"):
+            Gallery.create(tmp_path / "g", "sface", 128, 0.34)
+        assert index.read_bytes() == data
+    # a hidden file (.DS_Store) is no obstacle, and a file named like an index but not
+    # a generation of this gallery is never deleted
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".DS_Store").write_bytes(b"x")
+    g = Gallery.create(fresh, "sface", 128, 0.34)
+    (fresh / "index.backup.faiss").write_bytes(b"keep")
+    _enroll_first_five(g, orl_embeddings)
+    assert (fresh / "index.backup.faiss").read_bytes() == b"keep" and len(g) == 30
+    g.close()
