@@ -48,3 +48,16 @@ def test_rows_are_timed_in_turns_so_ratios_compare_the_same_moments():
     timed = calls[3:]  # after one warm-up call each
     # each turn: a warm-up call then the timed calls of one job, the jobs in order
     assert timed == ["a", "a", "b", "b", "c", "c"] * 3
+
+
+def test_bench_never_overwrites_a_file_that_is_not_an_earlier_result(tmp_path, orl_root):
+    photo, notes = tmp_path / "1.pgm", tmp_path / "notes.json"
+    photo.write_bytes((orl_root / "s34" / "1.pgm").read_bytes())
+    notes.write_text('{"mine": 1}')
+    for target in (photo, notes):
+        before = target.read_bytes()
+        done = subprocess.run([sys.executable, "-m", "fiqa_gate", "bench", "--repeats", "1",
+                               "-o", str(target)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "not an earlier `fiqa-gate bench` result" in \
+            done.stderr, done.stderr[-2000:]
+        assert target.read_bytes() == before

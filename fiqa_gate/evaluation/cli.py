@@ -539,6 +539,7 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
         if output.is_symlink() and not target.parent.is_dir():
             raise FiqaGateError(f"{output} links to {target}, in no folder that exists")
         _check_writable(target.parent)
+        _check_earlier_bench(target, output)
     result = run_bench(repeats=repeats, model=model)
     text = json.dumps(result, indent=2)
     if stream:  # stdout first: a FIFO waits for its reader, as `>` would
@@ -553,6 +554,21 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
         click.echo(text)
     if failed is not None:
         raise failed
+
+
+def _check_earlier_bench(target: Path, shown: Path) -> None:
+    """Refuse to replace a file that is not an earlier bench result (`-o photo.jpg`)."""
+    try:
+        if not target.is_file() or target.stat().st_size == 0:
+            return
+        with open(target, "rb") as fh:
+            earlier = json.loads(fh.read(64 << 20))
+        if isinstance(earlier, dict) and "timings" in earlier:
+            return
+    except (OSError, ValueError):
+        pass  # unreadable or not JSON: not ours
+    raise FiqaGateError(f"{shown} exists and is not an earlier `fiqa-gate bench` result; it "
+                        "is not overwritten: remove it or give -o another file")
 
 
 def _check_writable(folder: Path) -> None:
