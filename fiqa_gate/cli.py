@@ -67,6 +67,8 @@ def _error_text(exc: BaseException) -> str:
         return exc.reason
     if isinstance(exc, NoFaceError):
         return "no face found"
+    if isinstance(exc, FiqaGateError):  # written to be read: no class name before it
+        return " ".join(str(exc).split())
     return one_line(exc)
 
 
@@ -132,7 +134,9 @@ def _relpath(path: str, roots: Sequence[str]) -> str:
 def pipeline_options(fn: _F) -> _F:
     for opt in reversed([
         click.option("--aligned", is_flag=True,
-                     help="Inputs are already 112x112 aligned crops: no detection."),
+                     help="Inputs are already aligned square face crops (112x112 as the "
+                          "gate makes them; other square sizes are resized): no "
+                          "detection."),
         click.option("--scorer", default=registry.DEFAULT_SCORER, show_default=True,
                      help="Quality scorer (see `fiqa-gate plugins`)."),
         click.option("--model", type=click.Path(dir_okay=False),
@@ -585,6 +589,9 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                 row.update(score=f"{decision.score:.6f}", raw_score=f"{decision.raw_score:.6f}",
                            decision="accept" if decision.accepted else "reject",
                            faces=len(faces), reason=decision.reason)
+                if decision.failed:  # a broken policy plugin: a failure, not a decision
+                    failures.count += 1
+                    row.update(decision="error", error=decision.reason)
             except Exception as exc:
                 failures.count += 1
                 row.update(decision="error", error=_error_text(exc))
@@ -679,6 +686,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     columns = ["path", "identity", "decision", "score", "reason", "error", "face_id", "faces"]
     pending: list[tuple[Enrollment | None, dict]] = []  # whole identities, not yet committed
     n_in = n_skipped = 0
+    unenrolled: list[dict] = []  # rejected by the gate or failed: said on screen too
 
     def commit(manifest: Manifest | None) -> int:
         """Enroll the pending faces in one transaction (all or nothing), then log their
@@ -695,6 +703,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     row.update(decision="error", error=f"not enrolled: {_error_text(exc)}")
         id_by_source = {it.source: fid for it, fid in zip(items, ids, strict=True)}
         for _, row in pending:
+            if row.get("decision") in ("reject", "error"):
+                unenrolled.append(row)
             face_id = id_by_source.get(_where(row["path"]))
             if face_id in gallery.moved:
                 old_identity, old_source = gallery.moved[face_id]
@@ -733,6 +743,11 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     if the_gate is not None:
                         decision = the_gate.decide_one(face)
                         row.update(score=f"{decision.score:.6f}", reason=decision.reason)
+                        if decision.failed:  # a broken policy plugin
+                            failures.count += 1
+                            row.update(decision="error", error=decision.reason)
+                            pending.append((None, row))
+                            continue
                         if not decision.accepted:
                             row["decision"] = "reject"
                             pending.append((None, row))
@@ -772,8 +787,18 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     skipped = f", {n_skipped} already there" if n_skipped else ""
     removed = f", {n_removed} removed" if n_removed else ""
     moved = f", {n_moved} moved (their faces kept)" if n_moved else ""
+    n_rejected = sum(r["decision"] == "reject" for r in unenrolled)
+    not_in = (f", {n_rejected} rejected by the gate, {len(unenrolled) - n_rejected} failed"
+              if unenrolled else "")
     click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path}"
-               f"{skipped}{moved}{removed} ({len(gallery)} faces in the gallery)", err=True)
+               f"{skipped}{moved}{removed}{not_in} ({len(gallery)} faces in the gallery)",
+               err=True)
+    if unenrolled:
+        shown = "; ".join(f"{r['path']}: {r.get('error') or r.get('reason')}"
+                          for r in unenrolled[:3])
+        click.echo(f"not enrolled: {shown}" + ("; ..." if len(unenrolled) > 3 else "")
+                   + ("" if output else " (-o FILE lists every file with its reason)"),
+                   err=True)
     gallery.close()
     failures.exit()
 

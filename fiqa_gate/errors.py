@@ -23,6 +23,10 @@ class NoFaceError(FiqaGateError):
     """The detector found no face in an image."""
 
 
+class NotAlignedError(FiqaGateError, ValueError):
+    """An input given as an aligned crop is not one (not square)."""
+
+
 class ModelError(FiqaGateError):
     """A model file is missing, fails its checksum, or has the wrong inputs/outputs."""
 

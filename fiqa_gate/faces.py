@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fiqa_gate.errors import NotAlignedError
+
 ALIGNED_SIZE = 112
 
 # insightface's ArcFace template for a 112x112 crop: eyes, nose, mouth corners
@@ -106,7 +108,7 @@ def as_aligned_crop(image: np.ndarray) -> np.ndarray:
     crops are square; anything else would be stretched, so it is refused."""
     h, w = image.shape[:2]
     if h != w:
-        raise ValueError(f"not an aligned face crop: {w}x{h} pixels (aligned crops are "
+        raise NotAlignedError(f"not an aligned face crop: {w}x{h} pixels (aligned crops are "
                          f"square; they are resized to {ALIGNED_SIZE}x{ALIGNED_SIZE}); drop "
                          "--aligned to detect and align the face")
     if h == ALIGNED_SIZE:

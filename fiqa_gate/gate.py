@@ -37,6 +37,7 @@ class Decision:
     raw_score: float
     threshold: float  # the gate's; a policy plugin that decided gives its own in `reason`
     reason: str
+    failed: bool = False  # a policy plugin failed on this face: an error, not a decision
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +82,7 @@ class Gate:
                 why = str(exc) if isinstance(exc, PluginError) else \
                     f"{type(exc).__name__}: {exc}"
                 return Decision(False, score, raw, self.threshold,
-                                f"policy plugin error: {why}")
+                                f"policy plugin error: {why}", failed=True)
             if override is not None:
                 accepted, reason = override
         return Decision(accepted, score, raw, self.threshold, reason)

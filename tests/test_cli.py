@@ -81,6 +81,7 @@ def test_score_aligned_crops(tmp_path, orl_root):
     # an ORL picture (92x112) is not an aligned crop: an error row, not a stretched face
     res = run("score", str(orl_root / "s33" / "1.pgm"), "--aligned", "--scorer", "sharpness")
     assert res.returncode == 1 and "not an aligned face crop: 92x112" in res.stdout
+    assert "ValueError" not in res.stdout  # a message written to be read, as it is
 
 
 def test_filter_never_touches_inputs(mixed_dir, tmp_path):
@@ -459,3 +460,18 @@ def test_a_moved_root_or_renamed_identity_keeps_its_faces(tmp_path, orl_root):
         assert ids == {int(r["face_id"]) for r in rows(m) if r["decision"] == "moved"}
         assert gallery.sources("rob") == {str(people.resolve() / "rob" / f"{i}.pgm")
                                           for i in (1, 2)}
+
+
+def test_enroll_says_what_it_did_not_enroll_and_why(tmp_path, orl_root):
+    people = tmp_path / "people"
+    (people / "ann").mkdir(parents=True)
+    shutil.copy(orl_root / "s34" / "1.pgm", people / "ann" / "1.pgm")
+    shutil.copy(orl_root / "s34" / "2.pgm", people / "ann" / "2.pgm")
+    (people / "ann" / "3.jpg").write_bytes(b"not a picture")
+    # detector confidence, calibrated: an ORL face is about 0.9, so 0.99 rejects them
+    res = run("enroll", str(people), "--index", str(tmp_path / "g"), "--threshold", "0.99",
+              "--scorer", "detector-confidence")
+    assert res.returncode == 1
+    assert "2 rejected by the gate, 1 failed" in res.stderr
+    assert "not enrolled:" in res.stderr and "3.jpg" in res.stderr
+    assert "-o FILE lists every file" in res.stderr

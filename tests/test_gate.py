@@ -99,7 +99,7 @@ def test_policy_overrides_and_failures(group_faces, policy):
     assert Gate(scorer, 0.0, stage="probe").decide_one(face).accepted
     policy(_Policy(result=(False, "camera 7 needs more")))
     d = Gate(scorer, 0.0, stage="probe").decide_one(face)
-    assert not d.accepted and d.reason.endswith("camera 7 needs more")
+    assert not d.accepted and d.reason.endswith("camera 7 needs more") and not d.failed
     assert Gate(scorer, 0.0, stage="enroll").decide_one(face).accepted  # other stage
     # a result that is neither None, a bool nor (accepted, reason) is no decision: a
     # two-letter string had unpacked as (accepted="n", reason="o") and accepted the face
@@ -112,6 +112,7 @@ def test_policy_overrides_and_failures(group_faces, policy):
     d = Gate(scorer, 0.0, stage="probe").decide_one(face)
     assert not d.accepted
     assert d.reason == "policy plugin error: test-policy-2: RuntimeError: policy bug"
+    assert d.failed  # an error, not a decision: the CLI counts it as a failure
     # any pair but a string, with a bool-like first item, is a decision
     for result, accepted in (([True, "list"], True), ((1, "int"), True), ((0, "int"), False),
                              ((np.array(True), "0-d"), True), ((np.False_, "np"), False),
@@ -149,7 +150,7 @@ def test_a_wrapper_policy_is_refused_and_the_others_still_decide(group_faces, po
     policy(_Policy(result=(False, "camera 7 needs more")))
     policy(Wrapper())  # newest: called first, were it called as a plain function
     d = Gate(scorer, 0.0, stage="probe").decide_one(group_faces[0])
-    assert not d.accepted and d.reason.endswith("camera 7 needs more")
+    assert not d.accepted and d.reason.endswith("camera 7 needs more") and not d.failed
     assert "a wrapper for gate_decision is not supported" in caplog.text
 
 

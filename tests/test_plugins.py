@@ -190,3 +190,19 @@ def test_a_plugin_cannot_take_a_built_in_name_and_is_seen_once_registered(caplog
         pm.register(plugin, name=name)
         assert registry.registry().scorers["v3"].plugin == name
         pm.unregister(plugin)
+
+
+def test_a_broken_policy_fails_its_faces_and_the_exit_code(plugin_site, tmp_path, orl_root):
+    people = tmp_path / "people"
+    (people / "ann").mkdir(parents=True)
+    for i in (1, 2):
+        shutil.copy(orl_root / "s34" / f"{i}.pgm", people / "ann" / f"{i}.pgm")
+    env = {"PYTHONPATH": str(plugin_site), "FIQA_GATE_AUDIT_LOG": str(tmp_path / "a.jsonl"),
+           "FIQA_GATE_ENROLL_THRESHOLD": "high"}  # the policy fails on every face
+    res = fiqa("enroll", str(people), "--index", str(tmp_path / "g"), "-o",
+               str(tmp_path / "m.csv"), env=env)
+    assert res.returncode == 1, res.stderr
+    rows = _rows(tmp_path / "m.csv")
+    assert [r["decision"] for r in rows] == ["error", "error"]
+    assert all(r["error"].startswith("policy plugin error: audit: ValueError") for r in rows)
+    assert "0 rejected by the gate, 2 failed" in res.stderr
