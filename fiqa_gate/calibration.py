@@ -91,3 +91,49 @@ def fit_calibration(raw: np.ndarray, matched: np.ndarray, recognizer: str,
                     note: str = "") -> Calibration:
     x, y = isotonic_fit(raw, np.asarray(matched, dtype=np.float64))
     return Calibration(x=x, y=y, recognizer=recognizer, note=note)
+
+
+def read_fitted(path: str | Path) -> dict:
+    """A `fiqa-gate calibrate` file's contents: {"recognizer", "scorers": {name: map}, ...}."""
+    from fiqa_gate.errors import FiqaGateError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FiqaGateError(f"{path}: cannot read the calibration: {exc.strerror or exc}") \
+            from None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("scorers"), dict):
+        raise FiqaGateError(f"{path}: not a calibration file of `fiqa-gate calibrate`")
+    return data
+
+
+def load_fitted(path: str | Path, scorer: str, recognizer: str,
+                model_file: str | Path | None = None) -> Calibration:
+    """The map `fiqa-gate calibrate` fitted for `scorer` with `recognizer`, read from its
+    file; refused when the file was fitted with another recognizer, for other scorers, or
+    on another model file than `model_file` (its map would not fit these raw outputs)."""
+    from fiqa_gate.errors import FiqaGateError
+
+    data = read_fitted(path)
+    if data.get("recognizer") != recognizer:
+        raise FiqaGateError(f"{path} was fitted with recognizer {data.get('recognizer')!r}, "
+                            f"not {recognizer!r}: give --recognizer {data.get('recognizer')}"
+                            f", or calibrate for {recognizer}")
+    entry = data["scorers"].get(scorer)
+    if entry is None:
+        raise FiqaGateError(f"{path} holds no calibration for scorer {scorer!r} (it has "
+                            f"{', '.join(sorted(data['scorers'])) or 'none'})")
+    fitted_on = (data.get("models") or {}).get(scorer, {}).get("sha256")
+    if fitted_on and model_file is not None:
+        from fiqa_gate.assets import sha256_file
+
+        if sha256_file(Path(model_file)) != fitted_on:
+            raise FiqaGateError(f"{path} was fitted on another {scorer} model file than "
+                                f"{model_file}; calibrate that model (--model)")
+    try:
+        return Calibration.from_dict({**entry, "recognizer": recognizer})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FiqaGateError(f"{path}: the calibration of {scorer} is damaged: {exc}") \
+            from None

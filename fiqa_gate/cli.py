@@ -144,6 +144,9 @@ def pipeline_options(fn: _F) -> _F:
         click.option("--detector", default=registry.DEFAULT_DETECTOR, show_default=True),
         click.option("--recognizer", default=registry.DEFAULT_RECOGNIZER, show_default=True,
                      help="Recognizer the score is calibrated for / embeddings come from."),
+        click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+                     help="A `fiqa-gate calibrate` file: the scorer's map to P(match) for "
+                          "--recognizer, instead of the shipped one (SFace's)."),
     ]):
         fn = opt(fn)
     return fn
@@ -154,7 +157,7 @@ class Pipeline:
     for the recognizer the scores are meant for."""
 
     def __init__(self, aligned: bool, scorer: str | None, model: str | None, detector: str,
-                 recognizer: str) -> None:
+                 recognizer: str, calibration: str | None = None) -> None:
         self.detector = None if aligned else registry.get_detector(detector)
         self.recognizer = recognizer
         self.scorer = None
@@ -162,12 +165,20 @@ class Pipeline:
             ctx = registry.ScorerContext(recognizer_name=recognizer,
                                          options={"model": model} if model else {})
             self.scorer = registry.get_scorer(scorer, ctx)
+            if calibration is not None:
+                from fiqa_gate.calibration import load_fitted
+                from fiqa_gate.student import SHIPPED_STUDENT
+
+                model_file = model or (SHIPPED_STUDENT if scorer == "student" else None)
+                self.scorer.calibration = load_fitted(calibration, scorer, recognizer,
+                                                      model_file)
             calibrated_for = self.scorer.calibrated_for
             if calibrated_for is not None and calibrated_for != recognizer:
                 log.warning("scorer %r is calibrated for %s, not %s: its score is the chance "
-                            "of a match with %s; measure it with `fiqa-gate evaluate "
-                            "--recognizer %s` before trusting a threshold", scorer,
-                            calibrated_for, recognizer, calibrated_for, recognizer)
+                            "of a match with %s; fit its map for %s (`fiqa-gate calibrate "
+                            "--recognizer %s`, then --calibration FILE) before trusting a "
+                            "threshold", scorer, calibrated_for, recognizer, calibrated_for,
+                            recognizer, recognizer)
 
     def faces(self, path: str) -> list[Face]:
         from fiqa_gate.pipeline import faces_from_file
@@ -183,8 +194,10 @@ class Pipeline:
             raise click.UsageError(
                 f"scorer {self.scorer.name!r} has no calibration for recognizer "
                 f"{self.recognizer!r}, so its scores are not on the [0, 1] scale a "
-                "threshold is set on; gate with the student, or with a baseline and a "
-                "recognizer it ships a calibration for (sface, for the built-in ones)")
+                "threshold is set on; fit one (fiqa-gate calibrate --recognizer "
+                f"{self.recognizer} --scorer {self.scorer.name} -o FILE, then --calibration "
+                "FILE), or gate with a recognizer it ships a calibration for (sface, for "
+                "the built-in ones)")
         return Gate(self.scorer, threshold, stage=stage)
 
 
@@ -262,11 +275,12 @@ def cli(no_plugins: bool, verbose: int) -> None:
 @click.option("--resume", is_flag=True, help="Append to OUTPUT, skipping files already in it.")
 @pipeline_options
 def score(paths: tuple[str, ...], output: str, resume: bool, aligned: bool, scorer: str,
-          model: str | None, detector: str, recognizer: str) -> None:
+          model: str | None, detector: str, recognizer: str, calibration: str | None
+          ) -> None:
     """Score every image file under PATHS: one CSV row per face (or per failed file)."""
     from fiqa_gate.manifest import open_manifest
 
-    pipe = Pipeline(aligned, scorer, model, detector, recognizer)
+    pipe = Pipeline(aligned, scorer, model, detector, recognizer, calibration)
     if pipe.scorer is not None and pipe.scorer.calibration is None:  # gates refuse it
         log.warning("scorer %r has no calibration for recognizer %r: its score is its raw "
                     "output clipped to [0, 1]", scorer, recognizer)
@@ -541,7 +555,8 @@ def _same_content(a: str | Path, b: str | Path) -> bool:
 @pipeline_options
 def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir: str | None,
             rejected_dir: str | None, move: bool, resume: bool, aligned: bool, scorer: str,
-            model: str | None, detector: str, recognizer: str) -> None:
+            model: str | None, detector: str, recognizer: str, calibration: str | None
+            ) -> None:
     """Decide accept/reject for every image under PATHS (largest face decides).
 
     Inputs are only read, never changed or deleted (unless --move with a target dir).
@@ -551,7 +566,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
 
     if move and not (accepted_dir or rejected_dir):
         raise click.UsageError("--move needs --accepted-dir and/or --rejected-dir")
-    pipe = Pipeline(aligned, scorer, model, detector, recognizer)
+    pipe = Pipeline(aligned, scorer, model, detector, recognizer, calibration)
     gate = pipe.gate(threshold, "filter")
     failures = Failures()
     # target folders inside an input folder hold this command's own copies: never inputs
@@ -662,7 +677,7 @@ COMMIT_FACES = 2000
 @pipeline_options
 def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: str | None,
            prune: bool, output: str | None, aligned: bool, scorer: str, model: str | None,
-           detector: str, recognizer: str) -> None:
+           detector: str, recognizer: str, calibration: str | None) -> None:
     """Enroll ROOT/<identity>/images into the gallery at --index.
 
     A file already in the gallery under its identity is skipped, so a run that was
@@ -678,7 +693,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                            if not _is_inside(f, own_dir)])
                for identity, files in identity_folders(root)
                if not _is_inside(os.path.join(root, identity, ""), own_dir)]
-    pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
+    pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer,
+                    calibration)
     the_gate = pipe.gate(threshold, "enroll") if gate else None
     rec = registry.get_recognizer(recognizer)
     gallery = Gallery.create(index_path, rec.name, rec.dim, rec.threshold, factory)
@@ -857,7 +873,7 @@ def _gone_or_there(path: str) -> bool:
 @pipeline_options
 def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, threshold: float,
            output: str, aligned: bool, scorer: str, model: str | None, detector: str,
-           recognizer: str) -> None:
+           recognizer: str, calibration: str | None) -> None:
     """Search the gallery for the faces in PATHS; CSV rows of ranked hits."""
     import numpy as np
 
@@ -872,7 +888,8 @@ def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, thre
         raise GalleryError(f"{index_path}: the gallery holds no faces; enroll some first "
                            f"(fiqa-gate enroll DIR --index {index_path})")
     files = _listed(paths, iter_files(paths), output)  # the results file is not a probe
-    pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer)
+    pipe = Pipeline(aligned, scorer if gate else None, model, detector, recognizer,
+                    calibration)
     the_gate = pipe.gate(threshold, "probe") if gate else None
     failures = Failures()
     columns = ["path", "face", "rank", "identity", "similarity", "match", "source", "error"]
@@ -936,11 +953,11 @@ def plugins(as_json: bool) -> None:
 
 def _add_plugin_commands(group: click.Group) -> None:
     try:
-        from fiqa_gate.evaluation.cli import bench, demo, evaluate
+        from fiqa_gate.evaluation.cli import bench, calibrate, demo, evaluate
     except ImportError as exc:  # evaluation is part of the core; say why it is missing
         log.warning("evaluation commands unavailable: %s", exc)
     else:
-        for command in (evaluate, bench, demo):
+        for command in (evaluate, bench, demo, calibrate):
             group.add_command(command)
     try:
         from fiqa_gate_training.cli import train

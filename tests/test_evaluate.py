@@ -883,6 +883,17 @@ def test_a_scorer_calibrated_for_another_recognizer_is_said_in_evaluate(caplog):
     with caplog.at_level("WARNING"):
         qualities(samples, ["student"], "sface")
     assert "calibrated for" not in caplog.text
+    # a map fitted for dlib (`evaluate --calibration`) is used, without the warning
+    from fiqa_gate.calibration import Calibration
+
+    for_dlib = Calibration([-10.0, 10.0], [0.25, 0.75], "dlib")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        raw, calibrated = qualities(samples, ["student"], "dlib",
+                                    calibrations={"student": for_dlib})
+    assert "calibrated for" not in caplog.text
+    np.testing.assert_allclose(calibrated["student"], for_dlib(raw["student"]))
+    assert qualities(samples, ["student"], "dlib", raw_only=True)[1] == {}
 
 
 def test_best_of_n_with_one_candidate_each_says_it_cannot_choose(tmp_path, orl_root):

@@ -304,7 +304,7 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_its_data_is_built(tmp
 
 
 def test_each_face_is_compared_with_at_most_max_references_good_references():
-    from fiqa_gate_training.data import reference_pairs
+    from fiqa_gate.evaluation.protocol import reference_pairs
 
     n = 100  # one person, 100 photos: clean faces plus one degraded copy of each
     samples = Samples(np.zeros((2 * n, 1, 1, 3), np.uint8), ["A"] * (2 * n),

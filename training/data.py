@@ -42,40 +42,11 @@ from fiqa_gate.datasets import (
 )
 from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.metrics import edc, pair_quality
-from fiqa_gate.evaluation.protocol import similarities, verification_pairs
+from fiqa_gate.evaluation.protocol import reference_pairs, similarities, verification_pairs
 from fiqa_gate.faces import ALIGNED_SIZE
 from fiqa_gate.registry import get_detector, get_recognizer
 
 log = logging.getLogger("fiqa_gate.training")
-
-
-# Good references a face is compared with, at most. ORL gives each face 9; a celebrity of
-# a large folder (LFW's George W. Bush: 530 photos) would give each of his faces hundreds,
-# and a VGGFace2-sized folder billions of comparisons, for a mean that 64 already pins down
-# (standard error under 0.07 for a match fraction).
-MAX_REFERENCES = 64
-
-
-def reference_pairs(samples: Samples, max_references: int = MAX_REFERENCES, seed: int = 0
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(face index, reference index) for every face and each of its good references; a
-    face with more than `max_references` gets a seeded sample of them."""
-    ident = np.asarray([str(x) for x in samples.identity])
-    src = np.asarray(samples.source)
-    rng = np.random.default_rng(seed)
-    # each identity's clean faces, found once: a large folder has many identities
-    refs_of: dict[str, list[int]] = {}
-    for i in np.flatnonzero(samples.clean):
-        refs_of.setdefault(ident[i], []).append(int(i))
-    faces, refs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for i in range(len(samples)):
-        r = np.asarray(refs_of.get(ident[i], []), dtype=np.int64)
-        r = r[src[r] != src[i]]
-        if len(r) > max_references:
-            r = np.sort(rng.choice(r, max_references, replace=False))
-        faces.append(np.full(len(r), i, dtype=np.int64))
-        refs.append(r)
-    return np.concatenate(faces), np.concatenate(refs)
 
 
 def with_references(faces: list[SourceFace], set_name: str,

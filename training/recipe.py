@@ -374,29 +374,24 @@ def stage_input_size(run: Run) -> None:
 def stage_calibrate(run: Run) -> None:
     """Isotonic maps from raw output to P(match) on the validation identities, for the
     student and for the baselines (so every scorer can gate at the same --threshold)."""
-    from fiqa_gate_training.data import reference_pairs
     from fiqa_gate_training.export import run_onnx
 
-    from fiqa_gate.calibration import fit_calibration
-    from fiqa_gate.evaluation.protocol import qualities, similarities
+    from fiqa_gate.evaluation.protocol import fit_calibrations, qualities
     from fiqa_gate.registry import get_recognizer
 
     val = run.samples("labelled_val")
     rec_name = run.cfg["data"]["recognizer"]
-    recognizer = get_recognizer(rec_name)
-    faces, refs = reference_pairs(val)
-    matched = similarities(run.val_embeddings(), faces, refs) >= recognizer.threshold
-    note = f"isotonic, {len(faces)} face-reference comparisons of the validation identities"
     # The student's map is fitted on the outputs of the graph that ships (int8 or float),
     # one face per run as the runtime scores it.
     raw = {"student": run_onnx(_student_graph(run)[0], val.crops,
                                run.cfg["student"]["input_size"], batch=1),
            **qualities(val, BASELINE_SCORERS, rec_name)[0]}
-    fitted = {name: fit_calibration(r[faces], matched, rec_name, note=note).to_dict()
-              for name, r in raw.items()}
+    fitted = {name: c.to_dict() for name, c in fit_calibrations(
+        val, run.val_embeddings(), raw, get_recognizer(rec_name),
+        "the validation identities").items()}
     student = fitted.pop("student")
     atomic_write_json(run.out / "baselines.json", {rec_name: {
-        k: {"x": v["x"], "y": v["y"], "note": note} for k, v in fitted.items()}})
+        k: {"x": v["x"], "y": v["y"], "note": v["note"]} for k, v in fitted.items()}})
     atomic_write_json(run.out / "calibration.json", student)  # last: the stage's mark
 
 

@@ -20,6 +20,7 @@ from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.timing import machine, versions
 
 if TYPE_CHECKING:
+    from fiqa_gate.calibration import Calibration
     from fiqa_gate.datasets import Samples
 
 log = logging.getLogger("fiqa_gate")
@@ -100,7 +101,8 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
 def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str],
                    out: Path, variants: int, seed: int, bootstrap: int,
                    gate_threshold: float, options: dict[str, dict[str, Any]], command: str,
-                   degradations: str = "training") -> dict[str, Any]:
+                   degradations: str = "training",
+                   calibrations: dict[str, Calibration] | None = None) -> dict[str, Any]:
     from fiqa_gate import degradations as kinds_of
     from fiqa_gate.assets import cache_dir
     from fiqa_gate.datasets import SEEDING
@@ -140,7 +142,8 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
             f"{people} identities"
             + (f" ({len(skipped)} left out, above)" if skipped else ""))
     sim = similarities(emb, a, b)
-    raw, calibrated = _qualities(samples, scorers, recognizer_name, options, norms)
+    raw, calibrated = _qualities(samples, scorers, recognizer_name, options, norms,
+                                 calibrations)
     ident = identification(samples, emb, recognizer_name, recognizer.threshold, raw,
                            calibrated, gate_threshold=gate_threshold, bootstrap=bootstrap)
     title = (f"{'ORL s31-s40' if data is None else data} ({recognizer_name}"
@@ -269,13 +272,14 @@ def _one_name_per_file(paths: set[str]) -> dict[str, str]:
 
 
 def _qualities(samples: Samples, scorers: Sequence[str], recognizer_name: str,
-               options: dict[str, dict[str, Any]], norms: np.ndarray
+               options: dict[str, dict[str, Any]], norms: np.ndarray,
+               calibrations: dict[str, Calibration] | None = None
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every scorer's qualities; a user's plugin that fails is left out, not the run."""
     from fiqa_gate.evaluation.protocol import qualities
 
     raw, calibrated = qualities(samples, scorers, recognizer_name, options, progress=True,
-                                norms=norms, tolerant=True)
+                                norms=norms, tolerant=True, calibrations=calibrations)
     if not raw:
         raise FiqaGateError("no scorer left to compare: each one failed (see the warnings)")
     return raw, calibrated
@@ -323,6 +327,9 @@ def _evaluation_options(fn: _F) -> _F:
         click.option("--gate-threshold", type=click.FloatRange(0.0, 1.0), default=0.5,
                      show_default=True,
                      help="Calibrated score a candidate needs for gated enrollment."),
+        click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+                     help="A `fiqa-gate calibrate` file: its scorers gate enrollment on its "
+                          "maps for --recognizer instead of the shipped ones (SFace's)."),
     ]):
         fn = option(fn)
     return fn
@@ -345,7 +352,8 @@ def _evaluation_options(fn: _F) -> _F:
 @_evaluation_options
 def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
              scorers: Sequence[str], model: str | None, teacher: str | None, variants: int,
-             seed: int, degradations: str, bootstrap: int, gate_threshold: float) -> None:
+             seed: int, degradations: str, bootstrap: int, gate_threshold: float,
+             calibration: str | None) -> None:
     """How much each scorer improves recognition: EDC, ERC, identification, plots."""
     scorers = _available_scorers(scorers or DEFAULT_SCORERS)
     if "teacher" in scorers and not teacher:  # before minutes of detection and embedding
@@ -357,7 +365,7 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
     if pairs:
         ctx = click.get_current_context()
         ignored = [f"--{n.replace('_', '-')}" for n in ("variants", "seed", "degradations",
-                                                          "gate_threshold")
+                                                          "gate_threshold", "calibration")
                    if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT]
         if ignored:  # a pairs list is judged as it is, without identification
             raise click.UsageError(f"{', '.join(ignored)} apply to the identity protocol, "
@@ -371,8 +379,15 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
                                    "a next run would read its files as pictures; choose "
                                    "another")
         _check_writable(out)
+        calibrations = None
+        if calibration is not None:  # read now, not after minutes of embedding
+            from fiqa_gate.calibration import load_fitted, read_fitted
+
+            fitted = read_fitted(calibration)["scorers"]
+            calibrations = {name: load_fitted(calibration, name, recognizer, _models(
+                [name], options).get(name, {}).get("path")) for name in scorers if name in fitted}
         report = run_evaluation(data, recognizer, scorers, out, variants, seed, bootstrap,
-                                gate_threshold, options, command, degradations)
+                                gate_threshold, options, command, degradations, calibrations)
     from fiqa_gate.evaluation.report import print_table
 
     print_table(report)
@@ -474,7 +489,8 @@ def demo(out: Path, recognizer: str) -> None:
         f"  FNMR with every face kept:           {v['e0']:.3f}\n"
         f"  FNMR after the {main} gate drops 20 %: {rows[main]['fnmr_at_20']:.3f}\n"
         f"  normalised pAUC@20 % ({main}):      {rows[main]['pauc_norm_20']:.3f} "
-        f"(best baseline {best_base['scorer']}: {best_base['pauc_norm_20']:.3f}, random 1.0, "
+        f"(best baseline {best_base['scorer']}: {best_base['pauc_norm_20']:.3f}, random "
+        f"{rows['random']['pauc_norm_20'] if 'random' in rows else 1.0:.3f}, "
         f"oracle {v['oracle_pauc_norm_20']:.3f})\n"
         f"{_lead(main, best_base['scorer'], paired)}"
         f"  rank-1, enrollment picked by {main}:  "
@@ -539,7 +555,7 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
         if output.is_symlink() and not target.parent.is_dir():
             raise FiqaGateError(f"{output} links to {target}, in no folder that exists")
         _check_writable(target.parent)
-        _check_earlier_bench(target, output)
+        _check_earlier(target, output, "timings", "`fiqa-gate bench` result")
     result = run_bench(repeats=repeats, model=model)
     text = json.dumps(result, indent=2)
     if stream:  # stdout first: a FIFO waits for its reader, as `>` would
@@ -556,19 +572,92 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
         raise failed
 
 
-def _check_earlier_bench(target: Path, shown: Path) -> None:
-    """Refuse to replace a file that is not an earlier bench result (`-o photo.jpg`)."""
+def _check_earlier(target: Path, shown: Path, key: str, what: str) -> None:
+    """Refuse to replace a file that is not an earlier result of this command (a JSON
+    object with `key`): `-o photo.jpg` would lose it."""
     try:
         if not target.is_file() or target.stat().st_size == 0:
             return
         with open(target, "rb") as fh:
             earlier = json.loads(fh.read(64 << 20))
-        if isinstance(earlier, dict) and "timings" in earlier:
+        if isinstance(earlier, dict) and key in earlier:
             return
     except (OSError, ValueError):
         pass  # unreadable or not JSON: not ours
-    raise FiqaGateError(f"{shown} exists and is not an earlier `fiqa-gate bench` result; it "
-                        "is not overwritten: remove it or give -o another file")
+    raise FiqaGateError(f"{shown} exists and is not an earlier {what}; it is not "
+                        "overwritten: remove it or give -o another file")
+
+
+CALIBRATION_SCORERS = ("student", "sharpness", "detector-confidence", "embedding-norm")
+
+
+@click.command()
+@click.option("--data", type=click.Path(exists=True, file_okay=False),
+              help="Identity-labelled folder (ROOT/<identity>/**/<images>), two pictures "
+                   "a person at least. Default: ORL s25-s30, the validation identities the "
+                   "shipped calibration was fitted on (never the s31-s40 test split).")
+@click.option("--recognizer", default=registry.DEFAULT_RECOGNIZER, show_default=True,
+              help="Recognizer plugin whose matches the score is to predict.")
+@click.option("--scorer", "scorers", multiple=True,
+              help=f"Scorer plugin to calibrate (repeat); default: "
+                   f"{', '.join(CALIBRATION_SCORERS)}.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False),
+              help="Student ONNX file instead of the shipped one.")
+@click.option("--variants", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Seeded degradations per image besides the clean face (the default "
+                   "is the training recipe's, so that the faces span good to useless; each "
+                   "image is embedded and scored this many times more, so a large --data "
+                   "folder needs fewer).")
+@click.option("--seed", default=8, show_default=True,
+              help="Degradation seed (8: the recipe's validation faces).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("calibration.json"), show_default=True,
+              help="Calibration file, for --calibration of score, filter, enroll, search.")
+def calibrate(data: str | None, recognizer: str, scorers: Sequence[str], model: str | None,
+              variants: int, seed: int, output: Path) -> None:
+    """Fit each scorer's map from raw output to P(match) for a recognizer, so that a
+    threshold means the same with it as the shipped SFace calibration does."""
+    from fiqa_gate.datasets import (
+        ORL_VAL,
+        build_samples,
+        detect_sources,
+        identity_folder,
+        orl_items,
+    )
+    from fiqa_gate.evaluation.protocol import fit_calibrations, in_chunks, qualities
+    from fiqa_gate.evaluation.report import replace_file
+
+    scorers = _available_scorers(scorers or CALIBRATION_SCORERS)
+    options = {"student": {"model": model}} if model else {}
+    _check_models(options, scorers, recognizer)
+    target = Path(os.path.realpath(output))
+    _check_writable(target.parent)
+    _check_earlier(target, output, "scorers", "`fiqa-gate calibrate` result")
+    rec = registry.get_recognizer(recognizer)
+    detector = registry.get_detector()
+    left_out: list[tuple[str, str]] = []
+    items = orl_items(ORL_VAL) if data is None else identity_folder(data)
+    samples = build_samples(detect_sources(items, detector, skipped=left_out), detector,
+                            variants=variants, seed=seed, progress="faces")
+    _warn_skipped(dict(left_out))
+    emb, norms = in_chunks(rec.embed_with_norms, samples.crops, "embedding")
+    raw = qualities(samples, scorers, recognizer, options, progress=True, norms=norms,
+                    tolerant=True, raw_only=True)[0]
+    where = "ORL s25-s30" if data is None else str(data)
+    fitted = fit_calibrations(samples, emb, raw, rec, where)
+    result = {"recognizer": recognizer, "data": where, "faces": len(samples),
+              "variants": variants, "seed": seed, "models": _models(list(fitted), options),
+              "command": "fiqa-gate " + " ".join(sys.argv[1:]), "versions": versions(),
+              "scorers": {name: {"x": c.x, "y": c.y, "note": c.note}
+                          for name, c in fitted.items()}}
+    replace_file(output, lambda fh: fh.write(json.dumps(result, indent=1).encode() + b"\n"),
+                 named=True)
+    for name, c in fitted.items():
+        share = float(np.mean(c(raw[name]) >= 0.5))
+        click.echo(f"{name}: {len(c.x)} knots; --threshold 0.5 accepts {share:.0%} of "
+                   f"these {len(samples)} faces", err=True)
+    click.echo(f"calibration for {recognizer}: {output} (use it with --recognizer "
+               f"{recognizer} --calibration {output})", err=True)
 
 
 def _check_writable(folder: Path) -> None:

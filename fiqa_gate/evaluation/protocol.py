@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fiqa_gate import degradations
+from fiqa_gate.calibration import Calibration, fit_calibration
 from fiqa_gate.components import Detector, real_scores
 from fiqa_gate.datasets import (
     ORL_TEST,
@@ -34,7 +35,7 @@ from fiqa_gate.datasets import (
     identity_folder,
     orl_items,
 )
-from fiqa_gate.errors import one_line
+from fiqa_gate.errors import FiqaGateError, one_line
 from fiqa_gate.evaluation.metrics import EDCResult, edc, pair_quality
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,56 @@ def _sample_pairs(n: int, refs: np.ndarray, ident: np.ndarray, groups: _Identity
     return codes // n, codes % n
 
 
+# Good references a face is compared with, at most. ORL gives each face 9; a celebrity of
+# a large folder (LFW's George W. Bush: 530 photos) would give each of his faces hundreds,
+# and a VGGFace2-sized folder billions of comparisons, for a mean that 64 already pins down
+# (standard error under 0.07 for a match fraction).
+MAX_REFERENCES = 64
+
+
+def reference_pairs(samples: Samples, max_references: int = MAX_REFERENCES, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(face index, reference index) for every face and each of its good references; a
+    face with more than `max_references` gets a seeded sample of them."""
+    ident = np.asarray([str(x) for x in samples.identity])
+    src = np.asarray(samples.source)
+    rng = np.random.default_rng(seed)
+    # each identity's clean faces, found once: a large folder has many identities
+    refs_of: dict[str, list[int]] = {}
+    for i in np.flatnonzero(samples.clean):
+        refs_of.setdefault(ident[i], []).append(int(i))
+    faces, refs = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for i in range(len(samples)):
+        r = np.asarray(refs_of.get(ident[i], []), dtype=np.int64)
+        r = r[src[r] != src[i]]
+        if len(r) > max_references:
+            r = np.sort(rng.choice(r, max_references, replace=False))
+        faces.append(np.full(len(r), i, dtype=np.int64))
+        refs.append(r)
+    return np.concatenate(faces), np.concatenate(refs)
+
+
+def fit_calibrations(samples: Samples, embeddings: np.ndarray,
+                     raw: Mapping[str, np.ndarray], recognizer: Any, where: str
+                     ) -> dict[str, Calibration]:
+    """Each scorer's isotonic map from raw output to P(match): every face against each
+    good (clean) reference of its person from another picture, matched when their
+    similarity reaches `recognizer.threshold` (its FMR 1e-3 point)."""
+    faces, refs = reference_pairs(samples)
+    matched = similarities(embeddings, faces, refs) >= recognizer.threshold
+    if not len(faces):
+        raise FiqaGateError(f"{where}: no face has a clean reference of its person in "
+                            "another picture; calibrating needs two pictures a person")
+    if matched.all() or not matched.any():
+        raise FiqaGateError(f"{where}: {'every' if matched.all() else 'no'} face-reference "
+                            f"comparison matched with {recognizer.name} at its threshold "
+                            f"{recognizer.threshold:.4f}, so there is no chance of a match "
+                            "to fit; add damaged faces (more --variants) or other people")
+    note = f"isotonic, {len(faces)} face-reference comparisons of {where}"
+    return {name: fit_calibration(r[faces], matched, recognizer.name, note=note)
+            for name, r in raw.items()}
+
+
 def similarities(embeddings: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each pair, in blocks (a pair's two rows would not all fit)."""
     e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
@@ -293,7 +344,8 @@ def in_chunks(fn: Callable[[Any], Any], items: Sequence, desc: str | None = None
 def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
               options: Mapping[str, Mapping[str, object]] | None = None,
               progress: bool = False, norms: np.ndarray | None = None,
-              tolerant: bool = False
+              tolerant: bool = False, calibrations: Mapping[str, Calibration] | None = None,
+              raw_only: bool = False
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Raw output of each named scorer plugin on every sample (`random` is built in), and
     the calibrated score of those scorers that carry a calibration for `recognizer`.
@@ -304,7 +356,10 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
 
     `tolerant` (a user's evaluation, where any plugin may run): a scorer that fails is
     left out with a warning, and a face it gives no finite score counts as its lowest
-    quality (a gate would reject it first). Training's own scorers must not fail."""
+    quality (a gate would reject it first). Training's own scorers must not fail.
+
+    `calibrations`: maps that replace the scorers' own (a `fiqa-gate calibrate` file's);
+    `raw_only`: no calibrated scores (to fit a map, the old one is beside the point)."""
     from fiqa_gate.registry import ScorerContext, get_scorer
 
     faces = as_faces(samples)
@@ -341,6 +396,10 @@ def qualities(samples: Samples, scorers: Sequence[str], recognizer: str,
             log.warning("scorer %s gave %d of %d faces no finite score; each counts as its "
                         "lowest quality", name, int(bad.sum()), len(bad))
             raw[name] = np.where(bad, raw[name][~bad].min() - 1.0, raw[name])
+        if raw_only:  # fitting a calibration: the scorer's own map is beside the point
+            continue
+        if calibrations and name in calibrations:  # a `fiqa-gate calibrate` file's map
+            scorer.calibration = calibrations[name]
         if getattr(scorer, "calibration", None) is not None:
             calibrated[name] = scorer.calibration(np.nan_to_num(raw[name], nan=-1e9))
             made_for = getattr(scorer, "calibrated_for", None)

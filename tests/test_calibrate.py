@@ -1,0 +1,103 @@
+"""`fiqa-gate calibrate` fits a scorer's map to P(match) for any recognizer, and the
+commands gate on a fitted file (`--calibration`), on real faces and real recognizers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fiqa_gate.calibration import load_fitted
+from fiqa_gate.errors import FiqaGateError
+
+MODELS = Path(__file__).resolve().parents[1] / "fiqa_gate" / "models"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fiqa_gate", *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_calibrate_reproduces_the_shipped_calibrations(tmp_path):
+    """On its defaults (the recipe's validation faces) and SFace, calibrate fits the maps
+    the training run shipped: the student's and every baseline's, knot for knot."""
+    out = tmp_path / "sface.json"
+    res = run("calibrate", "--recognizer", "sface", "-o", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    fitted = json.loads(out.read_text())
+    assert fitted["recognizer"] == "sface" and fitted["faces"] == 2460
+    shipped = json.loads((MODELS / "student.json").read_text())["calibration"]
+    assert fitted["scorers"]["student"]["x"] == shipped["x"]
+    assert fitted["scorers"]["student"]["y"] == shipped["y"]
+    baselines = json.loads((MODELS / "baselines.json").read_text())["sface"]
+    for name, shipped in baselines.items():
+        assert (fitted["scorers"][name]["x"], fitted["scorers"][name]["y"]) == (
+            shipped["x"], shipped["y"]), name
+    assert "--threshold 0.5 accepts" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def dlib_calibration(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cal") / "dlib.json"
+    res = run("calibrate", "--recognizer", "dlib", "--variants", "2", "--scorer", "student",
+              "--scorer", "detector-confidence", "-o", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
+def test_a_calibration_for_another_recognizer_gates_with_it(dlib_calibration, tmp_path,
+                                                             orl_root):
+    d = tmp_path / "faces"
+    d.mkdir()
+    for s in (33, 36, 38):
+        shutil.copy(orl_root / f"s{s}" / "1.pgm", d / f"s{s}.pgm")
+    fitted = json.loads(dlib_calibration.read_text())
+    assert fitted["recognizer"] == "dlib" and set(fitted["scorers"]) == {
+        "student", "detector-confidence"}
+    with_file = run("score", str(d), "--recognizer", "dlib", "--calibration",
+                    str(dlib_calibration))
+    assert with_file.returncode == 0, with_file.stderr
+    assert "calibrated for sface" not in with_file.stderr
+    shipped = run("score", str(d), "--recognizer", "dlib")
+    assert "calibrated for sface, not dlib" in shipped.stderr
+    rows_file = list(csv.DictReader(with_file.stdout.splitlines()))
+    rows_shipped = list(csv.DictReader(shipped.stdout.splitlines()))
+    # the same raw outputs, through dlib's map instead of SFace's
+    assert [r["raw_score"] for r in rows_file] == [r["raw_score"] for r in rows_shipped]
+    dlib_map = load_fitted(dlib_calibration, "student", "dlib")
+    for r, s in zip(rows_file, rows_shipped, strict=True):  # raw printed to 6 decimals
+        assert float(r["score"]) == pytest.approx(float(dlib_map(float(r["raw_score"]))),
+                                                  abs=1e-4)
+        assert abs(float(r["score"]) - float(s["score"])) > 1e-3  # SFace's map differs
+    # a detector-confidence gate with dlib had no calibration at all; now it has one
+    assert run("filter", str(d), "--scorer", "detector-confidence", "--recognizer",
+               "dlib").returncode == 2
+    assert run("filter", str(d), "--scorer", "detector-confidence", "--recognizer", "dlib",
+               "--calibration", str(dlib_calibration)).returncode == 0
+
+
+def test_a_calibration_file_that_does_not_fit_is_refused(dlib_calibration, tmp_path,
+                                                         orl_root):
+    face = tmp_path / "1.pgm"
+    shutil.copy(orl_root / "s33" / "1.pgm", face)
+    for args, why in (
+            ((), "fitted with recognizer 'dlib', not 'sface'"),
+            (("--recognizer", "dlib", "--scorer", "sharpness"),
+             "holds no calibration for scorer 'sharpness'")):
+        res = run("filter", str(face), "--calibration", str(dlib_calibration), *args)
+        assert res.returncode == 2 and why in res.stderr, res.stderr
+    res = run("filter", str(face), "--calibration", str(face))
+    assert res.returncode == 2 and "not a calibration file" in res.stderr
+    # fitted on the shipped student: another model file's raw outputs are not its
+    with pytest.raises(FiqaGateError, match="another student model file"):
+        load_fitted(dlib_calibration, "student", "dlib", model_file=face)
+    # and calibrate never writes over a file that is not an earlier calibration
+    before = face.read_bytes()
+    res = run("calibrate", "-o", str(face))
+    assert res.returncode == 2 and "not an earlier `fiqa-gate calibrate` result" in res.stderr
+    assert face.read_bytes() == before
