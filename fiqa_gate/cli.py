@@ -30,7 +30,9 @@ from fiqa_gate.errors import FiqaGateError, GalleryError, ImageLoadError, NoFace
 from fiqa_gate.images import identity_folders, iter_files
 
 if TYPE_CHECKING:
+    from fiqa_gate.components import Recognizer
     from fiqa_gate.faces import Face
+    from fiqa_gate.gallery import Enrollment
     from fiqa_gate.gate import Gate
     from fiqa_gate.manifest import Manifest
 
@@ -673,19 +675,27 @@ COMMIT_FACES = 2000
                    "now found under two identities). Without it they are kept and listed. "
                    "A picture moved or renamed that this run enrolls at its new place "
                    "(another folder, a renamed identity or ROOT) keeps its face either way.")
+@click.option("--best", type=click.IntRange(min=1), default=None,
+              help="Best-of-N: enroll only each identity's N best pictures by the scorer "
+                   "(among those the gate accepts; an identity already holding N faces "
+                   "gets no more). Only the chosen faces are embedded.")
 @click.option("-o", "--manifest", "output", help="CSV of every image's outcome.")
 @pipeline_options
 def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: str | None,
-           prune: bool, output: str | None, aligned: bool, scorer: str, model: str | None,
-           detector: str, recognizer: str, calibration: str | None) -> None:
+           prune: bool, best: int | None, output: str | None, aligned: bool, scorer: str,
+           model: str | None, detector: str, recognizer: str, calibration: str | None
+           ) -> None:
     """Enroll ROOT/<identity>/images into the gallery at --index.
 
     A file already in the gallery under its identity is skipped, so a run that was
     interrupted just runs again and enrolls only what is missing."""
-    from fiqa_gate.gallery import Enrollment, Gallery, unit_rows
+    from fiqa_gate.gallery import Gallery
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
+    if best is not None and not gate:
+        raise click.UsageError("--best picks pictures by their quality score: it needs the "
+                               "gate (drop --no-gate)")
     listed_at = time.time()  # a face another run enrolls from then on is not stale here
     # the gallery's own folder, when it lies in ROOT, is no one's pictures
     own_dir = [os.path.realpath(index_path)]
@@ -701,7 +711,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     failures = Failures()
     columns = ["path", "identity", "decision", "score", "reason", "error", "face_id", "faces"]
     pending: list[tuple[Enrollment | None, dict]] = []  # whole identities, not yet committed
-    n_in = n_skipped = 0
+    n_in = n_skipped = n_not_best = 0
     unenrolled: list[dict] = []  # rejected by the gate or failed: said on screen too
 
     def commit(manifest: Manifest | None) -> int:
@@ -744,6 +754,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
         for identity, files in _progress(folders, "enroll"):
             enrolled = gallery.sources(identity)
             stale += _stale(identity, root, files, gallery.sources(identity, listed_at))
+            # with --best: (raw score, its row in pending, face, calibrated score)
+            ranked: list[tuple[float, int, Face, float]] = []
             for path in files:
                 row = {"path": path, "identity": identity}
                 item = None
@@ -768,15 +780,35 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                             row["decision"] = "reject"
                             pending.append((None, row))
                             continue
-                    embedding = rec.embed(face.crop[None])[0]
-                    unit_rows(embedding[None], f"{rec.name}'s embedding")  # this face fails,
-                    item = Enrollment(identity, embedding, _where(path),  # not its batch
-                                      decision.score if the_gate is not None else None)
+                    if best is not None:  # embedded below if among the identity's best
+                        ranked.append((decision.raw_score, len(pending), face,
+                                       decision.score))
+                        row["decision"] = "enroll"
+                        pending.append((None, row))
+                        continue
+                    item = _enrollment(rec, identity, face, path,
+                                       decision.score if the_gate is not None else None)
                     row["decision"] = "enroll"
                 except Exception as exc:
                     failures.count += 1
                     row.update(decision="error", error=_error_text(exc))
                 pending.append((item, row))
+            ranked.sort(key=lambda r: -r[0])
+            room = max(0, (best or 0) - len(enrolled))
+            for rank, (raw, at, face, quality) in enumerate(ranked):
+                row = pending[at][1]
+                if rank >= room:
+                    n_not_best += 1
+                    row.update(decision="skip", reason=(
+                        f"not among {identity}'s {best} best (raw score {raw:.6f})"
+                        + (f"; {len(enrolled)} enrolled before" if enrolled else "")))
+                    continue
+                try:
+                    pending[at] = (_enrollment(rec, identity, face, row["path"], quality),
+                                   row)
+                except Exception as exc:
+                    failures.count += 1
+                    row.update(decision="error", error=_error_text(exc))
             # A kill loses the identities since the last commit; the rerun redoes them.
             if (sum(item is not None for item, _ in pending) >= COMMIT_FACES
                     or time.monotonic() - last_commit >= COMMIT_SECONDS):
@@ -801,6 +833,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     "removes them)", "; ".join(listed[:3]) + ("; ..." if len(stale) > 3
                                                               else ""))
     skipped = f", {n_skipped} already there" if n_skipped else ""
+    skipped += f", {n_not_best} not among the {best} best" if n_not_best else ""
     removed = f", {n_removed} removed" if n_removed else ""
     moved = f", {n_moved} moved (their faces kept)" if n_moved else ""
     n_rejected = sum(r["decision"] == "reject" for r in unenrolled)
@@ -817,6 +850,16 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                    err=True)
     gallery.close()
     failures.exit()
+
+
+def _enrollment(rec: Recognizer, identity: str, face: Face, path: str,
+                score: float | None) -> Enrollment:
+    """The face's embedding, checked alone (a bad one fails this face, not its batch)."""
+    from fiqa_gate.gallery import Enrollment, unit_rows
+
+    embedding = rec.embed(face.crop[None])[0]
+    unit_rows(embedding[None], f"{rec.name}'s embedding")
+    return Enrollment(identity, embedding, _where(path), score)
 
 
 def _stale(identity: str, root: str, files: Sequence[str], enrolled: set[str]) -> list[

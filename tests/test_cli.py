@@ -475,3 +475,39 @@ def test_enroll_says_what_it_did_not_enroll_and_why(tmp_path, orl_root):
     assert "2 rejected by the gate, 1 failed" in res.stderr
     assert "not enrolled:" in res.stderr and "3.jpg" in res.stderr
     assert "-o FILE lists every file" in res.stderr
+
+
+def test_enroll_best_keeps_each_identitys_best_pictures_only(tmp_path, orl_root):
+    people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
+    for who, s in (("ann", 34), ("bob", 35)):
+        (people / who).mkdir(parents=True)
+        for i in (1, 2, 3):
+            img = Image.open(orl_root / f"s{s}" / f"{i}.pgm")
+            # one sharp picture, two softened ones: which is best is not the file order
+            img = img if i == 2 else img.filter(ImageFilter.GaussianBlur(1.0 + i / 2))
+            img.save(people / who / f"{i}.png")
+    raw = {Path(r["path"]).relative_to(people).as_posix(): float(r["raw_score"])
+           for r in csv.DictReader(run("score", str(people)).stdout.splitlines())}
+    res = run("enroll", str(people), "--index", str(g), "--best", "1", "--threshold", "0",
+              "-o", str(m))
+    assert res.returncode == 0, res.stderr
+    assert "4 not among the 1 best" in res.stderr
+    table = rows(m)
+    chosen = {r["identity"]: Path(r["path"]).relative_to(people).as_posix()
+              for r in table if r["decision"] == "enroll"}
+    assert chosen == {who: max((p for p in raw if p.startswith(who)), key=raw.get)
+                      for who in ("ann", "bob")}
+    assert all(r["reason"].startswith(f"not among {r['identity']}'s 1 best")
+               for r in table if r["decision"] == "skip")
+    # an identity holding its N faces gets no more; a larger N adds the next best
+    res = run("enroll", str(people), "--index", str(g), "--best", "1", "--threshold", "0")
+    assert res.returncode == 0 and "enrolled 0 faces" in res.stderr
+    res = run("enroll", str(people), "--index", str(g), "--best", "2", "--threshold", "0",
+              "-o", str(m))
+    assert res.returncode == 0 and "enrolled 2 faces" in res.stderr
+    second = {r["identity"]: Path(r["path"]).relative_to(people).as_posix()
+              for r in rows(m) if r["decision"] == "enroll"}
+    assert second == {who: sorted((p for p in raw if p.startswith(who)), key=raw.get)[1]
+                      for who in ("ann", "bob")}
+    res = run("enroll", str(people), "--index", str(g), "--best", "1", "--no-gate")
+    assert res.returncode == 2 and "needs the gate" in res.stderr
