@@ -511,3 +511,18 @@ def test_enroll_best_keeps_each_identitys_best_pictures_only(tmp_path, orl_root)
                       for who in ("ann", "bob")}
     res = run("enroll", str(people), "--index", str(g), "--best", "1", "--no-gate")
     assert res.returncode == 2 and "needs the gate" in res.stderr
+
+
+def test_the_best_of_n_example_runs_the_commands_end_to_end(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "best_of_n_enrollment.py"
+    done = subprocess.run([sys.executable, str(example), str(tmp_path / "w"), "--draws",
+                           "2", "--variants", "1"], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = {line.split(":")[0].strip(): float(line.split(":")[1].split()[-1]
+                                                 if "mean" not in line else
+                                                 line.split("mean")[1].split(",")[0])
+               for line in done.stdout.splitlines()[1:]}
+    best = figures["enroll --best 1 (the student's pick)"]
+    assert 0.9 <= best <= 1.0  # clean probes of ten people, each one's best picture
+    assert best >= figures["a random pick (2 draws)"]
