@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,10 @@ class Calibration:
         x, y = list(map(float, data["x"])), list(map(float, data["y"]))
         if len(x) != len(y) or len(x) < 2 or any(b < a for a, b in itertools.pairwise(x)):
             raise ValueError("calibration knots must be two equal-length lists, x increasing")
+        # a NaN knot would reject every face, a falling map run the gate backwards
+        if not all(map(math.isfinite, x + y)) or any(b < a for a, b in itertools.pairwise(y)) \
+                or not 0.0 <= y[0] <= y[-1] <= 1.0:
+            raise ValueError("calibration knots must be finite, with y rising within [0, 1]")
         return cls(x=x, y=y, recognizer=str(data.get("recognizer", "")),
                    note=str(data.get("note", "")))
 
@@ -125,7 +130,9 @@ def load_fitted(path: str | Path, scorer: str, recognizer: str,
     if entry is None:
         raise FiqaGateError(f"{path} holds no calibration for scorer {scorer!r} (it has "
                             f"{', '.join(sorted(data['scorers'])) or 'none'})")
-    fitted_on = (data.get("models") or {}).get(scorer, {}).get("sha256")
+    models = data.get("models")
+    model = models.get(scorer) if isinstance(models, dict) else None
+    fitted_on = model.get("sha256") if isinstance(model, dict) else None
     if fitted_on and model_file is not None:
         from fiqa_gate.assets import sha256_file
 

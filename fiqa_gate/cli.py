@@ -28,6 +28,7 @@ from fiqa_gate import registry
 from fiqa_gate.assets import is_temp_name, temp_file
 from fiqa_gate.errors import FiqaGateError, GalleryError, ImageLoadError, NoFaceError, one_line
 from fiqa_gate.images import identity_folders, iter_files
+from fiqa_gate.manifest import ENROLL_COLUMNS, FILTER_COLUMNS, SCORE_COLUMNS, SEARCH_COLUMNS
 
 if TYPE_CHECKING:
     from fiqa_gate.components import Recognizer
@@ -41,10 +42,6 @@ log = logging.getLogger("fiqa_gate")
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-SCORE_COLUMNS = ["path", "score", "raw_score", "face", "box_x", "box_y", "box_w", "box_h",
-                 "det_score", "error"]
-FILTER_COLUMNS = ["path", "score", "raw_score", "decision", "threshold", "faces", "reason",
-                  "error", "copied_to"]
 
 
 class Failures:
@@ -697,8 +694,11 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
         raise click.UsageError("--best picks pictures by their quality score: it needs the "
                                "gate (drop --no-gate)")
     listed_at = time.time()  # a face another run enrolls from then on is not stale here
-    # the gallery's own folder, when it lies in ROOT, is no one's pictures
-    own_dir = [os.path.realpath(index_path)]
+    # the gallery's own folder, when it lies in ROOT, is no one's pictures (a gallery
+    # folder that holds ROOT keeps its files outside ROOT's identity folders)
+    gallery_dir, root_dir = os.path.realpath(index_path), os.path.realpath(root)
+    own_dir = [gallery_dir] if os.path.commonpath([gallery_dir, root_dir]) == root_dir \
+        and gallery_dir != root_dir else []
     folders = [(identity, [f for f in _not_own(files, output or "-")
                            if not _is_inside(f, own_dir)])
                for identity, files in identity_folders(root)
@@ -709,7 +709,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     rec = registry.get_recognizer(recognizer)
     gallery = Gallery.create(index_path, rec.name, rec.dim, rec.threshold, factory)
     failures = Failures()
-    columns = ["path", "identity", "decision", "score", "reason", "error", "face_id", "faces"]
+    columns = ENROLL_COLUMNS
     pending: list[tuple[Enrollment | None, dict]] = []  # whole identities, not yet committed
     n_in = n_skipped = n_not_best = 0
     unenrolled: list[dict] = []  # rejected by the gate or failed: said on screen too
@@ -882,27 +882,25 @@ def _stale(identity: str, root: str, files: Sequence[str], enrolled: set[str]) -
     return [(identity, s) for s in candidates if _gone_or_there(s)]
 
 
-def _surely_gone(path: str) -> bool:
-    """Whether `path` surely does not exist (not merely cannot be looked at)."""
+def _gone(path: str) -> bool | None:
+    """Whether `path` surely does not exist (True) or surely does (False); None where it
+    cannot be looked at (a folder above it without read or search permission, an I/O
+    error)."""
     try:
         os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError:
-        return False
+        return None
     return False
 
 
+def _surely_gone(path: str) -> bool:
+    return _gone(path) is True
+
+
 def _gone_or_there(path: str) -> bool:
-    """Whether `path` surely does not exist or surely does; False where it cannot be
-    looked at (a folder above it without read or search permission, an I/O error)."""
-    try:
-        os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:
-        return False
-    return True
+    return _gone(path) is not None
 
 
 @cli.command()
@@ -935,7 +933,7 @@ def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, thre
                     calibration)
     the_gate = pipe.gate(threshold, "probe") if gate else None
     failures = Failures()
-    columns = ["path", "face", "rank", "identity", "similarity", "match", "source", "error"]
+    columns = SEARCH_COLUMNS
     with open_manifest(output, columns) as out:
         for path in files:
             try:

@@ -177,7 +177,13 @@ class Gallery:
             raise GalleryError(f"{p}: cannot make a gallery folder here: {exc}") from None
         factory_given, factory = factory, factory or "Flat"
         _check_factory(factory, dim)
-        _check_adoptable(p)  # before the lock file is made in a folder that is not ours
+        try:  # before a lock file is made in a folder that is not ours
+            _check_adoptable(p)
+        except GalleryError:
+            if not (p / "lock").exists():
+                raise
+            with _locked(p):  # another enroll is making the gallery: judge it when done
+                _check_adoptable(p)
         with _locked(p):
             db = cls._connect(p)
             try:
@@ -435,8 +441,10 @@ class Gallery:
                                    (face_id,)).fetchone()
             if row is None or not gone(_from_db(row[1])):
                 continue
-            self._db.execute("UPDATE faces SET identity = ?, source = ? WHERE id = ?",
-                             (*key, face_id))
+            # enrolled anew at its new place: a run that listed its folder before the
+            # move must not take it as stale (`remove_sources(..., before=)`)
+            self._db.execute("UPDATE faces SET identity = ?, source = ?, added = ? "
+                             "WHERE id = ?", (*key, time.time(), face_id))
             moved[face_id] = (_from_db(row[0]), _from_db(row[1]))
             return (face_id,)
         return None
@@ -526,7 +534,7 @@ class Gallery:
 
 
 _GENERATION = re.compile(r"index\.[0-9]+\.faiss")  # only the index files a gallery writes
-_OWN = {"lock", "meta.sqlite", "meta.sqlite-wal", "meta.sqlite-shm"}
+_OWN = {"lock", "meta.sqlite", "meta.sqlite-wal", "meta.sqlite-shm", "meta.sqlite-journal"}
 
 
 def _check_adoptable(path: Path) -> None:

@@ -21,7 +21,6 @@ import io
 import itertools
 import logging
 import os
-import re
 import stat
 import sys
 from collections.abc import Callable, Sequence
@@ -31,6 +30,19 @@ from typing import IO
 from fiqa_gate.errors import ManifestError
 
 log = logging.getLogger(__name__)
+
+# The manifests the commands write; an existing file is emptied for a new run only if it is
+# one of them (or a header a kill cut short).
+SCORE_COLUMNS = ["path", "score", "raw_score", "face", "box_x", "box_y", "box_w", "box_h",
+                 "det_score", "error"]
+FILTER_COLUMNS = ["path", "score", "raw_score", "decision", "threshold", "faces", "reason",
+                  "error", "copied_to"]
+ENROLL_COLUMNS = ["path", "identity", "decision", "score", "reason", "error", "face_id",
+                  "faces"]
+SEARCH_COLUMNS = ["path", "face", "rank", "identity", "similarity", "match", "source",
+                  "error"]
+_HEADERS = [(",".join(c) + "\n").encode()
+            for c in (SCORE_COLUMNS, FILTER_COLUMNS, ENROLL_COLUMNS, SEARCH_COLUMNS)]
 
 
 class Manifest:
@@ -220,7 +232,7 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
                 fh = _open_locked(file, path)
         if not (resume and _size(fh) > 0):  # new, or only a torn header was there
             if _is_file(fh):
-                _check_overwrite(file, path)
+                _check_overwrite(file, path, columns)
                 fh.truncate(0)
             fh.write(",".join(columns) + "\n")
             fh.flush()
@@ -234,17 +246,20 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
     return Manifest(fh, columns, owned=True, name=path, done_rows=done, key=key)
 
 
-def _check_overwrite(file: str, shown: str) -> None:
+def _check_overwrite(file: str, shown: str, columns: Sequence[str]) -> None:
     """Refuse to empty a file that is not a fiqa-gate manifest: `-o` naming a picture, a
-    gallery's database or a user's own CSV would lose it."""
-    with open(file, "rb") as fh:
-        head = fh.read(4096)
-    if not head:
+    gallery's database or a user's own CSV (`path,label`) would lose it."""
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:  # write-only: what it holds cannot be checked
+        raise ManifestError(f"{shown} exists and cannot be read ({exc.strerror or exc}) to "
+                            "check that it is a manifest before emptying it; remove it or "
+                            "give -o another file") from None
+    own = [(",".join(columns) + "\n").encode(), *_HEADERS]
+    if any(head.startswith(h) or h.startswith(head) for h in own):  # (a torn header too)
         return
     first = _text(head.split(b"\n", 1)[0])
-    cells = next(csv.reader(io.StringIO(first, newline="")), [])
-    if cells[:1] == ["path"] and all(re.fullmatch(r"[a-z0-9_]+", c) for c in cells):
-        return  # a manifest of an earlier run (of any command): rewritten, as asked
     raise ManifestError(f"{shown} exists and is not a fiqa-gate manifest (it starts "
                         f"{first[:60]!r}); it is not overwritten: remove it or give -o "
                         "another file")

@@ -101,3 +101,25 @@ def test_a_calibration_file_that_does_not_fit_is_refused(dlib_calibration, tmp_p
     res = run("calibrate", "-o", str(face))
     assert res.returncode == 2 and "not an earlier `fiqa-gate calibrate` result" in res.stderr
     assert face.read_bytes() == before
+
+
+def test_a_calibration_that_would_gate_wrongly_is_damaged(tmp_path):
+    from fiqa_gate.calibration import Calibration
+
+    for x, y in (([0.0, float("nan"), 1.0], [0.1, 0.2, 0.3]), ([0.0, 1.0], [0.9, 0.1]),
+                 ([float("-inf"), float("inf")], [0.0, 1.0]), ([0.0, 1.0], [0.0, 1.5])):
+        with pytest.raises(ValueError, match="finite, with y rising"):
+            Calibration.from_dict({"x": x, "y": y})
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"recognizer": "sface", "models": {"student": "x"},
+                                    "scorers": {"student": {"x": x, "y": y}}}))
+        with pytest.raises(FiqaGateError, match="calibration of student is damaged"):
+            load_fitted(path, "student", "sface")
+
+
+def test_calibrate_writes_to_a_pipe():
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "calibrate", "--scorer",
+                           "sharpness", "--variants", "1", "-o", "/dev/stdout"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["scorers"]["sharpness"]["x"]

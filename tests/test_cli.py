@@ -381,13 +381,18 @@ def test_an_output_that_is_not_a_manifest_is_never_overwritten(tmp_path, orl_roo
     for i in (1, 2):
         shutil.copy(orl_root / "s34" / f"{i}.pgm", d / f"{i}.pgm")
     before = digests(d)
-    notes = tmp_path / "notes.csv"
+    notes, labels = tmp_path / "notes.csv", tmp_path / "labels.csv"
     notes.write_text("name,age\nann,3\n")
+    labels.write_text("path,label\nimgs/a.jpg,ann\n")  # a user's list, headed like ours
     for command in ("score", "filter"):
-        for target in (d / "1.pgm", notes):  # one of the inputs; a user's own CSV
+        for target in (d / "1.pgm", notes, labels):  # one of the inputs; a user's CSVs
             res = run(command, str(d), "-o", str(target))
             assert res.returncode == 2 and "is not a fiqa-gate manifest" in res.stderr
     assert digests(d) == before and notes.read_text() == "name,age\nann,3\n"
+    assert labels.read_text() == "path,label\nimgs/a.jpg,ann\n"
+    torn = tmp_path / "torn.csv"  # a header a kill cut short is the run's own
+    torn.write_text("path,sco")
+    assert run("score", str(d), "-o", str(torn)).returncode == 0 and len(rows(torn)) == 2
     # an earlier run's manifest, of another command too, is rewritten as asked
     out = tmp_path / "m.csv"
     assert run("score", str(d), "-o", str(out)).returncode == 0
@@ -418,6 +423,19 @@ def test_search_keeps_the_gallery_and_its_probes_and_refuses_an_empty_gallery(tm
     Gallery.create(tmp_path / "empty", "sface", 128, 0.34).close()
     res = run("search", str(probes), "--index", str(tmp_path / "empty"))
     assert res.returncode == 2 and "holds no faces" in res.stderr and res.stdout == ""
+
+
+def test_a_gallery_folder_holding_root_enrolls_root(tmp_path, orl_root):
+    # a gallery made beside its people by an earlier version (G/meta.sqlite, G/people/):
+    # every identity had been skipped as inside the gallery (audit 2026-12-07)
+    from fiqa_gate.gallery import Gallery
+
+    g = tmp_path / "G"
+    Gallery.create(g, "sface", 128, 0.34).close()
+    (g / "people" / "ann").mkdir(parents=True)
+    shutil.copy(orl_root / "s34" / "1.pgm", g / "people" / "ann" / "1.pgm")
+    res = run("enroll", str(g / "people"), "--index", str(g), "--no-gate")
+    assert res.returncode == 0 and "enrolled 1 faces of 1 identities" in res.stderr
 
 
 def test_a_gallery_inside_root_is_not_an_identity(tmp_path, orl_root):

@@ -331,3 +331,64 @@ def test_a_folder_with_other_files_or_a_lost_database_is_not_adopted(tmp_path, o
     _enroll_first_five(g, orl_embeddings)
     assert (fresh / "index.backup.faiss").read_bytes() == b"keep" and len(g) == 30
     g.close()
+
+
+RACE = """
+import multiprocessing as mp, sys
+from fiqa_gate.gallery import Gallery
+
+def make(path, results):
+    try:
+        Gallery.create(path, "sface", 128, 0.34).close()
+        results.put("ok")
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+if __name__ == "__main__":
+    refused = []
+    for i in range(30):
+        results = mp.Queue()
+        procs = [mp.Process(target=make, args=(f"{sys.argv[1]}/g{i}", results))
+                 for _ in range(2)]
+        [p.start() for p in procs]
+        [p.join() for p in procs]
+        refused += [r for r in (results.get(), results.get()) if r != "ok"]
+    print(refused)
+"""
+
+
+def test_enrolls_creating_one_new_gallery_at_once_all_succeed(tmp_path):
+    # the adoption check had seen the other writer's half-made database (an empty
+    # meta.sqlite beside its -journal) and refused a gallery being made: 8 of 60 here
+    # (audit 2026-12-07)
+    import subprocess
+    import sys
+
+    script = tmp_path / "race.py"
+    script.write_text(RACE)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "race")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_moved_face_is_new_to_a_run_that_listed_before_the_move(tmp_path, orl_embeddings):
+    # a concurrent `enroll --prune` that listed the folder before another run moved a
+    # face there took the moved face as stale and removed it (audit 2026-12-07)
+    import time
+
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    emb = orl_embeddings["s31"][0]
+    (face_id,) = g.enroll([Enrollment("p1", emb, str(tmp_path / "p1" / "x.pgm"))], "sface")
+    listed_at = time.time()
+    time.sleep(0.01)
+    assert g.enroll([Enrollment("z", emb, str(tmp_path / "z" / "x.pgm"))], "sface",
+                    gone=lambda source: True) == [face_id]
+    assert g.moved == {face_id: ("p1", str(tmp_path / "p1" / "x.pgm"))}
+    assert g.remove_sources([("z", str(tmp_path / "z" / "x.pgm"))], before=listed_at) == 0
+    assert g.sources("z") == {str(tmp_path / "z" / "x.pgm")} and len(g) == 1
+    # a twin whose picture is still there is another picture: a face of its own
+    (other,) = g.enroll([Enrollment("q", emb, str(tmp_path / "q" / "x.pgm"))], "sface",
+                        gone=lambda source: False)
+    assert other != face_id and len(g) == 2
+    g.close()

@@ -617,6 +617,7 @@ def calibrate(data: str | None, recognizer: str, scorers: Sequence[str], model: 
               variants: int, seed: int, output: Path) -> None:
     """Fit each scorer's map from raw output to P(match) for a recognizer, so that a
     threshold means the same with it as the shipped SFace calibration does."""
+    from fiqa_gate.assets import is_stream
     from fiqa_gate.datasets import (
         ORL_VAL,
         build_samples,
@@ -630,9 +631,11 @@ def calibrate(data: str | None, recognizer: str, scorers: Sequence[str], model: 
     scorers = _available_scorers(scorers or CALIBRATION_SCORERS)
     options = {"student": {"model": model}} if model else {}
     _check_models(options, scorers, recognizer)
-    target = Path(os.path.realpath(output))
-    _check_writable(target.parent)
-    _check_earlier(target, output, "scorers", "`fiqa-gate calibrate` result")
+    stream = is_stream(output)  # /dev/stdout, a pipe, a FIFO: written as `>` would
+    if not stream:
+        target = Path(os.path.realpath(output))
+        _check_writable(target.parent)
+        _check_earlier(target, output, "scorers", "`fiqa-gate calibrate` result")
     rec = registry.get_recognizer(recognizer)
     detector = registry.get_detector()
     left_out: list[tuple[str, str]] = []
@@ -650,8 +653,15 @@ def calibrate(data: str | None, recognizer: str, scorers: Sequence[str], model: 
               "command": "fiqa-gate " + " ".join(sys.argv[1:]), "versions": versions(),
               "scorers": {name: {"x": c.x, "y": c.y, "note": c.note}
                           for name, c in fitted.items()}}
-    replace_file(output, lambda fh: fh.write(json.dumps(result, indent=1).encode() + b"\n"),
-                 named=True)
+    text = json.dumps(result, indent=1) + "\n"
+    if stream:
+        try:
+            with open(output, "a", encoding="utf-8") as fh:  # not cutting a `>>` file
+                fh.write(text)
+        except OSError as exc:
+            raise FiqaGateError(f"cannot write {output}: {exc.strerror or exc}") from None
+    else:
+        replace_file(output, lambda fh: fh.write(text.encode()), named=True)
     for name, c in fitted.items():
         share = float(np.mean(c(raw[name]) >= 0.5))
         click.echo(f"{name}: {len(c.x)} knots; --threshold 0.5 accepts {share:.0%} of "
