@@ -141,6 +141,6 @@ def load_fitted(path: str | Path, scorer: str, recognizer: str,
                                 f"{model_file}; calibrate that model (--model)")
     try:
         return Calibration.from_dict({**entry, "recognizer": recognizer})
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise FiqaGateError(f"{path}: the calibration of {scorer} is damaged: {exc}") \
             from None

@@ -686,6 +686,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
 
     A file already in the gallery under its identity is skipped, so a run that was
     interrupted just runs again and enrolls only what is missing."""
+    import numpy as np
+
     from fiqa_gate.gallery import Gallery
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
@@ -794,15 +796,23 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     row.update(decision="error", error=_error_text(exc))
                 pending.append((item, row))
             ranked.sort(key=lambda r: -r[0])
-            room = max(0, (best or 0) - len(enrolled))
-            for rank, (raw, at, face, quality) in enumerate(ranked):
+            # faces whose picture is gone (deleted, renamed, moved away) hold no place
+            listed = {_where(p) for p in files}
+            held = sum(s in listed or not _surely_gone(s) for s in enrolled) if ranked else 0
+            chosen: list[np.ndarray] = []
+            for raw, at, face, quality in ranked:
                 row = pending[at][1]
-                if rank >= room:
+                if any(np.array_equal(face.crop, c) for c in chosen):
+                    n_not_best += 1  # a copy of a chosen picture takes no second place
+                    row.update(decision="skip", reason="a copy of a picture chosen above")
+                    continue
+                if len(chosen) >= max(0, (best or 0) - held):
                     n_not_best += 1
                     row.update(decision="skip", reason=(
                         f"not among {identity}'s {best} best (raw score {raw:.6f})"
-                        + (f"; {len(enrolled)} enrolled before" if enrolled else "")))
+                        + (f"; {held} enrolled before" if held else "")))
                     continue
+                chosen.append(face.crop)
                 try:
                     pending[at] = (_enrollment(rec, identity, face, row["path"], quality),
                                    row)

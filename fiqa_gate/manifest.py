@@ -42,7 +42,8 @@ ENROLL_COLUMNS = ["path", "identity", "decision", "score", "reason", "error", "f
 SEARCH_COLUMNS = ["path", "face", "rank", "identity", "similarity", "match", "source",
                   "error"]
 _HEADERS = [(",".join(c) + "\n").encode()
-            for c in (SCORE_COLUMNS, FILTER_COLUMNS, ENROLL_COLUMNS, SEARCH_COLUMNS)]
+            for c in (SCORE_COLUMNS, FILTER_COLUMNS, ENROLL_COLUMNS, SEARCH_COLUMNS,
+                      ENROLL_COLUMNS[:-1])]  # enroll's before it had `faces`
 
 
 class Manifest:
@@ -231,7 +232,8 @@ def open_manifest(path: str, columns: Sequence[str], resume: bool = False,
                 fh.close()
                 fh = _open_locked(file, path)
         if not (resume and _size(fh) > 0):  # new, or only a torn header was there
-            if _is_file(fh):
+            # stdout's own file (`-o /dev/stdout >> all.csv`): the shell chose to append
+            if _is_file(fh) and not _is_stdout(fh):
                 _check_overwrite(file, path, columns)
                 fh.truncate(0)
             fh.write(",".join(columns) + "\n")
@@ -281,6 +283,16 @@ def _open_locked(path: str, shown: str) -> IO[str]:
         fh.close()
         return _open_locked(path, shown)
     return fh
+
+
+def _is_stdout(fh: IO[str]) -> bool:
+    """Whether `fh` is the file this process's stdout writes to."""
+    try:
+        out = os.fstat(1)
+    except OSError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (out.st_dev, out.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _is_file(fh: IO[str]) -> bool:

@@ -544,3 +544,52 @@ def test_the_best_of_n_example_runs_the_commands_end_to_end(tmp_path):
     best = figures["enroll --best 1 (the student's pick)"]
     assert 0.9 <= best <= 1.0  # clean probes of ten people, each one's best picture
     assert best >= figures["a random pick (2 draws)"]
+
+
+def test_enroll_best_counts_only_faces_whose_picture_is_there(tmp_path, orl_root):
+    # a renamed best picture, or a copy of the chosen one, had left an identity without
+    # its N faces (second audit of 2026-12-07)
+    people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
+    (people / "ann").mkdir(parents=True)
+    for i in (1, 2, 3):
+        img = Image.open(orl_root / "s34" / f"{i}.pgm")
+        img = img if i == 2 else img.filter(ImageFilter.GaussianBlur(1.0 + i / 2))
+        img.save(people / "ann" / f"{i}.png")
+    shutil.copy(people / "ann" / "2.png", people / "ann" / "2copy.png")
+    res = run("enroll", str(people), "--index", str(g), "--best", "2", "--threshold", "0",
+              "-o", str(m))
+    assert res.returncode == 0, res.stderr
+    decisions = {Path(r["path"]).name: (r["decision"], r["reason"]) for r in rows(m)}
+    enrolled = sorted(n for n, (d, _) in decisions.items() if d == "enroll")
+    assert len(enrolled) == 2 and not {"2.png", "2copy.png"} <= set(enrolled)
+    copy = ({"2.png", "2copy.png"} - set(enrolled)).pop()
+    assert decisions[copy] == ("skip", "a copy of a picture chosen above")
+    (people / "ann" / enrolled[0]).rename(people / "ann" / "renamed.png")
+    (people / "ann" / copy).unlink()
+    res = run("enroll", str(people), "--index", str(g), "--best", "2", "--threshold", "0",
+              "--prune", "-o", str(m))
+    assert res.returncode == 0, res.stderr
+    assert [r["decision"] for r in rows(m) if Path(r["path"]).name == "renamed.png"] == [
+        "moved"]
+    assert "(2 faces in the gallery)" in res.stderr
+
+
+def test_a_manifest_appended_through_stdout_keeps_the_earlier_rows(tmp_path, orl_root):
+    # `-o /dev/stdout >> all.csv` emptied the file the shell was appending to
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(orl_root / "s34" / "1.pgm", d / "1.pgm")
+    out = tmp_path / "all.csv"
+    for _ in range(2):
+        with open(out, "ab") as fh:
+            subprocess.run([*FIQA, "score", str(d), "-o", "/dev/stdout"], stdout=fh,
+                           timeout=600, check=True)
+    assert out.read_text().count("1.pgm") == 2
+    # and an enroll manifest of an older version (no `faces` column) is rewritten
+    old = tmp_path / "old.csv"
+    old.write_text("path,identity,decision,score,reason,error,face_id\nx,a,enroll,,,,1\n")
+    (tmp_path / "people" / "ann").mkdir(parents=True)
+    shutil.copy(orl_root / "s34" / "1.pgm", tmp_path / "people" / "ann" / "1.pgm")
+    assert run("enroll", str(tmp_path / "people"), "--index", str(tmp_path / "g"),
+               "--no-gate", "-o", str(old)).returncode == 0
+    assert [r["decision"] for r in rows(old)] == ["enroll"]
