@@ -755,7 +755,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     with open_manifest(output, columns) if output else contextlib.nullcontext() as manifest:
         for identity, files in _progress(folders, "enroll"):
             enrolled = gallery.sources(identity)
-            stale += _stale(identity, root, files, gallery.sources(identity, listed_at))
+            gone_here = _stale(identity, root, files, gallery.sources(identity, listed_at))
+            stale += gone_here
             # with --best: (raw score, its row in pending, face, calibrated score)
             ranked: list[tuple[float, int, Face, float]] = []
             for path in files:
@@ -796,21 +797,27 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     row.update(decision="error", error=_error_text(exc))
                 pending.append((item, row))
             ranked.sort(key=lambda r: -r[0])
-            # faces whose picture is gone (deleted, renamed, moved away) hold no place
+            # a stale face (its picture deleted, renamed, moved away, now a copy under two
+            # identities: pruned or listed as such) holds no place
             listed = {_where(p) for p in files}
-            held = sum(s in listed or not _surely_gone(s) for s in enrolled) if ranked else 0
+            stale_here = {source for _, source in gone_here}
+            held = [s for s in enrolled if s in listed or (
+                s not in stale_here and not _surely_gone(s))] if ranked else []
             chosen: list[np.ndarray] = []
             for raw, at, face, quality in ranked:
                 row = pending[at][1]
-                if any(np.array_equal(face.crop, c) for c in chosen):
-                    n_not_best += 1  # a copy of a chosen picture takes no second place
-                    row.update(decision="skip", reason="a copy of a picture chosen above")
+                twin = next((s for s in held if s in listed and _same_bytes(s, row["path"])),
+                            None)
+                if twin or any(np.array_equal(face.crop, c) for c in chosen):
+                    n_not_best += 1  # a copy of a picture that has its place takes none
+                    row.update(decision="skip", reason=f"a copy of {twin}, enrolled"
+                               if twin else "a copy of a picture chosen above")
                     continue
-                if len(chosen) >= max(0, (best or 0) - held):
+                if len(chosen) >= max(0, (best or 0) - len(held)):
                     n_not_best += 1
                     row.update(decision="skip", reason=(
                         f"not among {identity}'s {best} best (raw score {raw:.6f})"
-                        + (f"; {held} enrolled before" if held else "")))
+                        + (f"; {len(held)} enrolled before" if held else "")))
                     continue
                 chosen.append(face.crop)
                 try:
@@ -889,7 +896,34 @@ def _stale(identity: str, root: str, files: Sequence[str], enrolled: set[str]) -
         log.warning("%s: the identity folder holds no file now (or cannot be listed); its "
                     "%d enrolled faces are not taken as stale", identity, len(enrolled))
         return []
-    return [(identity, s) for s in candidates if _gone_or_there(s)]
+    return [(identity, s) for s in candidates if _gone(s) or (
+        _gone(s) is False and _listed_down_to(own, os.path.dirname(s)))]
+
+
+def _listed_down_to(top: str, folder: str) -> bool:
+    """Whether every folder from `top` down to `folder` can be listed, so that a file
+    there which the listing left out was left out on purpose (a copy under two
+    identities), not missed (a folder that can be entered but not listed)."""
+    while True:
+        try:
+            os.listdir(folder)
+        except OSError:
+            return False
+        if os.path.commonpath([folder, top.rstrip(os.sep) or os.sep]) == folder:
+            return True
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return True
+        folder = parent
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def _gone(path: str) -> bool | None:
@@ -907,10 +941,6 @@ def _gone(path: str) -> bool | None:
 
 def _surely_gone(path: str) -> bool:
     return _gone(path) is True
-
-
-def _gone_or_there(path: str) -> bool:
-    return _gone(path) is not None
 
 
 @cli.command()

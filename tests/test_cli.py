@@ -214,7 +214,7 @@ def test_enroll_prune_removes_only_faces_whose_picture_is_surely_gone(orl_root, 
 
     people, outside = tmp_path / "people", tmp_path / "outside"
     for s, folder in (("s31", people / "s31"), ("s32", people / "s32"), ("s33", outside),
-                      ("s34", people / "s34")):
+                      ("s34", people / "s34"), ("s37", people / "s37")):
         (folder / "sub").mkdir(parents=True)
         for i in (1, 2, 3):
             shutil.copy(orl_root / s / f"{i}.pgm", folder / ("sub" if i == 3 else ".") /
@@ -233,6 +233,7 @@ def test_enroll_prune_removes_only_faces_whose_picture_is_surely_gone(orl_root, 
     locked = people / "s31" / "sub"
     locked.chmod(0)
     (people / "s34").chmod(0o644)  # listed, but what is below it cannot be looked at
+    (people / "s37" / "sub").chmod(0o111)  # entered but not listed: its picture is there
     cmd = [*FIQA, "enroll", str(people), "--index", str(gallery), "--no-gate", "--prune",
            "-o", str(tmp_path / "m.csv")]
     if os.geteuid() == 0:  # as root the mode bits do not apply: drop those capabilities
@@ -245,13 +246,14 @@ def test_enroll_prune_removes_only_faces_whose_picture_is_surely_gone(orl_root, 
     finally:
         locked.chmod(0o755)
         (people / "s34").chmod(0o755)
+        (people / "s37" / "sub").chmod(0o755)
     assert done.returncode == 1, done.stderr  # the folders that cannot be listed
     assert "s33: the identity folder holds no file now" in done.stderr
     removed = [(r["identity"], Path(r["path"]).name) for r in rows(tmp_path / "m.csv")
                if r["decision"] in ("removed", "stale")]
     assert removed == [("s32", "1.pgm"), ("s35", "1.pgm")]
     g = Gallery.open(gallery)
-    assert g.identities() == {"s31": 3, "s32": 2, "s33": 3, "s34": 3}
+    assert g.identities() == {"s31": 3, "s32": 2, "s33": 3, "s34": 3, "s37": 3}
     # a face enrolled after a run listed ROOT is not that run's to remove
     listed_at = time.time()
     (people / "s32" / "4.pgm").write_bytes((orl_root / "s32" / "4.pgm").read_bytes())
@@ -593,3 +595,48 @@ def test_a_manifest_appended_through_stdout_keeps_the_earlier_rows(tmp_path, orl
     assert run("enroll", str(tmp_path / "people"), "--index", str(tmp_path / "g"),
                "--no-gate", "-o", str(old)).returncode == 0
     assert [r["decision"] for r in rows(old)] == ["enroll"]
+
+
+def test_enroll_best_gives_a_copy_of_an_enrolled_picture_no_place(tmp_path, orl_root):
+    people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
+    (people / "ann").mkdir(parents=True)
+    shutil.copy(orl_root / "s34" / "1.pgm", people / "ann" / "1.pgm")
+    assert run("enroll", str(people), "--index", str(g), "--best", "2", "--threshold",
+               "0").returncode == 0
+    shutil.copy(people / "ann" / "1.pgm", people / "ann" / "1_copy.pgm")
+    # a softened other picture: the copy scores higher, yet it is the same picture
+    Image.open(orl_root / "s34" / "2.pgm").filter(ImageFilter.GaussianBlur(2)).save(
+        people / "ann" / "2.png")
+    res = run("enroll", str(people), "--index", str(g), "--best", "2", "--threshold", "0",
+              "-o", str(m))
+    assert res.returncode == 0, res.stderr
+    decisions = {Path(r["path"]).name: r["decision"] for r in rows(m)}
+    assert decisions == {"1.pgm": "skip", "1_copy.pgm": "skip", "2.png": "enroll"}
+    assert "(2 faces in the gallery)" in res.stderr
+
+
+def test_enroll_best_replaces_a_face_its_prune_removes(tmp_path, orl_root):
+    # the enrolled picture, now a copy under a second identity, is stale and pruned: it
+    # had still held its identity's only place, which was left empty (third audit)
+    people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
+    for who, s in (("ann", 34), ("bob", 35)):
+        (people / who).mkdir(parents=True)
+        for i in (1, 2, 3):
+            shutil.copy(orl_root / f"s{s}" / f"{i}.pgm", people / who / f"{i}.pgm")
+    assert run("enroll", str(people), "--index", str(g), "--best", "1", "--threshold", "0",
+               "-o", str(m)).returncode == 0
+    (ann,) = [r["path"] for r in rows(m) if r["identity"] == "ann" and r["decision"] ==
+              "enroll"]
+    shutil.copy(ann, people / "bob" / "misfiled.pgm")
+    res = run("enroll", str(people), "--index", str(g), "--best", "1", "--threshold", "0",
+              "--prune", "-o", str(m))
+    assert res.returncode == 0, res.stderr
+    from fiqa_gate.gallery import Gallery
+
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert gallery.identities() == {"ann": 1, "bob": 1}
+        assert _where_str(ann) not in gallery.sources("ann")
+
+
+def _where_str(path: str) -> str:
+    return str(Path(path).resolve())
