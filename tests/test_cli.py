@@ -497,15 +497,23 @@ def test_enroll_says_what_it_did_not_enroll_and_why(tmp_path, orl_root):
     assert "-o FILE lists every file" in res.stderr
 
 
-def test_enroll_best_keeps_each_identitys_best_pictures_only(tmp_path, orl_root):
-    people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
+def _ann_and_bob(people: Path, orl_root: Path, soften: bool = False) -> None:
+    """Two people of three ORL pictures each; `soften`: pictures 1 and 3 blurred (PNG),
+    so that which is best is not the file order."""
     for who, s in (("ann", 34), ("bob", 35)):
         (people / who).mkdir(parents=True)
         for i in (1, 2, 3):
+            if not soften:
+                shutil.copy(orl_root / f"s{s}" / f"{i}.pgm", people / who / f"{i}.pgm")
+                continue
             img = Image.open(orl_root / f"s{s}" / f"{i}.pgm")
-            # one sharp picture, two softened ones: which is best is not the file order
             img = img if i == 2 else img.filter(ImageFilter.GaussianBlur(1.0 + i / 2))
             img.save(people / who / f"{i}.png")
+
+
+def test_enroll_best_keeps_each_identitys_best_pictures_only(tmp_path, orl_root):
+    people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
+    _ann_and_bob(people, orl_root, soften=True)
     raw = {Path(r["path"]).relative_to(people).as_posix(): float(r["raw_score"])
            for r in csv.DictReader(run("score", str(people)).stdout.splitlines())}
     res = run("enroll", str(people), "--index", str(g), "--best", "1", "--threshold", "0",
@@ -619,10 +627,7 @@ def test_enroll_best_replaces_a_face_its_prune_removes(tmp_path, orl_root):
     # the enrolled picture, now a copy under a second identity, is stale and pruned: it
     # had still held its identity's only place, which was left empty (third audit)
     people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
-    for who, s in (("ann", 34), ("bob", 35)):
-        (people / who).mkdir(parents=True)
-        for i in (1, 2, 3):
-            shutil.copy(orl_root / f"s{s}" / f"{i}.pgm", people / who / f"{i}.pgm")
+    _ann_and_bob(people, orl_root)
     assert run("enroll", str(people), "--index", str(g), "--best", "1", "--threshold", "0",
                "-o", str(m)).returncode == 0
     (ann,) = [r["path"] for r in rows(m) if r["identity"] == "ann" and r["decision"] ==
