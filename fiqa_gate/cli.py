@@ -799,15 +799,15 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
             ranked.sort(key=lambda r: -r[0])
             # a stale face (its picture deleted, renamed, moved away, now a copy under two
             # identities: pruned or listed as such) holds no place
-            listed = {_where(p) for p in files}
+            listed_now = {_where(p) for p in files}
             stale_here = {source for _, source in gone_here}
-            held = [s for s in enrolled if s in listed or (
+            held = [s for s in enrolled if s in listed_now or (
                 s not in stale_here and not _surely_gone(s))] if ranked else []
             chosen: list[np.ndarray] = []
             for raw, at, face, quality in ranked:
                 row = pending[at][1]
-                twin = next((s for s in held if s in listed and _same_bytes(s, row["path"])),
-                            None)
+                twin = next((s for s in held
+                             if s in listed_now and _same_bytes(s, row["path"])), None)
                 if twin or any(np.array_equal(face.crop, c) for c in chosen):
                     n_not_best += 1  # a copy of a picture that has its place takes none
                     row.update(decision="skip", reason=f"a copy of {twin}, enrolled"
@@ -819,13 +819,14 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                         f"not among {identity}'s {best} best (raw score {raw:.6f})"
                         + (f"; {len(held)} enrolled before" if held else "")))
                     continue
-                chosen.append(face.crop)
                 try:
                     pending[at] = (_enrollment(rec, identity, face, row["path"], quality),
                                    row)
-                except Exception as exc:
+                except Exception as exc:  # the next best takes its place
                     failures.count += 1
                     row.update(decision="error", error=_error_text(exc))
+                    continue
+                chosen.append(face.crop)
             # A kill loses the identities since the last commit; the rerun redoes them.
             if (sum(item is not None for item, _ in pending) >= COMMIT_FACES
                     or time.monotonic() - last_commit >= COMMIT_SECONDS):
