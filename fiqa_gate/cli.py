@@ -797,12 +797,12 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     row.update(decision="error", error=_error_text(exc))
                 pending.append((item, row))
             ranked.sort(key=lambda r: -r[0])
-            # a stale face (its picture deleted, renamed, moved away, now a copy under two
-            # identities: pruned or listed as such) holds no place
+            # a face holds a place unless its picture is surely gone (deleted, renamed,
+            # moved away) or this run prunes it (a copy under two identities, ...)
             listed_now = {_where(p) for p in files}
-            stale_here = {source for _, source in gone_here}
+            pruned_here = {source for _, source in gone_here} if prune else set()
             held = [s for s in enrolled if s in listed_now or (
-                s not in stale_here and not _surely_gone(s))] if ranked else []
+                s not in pruned_here and not _surely_gone(s))] if ranked else []
             chosen: list[np.ndarray] = []
             for raw, at, face, quality in ranked:
                 row = pending[at][1]

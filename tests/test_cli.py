@@ -633,11 +633,16 @@ def test_enroll_best_replaces_a_face_its_prune_removes(tmp_path, orl_root):
     (ann,) = [r["path"] for r in rows(m) if r["identity"] == "ann" and r["decision"] ==
               "enroll"]
     shutil.copy(ann, people / "bob" / "misfiled.pgm")
+    # kept without --prune, the face still holds its place: no second one (fourth audit)
+    assert run("enroll", str(people), "--index", str(g), "--best", "1", "--threshold",
+               "0").returncode == 0
+    from fiqa_gate.gallery import Gallery
+
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert gallery.identities() == {"ann": 1, "bob": 1}
     res = run("enroll", str(people), "--index", str(g), "--best", "1", "--threshold", "0",
               "--prune", "-o", str(m))
     assert res.returncode == 0, res.stderr
-    from fiqa_gate.gallery import Gallery
-
     with contextlib.closing(Gallery.open(g)) as gallery:
         assert gallery.identities() == {"ann": 1, "bob": 1}
         assert _where_str(ann) not in gallery.sources("ann")
