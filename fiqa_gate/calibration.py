@@ -118,8 +118,14 @@ def load_fitted(path: str | Path, scorer: str, recognizer: str,
                 model_file: str | Path | None = None) -> Calibration:
     """The map `fiqa-gate calibrate` fitted for `scorer` with `recognizer`, read from its
     file; refused when the file was fitted with another recognizer, for other scorers, or
-    on another model file than `model_file` (its map would not fit these raw outputs)."""
+    on another model file than `model_file` (the scorer's --model; the shipped student's
+    when the student runs without one): its map would not fit these raw outputs."""
     from fiqa_gate.errors import FiqaGateError
+
+    if model_file is None and scorer == "student":
+        from fiqa_gate.student import SHIPPED_STUDENT
+
+        model_file = SHIPPED_STUDENT
 
     data = read_fitted(path)
     if data.get("recognizer") != recognizer:

@@ -166,11 +166,8 @@ class Pipeline:
             self.scorer = registry.get_scorer(scorer, ctx)
             if calibration is not None:
                 from fiqa_gate.calibration import load_fitted
-                from fiqa_gate.student import SHIPPED_STUDENT
 
-                model_file = model or (SHIPPED_STUDENT if scorer == "student" else None)
-                self.scorer.calibration = load_fitted(calibration, scorer, recognizer,
-                                                      model_file)
+                self.scorer.calibration = load_fitted(calibration, scorer, recognizer, model)
             calibrated_for = self.scorer.calibrated_for
             if calibrated_for is not None and calibrated_for != recognizer:
                 log.warning("scorer %r is calibrated for %s, not %s: its score is the chance "

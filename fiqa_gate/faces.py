@@ -108,9 +108,9 @@ def as_aligned_crop(image: np.ndarray) -> np.ndarray:
     crops are square; anything else would be stretched, so it is refused."""
     h, w = image.shape[:2]
     if h != w:
-        raise NotAlignedError(f"not an aligned face crop: {w}x{h} pixels (aligned crops are "
-                         f"square; they are resized to {ALIGNED_SIZE}x{ALIGNED_SIZE}); drop "
-                         "--aligned to detect and align the face")
+        raise NotAlignedError(f"not an aligned face crop: {w}x{h} pixels (aligned crops "
+                              f"are square; they are resized to {ALIGNED_SIZE}x"
+                              f"{ALIGNED_SIZE}); drop --aligned to detect and align the face")
     if h == ALIGNED_SIZE:
         return image
     import cv2

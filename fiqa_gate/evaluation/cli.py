@@ -384,8 +384,9 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
             from fiqa_gate.calibration import load_fitted, read_fitted
 
             fitted = read_fitted(calibration)["scorers"]
-            calibrations = {name: load_fitted(calibration, name, recognizer, _models(
-                [name], options).get(name, {}).get("path")) for name in scorers if name in fitted}
+            calibrations = {name: load_fitted(calibration, name, recognizer,
+                                              options.get(name, {}).get("model"))
+                            for name in scorers if name in fitted}
         report = run_evaluation(data, recognizer, scorers, out, variants, seed, bootstrap,
                                 gate_threshold, options, command, degradations, calibrations)
     from fiqa_gate.evaluation.report import print_table
@@ -631,8 +632,7 @@ def calibrate(data: str | None, recognizer: str, scorers: Sequence[str], model: 
     scorers = _available_scorers(scorers or CALIBRATION_SCORERS)
     options = {"student": {"model": model}} if model else {}
     _check_models(options, scorers, recognizer)
-    stream = is_stream(output)  # /dev/stdout, a pipe, a FIFO: written as `>` would
-    if not stream:
+    if not is_stream(output):  # /dev/stdout, a pipe, a FIFO: nothing to check or replace
         target = Path(os.path.realpath(output))
         _check_writable(target.parent)
         _check_earlier(target, output, "scorers", "`fiqa-gate calibrate` result")
@@ -653,15 +653,9 @@ def calibrate(data: str | None, recognizer: str, scorers: Sequence[str], model: 
               "command": "fiqa-gate " + " ".join(sys.argv[1:]), "versions": versions(),
               "scorers": {name: {"x": c.x, "y": c.y, "note": c.note}
                           for name, c in fitted.items()}}
-    text = json.dumps(result, indent=1) + "\n"
-    if stream:
-        try:
-            with open(output, "a", encoding="utf-8") as fh:  # not cutting a `>>` file
-                fh.write(text)
-        except OSError as exc:
-            raise FiqaGateError(f"cannot write {output}: {exc.strerror or exc}") from None
-    else:
-        replace_file(output, lambda fh: fh.write(text.encode()), named=True)
+    # a stream (/dev/stdout, a pipe) is appended to, as `>` or `>>` left it
+    replace_file(output, lambda fh: fh.write(json.dumps(result, indent=1).encode() + b"\n"),
+                 named=True)
     for name, c in fitted.items():
         share = float(np.mean(c(raw[name]) >= 0.5))
         click.echo(f"{name}: {len(c.x)} knots; --threshold 0.5 accepts {share:.0%} of "

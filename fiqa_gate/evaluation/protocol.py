@@ -239,10 +239,10 @@ def fit_calibrations(samples: Samples, embeddings: np.ndarray,
     good (clean) reference of its person from another picture, matched when their
     similarity reaches `recognizer.threshold` (its FMR 1e-3 point)."""
     faces, refs = reference_pairs(samples)
-    matched = similarities(embeddings, faces, refs) >= recognizer.threshold
     if not len(faces):
         raise FiqaGateError(f"{where}: no face has a clean reference of its person in "
                             "another picture; calibrating needs two pictures a person")
+    matched = similarities(embeddings, faces, refs) >= recognizer.threshold
     if matched.all() or not matched.any():
         raise FiqaGateError(f"{where}: {'every' if matched.all() else 'no'} face-reference "
                             f"comparison matched with {recognizer.name} at its threshold "
