@@ -114,6 +114,23 @@ def read_fitted(path: str | Path) -> dict:
     return data
 
 
+def _fitted_on_another_model(data: dict, scorer: str, model_file: str | Path | None) -> bool:
+    """Whether a calibrate file's map for `scorer` was fitted on another model file than
+    `model_file` (None: the shipped student's, for the student)."""
+    if model_file is None and scorer == "student":
+        from fiqa_gate.student import SHIPPED_STUDENT
+
+        model_file = SHIPPED_STUDENT
+    models = data.get("models")
+    model = models.get(scorer) if isinstance(models, dict) else None
+    fitted_on = model.get("sha256") if isinstance(model, dict) else None
+    if not fitted_on or model_file is None:
+        return False
+    from fiqa_gate.assets import sha256_file
+
+    return sha256_file(Path(model_file)) != fitted_on
+
+
 def load_fitted(path: str | Path, scorer: str, recognizer: str,
                 model_file: str | Path | None = None) -> Calibration:
     """The map `fiqa-gate calibrate` fitted for `scorer` with `recognizer`, read from its
@@ -121,11 +138,6 @@ def load_fitted(path: str | Path, scorer: str, recognizer: str,
     on another model file than `model_file` (the scorer's --model; the shipped student's
     when the student runs without one): its map would not fit these raw outputs."""
     from fiqa_gate.errors import FiqaGateError
-
-    if model_file is None and scorer == "student":
-        from fiqa_gate.student import SHIPPED_STUDENT
-
-        model_file = SHIPPED_STUDENT
 
     data = read_fitted(path)
     if data.get("recognizer") != recognizer:
@@ -136,17 +148,28 @@ def load_fitted(path: str | Path, scorer: str, recognizer: str,
     if entry is None:
         raise FiqaGateError(f"{path} holds no calibration for scorer {scorer!r} (it has "
                             f"{', '.join(sorted(data['scorers'])) or 'none'})")
-    models = data.get("models")
-    model = models.get(scorer) if isinstance(models, dict) else None
-    fitted_on = model.get("sha256") if isinstance(model, dict) else None
-    if fitted_on and model_file is not None:
-        from fiqa_gate.assets import sha256_file
-
-        if sha256_file(Path(model_file)) != fitted_on:
-            raise FiqaGateError(f"{path} was fitted on another {scorer} model file than "
-                                f"{model_file}; calibrate that model (--model)")
+    if _fitted_on_another_model(data, scorer, model_file):
+        raise FiqaGateError(f"{path} was fitted on another {scorer} model file than "
+                            f"{model_file or 'the shipped one'}; calibrate that model (--model)")
     try:
         return Calibration.from_dict({**entry, "recognizer": recognizer})
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise FiqaGateError(f"{path}: the calibration of {scorer} is damaged: {exc}") \
             from None
+
+
+def shipped_fitted(scorer: str, recognizer: str, model_file: str | Path | None = None
+                   ) -> Calibration | None:
+    """The map fiqa-gate ships for `scorer` with a recognizer other than the training
+    one (`models/calibrations/<recognizer>.json`, written by `fiqa-gate calibrate`), or
+    None: no file for the recognizer, none for the scorer, or the student runs another
+    model file than the one it was fitted on."""
+    from fiqa_gate import models_dir
+
+    path = models_dir() / "calibrations" / f"{Path(recognizer).name}.json"
+    if not path.is_file():
+        return None
+    data = read_fitted(path)
+    if scorer not in data["scorers"] or _fitted_on_another_model(data, scorer, model_file):
+        return None
+    return load_fitted(path, scorer, recognizer, model_file)

@@ -158,6 +158,7 @@ class Pipeline:
     def __init__(self, aligned: bool, scorer: str | None, model: str | None, detector: str,
                  recognizer: str, calibration: str | None = None) -> None:
         self.detector = None if aligned else registry.get_detector(detector)
+        self.detector_name = detector
         self.recognizer = recognizer
         self.scorer = None
         if scorer is not None:
@@ -194,7 +195,9 @@ class Pipeline:
                 f"{self.recognizer} --scorer {self.scorer.name} -o FILE, then --calibration "
                 "FILE), or gate with a recognizer it ships a calibration for (sface, for "
                 "the built-in ones)")
-        return Gate(self.scorer, threshold, stage=stage)
+        # the detector checks a rejected face's alignment, on aligned inputs too
+        return Gate(self.scorer, threshold, stage=stage,
+                    detector=self.detector or registry.get_detector(self.detector_name))
 
 
 class _Group(click.Group):

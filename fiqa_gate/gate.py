@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fiqa_gate import registry
-from fiqa_gate.components import Scorer, stack_crops
+from fiqa_gate.components import Detector, Scorer, stack_crops
+from fiqa_gate.defects import explain
 from fiqa_gate.errors import PluginError
 from fiqa_gate.faces import Face
 
@@ -45,10 +46,13 @@ class Decision:
 
 class Gate:
     """Accept a face when its calibrated score reaches `threshold`, unless a policy plugin
-    (`gate_decision` hook) decides otherwise for this `stage`."""
+    (`gate_decision` hook) decides otherwise for this `stage`.
+
+    A face rejected for its score gets the defects `fiqa_gate.defects` can name in its
+    reason (light, focus, noise, size, pose; its alignment too when `detector` is given)."""
 
     def __init__(self, scorer: Scorer, threshold: float = 0.5, stage: str = "filter",
-                 use_plugins: bool = True) -> None:
+                 use_plugins: bool = True, detector: Detector | None = None) -> None:
         if not callable(getattr(scorer, "score", None)):
             raise TypeError(f"Gate needs a scorer (registry.get_scorer('student')), not "
                             f"{type(scorer).__name__}")
@@ -66,6 +70,7 @@ class Gate:
         self.threshold = threshold
         self.stage = stage
         self.use_plugins = use_plugins
+        self.detector = detector
 
     def _decide_one(self, face: Face, score: float, raw: float) -> Decision:
         if not math.isfinite(score):
@@ -74,7 +79,7 @@ class Gate:
             accepted, reason = True, f"score {score:.3f} >= threshold {self.threshold:.3f}"
         else:
             accepted, reason = False, (f"low quality: score {score:.3f} < threshold "
-                                       f"{self.threshold:.3f}")
+                                       f"{self.threshold:.3f}{self._explain(face)}")
         if self.use_plugins:
             try:
                 override = registry.policy_decision(face, score, self.threshold, self.stage)
@@ -86,6 +91,13 @@ class Gate:
             if override is not None:
                 accepted, reason = override
         return Decision(accepted, score, raw, self.threshold, reason)
+
+    def _explain(self, face: Face) -> str:
+        try:
+            return explain(face, self.detector)
+        except Exception as exc:  # an explanation is a courtesy: it never fails a face
+            log.debug("could not name the defects of %s: %s", face.face_id, exc)
+            return ""
 
     def decide(self, faces: Sequence[Face]) -> list[Decision]:
         if not faces:

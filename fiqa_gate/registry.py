@@ -192,8 +192,16 @@ class ScorerContext:
 
 
 def get_scorer(name: str = DEFAULT_SCORER, context: ScorerContext | None = None) -> Any:
+    """The scorer, calibrated for the context's recognizer where a map for it ships."""
+    from fiqa_gate.calibration import shipped_fitted
+
     ctx = context or ScorerContext()
-    return _lookup("scorer", registry().scorers, name).factory(ctx)
+    scorer = _lookup("scorer", registry().scorers, name).factory(ctx)
+    if getattr(scorer, "calibrated_for", ctx.recognizer_name) != ctx.recognizer_name:
+        shipped = shipped_fitted(name, ctx.recognizer_name, ctx.options.get("model"))
+        if shipped is not None:
+            scorer.calibration = shipped
+    return scorer
 
 
 _warned: set[tuple[str, str]] = set()

@@ -52,3 +52,49 @@ def small_filesystem(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "--lazy", str(path)], check=False)  # even if busy
+
+
+_TWIN = '''"""SFace under another name: a real recognizer that no shipped calibration knows."""
+from fiqa_gate.hookspecs import hookimpl
+from fiqa_gate_plugins.sface import SFaceRecognizer
+
+
+class TwinRecognizer(SFaceRecognizer):
+    name = "sface-twin"
+
+
+@hookimpl
+def register_recognizers(register):
+    register("sface-twin", TwinRecognizer, "SFace under another name (tests)")
+'''
+
+
+@pytest.fixture(scope="session")
+def twin_site(tmp_path_factory) -> Path:
+    """A site folder (for PYTHONPATH) holding a third-party plugin, as pip would install
+    it: recognizer `sface-twin`, for which no scorer ships a calibration."""
+    site = tmp_path_factory.mktemp("twin-site")
+    (site / "fiqa_gate_twin.py").write_text(_TWIN)
+    meta = site / "fiqa_gate_twin-0.1.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: fiqa-gate-twin\n"
+                                   "Version: 0.1\n")
+    (meta / "entry_points.txt").write_text("[fiqa_gate]\ntwin = fiqa_gate_twin\n")
+    return site
+
+
+@pytest.fixture
+def twin_recognizer(twin_site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The same plugin registered in this process; yields the recognizer's name."""
+    import sys
+
+    from fiqa_gate import registry
+
+    monkeypatch.syspath_prepend(str(twin_site))
+    import fiqa_gate_twin
+
+    pm = registry.plugin_manager()
+    pm.register(fiqa_gate_twin, name="test-twin")
+    yield "sface-twin"
+    pm.unregister(name="test-twin")
+    sys.modules.pop("fiqa_gate_twin", None)

@@ -41,6 +41,45 @@ def test_calibrate_reproduces_the_shipped_calibrations(tmp_path):
     assert "--threshold 0.5 accepts" in res.stderr
 
 
+def test_calibrate_reproduces_the_shipped_dlib_maps(tmp_path):
+    """The maps that ship for dlib are `fiqa-gate calibrate --recognizer dlib` on its
+    defaults (about 4 min: dlib embeds 2460 faces)."""
+    out = tmp_path / "dlib.json"
+    res = run("calibrate", "--recognizer", "dlib", "-o", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    fitted = json.loads(out.read_text())
+    shipped = json.loads((MODELS / "calibrations" / "dlib.json").read_text())
+    assert fitted["models"]["student"]["sha256"] == shipped["models"]["student"]["sha256"]
+    assert fitted["scorers"] == shipped["scorers"]
+
+
+def test_the_maps_that_ship_for_a_recognizer_are_used_with_it(tmp_path):
+    import onnx
+
+    from fiqa_gate.registry import ScorerContext, get_scorer
+
+    shipped = MODELS / "calibrations" / "dlib.json"
+    names = ("student", "sharpness", "detector-confidence", "embedding-norm")
+    for name in names:
+        scorer = get_scorer(name, ScorerContext("dlib"))
+        own = load_fitted(shipped, name, "dlib")
+        assert scorer.calibrated_for == "dlib"
+        assert (scorer.calibration.x, scorer.calibration.y) == (own.x, own.y)
+        assert get_scorer(name, ScorerContext("sface")).calibrated_for == "sface"
+    # another student model file (here the same graph with other bytes) has no dlib map:
+    # the shipped one would not fit its raw outputs
+    other = tmp_path / "other.onnx"
+    graph = onnx.load(str(MODELS / "student.onnx"))
+    graph.doc_string = "another export"
+    onnx.save(graph, str(other))
+    meta = json.loads((MODELS / "student.json").read_text())
+    from fiqa_gate.assets import sha256_file
+
+    (tmp_path / "other.json").write_text(json.dumps({**meta, "sha256": sha256_file(other)}))
+    student = get_scorer("student", ScorerContext("dlib", {"model": str(other)}))
+    assert student.calibrated_for == "sface"
+
+
 @pytest.fixture(scope="module")
 def dlib_calibration(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cal") / "dlib.json"
@@ -63,22 +102,24 @@ def test_a_calibration_for_another_recognizer_gates_with_it(dlib_calibration, tm
                     str(dlib_calibration))
     assert with_file.returncode == 0, with_file.stderr
     assert "calibrated for sface" not in with_file.stderr
-    shipped = run("score", str(d), "--recognizer", "dlib")
-    assert "calibrated for sface, not dlib" in shipped.stderr
+    shipped = run("score", str(d))  # SFace's map
     rows_file = list(csv.DictReader(with_file.stdout.splitlines()))
     rows_shipped = list(csv.DictReader(shipped.stdout.splitlines()))
-    # the same raw outputs, through dlib's map instead of SFace's
+    # the same raw outputs, through this file's dlib map instead of SFace's
     assert [r["raw_score"] for r in rows_file] == [r["raw_score"] for r in rows_shipped]
     dlib_map = load_fitted(dlib_calibration, "student", "dlib")
     for r, s in zip(rows_file, rows_shipped, strict=True):  # raw printed to 6 decimals
         assert float(r["score"]) == pytest.approx(float(dlib_map(float(r["raw_score"]))),
                                                   abs=1e-4)
         assert abs(float(r["score"]) - float(s["score"])) > 1e-3  # SFace's map differs
-    # a detector-confidence gate with dlib had no calibration at all; now it has one
-    assert run("filter", str(d), "--scorer", "detector-confidence", "--recognizer",
-               "dlib").returncode == 2
-    assert run("filter", str(d), "--scorer", "detector-confidence", "--recognizer", "dlib",
-               "--calibration", str(dlib_calibration)).returncode == 0
+    # the file's map is used over the one that ships for dlib
+    res = run("filter", str(d), "--scorer", "detector-confidence", "--recognizer", "dlib",
+              "--calibration", str(dlib_calibration), "-o", "-")
+    assert res.returncode == 0, res.stderr
+    own = load_fitted(dlib_calibration, "detector-confidence", "dlib")
+    assert [float(r["score"]) for r in csv.DictReader(res.stdout.splitlines())] == \
+        pytest.approx([float(own(float(r["raw_score"]))) for r in
+                       csv.DictReader(res.stdout.splitlines())], abs=1e-4)
 
 
 def test_a_calibration_file_that_does_not_fit_is_refused(dlib_calibration, tmp_path,

@@ -284,22 +284,29 @@ def test_import_is_torch_free():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_a_threshold_needs_a_score_calibrated_for_the_recognizer(tmp_path, orl_root):
+def test_a_threshold_needs_a_score_calibrated_for_the_recognizer(tmp_path, orl_root,
+                                                                  twin_site):
     d = tmp_path / "f"
     d.mkdir()
     shutil.copy(orl_root / "s34" / "1.pgm", d / "a.pgm")
-    # sharpness is calibrated for SFace only: with dlib its raw value (thousands) would
-    # have passed any threshold
-    res = run("filter", str(d), "--scorer", "sharpness", "--recognizer", "dlib")
-    assert res.returncode == 2 and "no calibration for recognizer 'dlib'" in res.stderr
+    twin = {"PYTHONPATH": str(twin_site)}  # a recognizer no map ships for
+    # sharpness is calibrated for SFace and dlib only: with another recognizer its raw
+    # value (thousands) would have passed any threshold
+    res = run("filter", str(d), "--scorer", "sharpness", "--recognizer", "sface-twin",
+              env=twin)
+    assert res.returncode == 2 and "no calibration for recognizer 'sface-twin'" in res.stderr
     assert res.stdout == ""
     # scoring alone works, and says what the score column then is
-    res = run("score", str(d), "--scorer", "sharpness", "--recognizer", "dlib")
+    res = run("score", str(d), "--scorer", "sharpness", "--recognizer", "sface-twin", env=twin)
     assert res.returncode == 0 and "raw output clipped" in res.stderr
     # the student is calibrated for SFace: with another recognizer it works, with a warning
-    res = run("filter", str(d), "--recognizer", "dlib")
-    assert res.returncode == 0 and "calibrated for sface, not dlib" in res.stderr
+    res = run("filter", str(d), "--recognizer", "sface-twin", env=twin)
+    assert res.returncode == 0 and "calibrated for sface, not sface-twin" in res.stderr
     assert "calibrated for" not in run("filter", str(d)).stderr
+    # dlib's maps ship: each scorer gates on its own, without a warning
+    for scorer in ("student", "sharpness"):
+        res = run("filter", str(d), "--scorer", scorer, "--recognizer", "dlib")
+        assert res.returncode == 0 and "calibrat" not in res.stderr, res.stderr
 
 
 def test_search_needs_at_least_one_hit(tmp_path):

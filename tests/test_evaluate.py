@@ -867,7 +867,8 @@ def test_evaluate_and_bench_refuse_an_unwritable_output_before_any_work(tmp_path
     assert done.returncode == 2 and "cannot write to" in done.stderr and not done.stdout
 
 
-def test_a_scorer_calibrated_for_another_recognizer_is_said_in_evaluate(caplog):
+def test_a_scorer_calibrated_for_another_recognizer_is_said_in_evaluate(caplog,
+                                                                       twin_recognizer):
     # gated enrollment with dlib used the student's SFace calibration without a word,
     # where `filter` warns (audit of 2026-12-07)
     from fiqa_gate.datasets import Samples
@@ -876,14 +877,15 @@ def test_a_scorer_calibrated_for_another_recognizer_is_said_in_evaluate(caplog):
     crops = np.random.default_rng(0).integers(0, 255, (2, 112, 112, 3), dtype=np.uint8)
     samples = Samples(crops, ["a", "b"], ["a/1", "b/1"], [[], []], np.ones(2))
     with caplog.at_level("WARNING"):
-        _, calibrated = qualities(samples, ["student"], "dlib")
+        _, calibrated = qualities(samples, ["student"], twin_recognizer)
     assert "student" in calibrated
-    assert "scorer 'student' is calibrated for sface, not dlib" in caplog.text
+    assert "scorer 'student' is calibrated for sface, not sface-twin" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
         qualities(samples, ["student"], "sface")
+        qualities(samples, ["student"], "dlib")  # its map ships
     assert "calibrated for" not in caplog.text
-    # a map fitted for dlib (`evaluate --calibration`) is used, without the warning
+    # a map fitted for dlib (`evaluate --calibration`) is used over the shipped one
     from fiqa_gate.calibration import Calibration
 
     for_dlib = Calibration([-10.0, 10.0], [0.25, 0.75], "dlib")
