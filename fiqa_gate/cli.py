@@ -193,8 +193,8 @@ class Pipeline:
                 f"{self.recognizer!r}, so its scores are not on the [0, 1] scale a "
                 "threshold is set on; fit one (fiqa-gate calibrate --recognizer "
                 f"{self.recognizer} --scorer {self.scorer.name} -o FILE, then --calibration "
-                "FILE), or gate with a recognizer it ships a calibration for (sface, for "
-                "the built-in ones)")
+                "FILE), or gate with a recognizer it ships a calibration for (sface or dlib, "
+                "for the built-in ones)")
         # the detector checks a rejected face's alignment, on aligned inputs too
         return Gate(self.scorer, threshold, stage=stage,
                     detector=self.detector or registry.get_detector(self.detector_name))
@@ -560,6 +560,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
 
     Inputs are only read, never changed or deleted (unless --move with a target dir).
     """
+    from fiqa_gate.defects import tally
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
@@ -595,6 +596,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
             if finished:
                 log.info("finished %d moves an earlier run had recorded", finished)
         todo = _not_done(files, manifest.done)
+        named: list[tuple[str, ...]] = []  # the defects of each face this run rejected
         for path in _progress(todo, "filter"):
             row: dict = {"path": path, "threshold": threshold}
             try:
@@ -603,6 +605,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                 row.update(score=f"{decision.score:.6f}", raw_score=f"{decision.raw_score:.6f}",
                            decision="accept" if decision.accepted else "reject",
                            faces=len(faces), reason=decision.reason)
+                named.append(decision.defects)
                 if decision.failed:  # a broken policy plugin: a failure, not a decision
                     failures.count += 1
                     row.update(decision="error", error=decision.reason)
@@ -637,8 +640,9 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                     not_removed += 1
                     log.warning("%s: copied to %s, but not removed: %s", path,
                                 row["copied_to"], exc.strerror or exc)
+    likely = f" (likely: {tally(named)})" if tally(named) else ""
     click.echo(f"{len(files)} files: {counts['accepted']} accepted, {counts['rejected']} "
-               f"rejected, {counts['error']} failed (threshold {threshold})"
+               f"rejected{likely}, {counts['error']} failed (threshold {threshold})"
                + (f"; {len(files) - len(todo)} done before, in the manifest"
                   + (f" ({failed_before} of them failed)" if failed_before else "")
                   if len(todo) < len(files) else "")
@@ -688,6 +692,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     interrupted just runs again and enrolls only what is missing."""
     import numpy as np
 
+    from fiqa_gate.defects import tally
     from fiqa_gate.gallery import Gallery
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
@@ -715,6 +720,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     pending: list[tuple[Enrollment | None, dict]] = []  # whole identities, not yet committed
     n_in = n_skipped = n_not_best = 0
     unenrolled: list[dict] = []  # rejected by the gate or failed: said on screen too
+    named: list[tuple[str, ...]] = []  # the defects of each face the gate rejected
 
     def commit(manifest: Manifest | None) -> int:
         """Enroll the pending faces in one transaction (all or nothing), then log their
@@ -781,6 +787,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                             continue
                         if not decision.accepted:
                             row["decision"] = "reject"
+                            named.append(decision.defects)
                             pending.append((None, row))
                             continue
                     if best is not None:  # embedded below if among the identity's best
@@ -855,8 +862,9 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     removed = f", {n_removed} removed" if n_removed else ""
     moved = f", {n_moved} moved (their faces kept)" if n_moved else ""
     n_rejected = sum(r["decision"] == "reject" for r in unenrolled)
-    not_in = (f", {n_rejected} rejected by the gate, {len(unenrolled) - n_rejected} failed"
-              if unenrolled else "")
+    likely = f" (likely: {tally(named)})" if tally(named) else ""
+    not_in = (f", {n_rejected} rejected by the gate{likely}, "
+              f"{len(unenrolled) - n_rejected} failed" if unenrolled else "")
     click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path}"
                f"{skipped}{moved}{removed}{not_in} ({len(gallery)} faces in the gallery)",
                err=True)

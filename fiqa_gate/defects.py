@@ -11,6 +11,9 @@ so that few clean faces are named and the matching kind of damage mostly is
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +25,7 @@ from fiqa_gate.faces import ARCFACE_TEMPLATE, Face
 # borders of an aligned crop and the background stay out of the light measurements.
 _ROWS = slice(36, 106)
 _COLS = slice(26, 86)
-TEMPLATE_EYE_DISTANCE = float(np.linalg.norm(ARCFACE_TEMPLATE[1] - ARCFACE_TEMPLATE[0]))
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,15 @@ def measure(face: Face, detector: Detector | None = None) -> Measurements:
         # over the variance: a dim or flat face is not also called blurred
         sharpness=float(lap.var() / max(inner.var(), 1.0)), noise=noise,
         eye_distance=eye_distance, yaw=yaw,
-        misplaced=None if detector is None else _misplaced(face.crop, detector))
+        misplaced=None if detector is None else _misplaced_or_none(face.crop, detector))
+
+
+def _misplaced_or_none(crop: np.ndarray, detector: Detector) -> float | None:
+    try:
+        return _misplaced(crop, detector)
+    except Exception as exc:  # a failing detector costs this one measurement
+        log.debug("alignment check failed: %s", exc)
+        return None
 
 
 _MARGIN = 24  # the detector needs some surroundings to find a face that fills its picture
@@ -125,7 +136,7 @@ def defects(m: Measurements) -> list[str]:
     return found
 
 
-def explain(face: Face, detector: Detector | None = None) -> str:
-    """'; likely: too dark (...), blurred (...)' for a reject reason, or ''."""
-    found = defects(measure(face, detector))
-    return f"; likely: {', '.join(found)}" if found else ""
+def tally(found: Iterable[Sequence[str]]) -> str:
+    """'blurred 12, too dark 3' over several faces' defects, most frequent first."""
+    counts = Counter(text.split(" (")[0] for texts in found for text in texts)
+    return ", ".join(f"{name} {n}" for name, n in counts.most_common())

@@ -19,7 +19,7 @@ import numpy as np
 
 from fiqa_gate import registry
 from fiqa_gate.components import Detector, Scorer, stack_crops
-from fiqa_gate.defects import explain
+from fiqa_gate.defects import defects, measure
 from fiqa_gate.errors import PluginError
 from fiqa_gate.faces import Face
 
@@ -39,6 +39,8 @@ class Decision:
     threshold: float  # the gate's; a policy plugin that decided gives its own in `reason`
     reason: str
     failed: bool = False  # a policy plugin failed on this face: an error, not a decision
+    # what `fiqa_gate.defects` names for a face rejected for its score (also in `reason`)
+    defects: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,13 +75,16 @@ class Gate:
         self.detector = detector
 
     def _decide_one(self, face: Face, score: float, raw: float) -> Decision:
+        found: tuple[str, ...] = ()
         if not math.isfinite(score):
             accepted, reason = False, f"no {self.scorer.name} score for this face"
         elif round(score, SCORE_DIGITS) >= self.threshold:  # as the manifest prints it
             accepted, reason = True, f"score {score:.3f} >= threshold {self.threshold:.3f}"
         else:
+            found = self._defects(face)
             accepted, reason = False, (f"low quality: score {score:.3f} < threshold "
-                                       f"{self.threshold:.3f}{self._explain(face)}")
+                                       f"{self.threshold:.3f}"
+                                       + (f"; likely: {', '.join(found)}" if found else ""))
         if self.use_plugins:
             try:
                 override = registry.policy_decision(face, score, self.threshold, self.stage)
@@ -90,14 +95,15 @@ class Gate:
                                 f"policy plugin error: {why}", failed=True)
             if override is not None:
                 accepted, reason = override
-        return Decision(accepted, score, raw, self.threshold, reason)
+                found = ()  # the policy's reason is the one that holds
+        return Decision(accepted, score, raw, self.threshold, reason, defects=found)
 
-    def _explain(self, face: Face) -> str:
+    def _defects(self, face: Face) -> tuple[str, ...]:
         try:
-            return explain(face, self.detector)
+            return tuple(defects(measure(face, self.detector)))
         except Exception as exc:  # an explanation is a courtesy: it never fails a face
             log.debug("could not name the defects of %s: %s", face.face_id, exc)
-            return ""
+            return ()
 
     def decide(self, faces: Sequence[Face]) -> list[Decision]:
         if not faces:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from fiqa_gate import degradations, registry
 from fiqa_gate.datasets import detect_sources, orl_items
-from fiqa_gate.defects import defects, explain, measure
+from fiqa_gate.defects import defects, measure
 from fiqa_gate.faces import Detection, Face, align_face
 from fiqa_gate.gate import Gate
 
@@ -78,8 +78,9 @@ def test_only_a_rejection_for_its_score_carries_the_defects(source):
     low, high = Gate(scorer, threshold=0.0).decide_one(blurred), \
         Gate(scorer, threshold=1.0).decide_one(blurred)
     assert low.accepted and "likely" not in low.reason
-    assert not high.accepted and high.reason.endswith(explain(blurred)[2:]) \
-        and "likely: blurred" in high.reason
+    assert not high.accepted and high.defects and high.defects[0].startswith("blurred")
+    assert high.reason.endswith(f"; likely: {', '.join(high.defects)}")
+    assert low.defects == ()
 
 
 def test_a_failing_detector_costs_the_explanation_not_the_decision(source):
@@ -92,6 +93,10 @@ def test_a_failing_detector_costs_the_explanation_not_the_decision(source):
                     detector=Broken()).decide_one(face)
     assert not decision.accepted and not decision.failed
     assert decision.reason.startswith("low quality")
+    # the crop's own measurements are still named, as without a detector
+    assert decision.defects == Gate(registry.get_scorer("student"),
+                                    threshold=1.0).decide_one(face).defects
+    assert decision.defects[0].startswith("blurred")
 
 
 def test_filter_names_the_defects_of_aligned_crops(source, tmp_path):
@@ -106,6 +111,9 @@ def test_filter_names_the_defects_of_aligned_crops(source, tmp_path):
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3
+    assert "3 rejected (likely: " in done.stderr
+    for name in ("misaligned or partly hidden 1", "noisy 1", "low contrast 1"):
+        assert name in done.stderr
     for row in rows:
         assert row["decision"] == "reject"
         # the alignment check needs the detector the CLI brings, though inputs are aligned
