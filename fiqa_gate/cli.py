@@ -31,7 +31,7 @@ from fiqa_gate.images import identity_folders, iter_files
 from fiqa_gate.manifest import ENROLL_COLUMNS, FILTER_COLUMNS, SCORE_COLUMNS, SEARCH_COLUMNS
 
 if TYPE_CHECKING:
-    from fiqa_gate.components import Recognizer
+    from fiqa_gate.components import Detector, Recognizer
     from fiqa_gate.faces import Face
     from fiqa_gate.gallery import Enrollment
     from fiqa_gate.gate import Gate
@@ -195,9 +195,19 @@ class Pipeline:
                 f"{self.recognizer} --scorer {self.scorer.name} -o FILE, then --calibration "
                 "FILE), or gate with a recognizer it ships a calibration for (sface or dlib, "
                 "for the built-in ones)")
-        # the detector checks a rejected face's alignment, on aligned inputs too
-        return Gate(self.scorer, threshold, stage=stage,
-                    detector=self.detector or registry.get_detector(self.detector_name))
+        return Gate(self.scorer, threshold, stage=stage, detector=self._checking_detector())
+
+    def _checking_detector(self) -> Detector | None:
+        """The detector that checks a rejected face's alignment, aligned inputs too; for
+        those a detector that cannot load costs the check, not the run."""
+        if self.detector is not None:
+            return self.detector
+        try:
+            return registry.get_detector(self.detector_name)
+        except Exception as exc:
+            log.warning("no alignment check of rejected faces: detector %r: %s",
+                        self.detector_name, one_line(exc))
+            return None
 
 
 class _Group(click.Group):

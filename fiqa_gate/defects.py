@@ -12,6 +12,7 @@ so that few clean faces are named and the matching kind of damage mostly is
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,11 +22,17 @@ import numpy as np
 from fiqa_gate.components import Detector
 from fiqa_gate.faces import ARCFACE_TEMPLATE, Face
 
-# The inner face of the 112x112 ArcFace crop (brows to chin, cheek to cheek): the black
-# borders of an aligned crop and the background stay out of the light measurements.
+log = logging.getLogger(__name__)
+
+# The inner face of the 112x112 ArcFace crop (brows to chin, cheek to cheek): the
+# background stays out of the light measurements.
 _ROWS = slice(36, 106)
 _COLS = slice(26, 86)
-log = logging.getLogger(__name__)
+# In the template the eyes are 35.2 px apart and 40.7 px above the mouth: a turned head
+# shortens the first, a nodding one the second, so the face's size is the larger.
+_EYES_TO_MOUTH = float(np.linalg.norm(ARCFACE_TEMPLATE[3:].mean(0) - ARCFACE_TEMPLATE[:2].mean(0))
+                       / np.linalg.norm(ARCFACE_TEMPLATE[1] - ARCFACE_TEMPLATE[0]))
+_MARGIN = 24  # the detector needs some surroundings to find a face that fills its picture
 
 
 @dataclass(frozen=True)
@@ -35,63 +42,80 @@ class Measurements:
     clipped: float  # share of its pixels at 250 or more
     sharpness: float  # variance of the Laplacian of its luminance over its variance
     noise: float  # Immerkaer's estimate of the noise's standard deviation, 0..255 scale
-    eye_distance: float | None  # pixels between the eyes in the source image
+    face_size: float | None  # px between the eyes in the source, were the face frontal
     yaw: float | None  # nose off the eyes' midpoint along the eye line, in eye distances
-    misplaced: float | None  # mean px between the landmarks found in the crop and the template
+    # mean px between the landmarks a detector finds in the crop and the template; inf
+    # when it finds no face there; None without a detector
+    misplaced: float | None
 
 
 def measure(face: Face, detector: Detector | None = None) -> Measurements:
     """The face's measurements; `misplaced` needs a detector (one detection on the crop,
-    about 4 ms), the eye distance and the yaw the face's own detection."""
+    about 1.5 ms), the size and the yaw the face's own detection."""
     import cv2
 
-    grey = cv2.cvtColor(np.ascontiguousarray(face.crop), cv2.COLOR_RGB2GRAY)
-    inner = grey[_ROWS, _COLS].astype(np.float64)
-    lap = cv2.Laplacian(inner, cv2.CV_64F)
+    crop = np.ascontiguousarray(face.crop)
+    inner = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)[_ROWS, _COLS].astype(np.float64)
+    # the black fill where the picture ended is no part of the face; nor are the pixels
+    # beside it, where the Laplacian and the noise filter see its edge
+    fill = _fill(crop)
+    if fill.any():
+        fill = cv2.dilate(fill.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    face_px = ~fill[_ROWS, _COLS]
+    if face_px.sum() < face_px.size // 4:  # hardly any picture: measure what there is
+        face_px[:] = True
+    px = inner[face_px]
+    lap = cv2.Laplacian(inner, cv2.CV_64F)[face_px]
     # Immerkaer (1996): a mask that cancels a smooth image's second derivatives; what it
     # leaves is mostly noise
     mask = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
-    residual = cv2.filter2D(inner, cv2.CV_64F, mask)[1:-1, 1:-1]
-    noise = float(np.sqrt(np.pi / 2) * np.abs(residual).mean() / 6)
-    eye_distance = yaw = None
+    residual = cv2.filter2D(inner, cv2.CV_64F, mask, borderType=cv2.BORDER_REFLECT)[face_px]
+    size = yaw = None
     if face.detection is not None:
         points = np.asarray(face.detection.landmarks, np.float64).reshape(5, 2)
         eyes = points[1] - points[0]
         eye_distance = float(np.linalg.norm(eyes))
+        to_mouth = float(np.linalg.norm(points[3:].mean(0) - points[:2].mean(0)))
+        size = max(eye_distance, to_mouth / _EYES_TO_MOUTH)
         if eye_distance > 0:
-            along = eyes / eye_distance
-            yaw = float((points[2] - (points[0] + points[1]) / 2) @ along / eye_distance)
+            yaw = float((points[2] - points[:2].mean(0)) @ (eyes / eye_distance)
+                        / eye_distance)
     return Measurements(
-        brightness=float(inner.mean() / 255), contrast=float(inner.std() / 255),
-        clipped=float((inner >= 250).mean()),
-        # over the variance: a dim or flat face is not also called blurred
-        sharpness=float(lap.var() / max(inner.var(), 1.0)), noise=noise,
-        eye_distance=eye_distance, yaw=yaw,
-        misplaced=None if detector is None else _misplaced_or_none(face.crop, detector))
+        brightness=float(px.mean() / 255), contrast=float(px.std() / 255),
+        clipped=float((px >= 250).mean()),
+        sharpness=float(lap.var() / max(px.var(), 1.0)),
+        noise=float(np.sqrt(np.pi / 2) * np.abs(residual).mean() / 6),
+        face_size=size, yaw=yaw,
+        misplaced=None if detector is None else _misplaced(crop, detector))
 
 
-def _misplaced_or_none(crop: np.ndarray, detector: Detector) -> float | None:
-    try:
-        return _misplaced(crop, detector)
-    except Exception as exc:  # a failing detector costs this one measurement
-        log.debug("alignment check failed: %s", exc)
-        return None
+def _fill(crop: np.ndarray) -> np.ndarray:
+    """The black an alignment leaves where the source picture ended: pure black pixels
+    joined to the crop's edge."""
+    import cv2
 
-
-_MARGIN = 24  # the detector needs some surroundings to find a face that fills its picture
+    black = cv2.inRange(crop, (0, 0, 0), (0, 0, 0))  # 255 where pure black (numpy: slow)
+    if not (black[0].any() or black[-1].any() or black[:, 0].any() or black[:, -1].any()):
+        return np.zeros(black.shape, bool)  # nothing joined to the edge: the usual case
+    _, labels = cv2.connectedComponents(black, connectivity=4)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return np.isin(labels, edge[edge > 0])
 
 
 def _misplaced(crop: np.ndarray, detector: Detector) -> float | None:
     """How far the landmarks a detector finds in the aligned crop are from the template
     (mean px): large when the source's landmarks were wrong (a bad alignment) or guessed
-    (a partly hidden face). None when the crop shows no face to the detector."""
+    (a tilted or partly hidden face); inf when it finds no face; None when it fails."""
     import cv2
 
     m = _MARGIN
-    found = detector.detect(cv2.copyMakeBorder(np.ascontiguousarray(crop), m, m, m, m,
-                                               cv2.BORDER_REPLICATE))
-    if not found:
+    try:
+        found = detector.detect(cv2.copyMakeBorder(crop, m, m, m, m, cv2.BORDER_REPLICATE))
+    except Exception as exc:  # a failing detector costs this one measurement
+        log.debug("alignment check failed: %s", exc)
         return None
+    if not found:
+        return math.inf
     points = np.asarray(max(found, key=lambda d: d.score).landmarks, np.float64)
     return float(np.linalg.norm(points.reshape(5, 2) - m - ARCFACE_TEMPLATE, axis=1).mean())
 
@@ -115,24 +139,31 @@ def defects(m: Measurements) -> list[str]:
     past its limit (the score may still be low: occlusion, compression and the like are
     not measured)."""
     found = []
+    if m.misplaced == math.inf and m.face_size is None:  # an aligned input, not a detection
+        found.append("no face found in the crop")
     if m.brightness < LIMITS["dark"]:
-        found.append(f"too dark (brightness {m.brightness:.2f})")
+        found.append(f"too dark (brightness {m.brightness:.3f})")
     elif m.brightness > LIMITS["bright"]:
-        found.append(f"too bright (brightness {m.brightness:.2f})")
+        found.append(f"too bright (brightness {m.brightness:.3f})")
     if m.clipped > LIMITS["clipped"]:
         found.append(f"blown-out highlights ({m.clipped:.0%} of the face)")
-    if m.contrast < LIMITS["flat"]:
-        found.append(f"low contrast ({m.contrast:.2f})")
-    if m.sharpness < LIMITS["blurred"]:
+    flat = m.contrast < LIMITS["flat"]
+    if flat:
+        found.append(f"low contrast ({m.contrast:.3f})")
+    if m.sharpness < LIMITS["blurred"] and not flat:  # a flat face has no edges to blur
         found.append(f"blurred (sharpness {m.sharpness:.3f})")
     if m.noise > LIMITS["noisy"]:
         found.append(f"noisy (noise {m.noise:.1f})")
-    if m.eye_distance is not None and m.eye_distance < LIMITS["small"]:
-        found.append(f"small face ({m.eye_distance:.0f} px between the eyes)")
-    if m.yaw is not None and abs(m.yaw) > LIMITS["turned"]:
+    if m.face_size is not None and m.face_size < LIMITS["small"]:
+        found.append(f"small face ({m.face_size:.0f} px between the eyes)")
+    turned = m.yaw is not None and abs(m.yaw) > LIMITS["turned"]
+    if turned:
         found.append(f"head turned (yaw {m.yaw:+.2f})")
-    if m.misplaced is not None and m.misplaced > LIMITS["misplaced"]:
-        found.append(f"misaligned or partly hidden (landmarks {m.misplaced:.0f} px off)")
+    # a turned head is off the frontal template anyway: the turn is the news
+    if m.misplaced is not None and LIMITS["misplaced"] < m.misplaced < math.inf \
+            and not turned:
+        found.append(f"face off the template (landmarks {m.misplaced:.0f} px off: "
+                     "misaligned, tilted or partly hidden)")
     return found
 
 

@@ -75,16 +75,13 @@ class Gate:
         self.detector = detector
 
     def _decide_one(self, face: Face, score: float, raw: float) -> Decision:
-        found: tuple[str, ...] = ()
         if not math.isfinite(score):
             accepted, reason = False, f"no {self.scorer.name} score for this face"
         elif round(score, SCORE_DIGITS) >= self.threshold:  # as the manifest prints it
             accepted, reason = True, f"score {score:.3f} >= threshold {self.threshold:.3f}"
         else:
-            found = self._defects(face)
             accepted, reason = False, (f"low quality: score {score:.3f} < threshold "
-                                       f"{self.threshold:.3f}"
-                                       + (f"; likely: {', '.join(found)}" if found else ""))
+                                       f"{self.threshold:.3f}")
         if self.use_plugins:
             try:
                 override = registry.policy_decision(face, score, self.threshold, self.stage)
@@ -93,9 +90,14 @@ class Gate:
                     f"{type(exc).__name__}: {exc}"
                 return Decision(False, score, raw, self.threshold,
                                 f"policy plugin error: {why}", failed=True)
-            if override is not None:
+            if override is not None:  # the policy's reason is the one that holds
                 accepted, reason = override
-                found = ()  # the policy's reason is the one that holds
+                return Decision(accepted, score, raw, self.threshold, reason)
+        found: tuple[str, ...] = ()
+        if not accepted and math.isfinite(score):  # measured only when the score rejects
+            found = self._defects(face)
+            if found:
+                reason += f"; likely: {', '.join(found)}"
         return Decision(accepted, score, raw, self.threshold, reason, defects=found)
 
     def _defects(self, face: Face) -> tuple[str, ...]:

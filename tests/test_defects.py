@@ -4,6 +4,7 @@ recorded parameters, is named for what it is; a clean face gets no name."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from fiqa_gate.datasets import detect_sources, orl_items
 from fiqa_gate.defects import defects, measure
 from fiqa_gate.faces import Detection, Face, align_face
 from fiqa_gate.gate import Gate
+from fiqa_gate.hookspecs import hookimpl
 
 DAMAGE = {  # (kind, parameters) -> the name a user reads
     "too dark": {"kind": "exposure", "gain": 0.08},
@@ -23,8 +25,8 @@ DAMAGE = {  # (kind, parameters) -> the name a user reads
     "low contrast": {"kind": "contrast", "alpha": 0.05},
     "noisy": {"kind": "lowlight", "gain": 0.06, "read_noise": 8.0, "seed": 1},
     "blurred": {"kind": "defocus", "radius": 6.0},
-    "misaligned or partly hidden": {"kind": "misalign", "rotation": 25.0, "scale": 1.0,
-                                    "shift": [12.0, 8.0]},
+    "face off the template": {"kind": "misalign", "rotation": 25.0, "scale": 1.0,
+                              "shift": [12.0, 8.0]},
 }
 
 
@@ -102,7 +104,7 @@ def test_a_failing_detector_costs_the_explanation_not_the_decision(source):
 def test_filter_names_the_defects_of_aligned_crops(source, tmp_path):
     crops = tmp_path / "crops"
     crops.mkdir()
-    for name in ("misaligned or partly hidden", "noisy", "low contrast"):
+    for name in ("face off the template", "noisy", "low contrast"):
         Image.fromarray(_face(source, DAMAGE[name]).crop).save(crops / f"{name}.png")
     out = tmp_path / "f.csv"
     done = subprocess.run([sys.executable, "-m", "fiqa_gate", "filter", "--aligned",
@@ -112,9 +114,85 @@ def test_filter_names_the_defects_of_aligned_crops(source, tmp_path):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3
     assert "3 rejected (likely: " in done.stderr
-    for name in ("misaligned or partly hidden 1", "noisy 1", "low contrast 1"):
+    # a crop damaged this much hides its face from the detector too: both are said
+    for name in ("face off the template 1", "noisy 1", "low contrast 1",
+                 "no face found in the crop 2"):
         assert name in done.stderr
     for row in rows:
         assert row["decision"] == "reject"
         # the alignment check needs the detector the CLI brings, though inputs are aligned
-        assert f"likely: {row['path'].rsplit('/', 1)[1][:-4]}" in row["reason"]
+        name = row["path"].rsplit("/", 1)[1][:-4]
+        assert f"likely: {name}" in row["reason"] or \
+            f"likely: no face found in the crop, {name}" in row["reason"]
+
+
+def test_a_turned_head_is_turned_not_small_nor_off_the_template(source):
+    crop = _face(source, None).crop
+    # frontal: eyes 40 px apart, mouth 46 px below them; turned: the eyes 18 px apart
+    frontal = np.array([[40, 50], [80, 50], [60, 72], [45, 96], [75, 96]], np.float64)
+    turned = frontal.copy()
+    turned[[0, 3], 0] += 22
+    turned[2, 0] = 80  # the nose half an eye distance off their midpoint
+    m = measure(Face(crop, "x", 0, Detection((30, 30, 60, 80), turned, 0.9)))
+    assert m.face_size == pytest.approx(46 / 40.68 * 35.24, abs=0.2)
+    names = _names(Face(crop, "x", 0, Detection((30, 30, 60, 80), turned, 0.9)))
+    assert names == {"head turned"}
+    off = defects(dataclasses.replace(m, misplaced=20.0))
+    assert [d.split(" (")[0] for d in off] == ["head turned"]
+    assert "face off the template" in {d.split(" (")[0] for d in defects(
+        dataclasses.replace(m, misplaced=20.0, yaw=0.0))}
+
+
+def test_a_crop_without_a_face_is_said_to_be_one(source):
+    detector = source[1]
+    rng = np.random.default_rng(0)
+    for crop in (rng.integers(0, 256, (112, 112, 3), dtype=np.uint8),  # grass-like
+                 np.full((112, 112, 3), 128, np.uint8)):
+        assert defects(measure(Face(crop), detector))[0] == "no face found in the crop"
+    # a flat crop is flat, not also blurred
+    flat = Face(np.full((112, 112, 3), 128, np.uint8), "x", 0, source[0].detection)
+    assert _names(flat) == {"low contrast"}
+
+
+def test_the_alignment_fill_is_no_part_of_the_face(source):
+    face = _face(source, DAMAGE["low contrast"])
+    crop = face.crop.copy()
+    crop[:, :40] = 0  # where the source picture ended, as warpAffine leaves it
+    assert "low contrast" in _names(Face(crop, face.source, 0, face.detection))
+
+
+def test_a_policy_that_decides_costs_no_measurement(source):
+    calls = []
+
+    class Counting:
+        def detect(self, image: np.ndarray) -> list:
+            calls.append(1)
+            return source[1].detect(image)
+
+    class AcceptAll:
+        @hookimpl
+        def gate_decision(self, face, score, threshold, stage):
+            return True, "kiosk"
+
+    face = _face(source, DAMAGE["blurred"])
+    gate = Gate(registry.get_scorer("student"), threshold=1.0, detector=Counting())
+    pm = registry.plugin_manager()
+    pm.register(AcceptAll(), name="test-accept-all")
+    try:
+        decision = gate.decide_one(face)
+    finally:
+        pm.unregister(name="test-accept-all")
+    assert decision.accepted and decision.defects == () and calls == []
+    assert gate.decide_one(face).defects and calls  # without it: measured
+
+
+def test_aligned_inputs_need_no_detector_that_loads(source, tmp_path):
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    Image.fromarray(_face(source, DAMAGE["noisy"]).crop).save(crops / "a.png")
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "filter", "--aligned",
+                           "--detector", "nosuch", str(crops), "-o", "-"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "no alignment check of rejected faces" in done.stderr
+    assert "likely: noisy" in done.stdout

@@ -168,7 +168,8 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
 
     sface = recognizers.get("sface")
     if sface is not None:
-        gate = Gate(student, threshold=0.5, use_plugins=False)
+        # as the CLI's gate: the detector checks a rejected face's alignment
+        gate = Gate(student, threshold=0.5, use_plugins=False, detector=detector)
         few = paths[:16]
 
         def ungated() -> None:
