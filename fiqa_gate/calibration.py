@@ -170,6 +170,7 @@ def shipped_fitted(scorer: str, recognizer: str, model_file: str | Path | None =
     if not path.is_file():
         return None
     data = read_fitted(path)
-    if scorer not in data["scorers"] or _fitted_on_another_model(data, scorer, model_file):
-        return None
+    if (data.get("recognizer") != recognizer or scorer not in data["scorers"]
+            or _fitted_on_another_model(data, scorer, model_file)):
+        return None  # (a name that only ends like the file's: "x/dlib")
     return load_fitted(path, scorer, recognizer, model_file)

@@ -78,6 +78,11 @@ def test_the_maps_that_ship_for_a_recognizer_are_used_with_it(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({**meta, "sha256": sha256_file(other)}))
     student = get_scorer("student", ScorerContext("dlib", {"model": str(other)}))
     assert student.calibrated_for == "sface"
+    # a recognizer whose name only ends like a shipped file's gets none of its maps
+    from fiqa_gate.calibration import shipped_fitted
+
+    assert shipped_fitted("sharpness", "x/dlib") is None
+    assert shipped_fitted("sharpness", "dlib") is not None
 
 
 @pytest.fixture(scope="module")
