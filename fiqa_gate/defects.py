@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fiqa_gate.components import Detector
-from fiqa_gate.faces import ARCFACE_TEMPLATE, Face
+from fiqa_gate.faces import ARCFACE_TEMPLATE, Face, five_points
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +62,23 @@ def measure(face: Face, detector: Detector | None = None) -> Measurements:
     if fill.any():
         fill = cv2.dilate(fill.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     face_px = ~fill[_ROWS, _COLS]
-    if face_px.sum() < face_px.size // 4:  # hardly any picture: measure what there is
-        face_px[:] = True
-    px = inner[face_px]
-    lap = cv2.Laplacian(inner, cv2.CV_64F)[face_px]
+    if face_px.sum() < face_px.size // 4:  # hardly any picture: its light says nothing
+        face_px[:] = False
+    px = inner[face_px] if face_px.any() else np.full(1, np.nan)
+    lap = cv2.Laplacian(inner, cv2.CV_64F)[face_px] if face_px.any() else px
     # Immerkaer (1996): a mask that cancels a smooth image's second derivatives; what it
     # leaves is mostly noise
     mask = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
-    residual = cv2.filter2D(inner, cv2.CV_64F, mask, borderType=cv2.BORDER_REFLECT)[face_px]
+    residual = cv2.filter2D(inner, cv2.CV_64F, mask, borderType=cv2.BORDER_REFLECT)[face_px] \
+        if face_px.any() else px
     size = yaw = None
-    if face.detection is not None:
-        points = np.asarray(face.detection.landmarks, np.float64).reshape(5, 2)
+    points = _points(face.detection.landmarks) if face.detection is not None else None
+    if points is not None:
         eyes = points[1] - points[0]
         eye_distance = float(np.linalg.norm(eyes))
-        to_mouth = float(np.linalg.norm(points[3:].mean(0) - points[:2].mean(0)))
-        size = max(eye_distance, to_mouth / _EYES_TO_MOUTH)
-        if eye_distance > 0:
+        if eye_distance >= 1:  # below: landmarks that say nothing of size or pose
+            to_mouth = float(np.linalg.norm(points[3:].mean(0) - points[:2].mean(0)))
+            size = max(eye_distance, to_mouth / _EYES_TO_MOUTH)
             yaw = float((points[2] - points[:2].mean(0)) @ (eyes / eye_distance)
                         / eye_distance)
     return Measurements(
@@ -116,21 +117,32 @@ def _misplaced(crop: np.ndarray, detector: Detector) -> float | None:
         return None
     if not found:
         return math.inf
-    points = np.asarray(max(found, key=lambda d: d.score).landmarks, np.float64)
-    return float(np.linalg.norm(points.reshape(5, 2) - m - ARCFACE_TEMPLATE, axis=1).mean())
+    points = _points(max(found, key=lambda d: d.score).landmarks)
+    if points is None:
+        return None
+    return float(np.linalg.norm(points - m - ARCFACE_TEMPLATE, axis=1).mean())
+
+
+def _points(landmarks: object) -> np.ndarray | None:
+    """Five (x, y) landmarks, or None for what `five_points` refuses (68 points, xs then
+    ys, NaN): a measurement lost, not a reason made up."""
+    try:
+        return five_points(landmarks, "checking")
+    except ValueError:
+        return None
 
 
 # Past these a measurement is named (the module doc says how they were set).
-LIMITS = {
-    "dark": 0.25,  # brightness below (clean ORL faces: 0.41 at the 1st percentile)
-    "bright": 0.75,  # brightness above (0.59 at the 99th)
+LIMITS = {  # in parentheses: clean ORL faces of s1-s30, as `defect_limits` measures them
+    "dark": 0.25,  # brightness below (0.40 at the 1st percentile)
+    "bright": 0.75,  # brightness above (0.70 at the 99th)
     "clipped": 0.15,  # share of blown-out pixels above (none)
-    "flat": 0.06,  # contrast below (0.108)
-    "blurred": 0.05,  # sharpness below (0.081)
-    "noisy": 6.0,  # noise above (3.2 at the 99th)
+    "flat": 0.06,  # contrast below (0.088 at the 1st)
+    "blurred": 0.05,  # sharpness below (0.046 at the 1st: 4 of 300, s23's soft pictures)
+    "noisy": 6.0,  # noise above (2.8 at the 99th)
     "small": 24.0,  # px between the eyes below: upscaled 1.5 times to the crop's 35.2
     "turned": 0.30,  # |yaw| above (ORL's most turned faces: 0.22)
-    "misplaced": 8.0,  # px off the template above (clean: 4.7 at the 95th)
+    "misplaced": 8.0,  # px off the template above (5.0 at the 95th, 6.9 at the 99th)
 }
 
 
@@ -139,8 +151,6 @@ def defects(m: Measurements) -> list[str]:
     past its limit (the score may still be low: occlusion, compression and the like are
     not measured)."""
     found = []
-    if m.misplaced == math.inf and m.face_size is None:  # an aligned input, not a detection
-        found.append("no face found in the crop")
     if m.brightness < LIMITS["dark"]:
         found.append(f"too dark (brightness {m.brightness:.3f})")
     elif m.brightness > LIMITS["bright"]:
@@ -163,7 +173,9 @@ def defects(m: Measurements) -> list[str]:
     if m.misplaced is not None and LIMITS["misplaced"] < m.misplaced < math.inf \
             and not turned:
         found.append(f"face off the template (landmarks {m.misplaced:.0f} px off: "
-                     "misaligned, tilted or partly hidden)")
+                     "misaligned or partly hidden)")
+    if m.misplaced == math.inf:  # cut off, hidden, damaged beyond finding, or no face
+        found.append("no face found in the aligned crop")
     return found
 
 

@@ -66,7 +66,15 @@ def main() -> None:
                                                    src.source, 0, src.detection))
     _timing(sources, detector)
     clean = [measure(Face(align_face(s.image, s.detection.landmarks), s.source, 0,
-                          s.detection)) for s in sources]
+                          s.detection), detector) for s in sources]
+    for field, q in (("brightness", (1, 99)), ("contrast", (1,)), ("sharpness", (1,)),
+                     ("noise", (99,)), ("misplaced", (95, 99))):
+        values = np.array([getattr(m, field) for m in clean], np.float64)
+        values = values[np.isfinite(values)]
+        shown = ", ".join(f"{p}th {np.percentile(values, p):.3g}" for p in q)
+        print(f"clean faces' {field}: {shown}")
+    any_named = np.mean([bool(found) for found in named["clean"]])
+    print(f"clean faces named: {any_named:.1%} ({tally([defects(m) for m in clean])})")
     eyes = [m.face_size for m in clean]
     print(f"clean faces: {min(eyes):.1f}-{max(eyes):.1f} px between the eyes, turned at "
           f"most {max(abs(m.yaw) for m in clean):.2f} (the size and pose limits: "
