@@ -329,7 +329,7 @@ def _evaluation_options(fn: _F) -> _F:
                      help="Calibrated score a candidate needs for gated enrollment."),
         click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
                      help="A `fiqa-gate calibrate` file: its scorers gate enrollment on its "
-                          "maps for --recognizer instead of the shipped ones (SFace's)."),
+                          "maps for --recognizer instead of the shipped ones (SFace's, dlib's)."),
     ]):
         fn = option(fn)
     return fn
