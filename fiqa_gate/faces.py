@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,9 @@ class Face:
     source: str = ""
     index: int = 0
     detection: Detection | None = None
+    # the picture the face was found in (the detection's coordinates), when in memory:
+    # its noise is measured there, before alignment resampled it
+    frame: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def det_score(self) -> float | None:

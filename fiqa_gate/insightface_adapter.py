@@ -48,7 +48,7 @@ class GatedFaceAnalysis:
             detection = Detection(box=(x1, y1, x2 - x1, y2 - y1), landmarks=np.asarray(kps),
                                   score=det_score)
             ours.append(Face(crop=align_face(rgb, kps), source=source, index=i,
-                             detection=detection))
+                             detection=detection, frame=rgb))
         decisions = self.gate.decide(ours)
         # insightface's own order: the liveness addon first; in its "normal" mode a face
         # that is not live gets no embedding either

@@ -48,7 +48,7 @@ def faces_in_image(image: np.ndarray, detector: Detector, source: str = "") -> l
         marks = five_points(d.landmarks, getattr(detector, "name", type(detector).__name__))
         found = Detection(tuple(v / f for v in d.box), marks / f, d.score)
         faces.append(Face(crop=align_face(work, marks), source=source, index=i,
-                          detection=found))
+                          detection=found, frame=image))
     return faces
 
 

@@ -40,7 +40,7 @@ def _face(source, step: dict | None) -> Face:
     src, _ = source
     lm = np.asarray(src.detection.landmarks, np.float64).reshape(5, 2)
     d = degradations.apply(src.image, lm, [step] if step else [])
-    return Face(align_face(d.image, d.landmarks), src.source, 0, src.detection)
+    return Face(align_face(d.image, d.landmarks), src.source, 0, src.detection, frame=d.image)
 
 
 def _names(face: Face, detector=None) -> set[str]:
@@ -221,3 +221,26 @@ def test_aligned_inputs_need_no_detector_that_loads(source, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "no alignment check of rejected faces" in done.stderr
     assert "likely: noisy" in done.stdout
+
+
+def test_noise_is_measured_where_the_camera_left_it(source):
+    """On the source picture, not the crop: alignment smooths noise away when it enlarges
+    a face and turns texture into noise when it shrinks one (a sharp 107 px portrait was
+    called noisy)."""
+    clean, noisy = _face(source, None), _face(source, DAMAGE["noisy"])
+    assert "noisy" in _names(noisy)
+    swapped = Face(noisy.crop, "x", 0, noisy.detection, frame=clean.frame)
+    assert "noisy" not in _names(swapped)
+    assert "noisy" in _names(Face(clean.crop, "x", 0, clean.detection, frame=noisy.frame))
+
+
+def test_a_turned_head_has_no_light_names_from_the_background(source):
+    m = measure(_face(source, None))
+    glare = dataclasses.replace(m, clipped=0.4, brightness=0.9, yaw=0.6)
+    assert [d.split(" (")[0] for d in defects(glare)] == ["head turned"]
+    assert {"too bright", "blown-out highlights"} <= {
+        d.split(" (")[0] for d in defects(dataclasses.replace(glare, yaw=0.0))}
+
+
+def test_a_dark_face_is_dark_not_also_flat(source):
+    assert _names(_face(source, DAMAGE["too dark"])) == {"too dark"}

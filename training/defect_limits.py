@@ -58,15 +58,16 @@ def main() -> None:
 
     for i, src in enumerate(sources):
         record("clean", Face(align_face(src.image, src.detection.landmarks), src.source, 0,
-                             src.detection))
+                             src.detection, frame=src.image))
         for g, (group, (kind, gain)) in enumerate(GROUPS.items()):
             for s, severity in enumerate(SEVERITIES):
                 d = _damaged(src, kind, gain, severity, seed=1000 * i + 10 * g + s)
                 record(f"{group} {severity}", Face(align_face(d.image, d.landmarks),
-                                                   src.source, 0, src.detection))
+                                                   src.source, 0, src.detection,
+                                                   frame=d.image))
     _timing(sources, detector)
     clean = [measure(Face(align_face(s.image, s.detection.landmarks), s.source, 0,
-                          s.detection), detector) for s in sources]
+                          s.detection, frame=s.image), detector) for s in sources]
     for field, q in (("brightness", (1, 99)), ("contrast", (1,)), ("sharpness", (1,)),
                      ("noise", (99,)), ("misplaced", (95, 99))):
         values = np.array([getattr(m, field) for m in clean], np.float64)
@@ -87,7 +88,7 @@ def main() -> None:
     # faces no limit was set on (the test identities, clean): how often one is named
     unseen = detect_sources(orl_items(ORL_TEST), detector)
     found = [defects(measure(Face(align_face(s.image, s.detection.landmarks), s.source, 0,
-                                  s.detection), detector)) for s in unseen]
+                                  s.detection, frame=s.image), detector)) for s in unseen]
     print(f"clean faces of s31-s40, which set no limit: {sum(map(bool, found))} of "
           f"{len(found)} named ({tally(found) or 'none'})")
     _rejections(detector)
@@ -100,8 +101,8 @@ def _timing(sources: list[SourceFace], detector: Detector) -> None:
     from fiqa_gate.defects import measure
     from fiqa_gate.faces import Face, align_face
 
-    faces = [Face(align_face(s.image, s.detection.landmarks), s.source, 0, s.detection)
-             for s in sources[:20]]
+    faces = [Face(align_face(s.image, s.detection.landmarks), s.source, 0, s.detection,
+                  frame=s.image) for s in sources[:20]]
     for label, with_detector in (("the crop's measurements", None),
                                  ("with the alignment check", detector)):
         runs = []
@@ -115,6 +116,7 @@ def _timing(sources: list[SourceFace], detector: Detector) -> None:
 
 def _rejections(detector: Detector) -> None:
     """On the recipe's validation faces: the student's rejections at 0.5 and the defects."""
+    from fiqa_gate import degradations
     from fiqa_gate.datasets import ORL_VAL, build_samples, detect_sources, orl_items
     from fiqa_gate.defects import defects, measure
     from fiqa_gate.faces import Face
@@ -122,9 +124,14 @@ def _rejections(detector: Detector) -> None:
 
     sources = detect_sources(orl_items(ORL_VAL), detector)
     samples = build_samples(sources, detector, variants=40, seed=8, redetect=False)
-    by_source = {s.source: s.detection for s in sources}
-    faces = [Face(c, src, 0, by_source[src]) for c, src in zip(samples.crops, samples.source,
-                                                               strict=True)]
+    by_source = {s.source: s for s in sources}
+
+    def face(i: int) -> Face:  # its damaged picture again, for the noise measurement
+        src = by_source[samples.source[i]]
+        frame = degradations.apply(src.image, src.detection.landmarks, samples.records[i])
+        return Face(samples.crops[i], src.source, 0, src.detection, frame=frame.image)
+
+    faces = [face(i) for i in range(len(samples))]
     score = get_scorer("student").score(faces).calibrated
     rejected = score < 0.5
     explained = np.array([bool(defects(measure(f, detector))) for f in faces])
