@@ -8,7 +8,6 @@ cannot be written, 130 interrupted.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import functools
 import itertools
@@ -802,9 +801,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                             pending.append((None, row))
                             continue
                     if best is not None:  # embedded below if among the identity's best
-                        # kept until the identity is done: not its whole picture
-                        ranked.append((decision.raw_score, len(pending),
-                                       dataclasses.replace(face, frame=None), decision.score))
+                        ranked.append((decision.raw_score, len(pending), face,
+                                       decision.score))
                         row["decision"] = "enroll"
                         pending.append((None, row))
                         continue

@@ -41,9 +41,9 @@ class Face:
     source: str = ""
     index: int = 0
     detection: Detection | None = None
-    # the picture the face was found in (the detection's coordinates), when in memory:
+    # the source picture's inner face (`inner_face_patch`), grey, copied at detection:
     # its noise is measured there, before alignment resampled it
-    frame: np.ndarray | None = field(default=None, repr=False, compare=False)
+    patch: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def det_score(self) -> float | None:
@@ -52,6 +52,31 @@ class Face:
     @property
     def face_id(self) -> str:
         return f"{self.source}#{self.index}"
+
+
+MAX_PATCH = 256  # px a side: a large face's centre holds noise enough
+
+
+def inner_face_patch(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray | None:
+    """A grey copy of `image` (RGB uint8) between a face's eyes and mouth corners, at
+    most MAX_PATCH px a side around its centre; None where that is under 8 px a side.
+    A copy, so that a caller reusing its picture (a video loop) does not change it, and
+    small, so that faces kept for long keep no whole pictures."""
+    import cv2
+
+    points = np.asarray(landmarks, np.float64).reshape(5, 2)
+    if not np.isfinite(points).all():
+        return None
+    (x0, y0), (x1, y1) = points.min(0), points.max(0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    half_w, half_h = min(x1 - x0, MAX_PATCH) / 2, min(y1 - y0, MAX_PATCH) / 2
+    h, w = image.shape[:2]
+    top, bottom = max(int(cy - half_h), 0), min(int(cy + half_h), h)
+    left, right = max(int(cx - half_w), 0), min(int(cx + half_w), w)
+    if bottom - top < 8 or right - left < 8:
+        return None
+    return cv2.cvtColor(np.ascontiguousarray(image[top:bottom, left:right]),
+                        cv2.COLOR_RGB2GRAY)
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fiqa_gate.faces import Detection, Face, align_face
+from fiqa_gate.faces import Detection, Face, align_face, inner_face_patch
 from fiqa_gate.gate import Gate
 
 
@@ -48,7 +48,7 @@ class GatedFaceAnalysis:
             detection = Detection(box=(x1, y1, x2 - x1, y2 - y1), landmarks=np.asarray(kps),
                                   score=det_score)
             ours.append(Face(crop=align_face(rgb, kps), source=source, index=i,
-                             detection=detection, frame=rgb))
+                             detection=detection, patch=inner_face_patch(rgb, kps)))
         decisions = self.gate.decide(ours)
         # insightface's own order: the liveness addon first; in its "normal" mode a face
         # that is not live gets no embedding either

@@ -9,7 +9,14 @@ import numpy as np
 
 from fiqa_gate.components import Detector
 from fiqa_gate.errors import NoFaceError
-from fiqa_gate.faces import Detection, Face, align_face, as_aligned_crop, five_points
+from fiqa_gate.faces import (
+    Detection,
+    Face,
+    align_face,
+    as_aligned_crop,
+    five_points,
+    inner_face_patch,
+)
 from fiqa_gate.images import load_image
 
 # Detectors miss faces in tight or tiny crops (ORL's 92 px, LFW thumbnails): such images
@@ -48,7 +55,8 @@ def faces_in_image(image: np.ndarray, detector: Detector, source: str = "") -> l
         marks = five_points(d.landmarks, getattr(detector, "name", type(detector).__name__))
         found = Detection(tuple(v / f for v in d.box), marks / f, d.score)
         faces.append(Face(crop=align_face(work, marks), source=source, index=i,
-                          detection=found, frame=image))
+                          detection=found,
+                          patch=inner_face_patch(image, found.landmarks)))
     return faces
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from fiqa_gate import degradations, registry
 from fiqa_gate.datasets import detect_sources, orl_items
 from fiqa_gate.defects import defects, measure
-from fiqa_gate.faces import Detection, Face, align_face
+from fiqa_gate.faces import Detection, Face, align_face, inner_face_patch
 from fiqa_gate.gate import Gate
 from fiqa_gate.hookspecs import hookimpl
 
@@ -40,7 +40,8 @@ def _face(source, step: dict | None) -> Face:
     src, _ = source
     lm = np.asarray(src.detection.landmarks, np.float64).reshape(5, 2)
     d = degradations.apply(src.image, lm, [step] if step else [])
-    return Face(align_face(d.image, d.landmarks), src.source, 0, src.detection, frame=d.image)
+    return Face(align_face(d.image, d.landmarks), src.source, 0, src.detection,
+                patch=inner_face_patch(d.image, d.landmarks))
 
 
 def _names(face: Face, detector=None) -> set[str]:
@@ -229,9 +230,24 @@ def test_noise_is_measured_where_the_camera_left_it(source):
     called noisy)."""
     clean, noisy = _face(source, None), _face(source, DAMAGE["noisy"])
     assert "noisy" in _names(noisy)
-    swapped = Face(noisy.crop, "x", 0, noisy.detection, frame=clean.frame)
+    swapped = Face(noisy.crop, "x", 0, noisy.detection, patch=clean.patch)
     assert "noisy" not in _names(swapped)
-    assert "noisy" in _names(Face(clean.crop, "x", 0, clean.detection, frame=noisy.frame))
+    assert "noisy" in _names(Face(clean.crop, "x", 0, clean.detection, patch=noisy.patch))
+
+
+def test_a_face_keeps_a_small_copy_of_its_source_not_the_picture(sample_photo):
+    from fiqa_gate.images import load_image
+    from fiqa_gate.pipeline import faces_in_image
+
+    image = load_image(str(sample_photo)).copy()  # a buffer the caller will reuse
+    faces = faces_in_image(image, registry.get_detector())
+    assert faces
+    for face in faces:
+        assert face.patch is not None and face.patch.ndim == 2
+        assert max(face.patch.shape) <= 256 and not np.shares_memory(face.patch, image)
+    before = [defects(measure(f)) for f in faces]
+    image[:] = np.random.default_rng(0).integers(0, 256, image.shape, dtype=np.uint8)
+    assert [defects(measure(f)) for f in faces] == before  # a reused buffer changes nothing
 
 
 def test_a_turned_head_has_no_light_names_from_the_background(source):
