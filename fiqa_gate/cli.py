@@ -879,9 +879,9 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                f"{skipped}{moved}{removed}{not_in} ({len(gallery)} faces in the gallery)",
                err=True)
     if unenrolled:
-        shown = "; ".join(f"{r['path']}: {r.get('error') or r.get('reason')}"
-                          for r in unenrolled[:3])
-        click.echo(f"not enrolled: {shown}" + ("; ..." if len(unenrolled) > 3 else "")
+        shown = " | ".join(f"{r['path']}: {r.get('error') or r.get('reason')}"
+                           for r in unenrolled[:3])  # a reason holds "; " itself
+        click.echo(f"not enrolled: {shown}" + (" | ..." if len(unenrolled) > 3 else "")
                    + ("" if output else " (-o FILE lists every file with its reason)"),
                    err=True)
     gallery.close()

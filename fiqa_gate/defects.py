@@ -73,7 +73,7 @@ def measure(face: Face, detector: Detector | None = None) -> Measurements:
     # enlarges a face and makes texture look like noise when it shrinks one
     patch = face.patch
     if isinstance(patch, np.ndarray) and patch.ndim == 2 and patch.dtype == np.uint8 \
-            and min(patch.shape) >= 8:
+            and min(patch.shape) >= 16:  # smaller: all eye and mouth edges, no skin
         noise = _noise(patch.astype(np.float64))
     else:  # an aligned input is its own source picture
         noise = _noise(inner, face_px) if face_px.any() else float("nan")
@@ -171,8 +171,9 @@ def defects(m: Measurements) -> list[str]:
     not measured)."""
     found = []
     turned = m.yaw is not None and abs(m.yaw) > LIMITS["turned"]
-    # beside a turned head the crop's inner window holds background: its light and its
-    # edges are not the face's
+    small = m.face_size is not None and m.face_size < LIMITS["small"]
+    # beside a turned head the crop's inner window holds background: its light is not
+    # the face's
     if not turned:
         if m.brightness < LIMITS["dark"]:
             found.append(f"too dark (brightness {m.brightness:.3f})")
@@ -180,14 +181,16 @@ def defects(m: Measurements) -> list[str]:
             found.append(f"too bright (brightness {m.brightness:.3f})")
         if m.clipped > LIMITS["clipped"]:
             found.append(f"blown-out highlights ({m.clipped:.0%} of the face)")
-        flat = m.contrast < LIMITS["flat"]
-        if flat:
+        if m.contrast < LIMITS["flat"]:
             found.append(f"low contrast ({m.contrast:.3f})")
-        if m.sharpness < LIMITS["blurred"] and not flat:  # a flat face has no edges to blur
-            found.append(f"blurred (sharpness {m.sharpness:.3f})")
-    if m.noise > LIMITS["noisy"]:
+    # a face with no texture at all has no edges to blur; a small one was blurred by its
+    # enlargement, and its patch is too small to tell noise: its size is the news
+    textureless = m.contrast * m.brightness * 255 < 2.0
+    if m.sharpness < LIMITS["blurred"] and not textureless and not small:
+        found.append(f"blurred (sharpness {m.sharpness:.3f})")
+    if m.noise > LIMITS["noisy"] and not small:
         found.append(f"noisy (noise {m.noise:.1f})")
-    if m.face_size is not None and m.face_size < LIMITS["small"]:
+    if small:
         found.append(f"small face ({m.face_size:.0f} px between the eyes)")
     if turned:
         found.append(f"head turned (yaw {m.yaw:+.2f})")

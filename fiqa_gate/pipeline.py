@@ -74,8 +74,18 @@ def faces_from_file(path: str, detector: Detector | None) -> list[Face]:
         return [Face(crop=as_aligned_crop(image), source=path, index=0)]
     faces = faces_in_image(image, detector, source=path)
     if not faces:
-        raise NoFaceError(f"{path}: no face found")
+        raise NoFaceError(f"{path}: no face found{_light_hint(image)}")
     return faces
+
+
+def _light_hint(image: np.ndarray) -> str:
+    """' (the picture is very dark: brightness 0.04)' where light explains a miss."""
+    brightness = float(image[::4, ::4].mean() / 255)  # a sample is enough to tell
+    if brightness < 0.12:
+        return f" (the picture is very dark: brightness {brightness:.2f})"
+    if brightness > 0.88:
+        return f" (the picture is very bright: brightness {brightness:.2f})"
+    return ""
 
 
 def primary_face(faces: Sequence[Face]) -> Face:

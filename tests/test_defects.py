@@ -260,3 +260,25 @@ def test_a_turned_head_has_no_light_names_from_the_background(source):
 
 def test_a_dark_face_is_dark_not_also_flat(source):
     assert _names(_face(source, DAMAGE["too dark"])) == {"too dark"}
+
+
+def test_small_faces_and_blur_are_named_for_what_they_are(source):
+    m = measure(_face(source, None))
+    # a small face is small: its blur and noise come from its enlargement
+    tiny = dataclasses.replace(m, face_size=12.0, sharpness=0.01, noise=20.0)
+    assert [d.split(" (")[0] for d in defects(tiny)] == ["small face"]
+    # heavy blur flattens a face: both are said; a turned head keeps its blur
+    assert {"low contrast", "blurred"} <= {d.split(" (")[0] for d in defects(
+        dataclasses.replace(m, contrast=0.08, sharpness=0.01))}
+    assert [d.split(" (")[0] for d in defects(dataclasses.replace(
+        m, yaw=0.5, sharpness=0.01))] == ["blurred", "head turned"]
+
+
+def test_no_face_in_a_very_dark_picture_says_so(tmp_path):
+    from fiqa_gate.errors import NoFaceError
+    from fiqa_gate.pipeline import faces_from_file
+
+    path = tmp_path / "night.png"
+    Image.fromarray(np.full((200, 200, 3), 6, np.uint8)).save(path)
+    with pytest.raises(NoFaceError, match=r"no face found \(the picture is very dark"):
+        faces_from_file(str(path), registry.get_detector())
