@@ -151,6 +151,12 @@ def load_fitted(path: str | Path, scorer: str, recognizer: str,
     if _fitted_on_another_model(data, scorer, model_file):
         raise FiqaGateError(f"{path} was fitted on another {scorer} model file than "
                             f"{model_file or 'the shipped one'}; calibrate that model (--model)")
+    return _fitted_map(path, scorer, recognizer, entry)
+
+
+def _fitted_map(path: str | Path, scorer: str, recognizer: str, entry: dict) -> Calibration:
+    from fiqa_gate.errors import FiqaGateError
+
     try:
         return Calibration.from_dict({**entry, "recognizer": recognizer})
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -173,4 +179,4 @@ def shipped_fitted(scorer: str, recognizer: str, model_file: str | Path | None =
     if (data.get("recognizer") != recognizer or scorer not in data["scorers"]
             or _fitted_on_another_model(data, scorer, model_file)):
         return None  # (a name that only ends like the file's: "x/dlib")
-    return load_fitted(path, scorer, recognizer, model_file)
+    return _fitted_map(path, scorer, recognizer, data["scorers"][scorer])

@@ -570,7 +570,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
 
     Inputs are only read, never changed or deleted (unless --move with a target dir).
     """
-    from fiqa_gate.defects import tally
+    from fiqa_gate.defects import likely
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
 
@@ -650,9 +650,8 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                     not_removed += 1
                     log.warning("%s: copied to %s, but not removed: %s", path,
                                 row["copied_to"], exc.strerror or exc)
-    likely = f" (likely: {tally(named)})" if tally(named) else ""
     click.echo(f"{len(files)} files: {counts['accepted']} accepted, {counts['rejected']} "
-               f"rejected{likely}, {counts['error']} failed (threshold {threshold})"
+               f"rejected{likely(named)}, {counts['error']} failed (threshold {threshold})"
                + (f"; {len(files) - len(todo)} done before, in the manifest"
                   + (f" ({failed_before} of them failed)" if failed_before else "")
                   if len(todo) < len(files) else "")
@@ -702,7 +701,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     interrupted just runs again and enrolls only what is missing."""
     import numpy as np
 
-    from fiqa_gate.defects import tally
+    from fiqa_gate.defects import likely
     from fiqa_gate.gallery import Gallery
     from fiqa_gate.manifest import open_manifest
     from fiqa_gate.pipeline import primary_face
@@ -872,8 +871,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     removed = f", {n_removed} removed" if n_removed else ""
     moved = f", {n_moved} moved (their faces kept)" if n_moved else ""
     n_rejected = sum(r["decision"] == "reject" for r in unenrolled)
-    likely = f" (likely: {tally(named)})" if tally(named) else ""
-    not_in = (f", {n_rejected} rejected by the gate{likely}, "
+    not_in = (f", {n_rejected} rejected by the gate{likely(named)}, "
               f"{len(unenrolled) - n_rejected} failed" if unenrolled else "")
     click.echo(f"enrolled {n_in} faces of {len(folders)} identities into {index_path}"
                f"{skipped}{moved}{removed}{not_in} ({len(gallery)} faces in the gallery)",

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from fiqa_gate.components import Detector
-from fiqa_gate.faces import ARCFACE_TEMPLATE, Face, five_points
+from fiqa_gate.faces import (
+    ARCFACE_TEMPLATE,
+    MIN_PATCH,
+    TEMPLATE_EYE_DISTANCE,
+    Face,
+    five_points,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,7 @@ _COLS = slice(26, 86)
 # In the template the eyes are 35.2 px apart and 40.7 px above the mouth: a turned head
 # shortens the first, a nodding one the second, so the face's size is the larger.
 _EYES_TO_MOUTH = float(np.linalg.norm(ARCFACE_TEMPLATE[3:].mean(0) - ARCFACE_TEMPLATE[:2].mean(0))
-                       / np.linalg.norm(ARCFACE_TEMPLATE[1] - ARCFACE_TEMPLATE[0]))
+                       / TEMPLATE_EYE_DISTANCE)
 _MARGIN = 24  # the detector needs some surroundings to find a face that fills its picture
 
 
@@ -63,20 +69,19 @@ def measure(face: Face, detector: Detector | None = None) -> Measurements:
     if fill.any():
         fill = cv2.dilate(fill.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     face_px = ~fill[_ROWS, _COLS]
-    if face_px.sum() < face_px.size // 4:  # hardly any picture: its light says nothing
-        face_px[:] = False
-    px = inner[face_px] if face_px.any() else np.full(1, np.nan)
-    lap = cv2.Laplacian(inner, cv2.CV_64F)[face_px] if face_px.any() else px
-    size = yaw = None
-    points = _points(face.detection.landmarks) if face.detection is not None else None
+    seen = face_px.sum() >= face_px.size // 4  # else hardly any picture: its light says nothing
+    px = inner[face_px] if seen else np.full(1, np.nan)
+    lap = cv2.Laplacian(inner, cv2.CV_64F)[face_px] if seen else px
     # noise where the camera left it: alignment's resampling smooths it away when it
     # enlarges a face and makes texture look like noise when it shrinks one
     patch = face.patch
     if isinstance(patch, np.ndarray) and patch.ndim == 2 and patch.dtype == np.uint8 \
-            and min(patch.shape) >= 16:  # smaller: all eye and mouth edges, no skin
+            and min(patch.shape) >= MIN_PATCH:
         noise = _noise(patch.astype(np.float64))
     else:  # an aligned input is its own source picture
-        noise = _noise(inner, face_px) if face_px.any() else float("nan")
+        noise = _noise(inner, face_px) if seen else float("nan")
+    size = yaw = None
+    points = _points(face.detection.landmarks) if face.detection is not None else None
     if points is not None:
         eyes = points[1] - points[0]
         eye_distance = float(np.linalg.norm(eyes))
@@ -208,3 +213,9 @@ def tally(found: Iterable[Sequence[str]]) -> str:
     """'blurred 12, too dark 3' over several faces' defects, most frequent first."""
     counts = Counter(text.split(" (")[0] for texts in found for text in texts)
     return ", ".join(f"{name} {n}" for name, n in counts.most_common())
+
+
+def likely(found: Iterable[Sequence[str]]) -> str:
+    """' (likely: blurred 12, too dark 3)' for a command's summary, or ''."""
+    counted = tally(found)
+    return f" (likely: {counted})" if counted else ""

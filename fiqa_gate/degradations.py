@@ -22,9 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fiqa_gate.faces import ARCFACE_TEMPLATE
-
-TEMPLATE_EYE_DISTANCE = float(np.linalg.norm(ARCFACE_TEMPLATE[1] - ARCFACE_TEMPLATE[0]))
+from fiqa_gate.faces import TEMPLATE_EYE_DISTANCE
 
 Params = dict[str, Any]
 

@@ -54,12 +54,14 @@ class Face:
         return f"{self.source}#{self.index}"
 
 
+TEMPLATE_EYE_DISTANCE = float(np.linalg.norm(ARCFACE_TEMPLATE[1] - ARCFACE_TEMPLATE[0]))
 MAX_PATCH = 256  # px a side: a large face's centre holds noise enough
+MIN_PATCH = 16  # px a side: smaller is all eye and mouth edges, no skin
 
 
 def inner_face_patch(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray | None:
     """A grey copy of `image` (RGB uint8) between a face's eyes and mouth corners, at
-    most MAX_PATCH px a side around its centre; None where that is under 8 px a side.
+    most MAX_PATCH px a side around its centre; None where that is under MIN_PATCH.
     A copy, so that a caller reusing its picture (a video loop) does not change it, and
     small, so that faces kept for long keep no whole pictures."""
     import cv2
@@ -73,7 +75,7 @@ def inner_face_patch(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray | N
     h, w = image.shape[:2]
     top, bottom = max(int(cy - half_h), 0), min(int(cy + half_h), h)
     left, right = max(int(cx - half_w), 0), min(int(cx + half_w), w)
-    if bottom - top < 8 or right - left < 8:
+    if bottom - top < MIN_PATCH or right - left < MIN_PATCH:
         return None
     return cv2.cvtColor(np.ascontiguousarray(image[top:bottom, left:right]),
                         cv2.COLOR_RGB2GRAY)
