@@ -25,6 +25,10 @@ def test_bench_reports_every_component_and_the_cost_ratio(tmp_path):
                  "pipeline without gate (load+detect+align+embed sface)",
                  "pipeline with gate (load+detect+align+score+embed accepted)"):
         assert t[name]["ms_per_face"] > 0, name
+    # the pipeline rows' pictures are half damaged, so the gated row skips some embeddings
+    pictures = result["pipeline_pictures"]
+    assert pictures["clean"] == 16 and pictures["damaged"] >= 8
+    assert 0 < pictures["accepted_by_gate"] < pictures["clean"] + pictures["damaged"]
     # cost: the student and SFace on one thread each; latency: both on every core
     gate = t["student onnxruntime 112 px, batch 64"]["ms_per_face"]
     one = t["embedding sface, batch 64, 1 thread (as the student)"]["ms_per_face"]

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fiqa_gate")
 
 PAPER_SIZE = 352
+PIPELINE_SEED = 2718  # the damaged half of the pipeline rows' pictures
 
 
 def _faces(n: int) -> tuple[np.ndarray, list[str]]:
@@ -73,7 +74,36 @@ def _paper_size_student(folder: Path, crops: np.ndarray,
     return OnnxStudentScorer(path, batch_size=64)
 
 
+def _damaged_copies(paths: list[str], detector: Any, folder: Path) -> list[str]:
+    """Seeded damaged copies of pictures (the recipes' kinds, as `evaluate` draws them),
+    written as PNG; those whose face the detector still finds, as a pipeline keeps them."""
+    from PIL import Image
+
+    from fiqa_gate import degradations
+    from fiqa_gate.images import load_image
+    from fiqa_gate.pipeline import faces_in_image, primary_face
+
+    rng = np.random.default_rng(PIPELINE_SEED)
+    kept = []
+    for i, path in enumerate(paths):
+        image = load_image(path)
+        detection = primary_face(faces_in_image(image, detector)).detection
+        if detection is None:  # a detector's face always has one
+            continue
+        damaged = degradations.degrade(image, detection.landmarks, rng).image
+        if faces_in_image(damaged, detector):
+            target = folder / f"damaged_{i}.png"
+            Image.fromarray(damaged).save(target)
+            kept.append(str(target))
+    return kept
+
+
 def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fiqa-gate-bench-") as scratch:
+        return _bench(Path(scratch), repeats, model)
+
+
+def _bench(scratch: Path, repeats: int, model: str | None) -> dict[str, Any]:
     from fiqa_gate.student import OnnxStudentScorer
 
     out: dict[str, Any] = {"machine": machine(), "versions": versions(), "repeats": repeats,
@@ -114,12 +144,10 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
         # The same weights exported at the paper's input size and prepared exactly as the
         # shipped file (precision, metadata), run through the same scorer class, threads
         # and preprocessing (the resize to 352 px included): only the input size differs.
-        with tempfile.TemporaryDirectory() as tmp:
-            paper = _paper_size_student(Path(tmp), crops, student.meta)
-            rec(f"student onnxruntime {PAPER_SIZE} px, batch 1",
-                lambda: paper.raw_from_crops(x1), 1)
-            rec(f"student onnxruntime {PAPER_SIZE} px, batch 64",
-                lambda: paper.raw_from_crops(x64), 64)
+        paper = _paper_size_student(scratch, crops, student.meta)
+        rec(f"student onnxruntime {PAPER_SIZE} px, batch 1", lambda: paper.raw_from_crops(x1), 1)
+        rec(f"student onnxruntime {PAPER_SIZE} px, batch 64",
+            lambda: paper.raw_from_crops(x64), 64)
     else:
         out["torch"] = (f"torch and {PAPER_SIZE} px rows skipped: " + (
             "not installed (pip install 'fiqa-gate[train]')" if not has_torch else
@@ -162,7 +190,8 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
             rec(f"embedding sface, batch {batch}, 1 thread (as the student)",
                 lambda xs=xs: sface_1.embed(xs), batch)
 
-    # The pipeline per image of one face: load, detect, align, (score,) embed.
+    # The pipeline per image of one face: load, detect, align, (score,) embed. Half the
+    # pictures are damaged, so the gate rejects some and the row shows what that saves.
     from fiqa_gate.gate import Gate
     from fiqa_gate.pipeline import faces_from_file
 
@@ -170,7 +199,10 @@ def run_bench(repeats: int = 7, model: str | None = None) -> dict[str, Any]:
     if sface is not None:
         # as the CLI's gate: the detector checks a rejected face's alignment
         gate = Gate(student, threshold=0.5, use_plugins=False, detector=detector)
-        few = paths[:16]
+        few = paths[:16] + _damaged_copies(paths[16:32], detector, scratch)
+        decided = gate.decide([f for p in few for f in faces_from_file(p, detector)])
+        out["pipeline_pictures"] = {"clean": 16, "damaged": len(few) - 16,
+                                    "accepted_by_gate": sum(d.accepted for d in decided)}
 
         def ungated() -> None:
             faces = [f for p in few for f in faces_from_file(p, detector)]
