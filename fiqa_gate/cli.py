@@ -734,7 +734,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     def commit(manifest: Manifest | None) -> int:
         """Enroll the pending faces in one transaction (all or nothing), then log their
         rows. Each transaction rewrites the whole index, so they are batched."""
-        nonlocal n_moved
+        nonlocal n_moved, n_replaced
         items = [item for item, _ in pending if item is not None]
         try:  # a picture moved or renamed (its folder too) keeps its face
             ids = gallery.enroll(items, rec.name, gone=_surely_gone)
@@ -754,6 +754,10 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                 moved_from.add((old_identity, old_source))
                 row.update(decision="moved", reason=f"moved from {old_source}" + (
                     f" ({old_identity})" if old_identity != row["identity"] else ""))
+            if face_id in gallery.replaced:
+                row.update(decision="replaced", reason="the file changed since it was "
+                           f"enrolled: its face was embedded again ({row.get('reason', '')})"
+                           .replace(" ()", ""))
             if face_id is not None:
                 row["face_id"] = face_id
                 registry.emit("face_enrolled", identity=row["identity"], face_id=str(face_id))
@@ -761,27 +765,37 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                 manifest.write_rows([row])
         pending.clear()
         n_moved += len(gallery.moved)
-        return len(ids) - len(gallery.moved)
+        n_replaced += len(gallery.replaced)
+        return len(ids) - len(gallery.moved) - len(gallery.replaced)
 
     stale: list[tuple[str, str]] = []  # enrolled from an identity's folder, not there now
     moved_from: set[tuple[str, str]] = set()  # faces that followed their picture
-    n_moved = 0
+    # faces whose file changed since and whose new picture was not enrolled in their place
+    outdated: list[tuple[str, str]] = []
+    n_moved = n_replaced = 0
     last_commit = time.monotonic()
     with open_manifest(output, columns) if output else contextlib.nullcontext() as manifest:
         for identity, files in _progress(folders, "enroll"):
-            enrolled = gallery.sources(identity)
+            known = gallery.fingerprints(identity)
+            enrolled = set(known)
             gone_here = _stale(identity, root, files, gallery.sources(identity, listed_at))
             stale += gone_here
-            # with --best: (raw score, its row in pending, face, calibrated score)
-            ranked: list[tuple[float, int, Face, float]] = []
+            # with --best: (raw score, its row in pending, face, calibrated score, print)
+            ranked: list[tuple[float, int, Face, float, str | None]] = []
+            changed: dict[str, dict] = {}  # enrolled sources whose file changed: their rows
             for path in files:
                 row = {"path": path, "identity": identity}
                 item = None
-                if _where(path) in enrolled:
-                    row.update(decision="skip", reason="already enrolled")
-                    n_skipped += 1
-                    pending.append((None, row))
-                    continue
+                where = _where(path)
+                # read before the picture: a change meanwhile is found by the next run
+                fingerprint = None if known.get(where, "") is None else _fingerprint(path)
+                if where in enrolled:
+                    if fingerprint is None or fingerprint == known[where]:
+                        row.update(decision="skip", reason="already enrolled")
+                        n_skipped += 1
+                        pending.append((None, row))
+                        continue
+                    changed[where] = row  # embedded again, or its old face is outdated
                 try:
                     faces = pipe.faces(path)
                     face = primary_face(faces)
@@ -801,12 +815,13 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                             continue
                     if best is not None:  # embedded below if among the identity's best
                         ranked.append((decision.raw_score, len(pending), face,
-                                       decision.score))
+                                       decision.score, fingerprint))
                         row["decision"] = "enroll"
                         pending.append((None, row))
                         continue
                     item = _enrollment(rec, identity, face, path,
-                                       decision.score if the_gate is not None else None)
+                                       decision.score if the_gate is not None else None,
+                                       fingerprint)
                     row["decision"] = "enroll"
                 except Exception as exc:
                     failures.count += 1
@@ -817,10 +832,10 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
             # moved away) or this run prunes it (a copy under two identities, ...)
             listed_now = {_where(p) for p in files}
             pruned_here = {source for _, source in gone_here} if prune else set()
-            held = [s for s in enrolled if s in listed_now or (
-                s not in pruned_here and not _surely_gone(s))] if ranked else []
+            held = [s for s in enrolled if s not in changed and (s in listed_now or (
+                s not in pruned_here and not _surely_gone(s)))] if ranked else []
             chosen: list[np.ndarray] = []
-            for raw, at, face, quality in ranked:
+            for raw, at, face, quality, fingerprint in ranked:
                 row = pending[at][1]
                 twin = next((s for s in held
                              if s in listed_now and _same_bytes(s, row["path"])), None)
@@ -836,13 +851,15 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                         + (f"; {len(held)} enrolled before" if held else "")))
                     continue
                 try:
-                    pending[at] = (_enrollment(rec, identity, face, row["path"], quality),
-                                   row)
+                    pending[at] = (_enrollment(rec, identity, face, row["path"], quality,
+                                               fingerprint), row)
                 except Exception as exc:  # the next best takes its place
                     failures.count += 1
                     row.update(decision="error", error=_error_text(exc))
                     continue
                 chosen.append(face.crop)
+            outdated += [(identity, where) for where, row in changed.items()
+                         if row.get("decision") != "enroll"]
             # A kill loses the identities since the last commit; the rerun redoes them.
             if (sum(item is not None for item, _ in pending) >= COMMIT_FACES
                     or time.monotonic() - last_commit >= COMMIT_SECONDS):
@@ -851,13 +868,25 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
         n_in += commit(manifest)
         stale = [pair for pair in stale if pair not in moved_from]
         # a rerun enrolls what is new; it removes what was enrolled only when asked
-        n_removed = gallery.remove_sources(stale, before=listed_at) if prune else 0
+        n_removed = gallery.remove_sources(stale + outdated, before=listed_at) if prune \
+            else 0
         if manifest:
             manifest.write_rows([{"path": s, "identity": identity,
                                   "decision": "removed" if prune else "stale",
                                   "reason": "not among its identity folder's pictures now "
                                             "(deleted, moved, or a copy under two identities)"}
-                                 for identity, s in stale])
+                                 for identity, s in stale] + [
+                {"path": s, "identity": identity, "decision": "removed" if prune else "stale",
+                 "reason": "the file changed since it was enrolled and its new picture was "
+                           "not enrolled in its place (its row above says why)"}
+                for identity, s in outdated])
+    if outdated:
+        log.warning("%d enrolled faces come from files that changed since and whose new "
+                    "pictures were not enrolled (rejected, failed or not among the best); %s: "
+                    "%s", len(outdated), "removed (--prune)" if prune else "the gallery keeps "
+                    "the old faces (--prune removes them)",
+                    "; ".join(s for _, s in outdated[:3]) + ("; ..." if len(outdated) > 3
+                                                              else ""))
     if stale:
         listed = [f"{identity}: {s}" for identity, s in stale]
         log.warning("%d faces the gallery holds are not among their identity folder's "
@@ -870,6 +899,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     skipped += f", {n_not_best} not among the {best} best" if n_not_best else ""
     removed = f", {n_removed} removed" if n_removed else ""
     moved = f", {n_moved} moved (their faces kept)" if n_moved else ""
+    moved += f", {n_replaced} embedded again (their files changed)" if n_replaced else ""
     n_rejected = sum(r["decision"] == "reject" for r in unenrolled)
     not_in = (f", {n_rejected} rejected by the gate{likely(named)}, "
               f"{len(unenrolled) - n_rejected} failed" if unenrolled else "")
@@ -887,13 +917,25 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
 
 
 def _enrollment(rec: Recognizer, identity: str, face: Face, path: str,
-                score: float | None) -> Enrollment:
+                score: float | None, fingerprint: str | None) -> Enrollment:
     """The face's embedding, checked alone (a bad one fails this face, not its batch)."""
     from fiqa_gate.gallery import Enrollment, unit_rows
 
     embedding = rec.embed(face.crop[None])[0]
     unit_rows(embedding[None], f"{rec.name}'s embedding")
-    return Enrollment(identity, embedding, _where(path), score)
+    return Enrollment(identity, embedding, _where(path), score, fingerprint)
+
+
+def _fingerprint(path: str) -> str | None:
+    """The SHA-256 of a file's bytes: a picture replaced under the same name (a swap of
+    two misfiled pictures, a name reused for someone else) is enrolled again. None when
+    the file cannot be read (its row says why when the picture is loaded)."""
+    from fiqa_gate.assets import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 def _stale(identity: str, root: str, files: Sequence[str], enrolled: set[str]) -> list[

@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS faces (
     source TEXT NOT NULL,
     score REAL,
     added REAL NOT NULL,
-    embedding BLOB NOT NULL
+    embedding BLOB NOT NULL,
+    fingerprint TEXT  -- the file's SHA-256 when enrolled: a changed file is enrolled again
 );
 CREATE INDEX IF NOT EXISTS faces_identity ON faces(identity);
 """
@@ -118,6 +119,7 @@ class Enrollment:
     embedding: np.ndarray
     source: str
     score: float | None = None
+    fingerprint: str | None = None  # of the file's bytes, as `enroll` read them
 
 
 class Gallery:
@@ -127,6 +129,7 @@ class Gallery:
         self._index: faiss.Index | None = None
         self._index_gen = -1
         self.moved: dict[int, tuple[str, str]] = {}  # by the last enroll (see there)
+        self.replaced: set[int] = set()  # faces the last enroll embedded again
         try:
             self._read_info()
         except BaseException:
@@ -155,6 +158,9 @@ class Gallery:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(faces)")}
+            if "fingerprint" not in columns:  # a gallery made before fingerprints
+                db.execute("ALTER TABLE faces ADD COLUMN fingerprint TEXT")
             return db
         except sqlite3.DatabaseError as exc:
             raise GalleryError(f"{path}: gallery database is corrupt or unreadable: {exc}") \
@@ -259,6 +265,13 @@ class Gallery:
         return {_from_db(s) for (s,) in self._db.execute(
             "SELECT source FROM faces WHERE identity = ? AND added < ?",
             (_to_db(identity), math.inf if before is None else before))}
+
+    @_db_errors
+    def fingerprints(self, identity: str) -> dict[str, str | None]:
+        """Each source enrolled under `identity`, with the fingerprint of the file it was
+        enrolled from (None: enrolled before fingerprints were kept)."""
+        return {_from_db(s): f for s, f in self._db.execute(
+            "SELECT source, fingerprint FROM faces WHERE identity = ?", (_to_db(identity),))}
 
     @_db_errors
     def _all(self) -> tuple[np.ndarray, np.ndarray]:
@@ -389,8 +402,12 @@ class Gallery:
         whose stored source `gone` says no longer exists is that picture moved or renamed
         (its folder too): the face keeps its id and takes the item's identity and source,
         instead of a second face of one picture. `self.moved` maps each such id to its
-        former (identity, source)."""
-        self.moved = {}
+        former (identity, source).
+
+        An item whose source is enrolled under its identity with another fingerprint (the
+        file changed since) replaces that face's embedding and keeps its id; those ids
+        are in `self.replaced`."""
+        self.moved, self.replaced = {}, set()
         if not items:
             return []
         moved: dict[int, tuple[str, str]] = {}
@@ -404,21 +421,32 @@ class Gallery:
             vectors.append(unit_rows(np.asarray(item.embedding)[None],
                                      f"embedding of {item.source}")[0])
         twins = self._twins(np.stack(vectors)) if gone is not None else [[] for _ in items]
+        replaced: set[int] = set()
         with self._write_transaction():
             ids = []
             for it, vector, candidates in zip(items, vectors, twins, strict=True):
                 key = (_to_db(it.identity), _to_db(it.source))
+                score = None if it.score is None else float(it.score)
                 # Under the lock: a writer that ran meanwhile may have enrolled it already.
-                row = self._db.execute("SELECT id FROM faces WHERE identity = ? AND source = ?",
-                                       key).fetchone()
+                row = self._db.execute("SELECT id, fingerprint FROM faces WHERE identity = ? "
+                                       "AND source = ?", key).fetchone()
+                if row is not None and None not in (row[1], it.fingerprint) \
+                        and row[1] != it.fingerprint:
+                    self._db.execute("UPDATE faces SET score = ?, added = ?, embedding = ?, "
+                                     "fingerprint = ? WHERE id = ?",
+                                     (score, time.time(), vector.tobytes(), it.fingerprint,
+                                      row[0]))
+                    replaced.add(int(row[0]))
                 if row is None and gone is not None:
                     row = self._move(candidates, key, gone, moved)
+                    if row is not None and it.fingerprint is not None:
+                        self._db.execute("UPDATE faces SET fingerprint = ? WHERE id = ?",
+                                         (it.fingerprint, row[0]))
                 ids.append(row[0] if row else self._db.execute(
-                    "INSERT INTO faces (identity, source, score, added, embedding) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (*key, None if it.score is None else float(it.score), time.time(),
-                     vector.tobytes())).lastrowid)
-        self.moved = moved  # committed
+                    "INSERT INTO faces (identity, source, score, added, embedding, fingerprint) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (*key, score, time.time(), vector.tobytes(), it.fingerprint)).lastrowid)
+        self.moved, self.replaced = moved, replaced  # committed
         return [int(i) for i in ids]
 
     def _twins(self, vectors: np.ndarray) -> list[list[int]]:

@@ -657,3 +657,71 @@ def test_enroll_best_replaces_a_face_its_prune_removes(tmp_path, orl_root):
 
 def _where_str(path: str) -> str:
     return str(Path(path).resolve())
+
+
+def test_enroll_embeds_a_changed_file_again(tmp_path, orl_root):
+    """Two misfiled pictures swapped back under the same names: their faces follow the
+    files' new content (a face had been keyed by its path alone, so bob's probe matched
+    ann; gallery audit of 2026-12-08). A changed file the gate now rejects leaves its old
+    face stale, and --prune removes it."""
+    from fiqa_gate.gallery import Gallery
+
+    people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
+    for who, s in (("ann", "s31"), ("bob", "s32")):
+        (people / who).mkdir(parents=True)
+        shutil.copy(orl_root / s / "1.pgm", people / who / "IMG_0001.pgm")
+    shutil.copy(orl_root / "s32" / "2.pgm", people / "ann" / "IMG_0002.pgm")  # misfiled
+    shutil.copy(orl_root / "s31" / "2.pgm", people / "bob" / "IMG_0002.pgm")
+    shutil.copy(orl_root / "s31" / "3.pgm", people / "ann" / "IMG_0003.pgm")
+    assert run("enroll", str(people), "--index", str(g)).returncode == 0
+    a, b = people / "ann" / "IMG_0002.pgm", people / "bob" / "IMG_0002.pgm"
+    swap = tmp_path / "swap"
+    a.rename(swap), b.rename(a), swap.rename(b)
+    # and a picture replaced by one the gate rejects: its old face is no one's picture now
+    Image.new("L", (92, 112), 128).save(people / "ann" / "IMG_0003.pgm")
+    res = run("enroll", str(people), "--index", str(g), "-o", str(m))
+    assert res.returncode == 1, res.stderr  # the grey picture has no face
+    assert "2 embedded again (their files changed)" in res.stderr, res.stderr
+    assert "1 enrolled faces come from files that changed" in res.stderr, res.stderr
+    by_path = {Path(r["path"]).relative_to(people).as_posix(): r for r in rows(m)}
+    assert by_path["ann/IMG_0002.pgm"]["decision"] == "replaced"
+    assert by_path["bob/IMG_0002.pgm"]["decision"] == "replaced"
+    assert by_path["ann/IMG_0001.pgm"]["decision"] == "skip"
+    assert [r["decision"] for r in rows(m) if r["path"].endswith("IMG_0003.pgm")] == \
+        ["error", "stale"]
+    probe = tmp_path / "probe_bob.pgm"
+    shutil.copy(orl_root / "s32" / "5.pgm", probe)
+    hits = tmp_path / "hits.csv"
+    assert run("search", str(probe), "--index", str(g), "-k", "2", "-o", str(hits)
+               ).returncode == 0
+    assert [r["identity"] for r in rows(hits)] == ["bob", "bob"]
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert len(gallery) == 5
+    assert run("enroll", str(people), "--index", str(g), "--prune").returncode == 1
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert gallery.identities() == {"ann": 2, "bob": 2}
+    # an unchanged gallery is not embedded again
+    res = run("enroll", str(people), "--index", str(g), "--prune")
+    assert "embedded again" not in res.stderr and "4 already there" in res.stderr, res.stderr
+
+
+def test_a_gallery_from_before_fingerprints_is_kept_as_it_is(tmp_path, orl_root):
+    """A gallery made before faces kept their file's fingerprint gets the column on its
+    next enroll; its faces are not embedded again (nothing says their files changed)."""
+    import sqlite3
+
+    from fiqa_gate.gallery import Gallery
+
+    people, g = tmp_path / "people", tmp_path / "g"
+    (people / "ann").mkdir(parents=True)
+    for i in (1, 2):
+        shutil.copy(orl_root / "s33" / f"{i}.pgm", people / "ann" / f"{i}.pgm")
+    assert run("enroll", str(people), "--index", str(g)).returncode == 0
+    with contextlib.closing(sqlite3.connect(g / "meta.sqlite")) as db:
+        db.execute("ALTER TABLE faces DROP COLUMN fingerprint")
+        db.commit()
+    shutil.copy(orl_root / "s34" / "1.pgm", people / "ann" / "1.pgm")
+    res = run("enroll", str(people), "--index", str(g))
+    assert res.returncode == 0 and "2 already there" in res.stderr, res.stderr
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert set(gallery.fingerprints("ann").values()) == {None}
