@@ -99,6 +99,31 @@ def test_fit_resumes_from_its_checkpoint(tmp_path, caplog, orl_sources):
     assert state["ema"]["steps"] == 2 * first["ema"]["steps"]  # the average resumed too
 
 
+def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(tmp_path, orl_sources):
+    """Drop-path draws from torch's global generator, which a new process seeds afresh: a
+    resumed student differed from an uninterrupted one (training audit of 2026-12-08)."""
+    from fiqa_gate_training.models import build_model
+    from fiqa_gate_training.train import fit
+
+    samples = build_samples(orl_sources[:4], get_detector(), 1, seed=0)
+    spec = {"backbone": "edgenext_xx_small", "input_size": 112, "epochs": 2, "batch_size": 4,
+            "lr": 1e-3, "weight_decay": 0.0, "seed": 0, "drop_path": 0.5}
+    targets = np.linspace(0, 1, len(samples))
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)  # the same first weights (a resumed fit loads its own)
+        return build_model(spec)
+
+    whole = fit(model(), samples.crops, targets, spec, tmp_path / "a.ckpt", "a")
+    cut = tmp_path / "b.ckpt"
+    fit(model(), samples.crops, targets, {**spec, "max_steps": 100}, cut, "b")
+    torch.manual_seed(1)  # a new process: the generator is wherever it is
+    resumed = fit(build_model(spec), samples.crops, targets, spec, cut, "b")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_weight_average_by_hand():
     from fiqa_gate_training.train import WeightAverage
     from torch import nn

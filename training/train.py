@@ -372,6 +372,8 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
             ema.load_state_dict(state["ema"])
         if teach is not None:
             teach.load_state_dict(state["hint"])
+        if state.get("rng") is not None:  # drop-path draws from it: resume as if never cut
+            torch.set_rng_state(state["rng"])
         log.info("%s: resumed after epoch %d", desc, start)
     max_steps = spec.get("max_steps")  # tests: prove the code path, not the result
     for epoch in range(start, epochs):
@@ -415,7 +417,8 @@ def fit(model: QualityNet, crops: np.ndarray, targets: np.ndarray, spec: dict[st
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
                  "ema": ema.state_dict() if ema is not None else None,
-                 "hint": teach.state_dict() if teach is not None else None}
+                 "hint": teach.state_dict() if teach is not None else None,
+                 "rng": torch.get_rng_state()}
         save_whole(lambda f, state=state: torch.save(state, f), checkpoint)
         if max_steps is not None:
             break
