@@ -566,7 +566,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
             rejected_dir: str | None, move: bool, resume: bool, aligned: bool, scorer: str,
             model: str | None, detector: str, recognizer: str, calibration: str | None
             ) -> None:
-    """Decide accept/reject for every image under PATHS (largest face decides).
+    """Decide accept/reject for every image under PATHS (its main face decides).
 
     Inputs are only read, never changed or deleted (unless --move with a target dir).
     """

@@ -88,9 +88,18 @@ def _light_hint(image: np.ndarray) -> str:
     return ""
 
 
+# How far below the most confident detection a larger one may be and still be the
+# subject: a false face on a patterned shirt (YuNet 0.60, larger than the real face at
+# 0.95) had been taken, and enrolled with --no-gate.
+PRIMARY_MARGIN = 0.15
+
+
 def primary_face(faces: Sequence[Face]) -> Face:
-    """The subject of a portrait: the largest face (detectors here sort largest first)."""
-    return faces[0]
+    """The subject of a portrait: the largest face (detectors here sort largest first)
+    among those detected about as confidently as the most confident one."""
+    scores = [f.det_score for f in faces if f.det_score is not None]
+    floor = max(scores) - PRIMARY_MARGIN if scores else 0.0
+    return next(f for f in faces if f.det_score is None or f.det_score >= floor)
 
 
 def _describe(value: object) -> str:

@@ -358,3 +358,23 @@ def test_a_detector_plugin_without_usable_landmarks_is_named(sample_photo):
     assert detect_sources([(None, sample_photo)], Broken(np.zeros((2, 5))),
                           skipped=skipped) == []
     assert "detector broken gave a face without five" in skipped[0][1]
+
+
+def test_the_main_face_is_not_a_larger_but_doubtful_detection():
+    """A false face on a shirt (YuNet 0.60) was larger than the real one (0.95) and was
+    taken as the subject (gallery audit of 2026-12-08); among faces detected about as
+    surely as the surest, the largest still is."""
+    from fiqa_gate.faces import Detection, Face
+    from fiqa_gate.pipeline import primary_face
+
+    def face(side: float, score: float, index: int) -> Face:
+        return Face(np.zeros((112, 112, 3), np.uint8), "p.jpg", index,
+                    Detection((0.0, 0.0, side, side), np.zeros((5, 2)), score))
+
+    shirt, subject, bystander = face(600, 0.60, 0), face(450, 0.95, 1), face(100, 0.97, 2)
+    assert primary_face([shirt, subject, bystander]) is subject
+    # a large face a little less sure than a small one stays the subject
+    near, far = face(400, 0.88, 0), face(80, 0.99, 1)
+    assert primary_face([near, far]) is near
+    crop = Face(np.zeros((112, 112, 3), np.uint8), "aligned.png")  # no detection at all
+    assert primary_face([crop]) is crop
