@@ -880,6 +880,13 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                  "reason": "the file changed since it was enrolled and its new picture was "
                            "not enrolled in its place (its row above says why)"}
                 for identity, s in outdated])
+    here = {identity for identity, _ in folders}
+    elsewhere = [name for name in gallery.identities() if name not in here]
+    if elsewhere:  # deleted people stay until asked: ROOT may be one of several
+        log.warning("%d identities in the gallery have no folder in %s (%s); the gallery "
+                    "keeps them (fiqa-gate forget NAME --index %s removes one)",
+                    len(elsewhere), root, ", ".join(elsewhere[:5])
+                    + (", ..." if len(elsewhere) > 5 else ""), index_path)
     if outdated:
         log.warning("%d enrolled faces come from files that changed since and whose new "
                     "pictures were not enrolled (rejected, failed or not among the best); %s: "
@@ -1008,7 +1015,9 @@ def _surely_gone(path: str) -> bool:
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--gate/--no-gate", default=False, show_default=True,
               help="Gate probes (stage 'probe') before searching.")
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True)
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="With --gate: the quality a probe needs to be searched. (Whether a hit "
+                   "matches is decided by the gallery's own recognizer threshold.)")
 @click.option("-o", "--output", default="-", show_default=True)
 @pipeline_options
 def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, threshold: float,
@@ -1020,6 +1029,11 @@ def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, thre
     from fiqa_gate.gallery import Gallery
     from fiqa_gate.manifest import open_manifest
 
+    given = click.get_current_context().get_parameter_source("threshold")
+    if not gate and given is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--threshold is the probe gate's quality threshold: it needs "
+                               "--gate (a hit's match is decided by the gallery's own "
+                               "recognizer threshold)")
     gallery = Gallery.open(index_path)
     rec = registry.get_recognizer(recognizer)
     gallery.check_recognizer(rec.name)  # before any face is detected
@@ -1061,6 +1075,30 @@ def search(paths: tuple[str, ...], index_path: str, top_k: int, gate: bool, thre
                                  "match": int(h.match), "source": h.source}
                                 for r, h in enumerate(face_hits)])
     failures.exit()
+
+
+@cli.command()
+@click.argument("identities", nargs=-1, required=True)
+@click.option("--index", "index_path", required=True, help="Gallery folder.")
+def forget(identities: tuple[str, ...], index_path: str) -> None:
+    """Remove every face of IDENTITIES from the gallery at --index (an erasure request,
+    a person who left). Their embeddings are overwritten in the gallery's files, not only
+    unlisted. Nothing else changes; a name the gallery does not hold is an error."""
+    from fiqa_gate.gallery import Gallery
+
+    gallery = Gallery.open(index_path)
+    try:
+        known = gallery.identities()
+        unknown = [name for name in identities if name not in known]
+        if unknown:
+            raise GalleryError(f"{index_path}: no faces of {', '.join(map(repr, unknown))} in "
+                               f"the gallery; nothing was removed (it holds "
+                               f"{len(known)} identities)")
+        removed = gallery.remove_identities(identities)
+    finally:
+        gallery.close()
+    click.echo(f"removed {removed} faces of {len(set(identities))} identities from "
+               f"{index_path}", err=True)
 
 
 # -- plugins ------------------------------------------------------------------------------

@@ -157,6 +157,7 @@ class Gallery:
             db = sqlite3.connect(path / "meta.sqlite", timeout=60, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA secure_delete=ON")  # a removed face's embedding is erased
             db.executescript(SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(faces)")}
             if "fingerprint" not in columns:  # a gallery made before fingerprints
@@ -479,9 +480,15 @@ class Gallery:
 
     @_db_errors
     def remove_identity(self, identity: str) -> int:
+        return self.remove_identities([identity])
+
+    @_db_errors
+    def remove_identities(self, identities: Iterable[str]) -> int:
+        """Remove every face of these identities in one transaction; returns how many."""
         with self._write_transaction():
-            n = self._db.execute("DELETE FROM faces WHERE identity = ?",
-                                 (_to_db(identity),)).rowcount
+            n = sum(self._db.execute("DELETE FROM faces WHERE identity = ?",
+                                     (_to_db(identity),)).rowcount
+                    for identity in dict.fromkeys(identities))
         return int(n)
 
     @_db_errors
@@ -505,6 +512,9 @@ class Gallery:
         """Lock; run the body's writes in one transaction that also bumps the generation,
         writes the new index to a temporary file and records its digest; commit; rename
         the index into place."""
+        if id(self._db) in _scratch:  # opened as a read-only snapshot: writes would vanish
+            raise GalleryError(f"{self.path}: cannot write to this gallery (read-only media "
+                               "or no write permission on its folder)")
         with _locked(self.path):
             for stale in self.path.glob(".index.*.tmp"):  # left by a writer that was killed
                 stale.unlink(missing_ok=True)

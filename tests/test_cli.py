@@ -725,3 +725,42 @@ def test_a_gallery_from_before_fingerprints_is_kept_as_it_is(tmp_path, orl_root)
     assert res.returncode == 0 and "2 already there" in res.stderr, res.stderr
     with contextlib.closing(Gallery.open(g)) as gallery:
         assert set(gallery.fingerprints("ann").values()) == {None}
+
+
+def test_forget_removes_a_person_and_erases_their_embeddings(tmp_path, orl_root):
+    """A deleted identity folder kept its faces and no command removed them (gallery
+    audit of 2026-12-08): enroll now names such identities, and `forget` removes them,
+    leaving no byte of their embeddings in the gallery's files."""
+    import sqlite3
+
+    from fiqa_gate.gallery import Gallery
+
+    people, g = tmp_path / "people", tmp_path / "g"
+    for who, s in (("ann", "s31"), ("bob", "s32")):
+        (people / who).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(orl_root / s / f"{i}.pgm", people / who / f"{i}.pgm")
+    assert run("enroll", str(people), "--index", str(g)).returncode == 0
+    with contextlib.closing(sqlite3.connect(g / "meta.sqlite")) as db:
+        bob = [e for (e,) in db.execute("SELECT embedding FROM faces WHERE identity = 'bob'")]
+    assert len(bob) == 2
+    shutil.rmtree(people / "bob")
+    res = run("enroll", str(people), "--index", str(g))
+    assert res.returncode == 0 and "1 identities in the gallery have no folder" in res.stderr \
+        and "(bob)" in res.stderr, res.stderr
+    res = run("forget", "bob", "carl", "--index", str(g))
+    assert res.returncode == 2 and "no faces of 'carl'" in res.stderr, res.stderr
+    res = run("forget", "bob", "--index", str(g))
+    assert res.returncode == 0 and "removed 2 faces of 1 identities" in res.stderr, res.stderr
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert gallery.identities() == {"ann": 2}
+    stored = b"".join(p.read_bytes() for p in g.iterdir() if p.is_file())
+    for e in bob:
+        assert e[:64] not in stored  # the database and the index
+    probe, hits = tmp_path / "probe.pgm", tmp_path / "hits.csv"
+    shutil.copy(orl_root / "s32" / "5.pgm", probe)
+    assert run("search", str(probe), "--index", str(g), "-o", str(hits)).returncode == 0
+    assert {r["identity"] for r in rows(hits)} == {"ann"}
+    # the probe gate's threshold does nothing without the gate: said, not ignored
+    res = run("search", str(probe), "--index", str(g), "--threshold", "0.9")
+    assert res.returncode == 2 and "it needs --gate" in res.stderr, res.stderr
