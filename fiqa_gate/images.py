@@ -172,9 +172,11 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
     says whether to walk a folder; the folder given is walked once however many links
     lead back to it); a link to a folder above the one given is skipped with a warning,
     since it would take in everything beside the input (and `filter --move` would move
-    it). fiqa-gate's own temporary files are not listed. Files given by name are yielded
-    even if they do not exist or are not images, so that the caller reports them instead
-    of skipping them silently.
+    it), and so is a fiqa-gate gallery's folder (its database is no one's picture, and
+    `filter --move` would take it away). fiqa-gate's own temporary files and the
+    operating systems' folder clutter (.DS_Store, ._* resource forks, Thumbs.db) are not
+    listed. Files given by name are yielded even if they do not exist or are not images,
+    so that the caller reports them instead of skipping them silently.
     """
     seen_dirs: set[tuple[int, int]] = set()
     for raw in paths:
@@ -182,7 +184,7 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
         if not os.path.isdir(top):
             yield top
             continue
-        real_top, upward = os.path.realpath(top), []
+        real_top, upward, galleries = os.path.realpath(top), [], []
         # above the input: the folders holding it, as named and as resolved (the input
         # may itself be a link, whose target's folders are not where the user looks)
         above = {os.path.realpath(a) for a in _ancestors(os.path.abspath(top))}
@@ -208,13 +210,31 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
                 dirnames[:] = []
                 continue
             seen_dirs.add(key)
+            if is_gallery_listing(filenames):
+                galleries.append(dirpath)
+                dirnames[:] = []
+                continue
             dirnames.sort()
             for name in sorted(filenames):
-                if not is_temp_name(name):  # a copy or report fiqa-gate is writing (or a
-                    yield os.path.join(dirpath, name)  # killed run left): not an input
+                # a copy or report fiqa-gate is writing (or a killed run left), or a file
+                # the file manager wrote: not an input
+                if not (is_temp_name(name) or name in CLUTTER or name.startswith("._")):
+                    yield os.path.join(dirpath, name)
         # a folder that cannot be listed becomes an input that fails with its reason
         yield from (e.filename for e in unlistable if e.filename)
         _warn_skipped(top, upward, "folders skipped: links to a folder above the one given")
+        _warn_skipped(top, galleries, "folders skipped: fiqa-gate galleries")
+
+
+CLUTTER = frozenset({".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", ".directory"})
+
+
+def is_gallery_listing(filenames: Iterable[str]) -> bool:
+    """Whether a folder's files are a fiqa-gate gallery's (its database beside its lock
+    or an index generation)."""
+    names = set(filenames)
+    return "meta.sqlite" in names and ("lock" in names or any(
+        n.startswith("index.") and n.endswith(".faiss") for n in names))
 
 
 def _ancestors(path: str) -> list[str]:
@@ -253,7 +273,8 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     except OSError as exc:
         raise FiqaGateError(f"{top}: cannot be listed: {exc.strerror or exc}") from None
     kinds = {e.name: _entry_kind(e) for e in entries}
-    _warn_skipped(top, [n for n, k in kinds.items() if k == "file"],
+    _warn_skipped(top, [n for n, k in kinds.items() if k == "file"
+                        and not (n in CLUTTER or n.startswith("._"))],
                   "files directly in the folder skipped; an identity's images go in "
                   "ROOT/<identity>/")
     _warn_skipped(top, [n for n, k in kinds.items() if k == "broken"],

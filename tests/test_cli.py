@@ -764,3 +764,31 @@ def test_forget_removes_a_person_and_erases_their_embeddings(tmp_path, orl_root)
     # the probe gate's threshold does nothing without the gate: said, not ignored
     res = run("search", str(probe), "--index", str(g), "--threshold", "0.9")
     assert res.returncode == 2 and "it needs --gate" in res.stderr, res.stderr
+
+
+def test_file_manager_clutter_and_gallery_folders_are_not_inputs(tmp_path, orl_root):
+    """.DS_Store, ._* and Thumbs.db failed every enroll (exit 1 each day), and `filter
+    --move` over a folder holding a gallery moved the gallery away as failed inputs
+    (gallery audit of 2026-12-08)."""
+    people, site = tmp_path / "people", tmp_path / "site"
+    (people / "ann").mkdir(parents=True)
+    shutil.copy(orl_root / "s31" / "1.pgm", people / "ann" / "1.pgm")
+    (people / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    for name in (".DS_Store", "._1.pgm", "Thumbs.db"):
+        (people / "ann" / name).write_bytes(os.urandom(2000))
+    g = site / "gallery"
+    res = run("enroll", str(people), "--index", str(g))
+    assert res.returncode == 0 and "failed" not in res.stderr, res.stderr
+    assert "skipped" not in res.stderr, res.stderr
+    shutil.copy(orl_root / "s31" / "2.pgm", site / "probe.pgm")
+    before = digests(g)
+    m = tmp_path / "m.csv"
+    res = run("filter", str(site), "--accepted-dir", str(tmp_path / "ok"), "--rejected-dir",
+              str(tmp_path / "bad"), "--move", "-o", str(m))
+    assert res.returncode == 0 and "folders skipped: fiqa-gate galleries" in res.stderr, \
+        res.stderr
+    assert [Path(r["path"]).name for r in rows(m)] == ["probe.pgm"]
+    assert digests(g) == before
+    hits = tmp_path / "hits.csv"
+    assert run("search", str(site), "--index", str(g), "-o", str(hits)).returncode == 0
+    assert {Path(r["path"]).name for r in rows(hits)} <= {"probe.pgm"}
