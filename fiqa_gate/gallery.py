@@ -88,7 +88,8 @@ def _db_errors(method: Callable[Concatenate[Gallery, _P], _R]
         try:
             return method(self, *args, **kwargs)
         except sqlite3.OperationalError as exc:
-            raise GalleryError(f"{self.path}: gallery database error: {exc}") from exc
+            raise GalleryError(_read_only_text(self.path, exc)
+                               or f"{self.path}: gallery database error: {exc}") from exc
         except sqlite3.ProgrammingError as exc:  # the database is fine: its use is not
             if "thread" in str(exc) or "closed" in str(exc):
                 raise GalleryError(f"{self.path}: a Gallery is used by the thread that "
@@ -163,6 +164,12 @@ class Gallery:
             if "fingerprint" not in columns:  # a gallery made before fingerprints
                 db.execute("ALTER TABLE faces ADD COLUMN fingerprint TEXT")
             return db
+        except sqlite3.OperationalError as exc:
+            text = _read_only_text(path, exc)
+            if text is None:
+                raise GalleryError(f"{path}: gallery database is corrupt or unreadable: "
+                                   f"{exc}") from None
+            raise GalleryError(text) from None
         except sqlite3.DatabaseError as exc:
             raise GalleryError(f"{path}: gallery database is corrupt or unreadable: {exc}") \
                 from None
@@ -175,6 +182,8 @@ class Gallery:
         if not os.fspath(path):
             raise GalleryError("the gallery path is empty; give --index a folder")
         p = Path(path)
+        factory_given, factory = factory, factory or "Flat"
+        _check_factory(factory, dim)  # before a folder is made for it
         try:
             if p.exists() and not p.is_dir():
                 raise GalleryError(f"{p}: is a file, not a gallery folder; give --index a "
@@ -182,8 +191,6 @@ class Gallery:
             p.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent that is a file, a dangling link, no permission
             raise GalleryError(f"{p}: cannot make a gallery folder here: {exc}") from None
-        factory_given, factory = factory, factory or "Flat"
-        _check_factory(factory, dim)
         try:  # before a lock file is made in a folder that is not ours
             _check_adoptable(p)
         except GalleryError:
@@ -202,8 +209,10 @@ class Gallery:
                 db.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
                 db.close()
-                raise GalleryError(f"{p}: gallery database is corrupt or unreadable: {exc}") \
-                    from None
+                raise GalleryError((isinstance(exc, sqlite3.OperationalError)
+                                    and _read_only_text(p, exc))
+                                   or f"{p}: gallery database is corrupt or unreadable: {exc}"
+                                   ) from None
         gallery = cls(p, db)
         if (gallery.recognizer, gallery.dim) != (recognizer, dim):
             gallery.close()
@@ -575,6 +584,14 @@ _GENERATION = re.compile(r"index\.[0-9]+\.faiss")  # only the index files a gall
 _OWN = {"lock", "meta.sqlite", "meta.sqlite-wal", "meta.sqlite-shm", "meta.sqlite-journal"}
 
 
+def _read_only_text(path: Path, exc: sqlite3.OperationalError) -> str | None:
+    """The message for a database this user cannot write (not a damaged one), or None."""
+    if "readonly" not in str(exc) and "read-only" not in str(exc):
+        return None
+    return (f"{path}: cannot write to this gallery: its database or folder is read-only "
+            f"({exc}); search can still read it")
+
+
 def _check_adoptable(path: Path) -> None:
     """Refuse a folder that holds files but no gallery database (or an empty one):
     enrolling there would start an empty gallery over an index whose metadata is lost,
@@ -633,9 +650,15 @@ def _check_factory(factory: str, dim: int) -> None:
     import faiss
 
     try:
-        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise GalleryError(f"invalid FAISS index factory {factory!r}: {exc}") from None
+    if index.is_trained:  # one that needs training is tried once it has faces enough
+        try:  # `IDMap,Flat` is built, then refuses every face the gallery adds to it
+            index.add(np.eye(2, dim, dtype=np.float32))
+        except RuntimeError as exc:
+            raise GalleryError(f"FAISS index factory {factory!r} cannot hold a gallery's "
+                               f"faces: {str(exc).rsplit(': ', 1)[-1]}") from None
 
 
 def _snapshot(path: Path, media_read_only: bool) -> sqlite3.Connection:

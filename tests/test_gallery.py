@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -105,6 +108,32 @@ def test_bad_factory_and_dimension(tmp_path):
     g = Gallery.create(tmp_path / "h", "sface", 128, 0.383)
     with pytest.raises(GalleryError, match="shape"):
         g.enroll([Enrollment("x", np.zeros(64, np.float32), "x.jpg")])
+    # built by FAISS, yet it refuses every face added: refused before a folder is made
+    # (it had made a gallery that failed each file and kept its factory; audit 2026-12-08)
+    with pytest.raises(GalleryError, match="cannot hold a gallery's faces"):
+        Gallery.create(tmp_path / "i", "sface", 128, 0.383, "IDMap,Flat")
+    assert not (tmp_path / "i").exists()
+
+
+def test_a_read_only_database_is_said_to_be_read_only_not_corrupt(tmp_path, orl_embeddings):
+    import subprocess
+    import sys
+
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    g.enroll([Enrollment("s31", orl_embeddings["s31"][0], "1.pgm")])
+    g.close()
+    (tmp_path / "g" / "meta.sqlite").chmod(0o444)
+    code = ("import sys; from fiqa_gate.gallery import Gallery\n"
+            f"Gallery.create({str(tmp_path / 'g')!r}, 'sface', 128, 0.383)")
+    cmd = [sys.executable, "-c", code]
+    if os.geteuid() == 0:  # as root the mode bits do not apply: drop that capability
+        if not shutil.which("setpriv"):
+            pytest.skip("needs setpriv to drop root's file capabilities")
+        cmd = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "cannot write to this gallery" in done.stderr and "corrupt" not in done.stderr, \
+        done.stderr[-2000:]
 
 
 def test_embeddings_are_compared_by_cosine_whatever_their_length(tmp_path, orl_embeddings,
