@@ -772,6 +772,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     moved_from: set[tuple[str, str]] = set()  # faces that followed their picture
     # faces whose file changed since and whose new picture was not enrolled in their place
     outdated: list[tuple[str, str]] = []
+    group_pictures: list[str] = []  # a group photo in a person's folder: whose face is it?
     n_moved = n_replaced = 0
     last_commit = time.monotonic()
     with open_manifest(output, columns) if output else contextlib.nullcontext() as manifest:
@@ -800,6 +801,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     faces = pipe.faces(path)
                     face = primary_face(faces)
                     row["faces"] = len(faces)
+                    if len(faces) > 1:
+                        group_pictures.append(path)
                     if the_gate is not None:
                         decision = the_gate.decide_one(face)
                         row.update(score=f"{decision.score:.6f}", reason=decision.reason)
@@ -880,6 +883,11 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                  "reason": "the file changed since it was enrolled and its new picture was "
                            "not enrolled in its place (its row above says why)"}
                 for identity, s in outdated])
+    if group_pictures:
+        log.warning("%d pictures hold more than one face; each stands for its main face "
+                    "(the largest of those detected surely; the manifest's `faces` column "
+                    "counts them): %s", len(group_pictures), ", ".join(group_pictures[:3])
+                    + (", ..." if len(group_pictures) > 3 else ""))
     here = {identity for identity, _ in folders}
     elsewhere = [name for name in gallery.identities() if name not in here]
     if elsewhere:  # deleted people stay until asked: ROOT may be one of several

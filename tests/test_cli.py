@@ -792,3 +792,15 @@ def test_file_manager_clutter_and_gallery_folders_are_not_inputs(tmp_path, orl_r
     hits = tmp_path / "hits.csv"
     assert run("search", str(site), "--index", str(g), "-o", str(hits)).returncode == 0
     assert {Path(r["path"]).name for r in rows(hits)} <= {"probe.pgm"}
+
+
+def test_enroll_says_which_pictures_hold_several_faces(tmp_path, sample_photo, orl_root):
+    # a group photo in a person's folder had been enrolled without a word (audit 2026-12-08)
+    people = tmp_path / "people"
+    (people / "ann").mkdir(parents=True)
+    shutil.copy(sample_photo, people / "ann" / "party.jpg")
+    shutil.copy(orl_root / "s31" / "1.pgm", people / "ann" / "1.pgm")
+    res = run("enroll", str(people), "--index", str(tmp_path / "g"), "--no-gate")
+    assert res.returncode == 0, res.stderr
+    assert "1 pictures hold more than one face" in res.stderr and "party.jpg" in res.stderr, \
+        res.stderr
