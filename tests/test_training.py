@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
@@ -585,6 +586,27 @@ def test_a_stage_without_its_inputs_or_a_file_as_out_is_a_usage_error(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 2 and "is a file" in done.stderr
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_unlabelled_pictures_left_out_are_named_and_none_at_all_is_refused(tmp_path):
+    """A folder of unlabelled pictures none of which gave a face had been accepted without
+    a word, and self-training ran on nothing (training audit of 2026-12-08)."""
+    from fiqa_gate_training.recipe import CONFIG_DIR
+
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    Image.new("RGB", (200, 160), (120, 160, 90)).save(folder / "grass.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    cfg = json.loads((CONFIG_DIR / "smoke.json").read_text())
+    cfg["data"]["unlabelled"] = [str(folder)]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "train", "run",
+                           str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"),
+                           "--stage", "data"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "2 of 2 unlabelled images left out" in done.stderr and "grass.png: no face" in \
+        done.stderr, done.stderr[-2000:]
+    assert "self-training needs faces in each" in done.stderr, done.stderr[-2000:]
 
 
 # Config checks (training/config.py): broken copies of smoke.json, checked directly (fast).

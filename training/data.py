@@ -186,7 +186,19 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     skipped: list[tuple[str, str]] = []
     sources = detect_sources([(None, p) for p in images], detector, all_faces=True,
                              skipped=skipped)
+    if skipped:
+        log.warning("data: %d of %d unlabelled images left out (%s); all in labels.json",
+                    len(skipped), len(images), "; ".join(f"{p}: {r}" for p, r in skipped[:3])
+                    + ("; ..." if len(skipped) > 3 else ""))
     set_a, set_b = _split(sources)
+    # self-training would have nothing new (set B also takes labelled copies, if asked)
+    if not set_a or not (set_b or d.get("b_labelled_variants")):
+        raise FiqaGateError(
+            f"data: the unlabelled sources ({', '.join(map(str, d['unlabelled'])) or 'none'})"
+            f" give {len(sources)} faces, so set A has {len(set_a)} and set B {len(set_b)}; "
+            "self-training needs faces in each: add folders of face pictures to "
+            "data.unlabelled"
+            + (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     plan = memory_plan(cfg, {**{k: len(v) for k, v in found.items()},
                              "unlabelled_a": len(set_a), "unlabelled_b": len(set_b)},
                        sum(f.image.nbytes for group in (sources, *found.values())
@@ -242,6 +254,7 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         log.info("%s: %d faces from %d source faces", name, len(samples), len(part))
     report["unlabelled_images"] = len(images)
     report["unlabelled_skipped"] = len(skipped)
+    report["unlabelled_left_out"] = skipped
     atomic_write_json(out / "labels.json", report)
     return report
 
