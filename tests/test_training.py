@@ -221,6 +221,18 @@ def test_smoke_recipe_end_to_end_then_resume(tmp_path):
     assert "student_l (ablation: labelled only)" in report["edc"]["sface"]
     card = (out / "export" / "student.md").read_text()
     assert "Provenance: resumed from a copied folder\n" in card
+    assert "Reproduce: `fiqa-gate train run smoke --stage report`" in card
+    # a run of a user's own config and data had a card that named ORL's 24 identities, a
+    # hash split and `train run cpu` (training audit of 2026-12-08)
+    from fiqa_gate_training.report import model_card
+
+    own = json.loads(json.dumps(load_config("smoke")))
+    own["name"], own["data"]["labelled"] = "mine", "identity:/data/people"
+    own["data"]["val_identities"] = ["zoe"]
+    text = model_card(report, own)
+    assert "Reproduce: `fiqa-gate train run RUN/config.json --out RUN --stage report`" in text
+    assert "Trained on the training identities of `/data/people`" in text
+    assert "identities as the config names them" in text and "ORL faces" not in text
     import timm  # the packages a run's numbers depend on, as on its host
 
     assert f"timm {timm.__version__}" in card and report["versions"]["timm"] == timm.__version__

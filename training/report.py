@@ -237,8 +237,11 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         "`student.json` to P(matched to a good reference of the same person at "
         f"{cfg['data']['recognizer']}'s FMR 1e-3 threshold).", "",
         "## Recipe", "",
-        f"`fiqa-gate train run {cfg['name']} --install` (config "
-        f"`training/configs/{cfg['name']}.json`): {cfg.get('description', '')}", "",
+        (f"`fiqa-gate train run {cfg['name']} --install` (config "
+         f"`training/configs/{cfg['name']}.json`)" if _built_in(cfg) else
+         f"`fiqa-gate train run {_config_arg(cfg)} --install` (RUN: this run's folder; its "
+         f"`config.json` is the config `{cfg['name']}`)")
+        + f": {cfg.get('description', '')}", "",
         f"Seeds: data {cfg['data']['seed']}, teacher {cfg['teacher'].get('seed')}, "
         f"student {cfg['student'].get('seed')}. Wall time per stage on {report['machine']}"
         + _versions_note(report) + ": "
@@ -285,7 +288,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         f"ORL s31-s40, {t['faces']} faces: each image clean plus {t['variants_per_image']} "
         f"degradations (seed {t['degradation_seed']}); {t['mated_pairs']} mated and "
         f"{t['nonmated_pairs']} non-mated comparisons (faces from the same source image are "
-        "never compared). Reproduce: `fiqa-gate train run cpu --stage report`.", "",
+        f"never compared). Reproduce: `fiqa-gate train run {_config_arg(cfg)} --stage "
+        "report`.", "",
         "### Agreement with the recognition-derived labels", "",
         "| model | SRCC | PLCC |", "|---|---|---|",
     ]
@@ -308,7 +312,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
                   "labelled + A` are students distilled with the shipped student's spec from "
                   "those sets alone; the shipped `student` (labelled + A + B) is the third "
                   "arm. Run on request: "
-                  f"`fiqa-gate train run {cfg['name']} --stage ablation --stage report`.", ""]
+                  f"`fiqa-gate train run {_config_arg(cfg)} --stage ablation --stage report`.",
+                  ""]
     if cfg.get("input_size_ablation"):
         ab = cfg["input_size_ablation"]
         lines += [f"Input size: the same student trained at {' and '.join(map(str, ab['sizes']))}"
@@ -316,7 +321,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
                   "from labelled + A + B, each seed), "
                   + ("rows `student N px`" if report.get("input_size") else
                      "no rows in this run folder")
-                  + f"; run on request: `fiqa-gate train run {cfg['name']} --stage "
+                  + f"; run on request: `fiqa-gate train run {_config_arg(cfg)} --stage "
                   "input_size --stage report`.", ""]
         for rname, sizes in report.get("input_size", {}).items():
             lines += [f"| input size, {rname} | seeds | mean pAUC 20 % | mean pAUC 30 % |",
@@ -345,7 +350,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
               "timed in turns); FLOPs by torch.utils.flop_counter (a multiply-add counts 2).",
               "",
               "## Limits", "",
-              "Trained on 24 identities of grey, frontal ORL faces and a few hundred unlabelled "
+              f"Trained on {_trained_on(cfg['data'])} and a few hundred unlabelled "
               "faces; the degradations are synthetic. The score predicts SFace's behaviour; "
               "with another recognizer, measure before trusting the threshold "
               "(`fiqa-gate evaluate --recognizer NAME`). Damage of kinds the recipe never "
@@ -360,6 +365,29 @@ _FAMILY = {"edgenext_xx_small": "EdgeNeXt-XXS", "edgenext_x_small": "EdgeNeXt-XS
 _RECOGNIZER = {"sface": "SFace", "dlib": "dlib"}
 _RECOGNIZER_SOURCE = {"sface": "SFace (OpenCV Zoo, Apache-2.0)",
                       "dlib": "dlib's ResNet (CC0)"}
+
+
+def _built_in(cfg: dict[str, Any]) -> bool:
+    """Whether the run's config is the built-in one of its name, as shipped."""
+    from fiqa_gate_training.recipe import CONFIG_DIR
+
+    path = CONFIG_DIR / f"{cfg['name']}.json"
+    return path.is_file() and {**json.loads(path.read_text()), "name": cfg["name"]} == cfg
+
+
+def _config_arg(cfg: dict[str, Any]) -> str:
+    """How `fiqa-gate train run` is given this run's config: a built-in one by its name,
+    any other by the copy in the run folder (the user's file may have moved or changed)."""
+    return cfg["name"] if _built_in(cfg) else "RUN/config.json --out RUN"
+
+
+def _trained_on(data: dict[str, Any]) -> str:
+    from fiqa_gate.datasets import ORL_TRAIN
+
+    if data["labelled"] == "orl":
+        n = len(data.get("train_identities") or ORL_TRAIN)
+        return f"{n} identities of grey, frontal ORL faces"
+    return f"the training identities of `{data['labelled'].split(':', 1)[1]}`"
 
 
 def _span(names: Sequence[str]) -> str:
@@ -382,9 +410,11 @@ def _labelled_line(data: dict[str, Any]) -> str:
                  f"training, {_span(data.get('val_identities', ORL_VAL))} for calibration; "
                  "s31-s40 only for the figures below")
     else:
+        split = ("as the config names them" if data.get("val_identities")
+                 or data.get("train_identities") else "by a hash of the name")
         faces = (f"the identity folder `{data['labelled'].split(':', 1)[1]}` (its owner's "
-                 "data and licence), split into training and calibration identities by a "
-                 "hash of the name; ORL s31-s40 only for the figures below")
+                 f"data and licence), split into training and calibration identities {split}; "
+                 "ORL s31-s40 only for the figures below")
     if data.get("mos_csv"):
         faces += f", and the human scores (MOS) of `{data['mos_csv']}`"
     rec = data["recognizer"]
