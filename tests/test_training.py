@@ -592,7 +592,13 @@ def test_a_stage_without_its_inputs_or_a_file_as_out_is_a_usage_error(tmp_path):
                            str(tmp_path / "skip.json"), "--out", str(tmp_path / "skip"),
                            "--stage", "teacher"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 2 and "reads the output of stage data" in done.stderr
-    assert "skip_stages leaves out data" in done.stderr
+    assert "skip_stages leaves out data (--stage data runs it)" in done.stderr
+    # and a stage named with --stage runs though the config skips it (the report had been
+    # skipped without a word, and editing the config made it another run's; audit 2026-12-08)
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "train", "run",
+                           str(tmp_path / "skip.json"), "--out", str(tmp_path / "skip"),
+                           "--stage", "data"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "stage data: done in" in done.stderr, done.stderr[-2000:]
     (tmp_path / "file").write_text("mine")
     done = subprocess.run([*cmd, "--out", str(tmp_path / "file")], capture_output=True,
                           text=True, timeout=600)

@@ -102,7 +102,8 @@ def run_command(config: str, out: Path | None, stages: tuple[str, ...], install:
     chosen = recipe.DEFAULT_STAGES if not stages else tuple(
         s for s in recipe.STAGES if s in stages)
     try:
-        run = recipe.run_recipe(cfg, out, chosen, remake_report="report" in stages)
+        run = recipe.run_recipe(cfg, out, chosen, remake_report="report" in stages,
+                                asked=bool(stages))
     except recipe.RecipeError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(json.dumps(run.times, indent=2), err=True)

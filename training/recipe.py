@@ -487,13 +487,16 @@ def stage_done(run: Run, stage: str) -> bool:
 
 
 def run_recipe(cfg: dict[str, Any], out: Path,
-               stages: tuple[str, ...] = DEFAULT_STAGES, remake_report: bool = False) -> Run:
+               stages: tuple[str, ...] = DEFAULT_STAGES, remake_report: bool = False,
+               asked: bool = False) -> Run:
     """Run `stages` in order, skipping those whose output exists; with `remake_report` the
-    report is made again (it reads every other stage's output and changes none)."""
+    report is made again (it reads every other stage's output and changes none). Stages
+    `asked` for by name run even when the config's skip_stages leaves them out (editing
+    the config would make it another run's)."""
     run = Run(cfg, out)
     skipped = cfg.get("skip_stages", ())
     for stage in stages:
-        if stage in skipped:
+        if stage in skipped and not asked:
             log.info("stage %s: skipped (the config's skip_stages)", stage)
             continue
         if stage in ON_REQUEST and not cfg.get(ON_REQUEST[stage]):
@@ -506,8 +509,9 @@ def run_recipe(cfg: dict[str, Any], out: Path,
             continue
         missing = [n for n in NEEDS.get(stage, ()) if not stage_done(run, n)]
         if missing:
-            how = (f"the config's skip_stages leaves out {', '.join(set(missing) & set(skipped))}"
-                   if set(missing) & set(skipped) else
+            left = ", ".join(sorted(set(missing) & set(skipped)))
+            how = (f"the config's skip_stages leaves out {left} (--stage {left} runs it)"
+                   if left else
                    f"run the recipe without --stage, or with --stage "
                    f"{' --stage '.join(missing)} first")
             raise RecipeError(f"stage {stage} reads the output of stage {', '.join(missing)}, "
