@@ -811,22 +811,32 @@ def test_an_identity_folder_too_small_to_split_is_refused_before_any_work(tmp_pa
 
 
 def test_an_identity_folder_s_split_follows_the_identities_the_config_names():
-    from fiqa_gate_training.data import _validation_identities
+    import unicodedata
+
+    from fiqa_gate_training.data import _split_identities
 
     from fiqa_gate.errors import FiqaGateError
 
     names = [f"p{i}" for i in range(20)]
-    by_hash = _validation_identities({}, names, "people")
+    train, by_hash = _split_identities({}, names, "people")
     assert 1 <= len(by_hash) < 10 and by_hash <= set(names)  # about a fifth
-    assert _validation_identities({"val_identities": ["p1", "p2"]}, names, "people") == {
+    assert train == set(names) - by_hash
+    assert _split_identities({"val_identities": ["p1", "p2"]}, names, "people")[1] == {
         "p1", "p2"}
-    assert _validation_identities({"train_identities": names[2:]}, names, "people") == {
-        "p0", "p1"}
+    assert _split_identities({"train_identities": names[2:]}, names, "people") == (
+        set(names[2:]), {"p0", "p1"})
     with pytest.raises(FiqaGateError, match="both in train_identities and in val"):
-        _validation_identities({"train_identities": ["p1"], "val_identities": ["p1"]},
-                               names, "people")
+        _split_identities({"train_identities": ["p1"], "val_identities": ["p1"]},
+                          names, "people")
     with pytest.raises(FiqaGateError, match="identities not in people: s31"):
-        _validation_identities({"val_identities": ["p1", "s31"]}, names, "people")
+        _split_identities({"val_identities": ["p1", "s31"]}, names, "people")
+    # folders named decomposed (macOS, some zip tools), the config composed: the same
+    # people, spelt as the folders are; a near miss is pointed out (audit 2026-12-08)
+    folders = [unicodedata.normalize("NFD", n) for n in ("José", "Zoë", "Ana María", "Bo")]
+    assert _split_identities({"val_identities": ["José", "Zoë"]}, folders, "people") == (
+        set(folders[2:]), set(folders[:2]))
+    with pytest.raises(FiqaGateError, match="Ana Maria \\(did you mean 'Ana Mar"):
+        _split_identities({"val_identities": ["Ana Maria"]}, folders, "people")
 
 
 def test_a_users_mos_list_and_run_folder_are_checked_before_any_work(tmp_path):

@@ -17,7 +17,9 @@ P(match) with the per-reference outcomes, so the shipped score means `matched`.
 
 from __future__ import annotations
 
+import difflib
 import logging
+import unicodedata
 import zlib
 from collections import Counter
 from dataclasses import replace
@@ -98,21 +100,31 @@ def _split(sources: list, fraction_b: float = 0.5) -> tuple[list, list]:
     return a, b
 
 
-def _validation_identities(d: dict[str, Any], names: list[str], folder: str) -> set[str]:
-    """The identity folder's validation identities: as the config names them, else the
-    ones the config does not name for training, else a fifth by a hash of the name."""
-    named = {k: list(d.get(k) or []) for k in ("train_identities", "val_identities")}
+def _split_identities(d: dict[str, Any], names: list[str], folder: str
+                      ) -> tuple[set[str], set[str]]:
+    """The identity folder's (training, validation) identities, as its folders spell them:
+    as the config names them, else the ones the config does not name for training, else
+    a fifth for validation by a hash of the name."""
+    # a config names "José" composed; macOS and some zip tools write folder names
+    # decomposed: the same name to a reader, other bytes to a set
+    spelt = {unicodedata.normalize("NFC", n): n for n in names}
+    named = {k: [spelt.get(unicodedata.normalize("NFC", n), n) for n in d.get(k) or []]
+             for k in ("train_identities", "val_identities")}
     unknown = sorted({n for v in named.values() for n in v} - set(names))
     if unknown:
-        raise FiqaGateError(f"data: identities not in {folder}: {', '.join(unknown[:5])}")
+        near = {n: difflib.get_close_matches(n, names, 1) for n in unknown[:5]}
+        raise FiqaGateError(f"data: identities not in {folder}: " + ", ".join(
+            n + (f" (did you mean {near[n][0]!r}?)" if near[n] else "") for n in near))
     if set(named["train_identities"]) & set(named["val_identities"]):
         raise FiqaGateError("data: an identity cannot be both in train_identities and in "
                             "val_identities")
     if named["val_identities"]:
-        return set(named["val_identities"])
-    if named["train_identities"]:
-        return set(names) - set(named["train_identities"])
-    return {n for n in names if zlib.crc32(n.encode("utf-8", "surrogateescape")) % 5 == 0}
+        val = set(named["val_identities"])
+    elif named["train_identities"]:
+        val = set(names) - set(named["train_identities"])
+    else:
+        val = {n for n in names if zlib.crc32(n.encode("utf-8", "surrogateescape")) % 5 == 0}
+    return set(named["train_identities"] or set(names) - val), val
 
 
 def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -138,8 +150,7 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         folder = labelled.split(":", 1)[1]
         items = identity_folder(folder)
         names = sorted({i for i, _ in items})
-        val_names = _validation_identities(d, names, folder)
-        train_names = set(d.get("train_identities") or set(names) - val_names)
+        train_names, val_names = _split_identities(d, names, folder)
         if len(val_names) < 2 or len(train_names) < 2:  # no impostor pairs
             raise FiqaGateError(
                 f"data.labelled: {folder} has {len(names)} identities, of which "
