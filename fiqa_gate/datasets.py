@@ -156,15 +156,20 @@ def read_mos_csv(csv_path: str | Path, image_root: str | Path | None = None
     with fh:
         reader = csv.DictReader(fh)
         try:
-            if not reader.fieldnames or not {"image_name", "score"} <= set(reader.fieldnames):
-                raise FiqaGateError(f"{csv_path}: expected a header with image_name,score")
+            found = reader.fieldnames or []
+            # `Image_Name, Score` is the same header to whoever wrote it
+            reader.fieldnames = [name.strip().lower() for name in found]
+            if not {"image_name", "score"} <= set(reader.fieldnames):
+                raise FiqaGateError(f"{csv_path}: expected a header with image_name,score; "
+                                    f"the first line holds {','.join(found)!r}")
             for n, row in enumerate(reader, start=2):
                 try:
                     score = float(row["score"])
                 except (TypeError, ValueError):
                     score = math.nan
                 if not math.isfinite(score):  # nan would make every label nan
-                    raise FiqaGateError(f"{csv_path}:{n}: bad score {row.get('score')!r}")
+                    raise FiqaGateError(f"{csv_path}:{n}: bad score {row.get('score')!r}" + (
+                        " (the row has no score column)" if row.get("score") is None else ""))
                 rows.append((base / row["image_name"], score))
         except UnicodeDecodeError:
             raise FiqaGateError(f"{csv_path}: not a UTF-8 text file (save it as UTF-8)"

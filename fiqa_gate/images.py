@@ -264,7 +264,9 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     """
     top = os.fspath(root)
     if not os.path.isdir(top):
-        raise FiqaGateError(f"{top}: not a directory (expected ROOT/<identity>/<images>)")
+        where = "" if os.path.isabs(top) else f"; taken from the working folder {os.getcwd()}"
+        raise FiqaGateError(f"{top}: not a directory (expected ROOT/<identity>/<images>"
+                            f"{where})")
     try:
         with os.scandir(top) as listing:
             entries = sorted(listing, key=lambda e: e.name)

@@ -846,6 +846,12 @@ def test_a_users_mos_list_and_run_folder_are_checked_before_any_work(tmp_path):
     mos = tmp_path / "mos.csv"
     mos.write_text("\ufeffimage_name,score\na.jpg,0.7\nb.jpg,0.2\n", encoding="utf-8")  # a BOM
     assert read_mos_csv(mos) == [(tmp_path / "a.jpg", 0.7), (tmp_path / "b.jpg", 0.2)]
+    # a header in another case, or with spaces, is the same header (audit 2026-12-08)
+    mos.write_text("Image_Name, Score\na.jpg,0.7\nb.jpg,0.2\n")
+    assert read_mos_csv(mos) == [(tmp_path / "a.jpg", 0.7), (tmp_path / "b.jpg", 0.2)]
+    mos.write_text("file,mos\na.jpg,0.7\n")
+    with pytest.raises(FiqaGateError, match="the first line holds 'file,mos'"):
+        read_mos_csv(mos)
     mos.write_text("image_name,score\na.jpg,0.6\nb.jpg,0.1\na.jpg,0.8\n")
     got = read_mos_csv(mos)  # one face, one label: a repeated rating is averaged
     assert [p.name for p, _ in got] == ["a.jpg", "b.jpg"]
@@ -998,3 +1004,18 @@ def test_a_second_run_in_one_process_logs_only_to_its_own_folder(tmp_path):
             logger.removeHandler(handler)
             handler.close()
         training_cli._ours.clear()
+
+
+def test_data_paths_starting_with_a_tilde_are_the_users_and_an_empty_one_is_refused(
+        tmp_path, monkeypatch, orl_root):
+    # `~/faces` was "not a folder" and "" read the working folder (audit 2026-12-08)
+    from fiqa_gate_training.sources import unlabelled_images
+
+    from fiqa_gate.errors import FiqaGateError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "faces").mkdir()
+    shutil.copy(orl_root / "s1" / "1.pgm", tmp_path / "faces" / "a.pgm")
+    assert unlabelled_images(["~/faces"]) == [tmp_path / "faces" / "a.pgm"]
+    with pytest.raises(FiqaGateError, match="an empty name"):
+        unlabelled_images([""])

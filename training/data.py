@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import unicodedata
 import zlib
 from collections import Counter
@@ -147,7 +148,7 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         train_items = orl_items(d.get("train_identities", ORL_TRAIN))
         val_items = orl_items(d.get("val_identities", ORL_VAL))
     elif labelled.startswith("identity:"):
-        folder = labelled.split(":", 1)[1]
+        folder = os.path.expanduser(labelled.split(":", 1)[1])
         items = identity_folder(folder)
         names = sorted({i for i, _ in items})
         train_names, val_names = _split_identities(d, names, folder)
@@ -162,7 +163,9 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     else:
         raise ValueError(f"data.labelled: 'orl' or 'identity:/path', not {labelled!r}")
 
-    mos_rows = read_mos_csv(d["mos_csv"], d.get("mos_root")) if d.get("mos_csv") else []
+    mos_rows = (read_mos_csv(os.path.expanduser(d["mos_csv"]),
+                             d.get("mos_root") and os.path.expanduser(d["mos_root"]))
+                if d.get("mos_csv") else [])
     # Every face is found first, so the memory the run will need is known (and refused
     # with a clear message) before hours go into degrading and labelling them.
     found: dict[str, list] = {}

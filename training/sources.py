@@ -192,20 +192,23 @@ def unlabelled_images(names: list[str]) -> list[Path]:
 
     out: list[Path] = []
     for name in names:
+        if not name.strip():  # "" is the working folder to the file system
+            raise FiqaGateError("data.unlabelled: an empty name; give a built-in source "
+                                f"({', '.join(SOURCES)}) or a folder")
         if name in SOURCES:
             try:
                 got = SOURCES[name]()
             except Exception as exc:  # a registry out of reach must not end the run
                 log.warning("unlabelled source %s skipped: %s", name, exc)
                 continue
-        elif not Path(name).is_dir():  # a misspelt source name, or a folder not there
+        elif not Path(name).expanduser().is_dir():  # a misspelt name, or no such folder
             near = difflib.get_close_matches(name, SOURCES, n=1)
             raise FiqaGateError(
                 f"data.unlabelled: {name!r} is neither a built-in source ("
                 f"{', '.join(SOURCES)}) nor a folder"
                 + (f"; did you mean {near[0]!r}?" if near else ""))
         else:
-            got = unlabelled_folder(name)
+            got = unlabelled_folder(Path(name).expanduser())
             if not got:
                 raise FiqaGateError(f"data.unlabelled: the folder {name} holds no images")
         log.info("unlabelled source %s: %d images", name, len(got))
