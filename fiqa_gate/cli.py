@@ -371,6 +371,21 @@ def _place_copy(src: str, dest: Path, move: bool) -> tuple[str, os.stat_result |
     return "copied", None
 
 
+def _reached_from_outside(path: str, paths: Sequence[str]) -> bool:
+    """Whether a listed file lies, resolved, outside every folder given (reached through a
+    link to a folder beside the input); a file given by name is the user's to move."""
+    folder = _real_folder(os.path.dirname(path) or ".")
+    for given in paths:
+        if not os.path.isdir(given):
+            if _same_file(path, given):
+                return False
+            continue
+        real = os.path.realpath(given)
+        if os.path.commonpath([folder, real]) == real:
+            return False
+    return True
+
+
 def _check_unchanged(src: str, copied: os.stat_result) -> None:
     """Refuse to remove src if another file took its name, or it changed, while it was
     copied."""
@@ -589,7 +604,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
     files = _listed(paths, (f for f in iter_files(paths) if not _is_inside(f, targets)),
                     output)
     counts = {"accepted": 0, "rejected": 0, "error": 0}
-    not_copied = not_removed = unfinished = 0
+    not_copied = not_removed = unfinished = not_moved = 0
     # a resumed run copies again what could not be copied (a full disk, since freed)
     inputs = {_where(f) for f in files}
     with open_manifest(output, FILTER_COLUMNS, resume=resume,
@@ -632,7 +647,13 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
             elif target:
                 try:
                     dest = Path(target) / _relpath(path, paths)
-                    how, copied = _place_copy(path, dest, move)
+                    # a folder linked in from outside the input is only read, as
+                    # every input is without --move: its files are not ours to remove
+                    kept = move and _reached_from_outside(path, paths)
+                    how, copied = _place_copy(path, dest, move and not kept)
+                    if kept:
+                        not_moved += 1
+                        how += ", not moved: its folder is linked in from outside the input"
                     row["copied_to"] = f"{dest} ({how})"
                 except OSError as exc:  # NotMovable is no failed copy: a resume leaves it
                     failures.count += 1
@@ -659,6 +680,8 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                   if not_copied else "")
                + (f"; {not_removed} copied but not removed (see the warnings)"
                   if not_removed else "")
+               + (f"; {not_moved} copied, not moved (in folders linked in from outside the "
+                  "input)" if not_moved else "")
                + (f"; {unfinished} moves recorded before not finished (see the warnings)"
                   if unfinished else ""), err=True)
     failures.exit()

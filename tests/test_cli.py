@@ -804,3 +804,23 @@ def test_enroll_says_which_pictures_hold_several_faces(tmp_path, sample_photo, o
     assert res.returncode == 0, res.stderr
     assert "1 pictures hold more than one face" in res.stderr and "party.jpg" in res.stderr, \
         res.stderr
+
+
+def test_filter_move_leaves_a_folder_linked_in_from_outside_the_input(tmp_path, orl_root):
+    # a link to a folder beside the input had its files moved away (gallery audit of
+    # 2026-12-08): they are copied, and the folder outside keeps them
+    top = tmp_path / "top"
+    (top / "in").mkdir(parents=True)
+    (top / "archive").mkdir()
+    shutil.copy(orl_root / "s31" / "1.pgm", top / "in" / "a.pgm")
+    shutil.copy(orl_root / "s32" / "1.pgm", top / "archive" / "precious.pgm")
+    (top / "in" / "archive_link").symlink_to("../archive")
+    before = digests(top / "archive")
+    res = run("filter", str(top / "in"), "--accepted-dir", str(tmp_path / "ok"),
+              "--rejected-dir", str(tmp_path / "bad"), "--move", "-o", str(tmp_path / "m.csv"))
+    assert res.returncode == 0, res.stderr
+    assert "1 copied, not moved (in folders linked in from outside the input)" in res.stderr
+    assert digests(top / "archive") == before
+    assert not (top / "in" / "a.pgm").exists()  # the input's own file is moved
+    copies = list((tmp_path / "ok").rglob("*.pgm")) + list((tmp_path / "bad").rglob("*.pgm"))
+    assert sorted(p.name for p in copies) == ["a.pgm", "precious.pgm"]
