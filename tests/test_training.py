@@ -1019,3 +1019,28 @@ def test_data_paths_starting_with_a_tilde_are_the_users_and_an_empty_one_is_refu
     assert unlabelled_images(["~/faces"]) == [tmp_path / "faces" / "a.pgm"]
     with pytest.raises(FiqaGateError, match="an empty name"):
         unlabelled_images([""])
+
+
+def test_a_rerun_says_when_the_users_data_changed_since_the_data_stage(tmp_path, orl_root):
+    # the data stage is not redone, so an edited folder was used as it had been, without
+    # a word (training audit of 2026-12-08)
+    folder = tmp_path / "people"
+    for s in ("s1", "s2", "s3", "s4"):
+        (folder / s).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
+    cfg, _ = _broken_smoke(tmp_path, {"data.labelled": f"identity:{folder}",
+                                      "data.train_identities": ["s1", "s2"],
+                                      "data.val_identities": ["s3", "s4"]})
+    config = tmp_path / "own.json"
+    config.write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "fiqa_gate", "train", "run", str(config), "--out",
+           str(tmp_path / "run"), "--stage", "data"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert "stage data: done already" in done.stderr and "changed since" not in done.stderr
+    (folder / "s2" / "2.pgm").unlink()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "changed since the data stage read it (8 files then, 7 " \
+        "now" in done.stderr, done.stderr[-2000:]

@@ -42,6 +42,7 @@ from fiqa_gate.datasets import (
     orl_items,
     read_mos_csv,
     source_key,
+    unlabelled_folder,
 )
 from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.metrics import edc, pair_quality
@@ -101,6 +102,46 @@ def _split(sources: list, fraction_b: float = 0.5) -> tuple[list, list]:
     return a, b
 
 
+def user_inputs(d: dict[str, Any]) -> dict[str, Any]:
+    """The files of a user's own data the config names (identity folder, MOS list and
+    its images, unlabelled folders; not the packages' data), as a count and a digest of
+    their paths, sizes and times: a run folder's data stage is not redone when they
+    change, so a later run says they did."""
+    import contextlib
+    import hashlib
+
+    from fiqa_gate_training.sources import SOURCES
+
+    files: list[str] = []
+    quiet = logging.getLogger("fiqa_gate")
+    level, quiet.level = quiet.level, logging.ERROR  # the data stage said it all once
+    try:
+        if d["labelled"].startswith("identity:"):
+            with contextlib.suppress(FiqaGateError):
+                files += [str(p) for _, p in identity_folder(
+                    os.path.expanduser(d["labelled"].split(":", 1)[1]))]
+        if d.get("mos_csv"):
+            files.append(os.path.expanduser(d["mos_csv"]))
+            with contextlib.suppress(FiqaGateError):
+                files += [str(p) for p, _ in read_mos_csv(
+                    os.path.expanduser(d["mos_csv"]),
+                    d.get("mos_root") and os.path.expanduser(d["mos_root"]))]
+        for name in d.get("unlabelled") or []:
+            if name not in SOURCES and name.strip():
+                files += [str(p) for p in unlabelled_folder(Path(name).expanduser())]
+    finally:
+        quiet.level = level
+    digest = hashlib.sha256()
+    for f in sorted(set(files)):
+        try:
+            st = os.stat(f)
+            digest.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
+                "utf-8", "surrogateescape"))
+        except OSError:
+            digest.update(f"{f}\0gone\n".encode("utf-8", "surrogateescape"))
+    return {"files": len(set(files)), "sha256": digest.hexdigest()}
+
+
 def _split_identities(d: dict[str, Any], names: list[str], folder: str
                       ) -> tuple[set[str], set[str]]:
     """The identity folder's (training, validation) identities, as its folders spell them:
@@ -142,6 +183,8 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     b_kinds = distillation_kinds(d)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"recognizer": d["recognizer"], "threshold": recognizer.threshold}
+    # before anything is read: a file changed while the stage runs is new to a later run
+    report["user_inputs"] = user_inputs(d)
 
     labelled = d["labelled"]
     if labelled == "orl":

@@ -486,6 +486,21 @@ def stage_done(run: Run, stage: str) -> bool:
     return out is not None and out.exists()
 
 
+def _check_inputs(run: Run) -> None:
+    """Say so when the user's data changed since the data stage read it (the run goes on
+    with the faces it made then)."""
+    from fiqa_gate_training.data import user_inputs
+
+    then = (read_state_json(run.data / "labels.json") or {}).get("user_inputs")
+    if not then:  # a run from before this record, or of packages' data only
+        return
+    now = user_inputs(run.cfg["data"])
+    if now != then:
+        log.warning("the data this config names changed since the data stage read it (%d "
+                    "files then, %d now, or files changed); this run goes on with the faces "
+                    "made then: a new --out takes the changes in", then["files"], now["files"])
+
+
 def run_recipe(cfg: dict[str, Any], out: Path,
                stages: tuple[str, ...] = DEFAULT_STAGES, remake_report: bool = False,
                asked: bool = False) -> Run:
@@ -506,6 +521,8 @@ def run_recipe(cfg: dict[str, Any], out: Path,
             run.times.pop(stage, None)
         elif stage_done(run, stage):
             log.info("stage %s: done already", stage)
+            if stage == "data":
+                _check_inputs(run)
             continue
         missing = [n for n in NEEDS.get(stage, ()) if not stage_done(run, n)]
         if missing:
