@@ -1044,3 +1044,21 @@ def test_a_rerun_says_when_the_users_data_changed_since_the_data_stage(tmp_path,
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "changed since the data stage read it (8 files then, 7 " \
         "now" in done.stderr, done.stderr[-2000:]
+
+
+def test_mos_images_that_are_validation_or_test_pictures_are_warned_about(tmp_path, orl_root,
+                                                                          caplog):
+    # a MOS list of validation pictures leaked into model selection and calibration
+    # without a word (training audit of 2026-12-08); copies are found by their bytes
+    from fiqa_gate_training.data import _warn_held_out
+
+    mos = [tmp_path / "a.pgm", tmp_path / "b.pgm", tmp_path / "c.pgm"]
+    for path, source in zip(mos, ("s25/1.pgm", "s31/2.pgm", "s5/1.pgm"), strict=True):
+        shutil.copy(orl_root / source, path)
+    val = [orl_root / "s25" / f"{i}.pgm" for i in range(1, 11)]
+    with caplog.at_level(logging.WARNING, logger="fiqa_gate.training"):
+        _warn_held_out("mos.csv", mos, val)
+    text = caplog.text
+    assert "1 images are also validation pictures" in text and "a.pgm" in text
+    assert "1 images are also test split (ORL s31-s40) pictures" in text and "b.pgm" in text
+    assert "c.pgm" not in text

@@ -102,6 +102,31 @@ def _split(sources: list, fraction_b: float = 0.5) -> tuple[list, list]:
     return a, b
 
 
+def _warn_held_out(csv_path: str, mos: list[Path], val: list[Path]) -> None:
+    """Warn when a MOS image is (byte for byte) a validation picture, which selects and
+    calibrates the student, or one of the test split's, which measures it."""
+    import contextlib
+
+    from fiqa_gate.assets import sha256_file
+    from fiqa_gate.datasets import ORL_TEST
+
+    def digests(paths: list[Path]) -> dict[str, Path]:
+        out = {}
+        for path in paths:
+            with contextlib.suppress(OSError):
+                out[sha256_file(path)] = path
+        return out
+
+    listed = digests(mos)
+    for what, paths in (("validation", val), ("test split (ORL s31-s40)",
+                                              [p for _, p in orl_items(ORL_TEST)])):
+        both = sorted(str(listed[h]) for h in set(listed) & set(digests(paths)))
+        if both:
+            log.warning("%s: %d images are also %s pictures, so the figures measured on "
+                        "them are no longer on unseen faces: %s", csv_path, len(both), what,
+                        ", ".join(both[:3]) + (", ..." if len(both) > 3 else ""))
+
+
 def user_inputs(d: dict[str, Any]) -> dict[str, Any]:
     """The files of a user's own data the config names (identity folder, MOS list and
     its images, unlabelled folders; not the packages' data), as a count and a digest of
@@ -235,6 +260,7 @@ def build(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
             raise FiqaGateError(f"{d['mos_csv']}: no face found in any of its "
                                 f"{len(mos_rows)} images (first: {missed[0][0]}: "
                                 f"{missed[0][1]})")
+        _warn_held_out(d["mos_csv"], [p for p, _ in mos_rows], [p for _, p in val_items])
         if missed:
             log.warning("%s: %d of %d images left out (%s)", d["mos_csv"], len(missed),
                         len(mos_rows), "; ".join(f"{p}: {r}" for p, r in missed[:3])
