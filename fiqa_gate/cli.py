@@ -757,7 +757,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
     def commit(manifest: Manifest | None) -> int:
         """Enroll the pending faces in one transaction (all or nothing), then log their
         rows. Each transaction rewrites the whole index, so they are batched."""
-        nonlocal n_moved, n_replaced
+        nonlocal n_moved, n_replaced, n_skipped
         items = [item for item, _ in pending if item is not None]
         try:  # a picture moved or renamed (its folder too) keeps its face
             ids = gallery.enroll(items, rec.name, gone=_surely_gone)
@@ -777,6 +777,9 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                 moved_from.add((old_identity, old_source))
                 row.update(decision="moved", reason=f"moved from {old_source}" + (
                     f" ({old_identity})" if old_identity != row["identity"] else ""))
+            if face_id in gallery.existing:  # another run enrolled it since this one looked
+                row.update(decision="skip", reason="already enrolled (by another run, "
+                           "meanwhile)")
             if face_id in gallery.replaced:
                 row.update(decision="replaced", reason="the file changed since it was "
                            f"enrolled: its face was embedded again ({row.get('reason', '')})"
@@ -789,7 +792,8 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
         pending.clear()
         n_moved += len(gallery.moved)
         n_replaced += len(gallery.replaced)
-        return len(ids) - len(gallery.moved) - len(gallery.replaced)
+        n_skipped += len(gallery.existing)
+        return len(ids) - len(gallery.moved) - len(gallery.replaced) - len(gallery.existing)
 
     stale: list[tuple[str, str]] = []  # enrolled from an identity's folder, not there now
     moved_from: set[tuple[str, str]] = set()  # faces that followed their picture

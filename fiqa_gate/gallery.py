@@ -131,6 +131,7 @@ class Gallery:
         self._index_gen = -1
         self.moved: dict[int, tuple[str, str]] = {}  # by the last enroll (see there)
         self.replaced: set[int] = set()  # faces the last enroll embedded again
+        self.existing: set[int] = set()  # items the last enroll found enrolled already
         try:
             self._read_info()
         except BaseException:
@@ -417,7 +418,7 @@ class Gallery:
         An item whose source is enrolled under its identity with another fingerprint (the
         file changed since) replaces that face's embedding and keeps its id; those ids
         are in `self.replaced`."""
-        self.moved, self.replaced = {}, set()
+        self.moved, self.replaced, self.existing = {}, set(), set()
         if not items:
             return []
         moved: dict[int, tuple[str, str]] = {}
@@ -432,6 +433,7 @@ class Gallery:
                                      f"embedding of {item.source}")[0])
         twins = self._twins(np.stack(vectors)) if gone is not None else [[] for _ in items]
         replaced: set[int] = set()
+        existing: set[int] = set()
         with self._write_transaction():
             ids = []
             for it, vector, candidates in zip(items, vectors, twins, strict=True):
@@ -447,6 +449,8 @@ class Gallery:
                                      (score, time.time(), vector.tobytes(), it.fingerprint,
                                       row[0]))
                     replaced.add(int(row[0]))
+                elif row is not None:  # e.g. by another run since this one looked
+                    existing.add(int(row[0]))
                 if row is None and gone is not None:
                     row = self._move(candidates, key, gone, moved)
                     if row is not None and it.fingerprint is not None:
@@ -456,7 +460,7 @@ class Gallery:
                     "INSERT INTO faces (identity, source, score, added, embedding, fingerprint) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (*key, score, time.time(), vector.tobytes(), it.fingerprint)).lastrowid)
-        self.moved, self.replaced = moved, replaced  # committed
+        self.moved, self.replaced, self.existing = moved, replaced, existing  # committed
         return [int(i) for i in ids]
 
     def _twins(self, vectors: np.ndarray) -> list[list[int]]:

@@ -421,3 +421,19 @@ def test_a_moved_face_is_new_to_a_run_that_listed_before_the_move(tmp_path, orl_
                         gone=lambda source: False)
     assert other != face_id and len(g) == 2
     g.close()
+
+
+def test_an_item_another_writer_enrolled_meanwhile_is_reported_as_existing(tmp_path,
+                                                                          orl_embeddings):
+    # two enrolls of one folder at once both said they had enrolled every face (gallery
+    # audit of 2026-12-08): the second finds them under the lock and says so
+    first = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    second = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    items = [Enrollment("s31", orl_embeddings["s31"][i], f"s31/{i}.pgm") for i in range(3)]
+    ids = first.enroll(items)
+    assert first.existing == set()
+    more = [*items, Enrollment("s31", orl_embeddings["s31"][5], "new.pgm")]
+    assert second.enroll(more)[:3] == ids
+    assert second.existing == set(ids) and len(second) == 4
+    first.close()
+    second.close()
