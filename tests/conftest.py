@@ -40,6 +40,16 @@ def orl_split_dirs(tmp_path: Path, orl_root: Path) -> tuple[Path, Path]:
     return enroll, probe
 
 
+def orl_people(folder: Path, orl_root: Path, identities: tuple[str, ...],
+               pictures: tuple[int, ...] = (1, 2)) -> Path:
+    """An identity folder FOLDER/<sN>/<i>.pgm of ORL pictures (a user's own data)."""
+    for s in identities:
+        (folder / s).mkdir(parents=True)
+        for i in pictures:
+            shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
+    return folder
+
+
 @contextlib.contextmanager
 def small_filesystem(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of `size` mounted at `path` (to fill up, or to remount read-only);

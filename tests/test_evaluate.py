@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import orl_people
 from PIL import Image
 
 from fiqa_gate import degradations, registry
@@ -901,11 +902,7 @@ def test_a_scorer_calibrated_for_another_recognizer_is_said_in_evaluate(caplog,
 def test_best_of_n_with_one_candidate_each_says_it_cannot_choose(tmp_path, orl_root):
     # two pictures a person and no degraded copies: one candidate each, and the table of
     # +0.0 gains had no word on why (audit of 2026-12-07)
-    folder = tmp_path / "people"
-    for s in ("s31", "s32", "s33", "s34"):
-        (folder / s).mkdir(parents=True)
-        for i in (1, 2):
-            shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
+    folder = orl_people(tmp_path / "people", orl_root, ("s31", "s32", "s33", "s34"))
     done = _evaluate("--data", str(folder), "--variants", "0", "--bootstrap", "0",
                      "--scorer", "sharpness", "-o", str(tmp_path / "r"))
     assert done.exit_code == 0, done.stderr[-3000:]

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import orl_people
 from PIL import Image
 
 torch = pytest.importorskip("torch")
@@ -786,11 +787,7 @@ def test_config_check_reports_every_problem_at_once(tmp_path):
 def test_an_identity_folder_too_small_to_split_is_refused_before_any_work(tmp_path, orl_root):
     # three people give validation (a fifth, by name) too few identities for impostor
     # pairs: said at once, not as a ValueError from the EDC after detection
-    folder = tmp_path / "people"
-    for s in ("s1", "s2", "s3"):
-        (folder / s).mkdir(parents=True)
-        for i in (1, 2):
-            shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
+    folder = orl_people(tmp_path / "people", orl_root, ("s1", "s2", "s3"))
     cfg, _ = _broken_smoke(tmp_path, {"data.labelled": f"identity:{folder}",
                                       "data.train_identities": _DELETE,
                                       "data.val_identities": _DELETE})
@@ -1024,11 +1021,7 @@ def test_data_paths_starting_with_a_tilde_are_the_users_and_an_empty_one_is_refu
 def test_a_rerun_says_when_the_users_data_changed_since_the_data_stage(tmp_path, orl_root):
     # the data stage is not redone, so an edited folder was used as it had been, without
     # a word (training audit of 2026-12-08)
-    folder = tmp_path / "people"
-    for s in ("s1", "s2", "s3", "s4"):
-        (folder / s).mkdir(parents=True)
-        for i in (1, 2):
-            shutil.copy(orl_root / s / f"{i}.pgm", folder / s / f"{i}.pgm")
+    folder = orl_people(tmp_path / "people", orl_root, ("s1", "s2", "s3", "s4"))
     cfg, _ = _broken_smoke(tmp_path, {"data.labelled": f"identity:{folder}",
                                       "data.train_identities": ["s1", "s2"],
                                       "data.val_identities": ["s3", "s4"]})
