@@ -786,7 +786,9 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                            .replace(" ()", ""))
             if face_id is not None:
                 row["face_id"] = face_id
-                registry.emit("face_enrolled", identity=row["identity"], face_id=str(face_id))
+                if face_id not in gallery.existing:  # the other run announced it
+                    registry.emit("face_enrolled", identity=row["identity"],
+                                  face_id=str(face_id))
             if manifest:
                 manifest.write_rows([row])
         pending.clear()
@@ -1119,21 +1121,32 @@ def forget(identities: tuple[str, ...], index_path: str) -> None:
     """Remove every face of IDENTITIES from the gallery at --index (an erasure request,
     a person who left). Their embeddings are overwritten in the gallery's files, not only
     unlisted. Nothing else changes; a name the gallery does not hold is an error."""
+    import unicodedata
+
     from fiqa_gate.gallery import Gallery
 
     gallery = Gallery.open(index_path)
     try:
         known = gallery.identities()
-        unknown = [name for name in identities if name not in known]
+        # "José" typed composed names a folder written decomposed (macOS): one person
+        spelt = {unicodedata.normalize("NFC", name): name for name in known}
+        names = [n if n in known else spelt.get(unicodedata.normalize("NFC", n), n)
+                 for n in identities]
+        unknown = [name for name in names if name not in known]
         if unknown:
             raise GalleryError(f"{index_path}: no faces of {', '.join(map(repr, unknown))} in "
                                f"the gallery; nothing was removed (it holds "
                                f"{len(known)} identities)")
-        removed = gallery.remove_identities(identities)
+        removed = gallery.remove_identities(names)
+        erased = gallery.erase_log()
     finally:
         gallery.close()
-    click.echo(f"removed {removed} faces of {len(set(identities))} identities from "
+    click.echo(f"removed {removed} faces of {len(set(names))} identities from "
                f"{index_path}", err=True)
+    if not erased:
+        log.warning("%s: another process has the gallery open; the removed embeddings stay "
+                    "in its write-ahead log (meta.sqlite-wal) until that process closes it "
+                    "(run forget again then to erase them)", index_path)
 
 
 # -- plugins ------------------------------------------------------------------------------

@@ -163,7 +163,11 @@ class Gallery:
             db.executescript(SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(faces)")}
             if "fingerprint" not in columns:  # a gallery made before fingerprints
-                db.execute("ALTER TABLE faces ADD COLUMN fingerprint TEXT")
+                try:
+                    db.execute("ALTER TABLE faces ADD COLUMN fingerprint TEXT")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
             return db
         except sqlite3.OperationalError as exc:
             text = _read_only_text(path, exc)
@@ -505,6 +509,14 @@ class Gallery:
         return int(n)
 
     @_db_errors
+    def erase_log(self) -> bool:
+        """Merge the write-ahead log into the database and empty it, so what was removed
+        is gone from the gallery's files; False while another process still reads an
+        older state (its pages stay in the log until it closes)."""
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
+    @_db_errors
     def remove_sources(self, pairs: Iterable[tuple[str, str]],
                        before: float | None = None) -> int:
         """Remove the faces enrolled from these (identity, source) pairs in one
@@ -657,6 +669,9 @@ def _check_factory(factory: str, dim: int) -> None:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise GalleryError(f"invalid FAISS index factory {factory!r}: {exc}") from None
+    if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        raise GalleryError(f"FAISS index factory {factory!r} cannot hold a gallery's faces: "
+                           "the gallery gives each face its id itself (drop 'IDMap')")
     if index.is_trained:  # one that needs training is tried once it has faces enough
         try:  # `IDMap,Flat` is built, then refuses every face the gallery adds to it
             index.add(np.eye(2, dim, dtype=np.float32))

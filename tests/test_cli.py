@@ -750,13 +750,18 @@ def test_forget_removes_a_person_and_erases_their_embeddings(tmp_path, orl_root)
         and "(bob)" in res.stderr, res.stderr
     res = run("forget", "bob", "carl", "--index", str(g))
     assert res.returncode == 2 and "no faces of 'carl'" in res.stderr, res.stderr
+    # a service that keeps the gallery open: its connection had kept the removed
+    # embeddings in the write-ahead log (third audit of 2026-12-08)
+    reader = Gallery.open(g)
+    assert len(reader) == 4
     res = run("forget", "bob", "--index", str(g))
     assert res.returncode == 0 and "removed 2 faces of 1 identities" in res.stderr, res.stderr
-    with contextlib.closing(Gallery.open(g)) as gallery:
-        assert gallery.identities() == {"ann": 2}
     stored = b"".join(p.read_bytes() for p in g.iterdir() if p.is_file())
     for e in bob:
-        assert e[:64] not in stored  # the database and the index
+        assert e[:64] not in stored  # the database, its log and the index
+    reader.close()
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert gallery.identities() == {"ann": 2}
     probe, hits = tmp_path / "probe.pgm", tmp_path / "hits.csv"
     shutil.copy(orl_root / "s32" / "5.pgm", probe)
     assert run("search", str(probe), "--index", str(g), "-o", str(hits)).returncode == 0

@@ -110,9 +110,33 @@ def test_bad_factory_and_dimension(tmp_path):
         g.enroll([Enrollment("x", np.zeros(64, np.float32), "x.jpg")])
     # built by FAISS, yet it refuses every face added: refused before a folder is made
     # (it had made a gallery that failed each file and kept its factory; audit 2026-12-08)
-    with pytest.raises(GalleryError, match="cannot hold a gallery's faces"):
-        Gallery.create(tmp_path / "i", "sface", 128, 0.383, "IDMap,Flat")
-    assert not (tmp_path / "i").exists()
+    for factory in ("IDMap,Flat", "IDMap,IVF2,Flat", "IDMap2,Flat"):
+        with pytest.raises(GalleryError, match="cannot hold a gallery's faces"):
+            Gallery.create(tmp_path / "i", "sface", 128, 0.383, factory)
+        assert not (tmp_path / "i").exists()
+
+
+def test_many_processes_opening_a_gallery_from_before_fingerprints_at_once(tmp_path,
+                                                                          orl_embeddings):
+    # each added the new column; all but one said the gallery was corrupt (third audit
+    # of 2026-12-08)
+    import sqlite3
+    import subprocess
+    import sys
+
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    g.enroll([Enrollment("s31", orl_embeddings["s31"][0], "1.pgm")])
+    g.close()
+    with sqlite3.connect(tmp_path / "g" / "meta.sqlite") as db:
+        db.execute("ALTER TABLE faces DROP COLUMN fingerprint")
+    code = ("from fiqa_gate.gallery import Gallery\n"
+            f"g = Gallery.open({str(tmp_path / 'g')!r})\n"
+            "print(len(g))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == ["1"] * 8
 
 
 def test_a_read_only_database_is_said_to_be_read_only_not_corrupt(tmp_path, orl_embeddings):
