@@ -864,19 +864,25 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
             # moved away) or this run prunes it (a copy under two identities, ...)
             listed_now = {_where(p) for p in files}
             pruned_here = {source for _, source in gone_here} if prune else set()
-            held = [s for s in enrolled if s not in changed and (s in listed_now or (
-                s not in pruned_here and not _surely_gone(s)))] if ranked else []
+            # a changed file's old face stays unless this run prunes it, so it holds its
+            # place, and the file's new picture takes that place, not another
+            held = [s for s in enrolled if (s not in changed or not prune) and (
+                s in listed_now or (s not in pruned_here and not _surely_gone(s)))] \
+                if ranked else []
             chosen: list[np.ndarray] = []
+            taken = 0  # places the chosen pictures take beside those held
             for raw, at, face, quality, fingerprint in ranked:
                 row = pending[at][1]
-                twin = next((s for s in held
-                             if s in listed_now and _same_bytes(s, row["path"])), None)
+                where = _where(row["path"])
+                own_place = where in changed and where in held
+                twin = next((s for s in held if s != where and s in listed_now
+                             and _same_bytes(s, row["path"])), None)
                 if twin or any(np.array_equal(face.crop, c) for c in chosen):
                     n_not_best += 1  # a copy of a picture that has its place takes none
                     row.update(decision="skip", reason=f"a copy of {twin}, enrolled"
                                if twin else "a copy of a picture chosen above")
                     continue
-                if len(chosen) >= max(0, (best or 0) - len(held)):
+                if not own_place and taken >= max(0, (best or 0) - len(held)):
                     n_not_best += 1
                     row.update(decision="skip", reason=(
                         f"not among {identity}'s {best} best (raw score {raw:.6f})"
@@ -890,6 +896,7 @@ def enroll(root: str, index_path: str, gate: bool, threshold: float, factory: st
                     row.update(decision="error", error=_error_text(exc))
                     continue
                 chosen.append(face.crop)
+                taken += not own_place
             outdated += [(identity, where) for where, row in changed.items()
                          if row.get("decision") != "enroll"]
             # A kill loses the identities since the last commit; the rerun redoes them.

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import orl_people
 from PIL import Image, ImageFilter
 
 FIQA = [sys.executable, "-m", "fiqa_gate"]
@@ -829,3 +830,29 @@ def test_filter_move_leaves_a_folder_linked_in_from_outside_the_input(tmp_path, 
     assert not (top / "in" / "a.pgm").exists()  # the input's own file is moved
     copies = list((tmp_path / "ok").rglob("*.pgm")) + list((tmp_path / "bad").rglob("*.pgm"))
     assert sorted(p.name for p in copies) == ["a.pgm", "precious.pgm"]
+
+
+def test_enroll_best_keeps_n_faces_when_an_enrolled_file_changes(tmp_path, orl_root):
+    # an enrolled picture replaced by a blurred copy, which the gate rejects: its old face
+    # is kept (stale) and had let a third picture in under --best 2 (third audit of
+    # 2026-12-08); with --prune it goes, and the next best takes its place
+    from fiqa_gate.gallery import Gallery
+
+    people, g, m = tmp_path / "people", tmp_path / "g", tmp_path / "m.csv"
+    orl_people(people, orl_root, ("s31",), pictures=(1, 2, 3, 4, 5))
+    assert run("enroll", str(people), "--index", str(g), "--best", "2", "-o", str(m)
+               ).returncode == 0
+    first = [r["path"] for r in rows(m) if r["decision"] == "enroll"]
+    assert len(first) == 2
+    with Image.open(first[0]) as im:
+        im.filter(ImageFilter.GaussianBlur(8)).save(first[0], format="PPM")
+    res = run("enroll", str(people), "--index", str(g), "--best", "2", "-o", str(m))
+    assert res.returncode == 0, res.stderr
+    assert [r["decision"] for r in rows(m) if r["path"] == first[0]] == ["reject", "stale"]
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert gallery.identities() == {"s31": 2}
+    res = run("enroll", str(people), "--index", str(g), "--best", "2", "--prune")
+    assert res.returncode == 0 and "1 removed" in res.stderr, res.stderr
+    with contextlib.closing(Gallery.open(g)) as gallery:
+        assert gallery.identities() == {"s31": 2}
+        assert _where_str(first[0]) not in gallery.sources("s31")
