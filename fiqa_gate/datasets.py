@@ -159,6 +159,9 @@ def read_mos_csv(csv_path: str | Path, image_root: str | Path | None = None
             found = reader.fieldnames or []
             # `Image_Name, Score` is the same header to whoever wrote it
             reader.fieldnames = [name.strip().lower() for name in found]
+            if len(set(reader.fieldnames)) < len(found):  # `score` and `Score`: which?
+                raise FiqaGateError(f"{csv_path}: the header {','.join(found)!r} names a "
+                                    "column twice (case and spaces aside)")
             if not {"image_name", "score"} <= set(reader.fieldnames):
                 raise FiqaGateError(f"{csv_path}: expected a header with image_name,score; "
                                     f"the first line holds {','.join(found)!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -97,9 +98,14 @@ PRIMARY_MARGIN = 0.15
 def primary_face(faces: Sequence[Face]) -> Face:
     """The subject of a portrait: the largest face (detectors here sort largest first)
     among those detected about as confidently as the most confident one."""
-    scores = [f.det_score for f in faces if f.det_score is not None]
-    floor = max(scores) - PRIMARY_MARGIN if scores else 0.0
-    return next(f for f in faces if f.det_score is None or f.det_score >= floor)
+    if not faces:
+        raise NoFaceError("no face to choose from")
+    scores = [f.det_score for f in faces if f.det_score is not None and math.isfinite(
+        f.det_score)]
+    floor = max(scores) - PRIMARY_MARGIN if scores else -math.inf
+    # a face without a (finite) confidence is not outranked by one
+    return next((f for f in faces if f.det_score is None or not math.isfinite(f.det_score)
+                 or f.det_score >= floor), faces[0])
 
 
 def _describe(value: object) -> str:

@@ -378,3 +378,11 @@ def test_the_main_face_is_not_a_larger_but_doubtful_detection():
     assert primary_face([near, far]) is near
     crop = Face(np.zeros((112, 112, 3), np.uint8), "aligned.png")  # no detection at all
     assert primary_face([crop]) is crop
+    # a detector plugin's NaN confidence, and no face at all: a face, and a clear error
+    # (a bare StopIteration had come out; third audit of 2026-12-08)
+    odd = face(300, float("nan"), 0)
+    assert primary_face([odd, face(100, 0.9, 1)]) is odd
+    from fiqa_gate.errors import NoFaceError
+
+    with pytest.raises(NoFaceError):
+        primary_face([])

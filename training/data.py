@@ -174,9 +174,14 @@ def _split_identities(d: dict[str, Any], names: list[str], folder: str
     a fifth for validation by a hash of the name."""
     # a config names "José" composed; macOS and some zip tools write folder names
     # decomposed: the same name to a reader, other bytes to a set
-    spelt = {unicodedata.normalize("NFC", n): n for n in names}
-    named = {k: [spelt.get(unicodedata.normalize("NFC", n), n) for n in d.get(k) or []]
-             for k in ("train_identities", "val_identities")}
+    spelt: dict[str, str] = {}
+    for n in names:
+        other = spelt.setdefault(unicodedata.normalize("NFC", n), n)
+        if other != n:  # two folders a reader cannot tell apart
+            raise FiqaGateError(f"data: {folder} holds two identity folders spelt {n!r} and "
+                                f"{other!r}: the same name in two Unicode forms; merge them")
+    named = {k: [n if n in spelt.values() else spelt.get(unicodedata.normalize("NFC", n), n)
+                 for n in d.get(k) or []] for k in ("train_identities", "val_identities")}
     unknown = sorted({n for v in named.values() for n in v} - set(names))
     if unknown:
         near = {n: difflib.get_close_matches(n, names, 1) for n in unknown[:5]}

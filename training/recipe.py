@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -496,9 +497,18 @@ def _check_inputs(run: Run) -> None:
         return
     now = user_inputs(run.cfg["data"])
     if now != then:
+        from fiqa_gate_training.sources import SOURCES
+
+        d = run.cfg["data"]
+        named = [d["labelled"].split(":", 1)[1] if d["labelled"].startswith("identity:")
+                 else "", d.get("mos_csv") or "", d.get("mos_root") or "",
+                 *(n for n in d.get("unlabelled") or [] if n not in SOURCES)]
+        relative = any(n and not os.path.isabs(os.path.expanduser(n)) for n in named)
         log.warning("the data this config names changed since the data stage read it (%d "
-                    "files then, %d now, or files changed); this run goes on with the faces "
-                    "made then: a new --out takes the changes in", then["files"], now["files"])
+                    "files then, %d now, or files changed)%s; this run goes on with the faces "
+                    "made then: a new --out takes the changes in", then["files"], now["files"],
+                    f" (its relative paths are taken from the working folder, {os.getcwd()})"
+                    if relative else "")
 
 
 def run_recipe(cfg: dict[str, Any], out: Path,
@@ -509,6 +519,8 @@ def run_recipe(cfg: dict[str, Any], out: Path,
     `asked` for by name run even when the config's skip_stages leaves them out (editing
     the config would make it another run's)."""
     run = Run(cfg, out)
+    if stage_done(run, "data"):  # whichever stages run, they read the faces made then
+        _check_inputs(run)
     skipped = cfg.get("skip_stages", ())
     for stage in stages:
         if stage in skipped and not asked:
@@ -521,13 +533,12 @@ def run_recipe(cfg: dict[str, Any], out: Path,
             run.times.pop(stage, None)
         elif stage_done(run, stage):
             log.info("stage %s: done already", stage)
-            if stage == "data":
-                _check_inputs(run)
             continue
         missing = [n for n in NEEDS.get(stage, ()) if not stage_done(run, n)]
         if missing:
-            left = ", ".join(sorted(set(missing) & set(skipped)))
-            how = (f"the config's skip_stages leaves out {left} (--stage {left} runs it)"
+            left = sorted(set(missing) & set(skipped))
+            how = (f"the config's skip_stages leaves out {', '.join(left)} (--stage "
+                   f"{' --stage '.join(left)} runs {'them' if len(left) > 1 else 'it'})"
                    if left else
                    f"run the recipe without --stage, or with --stage "
                    f"{' --stage '.join(missing)} first")
