@@ -371,21 +371,6 @@ def _place_copy(src: str, dest: Path, move: bool) -> tuple[str, os.stat_result |
     return "copied", None
 
 
-def _reached_from_outside(path: str, paths: Sequence[str]) -> bool:
-    """Whether a listed file lies, resolved, outside every folder given (reached through a
-    link to a folder beside the input); a file given by name is the user's to move."""
-    folder = _real_folder(os.path.dirname(path) or ".")
-    for given in paths:
-        if not os.path.isdir(given):
-            if _same_file(path, given):
-                return False
-            continue
-        real = os.path.realpath(given)
-        if os.path.commonpath([folder, real]) == real:
-            return False
-    return True
-
-
 def _check_unchanged(src: str, copied: os.stat_result) -> None:
     """Refuse to remove src if another file took its name, or it changed, while it was
     copied."""
@@ -603,6 +588,9 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
                                    "outside (or inside) the input instead")
     files = _listed(paths, (f for f in iter_files(paths) if not _is_inside(f, targets)),
                     output)
+    # --move takes only what lies in the folders given, resolved (and files given by name):
+    # a folder linked in from beside them is only read, as every input is without --move
+    given = [os.path.realpath(p) for p in paths if os.path.isdir(p)]
     counts = {"accepted": 0, "rejected": 0, "error": 0}
     not_copied = not_removed = unfinished = not_moved = 0
     # a resumed run copies again what could not be copied (a full disk, since freed)
@@ -647,9 +635,7 @@ def filter_(paths: tuple[str, ...], threshold: float, output: str, accepted_dir:
             elif target:
                 try:
                     dest = Path(target) / _relpath(path, paths)
-                    # a folder linked in from outside the input is only read, as
-                    # every input is without --move: its files are not ours to remove
-                    kept = move and _reached_from_outside(path, paths)
+                    kept = move and path not in paths and not _is_inside(path, given)
                     how, copied = _place_copy(path, dest, move and not kept)
                     if kept:
                         not_moved += 1

@@ -169,15 +169,8 @@ class Gallery:
                     if "duplicate column" not in str(exc):
                         raise
             return db
-        except sqlite3.OperationalError as exc:
-            text = _read_only_text(path, exc)
-            if text is None:
-                raise GalleryError(f"{path}: gallery database is corrupt or unreadable: "
-                                   f"{exc}") from None
-            raise GalleryError(text) from None
         except sqlite3.DatabaseError as exc:
-            raise GalleryError(f"{path}: gallery database is corrupt or unreadable: {exc}") \
-                from None
+            raise _unusable(path, exc) from None
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], recognizer: str, dim: int, threshold: float,
@@ -214,10 +207,7 @@ class Gallery:
                 db.execute("COMMIT")
             except sqlite3.DatabaseError as exc:
                 db.close()
-                raise GalleryError((isinstance(exc, sqlite3.OperationalError)
-                                    and _read_only_text(p, exc))
-                                   or f"{p}: gallery database is corrupt or unreadable: {exc}"
-                                   ) from None
+                raise _unusable(p, exc) from None
         gallery = cls(p, db)
         if (gallery.recognizer, gallery.dim) != (recognizer, dim):
             gallery.close()
@@ -600,12 +590,25 @@ _GENERATION = re.compile(r"index\.[0-9]+\.faiss")  # only the index files a gall
 _OWN = {"lock", "meta.sqlite", "meta.sqlite-wal", "meta.sqlite-shm", "meta.sqlite-journal"}
 
 
-def _read_only_text(path: Path, exc: sqlite3.OperationalError) -> str | None:
+def _read_only_text(path: Path, exc: sqlite3.DatabaseError) -> str | None:
     """The message for a database this user cannot write (not a damaged one), or None."""
     if "readonly" not in str(exc) and "read-only" not in str(exc):
         return None
     return (f"{path}: cannot write to this gallery: its database or folder is read-only "
             f"({exc}); search can still read it")
+
+
+def _unusable(path: Path, exc: sqlite3.DatabaseError) -> GalleryError:
+    return GalleryError(_read_only_text(path, exc)
+                        or f"{path}: gallery database is corrupt or unreadable: {exc}")
+
+
+def is_gallery_listing(filenames: Iterable[str]) -> bool:
+    """Whether a folder's files are a gallery's: its database beside its lock or an index
+    generation (a folder `iter_files` does not read as pictures)."""
+    names = set(filenames)
+    return "meta.sqlite" in names and ("lock" in names or any(
+        _GENERATION.fullmatch(n) for n in names))
 
 
 def _check_adoptable(path: Path) -> None:
@@ -669,15 +672,10 @@ def _check_factory(factory: str, dim: int) -> None:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise GalleryError(f"invalid FAISS index factory {factory!r}: {exc}") from None
+    # an IDMap is built, then refuses every face the gallery adds (with no id of its own)
     if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
         raise GalleryError(f"FAISS index factory {factory!r} cannot hold a gallery's faces: "
                            "the gallery gives each face its id itself (drop 'IDMap')")
-    if index.is_trained:  # one that needs training is tried once it has faces enough
-        try:  # `IDMap,Flat` is built, then refuses every face the gallery adds to it
-            index.add(np.eye(2, dim, dtype=np.float32))
-        except RuntimeError as exc:
-            raise GalleryError(f"FAISS index factory {factory!r} cannot hold a gallery's "
-                               f"faces: {str(exc).rsplit(': ', 1)[-1]}") from None
 
 
 def _snapshot(path: Path, media_read_only: bool) -> sqlite3.Connection:

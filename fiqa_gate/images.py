@@ -178,6 +178,8 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
     listed. Files given by name are yielded even if they do not exist or are not images,
     so that the caller reports them instead of skipping them silently.
     """
+    from fiqa_gate.gallery import is_gallery_listing
+
     seen_dirs: set[tuple[int, int]] = set()
     for raw in paths:
         top = os.fspath(raw)
@@ -218,7 +220,7 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
             for name in sorted(filenames):
                 # a copy or report fiqa-gate is writing (or a killed run left), or a file
                 # the file manager wrote: not an input
-                if not (is_temp_name(name) or name in CLUTTER or name.startswith("._")):
+                if not (is_temp_name(name) or is_clutter(name)):
                     yield os.path.join(dirpath, name)
         # a folder that cannot be listed becomes an input that fails with its reason
         yield from (e.filename for e in unlistable if e.filename)
@@ -226,15 +228,12 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
         _warn_skipped(top, galleries, "folders skipped: fiqa-gate galleries")
 
 
-CLUTTER = frozenset({".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", ".directory"})
+_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", ".directory"})
 
 
-def is_gallery_listing(filenames: Iterable[str]) -> bool:
-    """Whether a folder's files are a fiqa-gate gallery's (its database beside its lock
-    or an index generation)."""
-    names = set(filenames)
-    return "meta.sqlite" in names and ("lock" in names or any(
-        n.startswith("index.") and n.endswith(".faiss") for n in names))
+def is_clutter(name: str) -> bool:
+    """A file a file manager writes beside pictures (`._*` are macOS resource forks)."""
+    return name in _CLUTTER or name.startswith("._")
 
 
 def _ancestors(path: str) -> list[str]:
@@ -275,8 +274,7 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     except OSError as exc:
         raise FiqaGateError(f"{top}: cannot be listed: {exc.strerror or exc}") from None
     kinds = {e.name: _entry_kind(e) for e in entries}
-    _warn_skipped(top, [n for n, k in kinds.items() if k == "file"
-                        and not (n in CLUTTER or n.startswith("._"))],
+    _warn_skipped(top, [n for n, k in kinds.items() if k == "file" and not is_clutter(n)],
                   "files directly in the folder skipped; an identity's images go in "
                   "ROOT/<identity>/")
     _warn_skipped(top, [n for n, k in kinds.items() if k == "broken"],

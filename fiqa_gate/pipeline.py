@@ -100,12 +100,11 @@ def primary_face(faces: Sequence[Face]) -> Face:
     among those detected about as confidently as the most confident one."""
     if not faces:
         raise NoFaceError("no face to choose from")
-    scores = [f.det_score for f in faces if f.det_score is not None and math.isfinite(
-        f.det_score)]
-    floor = max(scores) - PRIMARY_MARGIN if scores else -math.inf
     # a face without a (finite) confidence is not outranked by one
-    return next((f for f in faces if f.det_score is None or not math.isfinite(f.det_score)
-                 or f.det_score >= floor), faces[0])
+    sure = [s if s is not None and math.isfinite(s) else None
+            for s in (f.det_score for f in faces)]
+    floor = max((s for s in sure if s is not None), default=math.inf) - PRIMARY_MARGIN
+    return next(f for f, s in zip(faces, sure, strict=True) if s is None or s >= floor)
 
 
 def _describe(value: object) -> str:

@@ -224,6 +224,10 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
 
     t = report["test_set"]
     rec = cfg["data"]["recognizer"]
+    built_in = _built_in(cfg)
+    # how `fiqa-gate train run` is given this run's config: a built-in one by its name,
+    # any other by the copy in the run folder (the user's file may have moved or changed)
+    config_arg = cfg["name"] if built_in else "RUN/config.json --out RUN"
     lines = [
         "# fiqa-gate student: model card", "",
         f"{_FAMILY.get(cfg['student']['backbone'], cfg['student']['backbone'])} "
@@ -238,8 +242,8 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         f"{cfg['data']['recognizer']}'s FMR 1e-3 threshold).", "",
         "## Recipe", "",
         (f"`fiqa-gate train run {cfg['name']} --install` (config "
-         f"`training/configs/{cfg['name']}.json`)" if _built_in(cfg) else
-         f"`fiqa-gate train run {_config_arg(cfg)} --install` (RUN: this run's folder; its "
+         f"`training/configs/{cfg['name']}.json`)" if built_in else
+         f"`fiqa-gate train run {config_arg} --install` (RUN: this run's folder; its "
          f"`config.json` is the config `{cfg['name']}`)")
         + f": {cfg.get('description', '')}", "",
         f"Seeds: data {cfg['data']['seed']}, teacher {cfg['teacher'].get('seed')}, "
@@ -288,7 +292,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
         f"ORL s31-s40, {t['faces']} faces: each image clean plus {t['variants_per_image']} "
         f"degradations (seed {t['degradation_seed']}); {t['mated_pairs']} mated and "
         f"{t['nonmated_pairs']} non-mated comparisons (faces from the same source image are "
-        f"never compared). Reproduce: `fiqa-gate train run {_config_arg(cfg)} --stage "
+        f"never compared). Reproduce: `fiqa-gate train run {config_arg} --stage "
         "report`.", "",
         "### Agreement with the recognition-derived labels", "",
         "| model | SRCC | PLCC |", "|---|---|---|",
@@ -312,7 +316,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
                   "labelled + A` are students distilled with the shipped student's spec from "
                   "those sets alone; the shipped `student` (labelled + A + B) is the third "
                   "arm. Run on request: "
-                  f"`fiqa-gate train run {_config_arg(cfg)} --stage ablation --stage report`.",
+                  f"`fiqa-gate train run {config_arg} --stage ablation --stage report`.",
                   ""]
     if cfg.get("input_size_ablation"):
         ab = cfg["input_size_ablation"]
@@ -321,7 +325,7 @@ def model_card(report: dict[str, Any], cfg: dict[str, Any]) -> str:
                   "from labelled + A + B, each seed), "
                   + ("rows `student N px`" if report.get("input_size") else
                      "no rows in this run folder")
-                  + f"; run on request: `fiqa-gate train run {_config_arg(cfg)} --stage "
+                  + f"; run on request: `fiqa-gate train run {config_arg} --stage "
                   "input_size --stage report`.", ""]
         for rname, sizes in report.get("input_size", {}).items():
             lines += [f"| input size, {rname} | seeds | mean pAUC 20 % | mean pAUC 30 % |",
@@ -373,12 +377,6 @@ def _built_in(cfg: dict[str, Any]) -> bool:
 
     path = CONFIG_DIR / f"{cfg['name']}.json"
     return path.is_file() and {**json.loads(path.read_text()), "name": cfg["name"]} == cfg
-
-
-def _config_arg(cfg: dict[str, Any]) -> str:
-    """How `fiqa-gate train run` is given this run's config: a built-in one by its name,
-    any other by the copy in the run folder (the user's file may have moved or changed)."""
-    return cfg["name"] if _built_in(cfg) else "RUN/config.json --out RUN"
 
 
 def _trained_on(data: dict[str, Any]) -> str:
