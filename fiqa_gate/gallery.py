@@ -333,13 +333,53 @@ class Gallery:
             if self._index is not None and self._index_gen == gen:
                 return self._index
             index = self._load_index_file(gen, info.get("index_sha256"))
-            if index is None or index.ntotal != len(self):
+            rebuilt = index is None or index.ntotal != len(self)
+            if rebuilt:
                 index = self._build_index(*self._all())
         finally:
             self._db.execute("COMMIT")
+        if rebuilt and len(self):
+            self._save_rebuilt_index(index, gen)
         _probe_enough(index)
         self._index, self._index_gen = index, gen
         return index
+
+    def _save_rebuilt_index(self, index: faiss.Index, gen: int) -> None:
+        """Keep an index rebuilt because its file was missing or damaged (a full disk at a
+        writer's rename, a file removed by hand), so that each search does not rebuild it
+        again; never blocks or fails the search that found it."""
+        where = f"{self.path}: index.{gen}.faiss missing or damaged; rebuilt from the database"
+        if id(self._db) in _scratch:
+            log.warning("%s (the gallery is read-only here, so each search rebuilds it)",
+                        where)
+            return
+        tmp = None
+        try:
+            with _locked(self.path, wait=False) as got:
+                if not got:  # a writer is at work, and writes a new index itself
+                    return
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    if self.generation() != gen:  # written meanwhile
+                        self._db.execute("ROLLBACK")
+                        return
+                    tmp, digest = self._write_temporary_index(index)
+                    self._db.execute("INSERT OR REPLACE INTO info VALUES ('index_sha256', ?)",
+                                     (digest,))
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+                os.replace(tmp, self.path / f"index.{gen}.faiss")
+                tmp = None
+            log.warning("%s and saved again", where)
+        except (OSError, sqlite3.Error, RuntimeError, GalleryError) as exc:
+            log.warning("%s; it could not be saved (%s), so each search rebuilds it", where,
+                        exc)
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def _load_index_file(self, gen: int, digest: str | None) -> faiss.Index | None:
         import faiss
@@ -730,16 +770,21 @@ def _shared_lock(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise writers across processes (flock is released if the process dies)."""
+def _locked(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Serialise writers across processes (flock is released if the process dies).
+    Yields whether the lock was taken: always when `wait`, else only if it was free."""
     try:
         fh = open(path / "lock", "a+")
     except OSError as exc:  # read-only media, no permission: before any work
         raise GalleryError(f"{path}: cannot write to this gallery: "
                            f"{exc.strerror or exc}") from None
     with fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

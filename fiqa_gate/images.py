@@ -216,7 +216,7 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
                 galleries.append(dirpath)
                 dirnames[:] = []
                 continue
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if d not in _CLUTTER_DIRS)
             for name in sorted(filenames):
                 # a copy or report fiqa-gate is writing (or a killed run left), or a file
                 # the file manager wrote: not an input
@@ -229,6 +229,8 @@ def iter_files(paths: Iterable[str | os.PathLike[str]],
 
 
 _CLUTTER = frozenset({".DS_Store", "Thumbs.db", "ehthumbs.db", "desktop.ini", ".directory"})
+# the folder of resource forks macOS puts in a zip; unpacked elsewhere it mirrors the tree
+_CLUTTER_DIRS = frozenset({"__MACOSX"})
 
 
 def is_clutter(name: str) -> bool:
@@ -282,6 +284,8 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     hidden = [n for n, k in kinds.items() if k == "dir" and n.startswith(".")]
     _warn_skipped(top, hidden, "hidden folders skipped (a .Trash or .git is no person)")
     kinds.update(dict.fromkeys(hidden, "hidden"))
+    # no warning: an unzipped archive made on a Mac always has it
+    kinds.update({n: "hidden" for n, k in kinds.items() if k == "dir" and n in _CLUTTER_DIRS})
     real_top, owners, kept, linked = os.path.realpath(top), _Owners(), set(), []
     real_of = {e.name: os.path.realpath(e.path) for e in entries if kinds[e.name] == "dir"}
     # a folder outside ROOT linked at the top under two names: whose it is is unknown, as
@@ -340,6 +344,8 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
         folders.append((e.name, files))
     shared, twice = _same_pictures(folders, picture, once)
     emptied = [name for name, files in folders if not files and name in found_any]
+    _warn_skipped(top, [name for name, files in folders if name not in found_any],
+                  "identity folders with no files (nothing to read in them)")
     _warn_skipped(top, strays, "files and folders skipped: reached through a link into "
                   "another identity's folder, into ROOT or above it")
     _warn_skipped(top, shared, "pictures skipped, each found under two or more identities "

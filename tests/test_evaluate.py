@@ -602,6 +602,29 @@ def test_identity_folders_count_each_picture_once_under_one_identity(tmp_path, c
         "whose it is is unknown: fay = fred" in caplog.text.replace(f"{root}/", "")
 
 
+def test_a_mac_zips_resource_folder_is_no_one_and_an_empty_folder_is_named(tmp_path, orl_root,
+                                                                          caplog):
+    # a folder unzipped from a Mac holds __MACOSX/<identity>/._*: it was enrolled as a
+    # fourth identity with no faces ("30 faces of 4 identities"), and an empty identity
+    # folder went unsaid (audit of 2026-12-08)
+    from fiqa_gate.images import identity_folders, iter_files
+
+    root = tmp_path / "root"
+    for s in ("s31", "s32"):
+        (root / s).mkdir(parents=True)
+        shutil.copy(orl_root / s / "1.pgm", root / s / "1.pgm")
+        (root / "__MACOSX" / s).mkdir(parents=True)
+        (root / "__MACOSX" / s / "._1.pgm").write_bytes(b"\0\5\26\7" + bytes(80))
+    (root / "__MACOSX" / "s31" / "stray.jpg").write_bytes(b"x")  # not a picture of s31
+    (root / "s33").mkdir()
+    with caplog.at_level("WARNING"):
+        found = [who for who, _ in identity_folders(root)]
+    assert found == ["s31", "s32", "s33"]
+    assert "__MACOSX" not in caplog.text
+    assert "1 identity folders with no files (nothing to read in them): s33" in caplog.text
+    assert [Path(f).name for f in iter_files([root])] == ["1.pgm", "1.pgm"]
+
+
 def test_a_copied_picture_counts_once_and_a_hidden_folder_is_no_one(tmp_path, orl_root, caplog):
     # A byte-for-byte copy of one person's picture in another's folder made a pair of
     # "two people" at similarity 1, which moved the FMR threshold from 0.27 to 0.83 and

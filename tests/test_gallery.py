@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -95,6 +96,28 @@ def test_stale_or_missing_index_is_rebuilt(tmp_path, orl_embeddings):
     assert Gallery.open(tmp_path / "g").index().ntotal == 30
 
 
+def test_a_rebuilt_index_is_saved_so_the_next_search_loads_it(tmp_path, orl_embeddings,
+                                                              caplog):
+    # a missing index file was rebuilt from the database at every search, without a word:
+    # seconds each for a large gallery (audit of 2026-12-08)
+    g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
+    _enroll_first_five(g, orl_embeddings)
+    g.close()
+    (index_file,) = (tmp_path / "g").glob("index.*.faiss")
+    index_file.unlink()
+    with caplog.at_level("WARNING"), contextlib.closing(Gallery.open(tmp_path / "g")) as g:
+        assert g.index().ntotal == 30
+    assert f"{index_file.name} missing or damaged; rebuilt from the database and saved " \
+        "again" in caplog.text
+    assert index_file.is_file()
+    caplog.clear()
+    with caplog.at_level("WARNING"), contextlib.closing(Gallery.open(tmp_path / "g")) as g:
+        assert g._load_index_file(g.generation(), g._db.execute(
+            "SELECT value FROM info WHERE key='index_sha256'").fetchone()[0]) is not None
+        hits = g.search(orl_embeddings["s33"][5:6], "sface", k=1)
+    assert hits[0][0].identity == "s33" and caplog.text == ""
+
+
 def test_corrupt_database_is_a_clear_error(tmp_path):
     (tmp_path / "g").mkdir()
     (tmp_path / "g" / "meta.sqlite").write_bytes(b"not a database at all" * 100)
@@ -123,17 +146,27 @@ def test_many_processes_opening_a_gallery_from_before_fingerprints_at_once(tmp_p
     import sqlite3
     import subprocess
     import sys
+    import time
 
     g = Gallery.create(tmp_path / "g", "sface", 128, 0.383)
     g.enroll([Enrollment("s31", orl_embeddings["s31"][0], "1.pgm")])
     g.close()
     with sqlite3.connect(tmp_path / "g" / "meta.sqlite") as db:
         db.execute("ALTER TABLE faces DROP COLUMN fingerprint")
-    code = ("from fiqa_gate.gallery import Gallery\n"
+    # imports take each process a different time: all open at once, after a start signal
+    go = tmp_path / "go"
+    code = ("import os, sys, time; from fiqa_gate.gallery import Gallery\n"
+            "open(sys.argv[1] + '.ready.' + sys.argv[2], 'w').close()\n"
+            "while not os.path.exists(sys.argv[1]): time.sleep(0.0005)\n"
             f"g = Gallery.open({str(tmp_path / 'g')!r})\n"
             "print(len(g))")
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(go), str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(8)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready.*"))) < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
     assert [out.strip() for out, _ in outs] == ["1"] * 8
