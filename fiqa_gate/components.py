@@ -49,7 +49,14 @@ class Recognizer(ABC):
     def embed_with_norms(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(L2-normalised embeddings, the raw embeddings' norms) from one forward pass:
         the norm is a quality signal of its own (MagFace's observation)."""
-        raw = self.embed_raw(check_crops(crops))
+        crops = check_crops(crops)
+        raw = np.asarray(self.embed_raw(crops))
+        # said here, for the batch: a wrong shape had failed as an IndexError, or as the
+        # first file's fault on every face of a gallery
+        if raw.ndim != 2 or len(raw) != len(crops) or (self.dim and raw.shape[1] != self.dim):
+            raise ValueError(f"recognizer {self.name!r} returned embeddings of shape "
+                             f"{raw.shape} for {len(crops)} faces; it declares "
+                             f"({len(crops)}, {self.dim})")
         norms = np.linalg.norm(raw, axis=1)
         return (raw / np.maximum(norms, 1e-12)[:, None]).astype(np.float32), norms
 
@@ -108,6 +115,9 @@ class Scorer(ABC):
         return None if self.calibration is None else self.calibration.recognizer
 
     def score(self, faces: Sequence[Face]) -> Scores:
+        if isinstance(faces, np.ndarray):
+            raise TypeError("a scorer scores Face objects: wrap aligned crops as "
+                            "[Face(crop) for crop in crops] (fiqa_gate.faces.Face)")
         raw = real_scores(self.raw_scores(faces), self.name)
         if len(raw) != len(faces):
             raise ValueError(f"scorer {self.name!r} returned {len(raw)} scores "

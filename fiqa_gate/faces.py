@@ -45,6 +45,18 @@ class Face:
     # its noise is measured there, before alignment resampled it
     patch: np.ndarray | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # checked where it is made, naming the face: a bad crop had failed the whole batch
+        # later, and a grey one was said to have shape (1, 1, 112, 112)
+        crop = self.crop
+        if not (isinstance(crop, np.ndarray) and crop.dtype == np.uint8
+                and crop.shape == (ALIGNED_SIZE, ALIGNED_SIZE, 3)):
+            got = (f"{crop.dtype} array of shape {crop.shape}" if isinstance(crop, np.ndarray)
+                   else type(crop).__name__)
+            raise ValueError(f"{self.source or 'a face'}: a face's crop is an aligned "
+                             f"{ALIGNED_SIZE}x{ALIGNED_SIZE} RGB uint8 array (height x width "
+                             f"x 3), not a {got}")
+
     @property
     def det_score(self) -> float | None:
         return None if self.detection is None else self.detection.score

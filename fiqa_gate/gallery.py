@@ -359,22 +359,17 @@ class Gallery:
                 if not got:  # a writer is at work, and writes a new index itself
                     return
                 self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    if self.generation() != gen:  # written meanwhile
-                        self._db.execute("ROLLBACK")
-                        return
-                    tmp, digest = self._write_temporary_index(index)
-                    self._db.execute("INSERT OR REPLACE INTO info VALUES ('index_sha256', ?)",
-                                     (digest,))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
+                if self._db.execute("SELECT value FROM info WHERE key='generation'"
+                                    ).fetchone()[0] != str(gen):  # written meanwhile
+                    self._db.execute("ROLLBACK")
+                    return
+                tmp = self._commit_with_index(index)
                 os.replace(tmp, self.path / f"index.{gen}.faiss")
                 tmp = None
             log.warning("%s and saved again", where)
         except (OSError, sqlite3.Error, RuntimeError, GalleryError) as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             log.warning("%s; it could not be saved (%s), so each search rebuilds it", where,
                         exc)
         finally:
@@ -573,7 +568,6 @@ class Gallery:
         with _locked(self.path):
             for stale in self.path.glob(".index.*.tmp"):  # left by a writer that was killed
                 stale.unlink(missing_ok=True)
-            tmp = None
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -581,16 +575,11 @@ class Gallery:
                                  "WHERE key = 'generation'")
                 gen = self.generation()
                 index = self._build_index(*self._all())
-                tmp, digest = self._write_temporary_index(index)
-                self._db.execute("INSERT OR REPLACE INTO info VALUES ('index_sha256', ?)",
-                                 (digest,))
-                self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                if tmp is not None:
-                    Path(tmp).unlink(missing_ok=True)
                 raise
+            tmp = self._commit_with_index(index)
             _probe_enough(index)
             self._index, self._index_gen = index, gen
             try:  # committed: from here on only derived data, which readers can rebuild
@@ -601,6 +590,23 @@ class Gallery:
             except OSError as exc:
                 log.warning("%s: index file not updated (%s); readers rebuild it", self.path,
                             exc)
+
+    def _commit_with_index(self, index: faiss.Index) -> str:
+        """In the open transaction: write `index` to a temporary file, record its digest
+        and commit; the file, to be renamed into place. Rolled back on any failure."""
+        tmp = None
+        try:
+            tmp, digest = self._write_temporary_index(index)
+            self._db.execute("INSERT OR REPLACE INTO info VALUES ('index_sha256', ?)",
+                             (digest,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
 
     def _write_temporary_index(self, index: faiss.Index) -> tuple[str, str]:
         """Write `index` to a synced temporary file in the gallery; (its path, SHA-256)."""

@@ -108,7 +108,7 @@ class Gate:
             return ()
 
     def decide(self, faces: Sequence[Face]) -> list[Decision]:
-        if not faces:
+        if len(faces) == 0:  # an array of crops goes on to the scorer, which says why not
             return []
         scores = self.scorer.score(faces)
         decisions = [self._decide_one(f, float(c), float(r))

