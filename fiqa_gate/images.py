@@ -342,6 +342,7 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
             if stat.S_ISREG(st.st_mode):
                 picture[f] = (st.st_dev, st.st_ino, st.st_size)
         folders.append((e.name, files))
+    folders, found_any = _one_spelling(top, folders, found_any)
     shared, twice = _same_pictures(folders, picture, once)
     emptied = [name for name, files in folders if not files and name in found_any]
     _warn_skipped(top, [name for name, files in folders if name not in found_any],
@@ -357,6 +358,31 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
         raise FiqaGateError(f"{top}: no identity sub-folders (expected "
                             "ROOT/<identity>/<images>)")
     return folders
+
+
+def _one_spelling(top: str, folders: list[tuple[str, list[str]]], found_any: set[str]
+                  ) -> tuple[list[tuple[str, list[str]]], set[str]]:
+    """Folders whose names differ only in Unicode form (Zoë composed on one machine and
+    decomposed on a Mac) as one identity under the composed name: counted as two, one
+    person's own pictures had become impostor pairs and set the threshold."""
+    import unicodedata
+
+    merged: dict[str, list[str]] = {}
+    spellings: dict[str, list[str]] = {}
+    for name, files in folders:
+        key = unicodedata.normalize("NFC", name)
+        merged.setdefault(key, []).extend(files)
+        spellings.setdefault(key, []).append(name)
+    alike = {key: names for key, names in spellings.items() if len(names) > 1}
+    if not alike:
+        return folders, found_any
+    _warn_skipped(top, [f"{key} ({len(names)} folders)" for key, names in alike.items()],
+                  "identity folders spelt alike in two Unicode forms, each taken as one "
+                  "person")
+    found = {unicodedata.normalize("NFC", name) if unicodedata.normalize("NFC", name) in alike
+             else name for name in found_any}
+    return [(key if key in alike else spellings[key][0], files)
+            for key, files in merged.items()], found
 
 
 def _same_pictures(folders: list[tuple[str, list[str]]],

@@ -8,11 +8,16 @@ import sys
 
 
 def test_bench_reports_every_component_and_the_cost_ratio(tmp_path):
-    out = tmp_path / "bench.json"
+    # -o naming the standard output itself had written the figures there twice, and
+    # `json.load` failed on the two documents (audit of 2026-12-08)
     done = subprocess.run([sys.executable, "-m", "fiqa_gate", "bench", "--repeats", "1",
-                           "-o", str(out)], capture_output=True, text=True, timeout=900)
+                           "-o", "/dev/stdout"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = json.loads(done.stdout)
+    from fiqa_gate.assets import sha256_file
+    from fiqa_gate.student import SHIPPED_STUDENT
+
+    assert result["models"]["student"]["sha256"] == sha256_file(SHIPPED_STUDENT)
     t = result["timings"]
     import numpy as np  # what the timings depend on besides the host, recorded with them
     import onnxruntime

@@ -341,6 +341,9 @@ def test_evaluate_pairs_list_and_identity_folder(tmp_path, orl_root):
     assert rep["verification"]["n_mated"] == 3 * 6
     assert rep["verification"]["n_nonmated"] == len(rows) - 18
     assert rep["verification"]["warning"]  # 48 impostor pairs cannot resolve FMR 1e-3
+    # the ERC at the EDC's relaxed target, and saying so (it had stayed at 1e-3)
+    assert rep["erc_fmr_target"] == rep["verification"]["fmr_target"] == 0.01
+    assert "ERC, threshold recomputed at FMR 0.01" in (tmp_path / "p" / "report.md").read_text()
     assert set(rep["erc"]) == {"sharpness"} and (tmp_path / "p" / "scores.png").stat().st_size
     # bootstrapped, and null here, as strict JSON has it: every mated pair matches, so FNMR
     # is 0 and the normalised pAUC is undefined
@@ -600,6 +603,27 @@ def test_identity_folders_count_each_picture_once_under_one_identity(tmp_path, c
     assert "fay" not in names and "fred" not in names and "ann" in names
     assert "1 identity folders skipped: links of two or more names to one folder, so " \
         "whose it is is unknown: fay = fred" in caplog.text.replace(f"{root}/", "")
+
+
+def test_one_name_in_two_unicode_forms_is_one_identity(tmp_path, orl_root, caplog):
+    # Zoë composed on one machine and decomposed on a Mac were two identities: her own
+    # pictures became impostor pairs and set the threshold (audit of 2026-12-08)
+    from fiqa_gate.images import identity_folders
+
+    root = tmp_path / "root"
+    for name, s, i in (("Zo\u00eb", "s31", 1), ("Zoe\u0308", "s31", 2), ("ann", "s32", 1),
+                       ("Zoe\u0308", "s31", 3)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(orl_root / s / f"{i}.pgm", root / name / f"{i}.pgm")
+    (root / "Ren\u00e9e").mkdir()  # one spelling only: kept as it is
+    shutil.copy(orl_root / "s33" / "1.pgm", root / "Ren\u00e9e" / "1.pgm")
+    with caplog.at_level("WARNING"):
+        found = {who: sorted(Path(f).name for f in files)
+                 for who, files in identity_folders(root)}
+    assert found == {"Zo\u00eb": ["1.pgm", "2.pgm", "3.pgm"], "ann": ["1.pgm"],
+                     "Ren\u00e9e": ["1.pgm"]}
+    assert "1 identity folders spelt alike in two Unicode forms, each taken as one person: " \
+        "Zo\u00eb (2 folders)" in caplog.text
 
 
 def test_a_mac_zips_resource_folder_is_no_one_and_an_empty_folder_is_named(tmp_path, orl_root,
@@ -985,3 +1009,30 @@ def test_a_report_folder_inside_data_is_refused_before_any_work(tmp_path, orl_ro
                      "--scorer", "sharpness", "-o", str(folder))
     assert done.exit_code == 0, done.stderr[-2000:]
     assert (folder / "report.json").is_file()
+
+
+def test_a_report_folder_keeps_files_fiqa_gate_did_not_write(tmp_path, orl_root):
+    # `evaluate -o FOLDER` replaced the user's own report.md without a word, and a folder
+    # named report.json failed only after the whole run, its plots already replaced
+    # (audit of 2026-12-08)
+    people = orl_people(tmp_path / "people", orl_root, ("s31", "s32", "s33"))
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "report.md").write_text("# my own notes\n")
+    done = _cli("evaluate", "--data", str(people), "--scorer", "sharpness", "-o", str(mine))
+    assert done.returncode != 0 and "report.md exists and is not an earlier `fiqa-gate " \
+        "evaluate` report" in done.stderr, done.stderr[-2000:]
+    assert (mine / "report.md").read_text() == "# my own notes\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md"]
+    odd = tmp_path / "odd"
+    (odd / "report.json").mkdir(parents=True)
+    done = _cli("evaluate", "--data", str(people), "--scorer", "sharpness", "-o", str(odd))
+    assert done.returncode != 0 and "report.json is a folder" in done.stderr
+    assert "faces of" not in done.stderr  # refused before any work
+    # an earlier report of its own is replaced
+    ours = tmp_path / "ours"
+    args = ("evaluate", "--data", str(people), "--scorer", "sharpness", "--bootstrap", "0",
+            "--variants", "1", "-o", str(ours))
+    assert _cli(*args).returncode == 0
+    done = _cli(*args)
+    assert done.returncode == 0, done.stderr[-2000:]

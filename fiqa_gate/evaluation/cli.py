@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -74,9 +75,11 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
         resampled = bootstrap_pauc_norms(
             sim, mated, {n: pair_quality(q[a], q[b]) for n, q in raw.items()}, n_boot=bootstrap,
             units=(unit[a], unit[b]))
-        ci = {n: percentile_interval(v) for n, v in resampled.items()}
         # a resample whose mated pairs all match has no pAUC to normalise (same for all)
         undefined = int((~np.isfinite(next(iter(resampled.values())))).sum())
+        if 2 * undefined > bootstrap:  # those left are the few that hold errors: biased
+            resampled = {n: np.full_like(v, np.nan) for n, v in resampled.items()}
+        ci = {n: percentile_interval(v) for n, v in resampled.items()}
         # the first scorer named (the student by default) against each of the others
         first = next(iter(raw))
         point = {n: r.pauc_norm[0.2] for n, r in results.items()}
@@ -84,7 +87,7 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
                   "against": [d.to_dict() for d in paired_differences(resampled, point, first)]}
     # A face "matches" when it matches most of its references at the recognizer threshold;
     # a face with no mated comparison (a pairs list's impostor-only face) is neither.
-    tau = next(iter(results.values())).tau
+    tau, target = next(iter(results.values())).tau, next(iter(results.values())).fmr_target
     share, references = mated_mean(sim >= tau, mated, a, b, len(units))
     has = references > 0
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +98,10 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
                              "bootstrap": {"resamples": bootstrap, "unit": "source picture",
                                            "undefined": undefined},
                              "curves": {n: r.to_dict() for n, r in results.items()}},
-            "erc": {n: erc(sim, mated, pair_quality(q[a], q[b])).area for n, q in raw.items()}}
+            # at the EDC's target: with too few impostors for 1e-3 it had stayed at 1e-3
+            "erc": {n: erc(sim, mated, pair_quality(q[a], q[b]), fmr_target=target).area
+                    for n, q in raw.items()},
+            "erc_fmr_target": target}
 
 
 def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str],
@@ -348,7 +354,8 @@ def _evaluation_options(fn: _F) -> _F:
 @click.option("-o", "--out", "out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("fiqa-gate-report"), show_default=True,
               help="Report folder; its report.md, report.json, edc.png and scores.png are "
-                   "replaced.")
+                   "replaced (a report.md or report.json fiqa-gate did not write is "
+                   "refused).")
 @_evaluation_options
 def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
              scorers: Sequence[str], model: str | None, teacher: str | None, variants: int,
@@ -370,7 +377,7 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
         if ignored:  # a pairs list is judged as it is, without identification
             raise click.UsageError(f"{', '.join(ignored)} apply to the identity protocol, "
                                    "not to --pairs")
-        _check_writable(out)
+        _check_report_folder(out)
         report = _pairs_evaluation(pairs, recognizer, scorers, out, options, command, data,
                                    bootstrap)
     else:
@@ -378,7 +385,7 @@ def evaluate(data: str | None, pairs: str | None, out: Path, recognizer: str,
             raise click.UsageError(f"the report folder {out} is inside --data {data}, where "
                                    "a next run would read its files as pictures; choose "
                                    "another")
-        _check_writable(out)
+        _check_report_folder(out)
         calibrations = None
         if calibration is not None:  # read now, not after minutes of embedding
             from fiqa_gate.calibration import load_fitted, read_fitted
@@ -442,6 +449,13 @@ def _report_warnings(report: dict[str, Any]) -> list[str]:
         notes.append(f"every pAUC is n/a: FNMR is 0 with nothing discarded (every mated "
                      f"pair already matches at tau {v['tau']:.3f}), so discarding has no "
                      f"error to remove{hint}")
+    boot = v.get("bootstrap", {})
+    if v.get("e0") != 0 and 2 * boot.get("undefined", 0) > boot.get("resamples", 0):
+        notes.append(f"confidence intervals n/a: in {boot['undefined']} of "
+                     f"{boot['resamples']} bootstrap resamples every mated pair matches with "
+                     "nothing discarded, and the few left (those that happen to hold "
+                     "errors) are no fair sample; harder images or more --variants give "
+                     "intervals")
     ident = report.get("identification")
     if ident and ident["identities_enrolled"] < 2:
         notes.append(f"identification: {ident['identities_enrolled']} identity enrolled (70 % "
@@ -470,7 +484,7 @@ def demo(out: Path, recognizer: str) -> None:
     """The main job: the gate's gain on the bundled ORL test faces, in a few minutes."""
     from fiqa_gate.evaluation import report as rep
 
-    _check_writable(out)
+    _check_report_folder(out)
     scorers = [s for s in DEFAULT_SCORERS if s in registry.registry().scorers or s == "random"]
     report = run_evaluation(None, recognizer, scorers, out, 3, 314159, 200, 0.5, {},
                             f"fiqa-gate demo --recognizer {recognizer}")
@@ -548,7 +562,9 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
     from fiqa_gate.evaluation.bench import run_bench
     from fiqa_gate.evaluation.report import replace_file
 
-    stream = output is not None and is_stream(output)  # /dev/stdout, a pipe, a FIFO
+    if output is not None and _is_stdout(output):  # written there once, not twice
+        output = None
+    stream = output is not None and is_stream(output)  # a pipe, a FIFO
     if stream and not os.access(output, os.W_OK):
         raise FiqaGateError(f"cannot write to {output}")
     if output and not stream:
@@ -558,6 +574,7 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
         _check_writable(target.parent)
         _check_earlier(target, output, "timings", "`fiqa-gate bench` result")
     result = run_bench(repeats=repeats, model=model)
+    result["models"] = _models(["student"], {"student": {"model": model}} if model else {})
     text = json.dumps(result, indent=2)
     if stream:  # stdout first: a FIFO waits for its reader, as `>` would
         click.echo(text)
@@ -573,9 +590,20 @@ def bench(repeats: int, output: Path | None, model: str | None) -> None:
         raise failed
 
 
+def _is_stdout(path: Path) -> bool:
+    """`path` is the file this process's standard output goes to (-o /dev/stdout, or the
+    file `>` redirects to)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False  # no such file, or a stdout with no descriptor (a test's runner)
+
+
 def _check_earlier(target: Path, shown: Path, key: str, what: str) -> None:
     """Refuse to replace a file that is not an earlier result of this command (a JSON
     object with `key`): `-o photo.jpg` would lose it."""
+    if target.is_dir():  # found before the work, not when its results are written
+        raise FiqaGateError(f"{shown} is a folder; it cannot take the results")
     try:
         if not target.is_file() or target.stat().st_size == 0:
             return
@@ -662,6 +690,29 @@ def calibrate(data: str | None, recognizer: str, scorers: Sequence[str], model: 
                    f"these {len(samples)} faces", err=True)
     click.echo(f"calibration for {recognizer}: {output} (use it with --recognizer "
                f"{recognizer} --calibration {output})", err=True)
+
+
+def _check_report_folder(folder: Path) -> None:
+    """A report folder is written to only where its report files are fiqa-gate's own:
+    `-o ~/notes` had replaced a report.md the user wrote."""
+    from fiqa_gate.evaluation.report import REPORT_TITLE
+
+    _check_writable(folder)
+    _check_earlier(folder / "report.json", folder / "report.json", "verification",
+                   "`fiqa-gate evaluate` report")
+    md = folder / "report.md"
+    if md.is_dir():
+        raise FiqaGateError(f"{md} is a folder; it cannot take the results")
+    try:
+        with open(md, "rb") as fh:
+            ours = fh.read(len(REPORT_TITLE)) == REPORT_TITLE
+    except FileNotFoundError:
+        return
+    except OSError:
+        ours = False
+    if not ours:
+        raise FiqaGateError(f"{md} exists and is not an earlier `fiqa-gate evaluate` report; "
+                            "it is not overwritten: remove it or give -o another folder")
 
 
 def _check_writable(folder: Path) -> None:

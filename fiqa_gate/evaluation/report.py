@@ -13,6 +13,8 @@ import numpy as np
 from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.metrics import EDCResult
 
+REPORT_TITLE = b"# fiqa-gate evaluation: "  # how a report.md this command wrote begins
+
 
 def fmt(v: Any, digits: int = 3) -> str:
     """A figure for a table: fixed digits, `n/a` for missing or non-finite values."""
@@ -153,7 +155,10 @@ def _bootstrap_lines(boot: dict[str, Any] | None) -> list[str]:
             "drawn with every comparison of its faces (comparisons sharing a face are not "
             "independent), the threshold recomputed on each"
             + (f"; {undefined} left out, in which every mated pair matches with nothing "
-               "discarded (no normalised pAUC)" if undefined else "") + ".", ""]
+               "discarded (no normalised pAUC)" if undefined else "")
+            + ("; with more than half left out, those left (the few that happen to hold "
+               "errors) are no fair sample, so no interval is given"
+               if 2 * undefined > boot["resamples"] else "") + ".", ""]
 
 
 def gain_interval(entry: dict[str, Any]) -> str:
@@ -246,7 +251,7 @@ def _against_table(paired: dict[str, Any] | None, kind: str) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# fiqa-gate evaluation: {report['dataset']}", "",
+    lines = [f"{REPORT_TITLE.decode()}{report['dataset']}", "",
              f"Recognizer **{report['recognizer']}**; {report['faces']} faces, "
              f"{report['verification']['n_mated']} mated / "
              f"{report['verification']['n_nonmated']} non-mated comparisons"
@@ -285,9 +290,14 @@ def markdown(report: dict[str, Any]) -> str:
                      f" {fmt(r['fnmr_at_20'])} |")
     lines += _against_table(report["verification"].get("paired"), "pauc")
     if report.get("erc"):
-        lines += ["", "ERC, threshold recomputed (CR-FIQA / MagFace style), area under FNMR vs "
-                  "discard 0-95 %:", "", "| scorer | area |", "|---|---|"]
+        target = report.get("erc_fmr_target", 1e-3)
+        lines += ["", f"ERC, threshold recomputed at FMR {target:g} on the pairs kept (CR-FIQA "
+                  "/ MagFace style), area under FNMR vs discard 0-95 %:", "",
+                  "| scorer | area |", "|---|---|"]
         lines += [f"| {k} | {fmt(v, 4)} |" for k, v in report["erc"].items()]
+        if any(fmt(v) == "n/a" for v in report["erc"].values()):
+            lines += ["", "n/a: at some step of the discard no matching or no impostor pair "
+                      "is left."]
     lines += _identification_lines(report.get("identification"))
     groups = report.get("by_degradation")
     if groups:
