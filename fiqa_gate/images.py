@@ -379,10 +379,10 @@ def _one_spelling(top: str, folders: list[tuple[str, list[str]]], found_any: set
     _warn_skipped(top, [f"{key} ({len(names)} folders)" for key, names in alike.items()],
                   "identity folders spelt alike in two Unicode forms, each taken as one "
                   "person")
-    found = {unicodedata.normalize("NFC", name) if unicodedata.normalize("NFC", name) in alike
-             else name for name in found_any}
-    return [(key if key in alike else spellings[key][0], files)
-            for key, files in merged.items()], found
+    name_of = {name: key if key in alike else name
+               for key, names in spellings.items() for name in names}
+    return ([(name_of[names[0]], merged[key]) for key, names in spellings.items()],
+            {name_of[name] for name in found_any})
 
 
 def _same_pictures(folders: list[tuple[str, list[str]]],

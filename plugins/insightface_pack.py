@@ -71,8 +71,8 @@ class InsightfaceRecognizer(Recognizer):
             try:
                 model = get_model(str(model_file))
             except Exception as exc:  # a truncated download, a file of another kind
-                tried.append(f"{model_file.name}: cannot be read ({type(exc).__name__}: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc})")
+                why = next(iter(str(exc).strip().splitlines()), "")  # ORT's are long
+                tried.append(f"{model_file.name}: cannot be read ({type(exc).__name__}: {why})")
                 continue
             if model is None or getattr(model, "taskname", "") != "recognition":
                 tried.append(f"{model_file.name}: not a recognition model")
