@@ -87,7 +87,8 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
                   "against": [d.to_dict() for d in paired_differences(resampled, point, first)]}
     # A face "matches" when it matches most of its references at the recognizer threshold;
     # a face with no mated comparison (a pairs list's impostor-only face) is neither.
-    tau, target = next(iter(results.values())).tau, next(iter(results.values())).fmr_target
+    any_result = next(iter(results.values()))  # one threshold for every scorer
+    tau, target = any_result.tau, any_result.fmr_target
     share, references = mated_mean(sim >= tau, mated, a, b, len(units))
     has = references > 0
     out.mkdir(parents=True, exist_ok=True)
