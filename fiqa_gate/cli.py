@@ -26,7 +26,14 @@ import click
 
 from fiqa_gate import registry
 from fiqa_gate.assets import is_temp_name, temp_file
-from fiqa_gate.errors import FiqaGateError, GalleryError, ImageLoadError, NoFaceError, one_line
+from fiqa_gate.errors import (
+    FiqaGateError,
+    GalleryError,
+    ImageLoadError,
+    NoFaceError,
+    caused_by_interrupt,
+    one_line,
+)
 from fiqa_gate.images import identity_folders, iter_files
 from fiqa_gate.manifest import ENROLL_COLUMNS, FILTER_COLUMNS, SCORE_COLUMNS, SEARCH_COLUMNS
 
@@ -222,7 +229,7 @@ class _Group(click.Group):
         except OSError as exc:
             _os_error(exc)
         except Exception as exc:
-            if _caused_by_interrupt(exc):  # ONNX Runtime wraps one in its ImportError
+            if caused_by_interrupt(exc):  # ONNX Runtime wraps one in its ImportError
                 _interrupted()
             raise
 
@@ -242,16 +249,6 @@ def _os_error(exc: OSError) -> None:
     with contextlib.suppress(OSError):
         click.echo(f"Error: {message}", err=True)
     sys.exit(2)
-
-
-def _caused_by_interrupt(exc: BaseException | None) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _interrupted() -> None:
@@ -1251,6 +1248,6 @@ def main(argv: Iterable[str] | None = None) -> None:
     except OSError as exc:  # e.g. --help on a full stdout
         _os_error(exc)
     except Exception as exc:
-        if _caused_by_interrupt(exc):
+        if caused_by_interrupt(exc):
             _interrupted()
         raise

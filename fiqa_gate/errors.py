@@ -41,3 +41,14 @@ class GalleryError(FiqaGateError):
 
 class ManifestError(FiqaGateError):
     """A manifest cannot be resumed: it is not one, or has other columns."""
+
+
+def caused_by_interrupt(exc: BaseException | None) -> bool:
+    """A Ctrl-C inside a library that wrapped it (ONNX Runtime raises an ImportError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

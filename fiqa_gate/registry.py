@@ -19,7 +19,7 @@ import numpy as np
 import pluggy
 
 from fiqa_gate import hookspecs
-from fiqa_gate.errors import FiqaGateError, PluginError
+from fiqa_gate.errors import FiqaGateError, PluginError, caused_by_interrupt
 
 log = logging.getLogger("fiqa_gate")
 
@@ -194,6 +194,8 @@ def _made(kind: str, entry: Entry, *args: Any) -> Any:
     except FiqaGateError:
         raise
     except Exception as exc:
+        if caused_by_interrupt(exc):  # a Ctrl-C while a model loads stays one
+            raise
         raise PluginError(f"{kind} {entry.name!r} of plugin {entry.plugin} could not be "
                           f"made: {type(exc).__name__}: {exc}") from exc
 

@@ -607,7 +607,7 @@ def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write_there(
 
 
 def test_ctrl_c_inside_a_library_s_own_error_still_exits_130():
-    from fiqa_gate.cli import _caused_by_interrupt
+    from fiqa_gate.errors import caused_by_interrupt
 
     def load() -> None:
         try:
@@ -617,8 +617,8 @@ def test_ctrl_c_inside_a_library_s_own_error_still_exits_130():
 
     with pytest.raises(ImportError) as err:
         load()
-    assert _caused_by_interrupt(err.value)
-    assert not _caused_by_interrupt(ImportError("no module named x"))
+    assert caused_by_interrupt(err.value)
+    assert not caused_by_interrupt(ImportError("no module named x"))
 
 
 def test_a_photo_named_like_a_temporary_file_is_not_copied_where_it_would_be_removed(
