@@ -901,7 +901,8 @@ def test_evaluate_survives_a_scorer_plugin_that_fails(tmp_path, orl_root):
     assert "scorer no-score-for-some gave 6 of 18 faces no finite score; each counts as its " \
         "lowest quality" in done.stderr
     assert "scorer one-short failed (ValueError: 17 scores for 18 faces)" in done.stderr
-    assert "scorer no-model failed (FileNotFoundError: model.onnx)" in done.stderr
+    assert "scorer no-model failed (PluginError: scorer 'no-model' of plugin flaky could not " \
+        "be made: FileNotFoundError: model.onnx)" in done.stderr
     rep = _strict_json(tmp_path / "r" / "report.json")
     assert set(rep["erc"]) == {"sharpness", "no-score-for-some"}
 
