@@ -69,10 +69,8 @@ def _progress(items: Sequence[_T], desc: str) -> Iterable[_T]:
 
 
 def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, ImageLoadError):
+    if isinstance(exc, (ImageLoadError, NoFaceError)):  # the path is the row's own
         return exc.reason
-    if isinstance(exc, NoFaceError):
-        return "no face found"
     if isinstance(exc, FiqaGateError):  # written to be read: no class name before it
         return " ".join(str(exc).split())
     return one_line(exc)

@@ -42,7 +42,7 @@ from fiqa_gate.faces import (
     similarity_transform,
 )
 from fiqa_gate.images import IMAGE_SUFFIXES, identity_folders, iter_files, load_image
-from fiqa_gate.pipeline import enlarge_for_detection
+from fiqa_gate.pipeline import enlarge_for_detection, no_face_reason
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def detect_sources(items: Iterable[tuple[str | None, Path | str]], detector: Det
             continue
         if not found:
             if skipped is not None:
-                skipped.append((str(path), "no face found"))
+                skipped.append((str(path), no_face_reason(image)))
             continue
         before, refused = len(out), False
         for i, det in enumerate(found if all_faces else found[:1]):

@@ -20,7 +20,12 @@ class ImageLoadError(FiqaGateError):
 
 
 class NoFaceError(FiqaGateError):
-    """The detector found no face in an image."""
+    """The detector found no face in an image; `reason` is the manifest's text for it,
+    with what the picture's light says where it explains the miss."""
+
+    def __init__(self, message: str, reason: str = "no face found") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class NotAlignedError(FiqaGateError, ValueError):

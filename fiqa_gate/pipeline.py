@@ -75,18 +75,20 @@ def faces_from_file(path: str, detector: Detector | None) -> list[Face]:
         return [Face(crop=as_aligned_crop(image), source=path, index=0)]
     faces = faces_in_image(image, detector, source=path)
     if not faces:
-        raise NoFaceError(f"{path}: no face found{_light_hint(image)}")
+        reason = no_face_reason(image)
+        raise NoFaceError(f"{path}: {reason}", reason)
     return faces
 
 
-def _light_hint(image: np.ndarray) -> str:
-    """' (the picture is very dark: brightness 0.04)' where light explains a miss."""
+def no_face_reason(image: np.ndarray) -> str:
+    """'no face found', with '(the picture is very dark: brightness 0.04)' where light
+    explains the miss."""
     brightness = float(image[::4, ::4].mean() / 255)  # a sample is enough to tell
     if brightness < 0.12:
-        return f" (the picture is very dark: brightness {brightness:.2f})"
+        return f"no face found (the picture is very dark: brightness {brightness:.2f})"
     if brightness > 0.88:
-        return f" (the picture is very bright: brightness {brightness:.2f})"
-    return ""
+        return f"no face found (the picture is very bright: brightness {brightness:.2f})"
+    return "no face found"
 
 
 # How far below the most confident detection a larger one may be and still be the

@@ -282,3 +282,10 @@ def test_no_face_in_a_very_dark_picture_says_so(tmp_path):
     Image.fromarray(np.full((200, 200, 3), 6, np.uint8)).save(path)
     with pytest.raises(NoFaceError, match=r"no face found \(the picture is very dark"):
         faces_from_file(str(path), registry.get_detector())
+    # and in the command's row, where the README shows it (the row had said only "no face
+    # found": README audit of 2026-12-08)
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "score", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    (row,) = csv.DictReader(done.stdout.splitlines())
+    assert row["error"] == "no face found (the picture is very dark: brightness 0.02)"
