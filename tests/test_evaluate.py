@@ -1037,3 +1037,6 @@ def test_a_report_folder_keeps_files_fiqa_gate_did_not_write(tmp_path, orl_root)
     assert _cli(*args).returncode == 0
     done = _cli(*args)
     assert done.returncode == 0, done.stderr[-2000:]
+    # how many faces are the user's own pictures (it had said only "12 faces")
+    assert "12 faces of 3 identities (6 from the pictures, 6 their seeded degraded copies; " \
+        "--variants 0 for the pictures alone)" in done.stderr

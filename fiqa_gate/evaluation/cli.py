@@ -137,7 +137,10 @@ def run_evaluation(data: str | None, recognizer_name: str, scorers: Sequence[str
     skipped = dict(left_out)
     _warn_skipped(skipped)
     people = len(set(samples.identity))
-    click.echo(f"{len(samples)} faces of {people} identities; embedding with "
+    clean = int(np.sum(samples.clean))
+    made = (f" ({clean} from the pictures, {len(samples) - clean} their seeded degraded "
+            "copies; --variants 0 for the pictures alone)" if clean < len(samples) else "")
+    click.echo(f"{len(samples)} faces of {people} identities{made}; embedding with "
                f"{recognizer_name}", err=True)
     emb, norms = in_chunks(recognizer.embed_with_norms, samples.crops, "embedding")
     a, b, mated = verification_pairs(samples.identity, samples.source, samples.clean)
