@@ -88,7 +88,7 @@ def _db_errors(method: Callable[Concatenate[Gallery, _P], _R]
         try:
             return method(self, *args, **kwargs)
         except sqlite3.OperationalError as exc:
-            raise GalleryError(_read_only_text(self.path, exc)
+            raise GalleryError(_read_only_text(self.path, exc) or _io_text(self.path, exc)
                                or f"{self.path}: gallery database error: {exc}") from exc
         except sqlite3.ProgrammingError as exc:  # the database is fine: its use is not
             if "thread" in str(exc) or "closed" in str(exc):
@@ -645,8 +645,18 @@ def _read_only_text(path: Path, exc: sqlite3.DatabaseError) -> str | None:
 
 
 def _unusable(path: Path, exc: sqlite3.DatabaseError) -> GalleryError:
-    return GalleryError(_read_only_text(path, exc)
+    return GalleryError(_read_only_text(path, exc) or _io_text(path, exc)
                         or f"{path}: gallery database is corrupt or unreadable: {exc}")
+
+
+def _io_text(path: Path, exc: sqlite3.DatabaseError) -> str | None:
+    """The message for a write the system refused (not a damaged database), or None:
+    a file-size limit had read 'corrupt or unreadable: disk I/O error'."""
+    if "disk I/O error" not in str(exc) and "disk is full" not in str(exc):
+        return None
+    return (f"{path}: the gallery database could not be written ({exc}): a full disk, a "
+            "file-size limit (ulimit -f) or a failing drive; what was committed before is "
+            "kept")
 
 
 def is_gallery_listing(filenames: Iterable[str]) -> bool:

@@ -494,3 +494,24 @@ def test_an_item_another_writer_enrolled_meanwhile_is_reported_as_existing(tmp_p
     assert second.existing == set(ids) and len(second) == 4
     first.close()
     second.close()
+
+
+def test_a_write_the_system_refuses_is_not_called_corrupt(tmp_path):
+    # under a file-size limit (ulimit -f) SQLite says "disk I/O error", and the gallery
+    # was reported "corrupt or unreadable" (audit of 2026-12-08)
+    import resource
+    import subprocess
+    import sys
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30 * 1024, 30 * 1024))
+
+    code = ("import sys; from fiqa_gate.gallery import Gallery\n"
+            "Gallery.create(sys.argv[1], 'sface', 128, 0.383)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g")],
+                          capture_output=True, text=True, preexec_fn=limited, timeout=120)
+    assert done.returncode != 0
+    assert "could not be written (disk I/O error): a full disk, a file-size limit" in \
+        done.stderr and "corrupt" not in done.stderr, done.stderr[-2000:]
+    # nothing was lost: without the limit the same folder becomes a gallery
+    Gallery.create(tmp_path / "g", "sface", 128, 0.383).close()
