@@ -197,6 +197,10 @@ class Gallery:
             with _locked(p):  # another enroll is making the gallery: judge it when done
                 _check_adoptable(p)
         with _locked(p):
+            if (p / "meta.sqlite").exists() and not os.access(p / "meta.sqlite", os.W_OK):
+                # said before SQLite leaves a -wal and -shm beside a file it cannot write
+                raise GalleryError(f"{p}: cannot write to this gallery: its database is "
+                                   "read-only; search can still read it")
             db = cls._connect(p)
             try:
                 db.execute("BEGIN IMMEDIATE")
@@ -229,9 +233,11 @@ class Gallery:
         if not (p / "meta.sqlite").is_file():
             raise GalleryError(f"{p}: no gallery here (enroll first: fiqa-gate enroll DIR "
                                f"--index {p})")
-        # A gallery on read-only media (a container image, a read-only mount) or in a
-        # folder this user cannot write is read as the snapshot it is.
-        read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY) or not os.access(p, os.W_OK)
+        # A gallery on read-only media (a container image, a read-only mount), in a
+        # folder this user cannot write, or in a database file this user cannot write, is
+        # read as the snapshot it is (the last had left an empty -wal and -shm beside it).
+        read_only = (bool(os.statvfs(p).f_flag & os.ST_RDONLY) or not os.access(p, os.W_OK)
+                     or not os.access(p / "meta.sqlite", os.W_OK))
         return cls(p, cls._connect(p, read_only))
 
     def close(self) -> None:

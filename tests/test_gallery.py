@@ -191,6 +191,16 @@ def test_a_read_only_database_is_said_to_be_read_only_not_corrupt(tmp_path, orl_
     assert done.returncode != 0
     assert "cannot write to this gallery" in done.stderr and "corrupt" not in done.stderr, \
         done.stderr[-2000:]
+    # it is searched, and leaves no -wal or -shm beside the database (it had left both)
+    search = (f"import numpy as np; from fiqa_gate.gallery import Gallery\n"
+              f"g = Gallery.open({str(tmp_path / 'g')!r})\n"
+              f"print(g.search(np.load({str(tmp_path / 'probe.npy')!r}), 'sface', k=1)"
+              "[0][0].identity); g.close()")
+    np.save(tmp_path / "probe.npy", orl_embeddings["s31"][1:2])
+    done = subprocess.run([*cmd[:-1], search], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "s31", done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == \
+        ["index.1.faiss", "lock", "meta.sqlite"]
 
 
 def test_embeddings_are_compared_by_cosine_whatever_their_length(tmp_path, orl_embeddings,
