@@ -342,7 +342,7 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
             if stat.S_ISREG(st.st_mode):
                 picture[f] = (st.st_dev, st.st_ino, st.st_size)
         folders.append((e.name, files))
-    folders, found_any = _one_spelling(top, folders, found_any)
+    folders, found_any = _one_spelling(top, folders, found_any, merge=once)
     shared, twice = _same_pictures(folders, picture, once)
     emptied = [name for name, files in folders if not files and name in found_any]
     _warn_skipped(top, [name for name, files in folders if name not in found_any],
@@ -360,29 +360,33 @@ def identity_folders(root: str | os.PathLike[str], once: bool = False
     return folders
 
 
-def _one_spelling(top: str, folders: list[tuple[str, list[str]]], found_any: set[str]
-                  ) -> tuple[list[tuple[str, list[str]]], set[str]]:
+def _one_spelling(top: str, folders: list[tuple[str, list[str]]], found_any: set[str],
+                  merge: bool) -> tuple[list[tuple[str, list[str]]], set[str]]:
     """Folders whose names differ only in Unicode form (Zoë composed on one machine and
-    decomposed on a Mac) as one identity under the composed name: counted as two, one
-    person's own pictures had become impostor pairs and set the threshold."""
+    decomposed on a Mac), named in a warning; when `merge` (faces are compared), one
+    identity under the composed name: as two, one person's own pictures had become
+    impostor pairs and set the threshold. Enroll keeps them apart: a gallery holds each
+    folder's own spelling, which its reruns and --prune follow."""
     import unicodedata
 
-    merged: dict[str, list[str]] = {}
     spellings: dict[str, list[str]] = {}
-    for name, files in folders:
-        key = unicodedata.normalize("NFC", name)
-        merged.setdefault(key, []).extend(files)
-        spellings.setdefault(key, []).append(name)
+    for name, _ in folders:
+        spellings.setdefault(unicodedata.normalize("NFC", name), []).append(name)
     alike = {key: names for key, names in spellings.items() if len(names) > 1}
     if not alike:
         return folders, found_any
     _warn_skipped(top, [f"{key} ({len(names)} folders)" for key, names in alike.items()],
-                  "identity folders spelt alike in two Unicode forms, each taken as one "
-                  "person")
+                  "identity folders spelt alike in two Unicode forms, "
+                  + ("each taken as one person" if merge else "enrolled apart, as the "
+                     "folders are; rename one to the other's spelling to make them one"))
+    if not merge:
+        return folders, found_any
     name_of = {name: key if key in alike else name
                for key, names in spellings.items() for name in names}
-    return ([(name_of[names[0]], merged[key]) for key, names in spellings.items()],
-            {name_of[name] for name in found_any})
+    files_of: dict[str, list[str]] = {}
+    for name, files in folders:
+        files_of.setdefault(name_of[name], []).extend(files)
+    return list(files_of.items()), {name_of[name] for name in found_any}
 
 
 def _same_pictures(folders: list[tuple[str, list[str]]],

@@ -84,9 +84,10 @@ def plugin_manager() -> pluggy.PluginManager:
                 if not _plugin_allowed(ep.name, ep.value):
                     continue
                 if pm.get_plugin(ep.name):
-                    log.warning("plugin entry point %s = %s ignored: the name is taken by %s",
-                                ep.name, ep.value, "fiqa-gate's own plugin" if ep.name in
-                                _first_party else "another plugin's entry point")
+                    why = ("ignored: the name is taken by " + ("fiqa-gate's own plugin" if
+                           ep.name in _first_party else "another plugin's entry point"))
+                    log.warning("plugin entry point %s = %s %s", ep.name, ep.value, why)
+                    _failed[f"{ep.name} = {ep.value}"] = why  # shown by `fiqa-gate plugins`
                     continue
                 try:
                     pm.register(ep.load(), name=ep.name)

@@ -258,6 +258,8 @@ def test_a_third_party_entry_point_named_like_a_built_in_one_is_ignored(tmp_path
     assert "plugin entry point student = clashing ignored: the name is taken by fiqa-gate's" \
         " own plugin" in listed.stderr
     assert "plugin aaa_leaving failed to load: SystemExit: no licence" in listed.stderr
+    assert json.loads(listed.stdout)["failed"]["student = clashing"] == \
+        "ignored: the name is taken by fiqa-gate's own plugin"
     plugins = {p["name"]: p for p in json.loads(listed.stdout)["plugins"]}
     assert plugins["clashing"]["scorers"] == ["broken"]  # its `student` is ignored
     assert plugins["student"]["module"] == "fiqa_gate_plugins.student"

@@ -834,12 +834,9 @@ def test_an_identity_folder_s_split_follows_the_identities_the_config_names():
         set(folders[2:]), set(folders[:2]))
     with pytest.raises(FiqaGateError, match="Ana Maria \\(did you mean 'Ana Mar"):
         _split_identities({"val_identities": ["Ana Maria"]}, folders, "people")
-    # a name spelt exactly as a folder is that folder; two folders a reader cannot tell
-    # apart are refused (third audit of 2026-12-08)
+    # a name spelt exactly as a folder is that folder (third audit of 2026-12-08)
     assert _split_identities({"val_identities": [folders[0], "Zoë"]}, folders, "people")[1] \
         == set(folders[:2])
-    with pytest.raises(FiqaGateError, match="two Unicode forms"):
-        _split_identities({}, [*folders, "José"], "people")
 
 
 def test_a_users_mos_list_and_run_folder_are_checked_before_any_work(tmp_path):

@@ -173,13 +173,9 @@ def _split_identities(d: dict[str, Any], names: list[str], folder: str
     as the config names them, else the ones the config does not name for training, else
     a fifth for validation by a hash of the name."""
     # a config names "José" composed; macOS and some zip tools write folder names
-    # decomposed: the same name to a reader, other bytes to a set
-    spelt: dict[str, str] = {}
-    for n in names:
-        other = spelt.setdefault(unicodedata.normalize("NFC", n), n)
-        if other != n:  # two folders a reader cannot tell apart
-            raise FiqaGateError(f"data: {folder} holds two identity folders spelt {n!r} and "
-                                f"{other!r}: the same name in two Unicode forms; merge them")
+    # decomposed: the same name to a reader, other bytes to a set (two folders spelt so
+    # are one identity already: `images.identity_folders`)
+    spelt = {unicodedata.normalize("NFC", n): n for n in names}
     named = {k: [n if n in spelt.values() else spelt.get(unicodedata.normalize("NFC", n), n)
                  for n in d.get(k) or []] for k in ("train_identities", "val_identities")}
     unknown = sorted({n for v in named.values() for n in v} - set(names))

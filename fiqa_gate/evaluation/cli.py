@@ -708,8 +708,9 @@ def _check_report_folder(folder: Path) -> None:
     if md.is_dir():
         raise FiqaGateError(f"{md} is a folder; it cannot take the results")
     try:
-        with open(md, "rb") as fh:
-            ours = fh.read(len(REPORT_TITLE)) == REPORT_TITLE
+        with open(md, "rb") as fh:  # an editor may have saved it with a BOM
+            ours = fh.read(len(REPORT_TITLE) + 3).removeprefix(b"\xef\xbb\xbf") \
+                .startswith(REPORT_TITLE)
     except FileNotFoundError:
         return
     except OSError:
