@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,3 +290,21 @@ def test_no_face_in_a_very_dark_picture_says_so(tmp_path):
     assert done.returncode == 1
     (row,) = csv.DictReader(done.stdout.splitlines())
     assert row["error"] == "no face found (the picture is very dark: brightness 0.02)"
+
+
+def test_no_face_in_a_picture_stored_turned_says_so(tmp_path, orl_root):
+    # a phone picture without its EXIF orientation, or a scan fed in sideways, was only
+    # "no face found" (stop 45's list of defects not named)
+    face = Image.open(orl_root / "s31" / "1.pgm").convert("RGB").resize((184, 224))
+    face.rotate(90, expand=True).save(tmp_path / "left.png")  # turned anticlockwise
+    face.rotate(-90, expand=True).save(tmp_path / "right.png")
+    face.rotate(180).save(tmp_path / "down.png")
+    Image.fromarray(np.full((224, 184, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    done = subprocess.run([sys.executable, "-m", "fiqa_gate", "score", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    errors = {Path(r["path"]).name: r["error"] for r in csv.DictReader(done.stdout.splitlines())}
+    hint = "no face found (a face is found once the picture is turned {}: it may be stored " \
+        "turned)"
+    assert errors == {"left.png": hint.format("90° clockwise"),
+                      "right.png": hint.format("90° anticlockwise"),
+                      "down.png": hint.format("upside down"), "grey.png": "no face found"}
