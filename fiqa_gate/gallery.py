@@ -365,8 +365,7 @@ class Gallery:
                 if not got:  # a writer is at work, and writes a new index itself
                     return
                 self._db.execute("BEGIN IMMEDIATE")
-                if self._db.execute("SELECT value FROM info WHERE key='generation'"
-                                    ).fetchone()[0] != str(gen):  # written meanwhile
+                if self.generation() != gen:  # written meanwhile
                     self._db.execute("ROLLBACK")
                     return
                 tmp = self._commit_with_index(index)

@@ -75,9 +75,7 @@ def faces_from_file(path: str, detector: Detector | None) -> list[Face]:
         return [Face(crop=as_aligned_crop(image), source=path, index=0)]
     faces = faces_in_image(image, detector, source=path)
     if not faces:
-        reason = no_face_reason(image)
-        if reason == "no face found":
-            reason += _turn_hint(image, detector)
+        reason = no_face_reason(image, detector)
         raise NoFaceError(f"{path}: {reason}", reason)
     return faces
 
@@ -103,15 +101,21 @@ def _turn_hint(image: np.ndarray, detector: Detector) -> str:
     return ""
 
 
-def no_face_reason(image: np.ndarray) -> str:
-    """'no face found', with '(the picture is very dark: brightness 0.04)' where light
-    explains the miss."""
+def no_face_reason(image: np.ndarray, detector: Detector | None = None) -> str:
+    """'no face found', with what explains the miss: the picture's light, else (given the
+    detector) a turned copy that shows a face."""
+    hint = _light_hint(image) or (_turn_hint(image, detector) if detector else "")
+    return "no face found" + hint
+
+
+def _light_hint(image: np.ndarray) -> str:
+    """' (the picture is very dark: brightness 0.04)' where light explains a miss."""
     brightness = float(image[::4, ::4].mean() / 255)  # a sample is enough to tell
     if brightness < 0.12:
-        return f"no face found (the picture is very dark: brightness {brightness:.2f})"
+        return f" (the picture is very dark: brightness {brightness:.2f})"
     if brightness > 0.88:
-        return f"no face found (the picture is very bright: brightness {brightness:.2f})"
-    return "no face found"
+        return f" (the picture is very bright: brightness {brightness:.2f})"
+    return ""
 
 
 # How far below the most confident detection a larger one may be and still be the

@@ -77,7 +77,7 @@ def _judge(sim: np.ndarray, mated: np.ndarray, a: np.ndarray, b: np.ndarray,
             units=(unit[a], unit[b]))
         # a resample whose mated pairs all match has no pAUC to normalise (same for all)
         undefined = int((~np.isfinite(next(iter(resampled.values())))).sum())
-        if 2 * undefined > bootstrap:  # those left are the few that hold errors: biased
+        if rep.intervals_withheld({"undefined": undefined, "resamples": bootstrap}):
             resampled = {n: np.full_like(v, np.nan) for n, v in resampled.items()}
         ci = {n: percentile_interval(v) for n, v in resampled.items()}
         # the first scorer named (the student by default) against each of the others
@@ -453,8 +453,10 @@ def _report_warnings(report: dict[str, Any]) -> list[str]:
         notes.append(f"every pAUC is n/a: FNMR is 0 with nothing discarded (every mated "
                      f"pair already matches at tau {v['tau']:.3f}), so discarding has no "
                      f"error to remove{hint}")
+    from fiqa_gate.evaluation.report import intervals_withheld
+
     boot = v.get("bootstrap", {})
-    if v.get("e0") != 0 and 2 * boot.get("undefined", 0) > boot.get("resamples", 0):
+    if v.get("e0") != 0 and intervals_withheld(boot):
         notes.append(f"confidence intervals n/a: in {boot['undefined']} of "
                      f"{boot['resamples']} bootstrap resamples every mated pair matches with "
                      "nothing discarded, and the few left (those that happen to hold "
@@ -710,7 +712,7 @@ def _check_report_folder(folder: Path) -> None:
     try:
         with open(md, "rb") as fh:  # an editor may have saved it with a BOM
             ours = fh.read(len(REPORT_TITLE) + 3).removeprefix(b"\xef\xbb\xbf") \
-                .startswith(REPORT_TITLE)
+                .startswith(REPORT_TITLE.encode())
     except FileNotFoundError:
         return
     except OSError:

@@ -13,7 +13,13 @@ import numpy as np
 from fiqa_gate.errors import FiqaGateError
 from fiqa_gate.evaluation.metrics import EDCResult
 
-REPORT_TITLE = b"# fiqa-gate evaluation: "  # how a report.md this command wrote begins
+REPORT_TITLE = "# fiqa-gate evaluation: "  # how a report.md this command wrote begins
+
+
+def intervals_withheld(boot: dict[str, Any]) -> bool:
+    """More than half the bootstrap resamples had no normalised pAUC: those left (the few
+    that happen to hold errors) are no fair sample, so no interval is given."""
+    return 2 * boot.get("undefined", 0) > boot.get("resamples", 0)
 
 
 def fmt(v: Any, digits: int = 3) -> str:
@@ -158,7 +164,7 @@ def _bootstrap_lines(boot: dict[str, Any] | None) -> list[str]:
                "discarded (no normalised pAUC)" if undefined else "")
             + ("; with more than half left out, those left (the few that happen to hold "
                "errors) are no fair sample, so no interval is given"
-               if 2 * undefined > boot["resamples"] else "") + ".", ""]
+               if intervals_withheld(boot) else "") + ".", ""]
 
 
 def gain_interval(entry: dict[str, Any]) -> str:
@@ -251,7 +257,7 @@ def _against_table(paired: dict[str, Any] | None, kind: str) -> list[str]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"{REPORT_TITLE.decode()}{report['dataset']}", "",
+    lines = [f"{REPORT_TITLE}{report['dataset']}", "",
              f"Recognizer **{report['recognizer']}**; {report['faces']} faces, "
              f"{report['verification']['n_mated']} mated / "
              f"{report['verification']['n_nonmated']} non-mated comparisons"
